@@ -1,0 +1,41 @@
+//! Generated code and descriptors for the registry protocol and the bundled
+//! plugins.
+//!
+//! Every `.proto` file under `proto/proto/` is compiled by `build.rs`; each
+//! package gets a module here and a `*_DESCRIPTORS` constant holding the
+//! encoded `FileDescriptorSet` of that file and its imports: the bytes a node
+//! sends to the registry so clients can learn its methods at run time.
+
+#![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+
+/// `registry.v1`: the registry service and its messages.
+pub mod registry {
+    pub mod v1 {
+        tonic::include_proto!("registry.v1");
+    }
+}
+
+/// `calculator.v1`: the calculator plugin.
+pub mod calculator {
+    pub mod v1 {
+        tonic::include_proto!("calculator.v1");
+    }
+}
+
+/// `echo.v1`: the echo plugin.
+pub mod echo {
+    pub mod v1 {
+        tonic::include_proto!("echo.v1");
+    }
+}
+
+/// Descriptors of `registry/v1/registry.proto`.
+pub const REGISTRY_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/registry.v1.fds.bin"));
+/// Descriptors of `calculator/v1/calculator.proto`.
+pub const CALCULATOR_DESCRIPTORS: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/calculator.v1.fds.bin"));
+/// Descriptors of `echo/v1/echo.proto`.
+pub const ECHO_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/echo.v1.fds.bin"));
+/// Descriptors of every file above together.
+pub const ALL_DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/all.fds.bin"));

@@ -1,0 +1,1 @@
+//! A LAN of network namespaces for multi-host tests (to be built).
