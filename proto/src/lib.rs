@@ -5,10 +5,16 @@
 //! package gets a module here and a `*_DESCRIPTORS` constant holding the
 //! encoded `FileDescriptorSet` of that file and its imports: the bytes a node
 //! sends to the registry so clients can learn its methods at run time.
+//!
+//! It also holds what every binary shares beyond the protocol:
+//! [`security`] (TLS flags, access tokens, the registry client type).
 
-#![allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+#![warn(missing_docs)]
+
+pub mod security;
 
 /// `registry.v1`: the registry service and its messages.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod registry {
     pub mod v1 {
         tonic::include_proto!("registry.v1");
@@ -16,6 +22,7 @@ pub mod registry {
 }
 
 /// `calculator.v1`: the calculator plugin.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod calculator {
     pub mod v1 {
         tonic::include_proto!("calculator.v1");
@@ -23,6 +30,7 @@ pub mod calculator {
 }
 
 /// `echo.v1`: the echo plugin.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod echo {
     pub mod v1 {
         tonic::include_proto!("echo.v1");
