@@ -114,10 +114,10 @@ impl TlsArgs {
             return Ok(None);
         };
         let mut config = ServerTlsConfig::new().identity(identity);
-        if self.tls_require_client_cert {
-            if let Some(ca) = self.ca()? {
-                config = config.client_ca_root(ca);
-            }
+        if self.tls_require_client_cert
+            && let Some(ca) = self.ca()?
+        {
+            config = config.client_ca_root(ca);
         }
         Ok(Some(config))
     }
