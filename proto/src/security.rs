@@ -114,9 +114,10 @@ impl TlsArgs {
             return Ok(None);
         };
         let mut config = ServerTlsConfig::new().identity(identity);
-        if self.tls_require_client_cert
-            && let Some(ca) = self.ca()?
-        {
+        if self.tls_require_client_cert {
+            let ca = self.ca()?.ok_or(SecurityError::Incomplete(
+                "--tls-require-client-cert needs --tls-ca",
+            ))?;
             config = config.client_ca_root(ca);
         }
         Ok(Some(config))
