@@ -8,6 +8,7 @@
 //! - [`bin_path`]: where cargo put a workspace binary.
 //! - [`Process`]: a running child whose output is captured line by line.
 //! - [`Registry`]: a `registry` process on a free loopback port.
+//! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`netns`]: a LAN of network namespaces (one per host) for multi-host tests.
 //!
 //! # Contract with the binaries
@@ -17,6 +18,7 @@
 
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
+pub mod certs;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Write};
