@@ -1,1 +1,36 @@
-//! placeholder
+//! A gRPC node host: serves the plugins `services.toml` mounts, registers
+//! each with the registry under one lease, and follows changes to the file
+//! and commands on the terminal without restarting.
+//!
+//! # Layout
+//! - [`plugin`]: the [`Plugin`](plugin::Plugin) trait: name, proto service,
+//!   descriptors, and how to add its tonic service to the router.
+//! - [`plugins`]: the one list of plugins ([`plugins::all`]); one file each
+//!   ([`plugins::calculator`], [`plugins::echo`]).
+//! - [`gate`]: the on/off gate in front of each plugin, which lets a plugin
+//!   be mounted and unmounted while the server runs.
+//! - [`config`]: `services.toml` parsing and checking, errors as
+//!   `file:line: problem`.
+//! - [`diff`]: old configuration vs new, as a list of actions.
+//! - [`node`]: applies those actions: gates, health, registration, in a
+//!   safe order.
+//! - [`registration`]: the lease, heartbeats, reconciliation toward the
+//!   desired registrations, retry with backoff.
+//! - [`addr`]: which IP to advertise.
+//! - [`reload`]: the file watcher behind hot reload.
+//! - [`stdin`]: the `u` / `r` / `q` terminal commands.
+//! - [`run`]: the whole life of a node host, used by the `node-host` binary.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod addr;
+pub mod config;
+pub mod diff;
+pub mod gate;
+pub mod node;
+pub mod plugin;
+pub mod plugins;
+pub mod registration;
+pub mod reload;
+pub mod run;
+pub mod stdin;

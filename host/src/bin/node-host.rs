@@ -1,1 +1,60 @@
-fn main() {}
+//! `node-host`: serves the plugins a `services.toml` mounts and registers
+//! them with the registry. See `node-host --help`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serves gRPC plugins (calculator, echo) and registers them with a service
+/// registry.
+///
+/// The configuration file says which plugins to mount, with which weight and
+/// metadata; it is watched, and edits take effect at once (a file with an
+/// error is reported and ignored). Flags override the file's values.
+///
+/// Commands on stdin: u = unregister everything (keep serving),
+/// r = register again, q = deregister and quit. SIGINT/SIGTERM act like q.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// The configuration file (plugins to mount, their weights and metadata).
+    #[arg(long, value_name = "PATH", default_value = "services.toml")]
+    config: PathBuf,
+
+    /// The registry's address. Overrides the file's `registry`; default
+    /// 127.0.0.1:50051.
+    #[arg(long, value_name = "HOST:PORT", env = "REGISTRY_ADDR")]
+    registry: Option<String>,
+
+    /// The IP to register, the one clients connect to. Overrides the file's
+    /// `advertise`; default: the local address that reaches the registry, or
+    /// this machine's LAN address when the registry is on this machine.
+    #[arg(long, value_name = "IP")]
+    advertise: Option<IpAddr>,
+
+    /// The port to serve on. Overrides the file's `port`; default 0: any
+    /// free port, chosen by the OS.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16))]
+    port: Option<u16>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    node_host::run::run(node_host::run::Options {
+        config: args.config,
+        registry: args.registry,
+        advertise: args.advertise,
+        port: args.port,
+    })
+    .await?;
+    Ok(())
+}

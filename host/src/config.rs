@@ -1,0 +1,436 @@
+//! `services.toml`: which plugins this node mounts, with which weight and
+//! metadata, and optional defaults for the command-line flags.
+//!
+//! ```toml
+//! registry = "127.0.0.1:50051"   # optional; --registry / REGISTRY_ADDR win
+//! advertise = "192.168.1.20"     # optional; --advertise wins
+//! port = 0                       # optional; --port wins; 0 = any free port
+//! lease_ttl_ms = 1500            # optional; the registry's default otherwise
+//!
+//! [plugins.calculator]
+//! weight = 5                     # 1..=1000; missing = random 1..=10
+//! metadata = { zone = "lab" }
+//!
+//! [plugins.echo]
+//! enabled = false                # default true
+//! ```
+//!
+//! Every problem is reported as `file:line: problem`, so a bad edit during a
+//! hot reload can be found at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Weights a plugin may be given.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Weights drawn for a plugin that names none. Small, like the original's
+/// dummy random weights that simulated load.
+pub const RANDOM_WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
+
+/// A problem with the configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    /// The file, as named on the command line.
+    pub file: String,
+    /// 1-based line of the problem, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}: {}", self.file, self.problem),
+            None => format!("{}: {}", self.file, self.problem),
+        }
+    }
+}
+
+/// Where a plugin's weight came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightSource {
+    /// Written in the file.
+    Configured,
+    /// The file names none: drawn at random (and kept across reloads while
+    /// the file still names none).
+    Random,
+}
+
+/// One mounted plugin's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginConfig {
+    /// Share of traffic for weighted balancing, 1..=1000.
+    pub weight: u32,
+    /// Whether `weight` was written or drawn.
+    pub weight_source: WeightSource,
+    /// Labels registered with the instance.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl PluginConfig {
+    /// Whether registering `other` instead of `self` changes what the
+    /// registry holds (where the weight came from does not matter there).
+    pub fn same_registration(&self, other: &PluginConfig) -> bool {
+        self.weight == other.weight && self.metadata == other.metadata
+    }
+}
+
+/// A parsed, checked `services.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The registry's `host:port`.
+    pub registry: Option<String>,
+    /// The IP to advertise.
+    pub advertise: Option<IpAddr>,
+    /// The port to serve on (0 = any free one).
+    pub port: Option<u16>,
+    /// The lease TTL to ask the registry for.
+    pub lease_ttl_ms: Option<u64>,
+    /// The ENABLED plugins, by name. Disabled ones are left out: to the node
+    /// a disabled plugin and an absent one are the same.
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    registry: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+    port: Option<u16>,
+    lease_ttl_ms: Option<Spanned<u64>>,
+    #[serde(default)]
+    plugins: BTreeMap<Spanned<String>, RawPlugin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugin {
+    #[serde(default = "yes")]
+    enabled: bool,
+    weight: Option<Spanned<i64>>,
+    #[serde(default)]
+    metadata: BTreeMap<Spanned<String>, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// 1-based line number of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+impl Config {
+    /// Reads and checks `path`. `known` are the plugin names this build has;
+    /// `previous` is the configuration in force, whose random weights are
+    /// kept for entries that still name no weight.
+    pub fn load(
+        path: &Path,
+        known: &[&str],
+        previous: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            problem: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&text, &file, known, previous)
+    }
+
+    /// Parses and checks the text of a configuration file named `file`.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        known: &[&str],
+        previous: Option<&Config>,
+    ) -> Result<Config, ConfigError> {
+        let error = |span: Option<std::ops::Range<usize>>, problem: String| ConfigError {
+            file: file.to_string(),
+            line: span.map(|s| line_of(text, s.start)),
+            problem,
+        };
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| error(e.span(), e.message().trim().to_string()))?;
+
+        if let Some(registry) = &raw.registry {
+            let ok = registry
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                return Err(error(
+                    Some(registry.span()),
+                    format!("registry `{}` is not HOST:PORT", registry.get_ref()),
+                ));
+            }
+        }
+        let advertise = match &raw.advertise {
+            None => None,
+            Some(a) => Some(a.get_ref().parse::<IpAddr>().map_err(|_| {
+                error(
+                    Some(a.span()),
+                    format!("advertise `{}` is not an IP address", a.get_ref()),
+                )
+            })?),
+        };
+        if let Some(ttl) = &raw.lease_ttl_ms
+            && *ttl.get_ref() == 0
+        {
+            return Err(error(
+                Some(ttl.span()),
+                "lease_ttl_ms must be at least 1 (leave it out for the registry's default)".into(),
+            ));
+        }
+
+        let mut plugins = BTreeMap::new();
+        for (name, raw_plugin) in raw.plugins {
+            if !known.contains(&name.get_ref().as_str()) {
+                return Err(error(
+                    Some(name.span()),
+                    format!(
+                        "unknown plugin `{}`, known: {}",
+                        name.get_ref(),
+                        known.join(", ")
+                    ),
+                ));
+            }
+            let name = name.into_inner();
+            let mut metadata = BTreeMap::new();
+            for (key, value) in raw_plugin.metadata {
+                if key.get_ref().is_empty() {
+                    return Err(error(
+                        Some(key.span()),
+                        format!("plugin `{name}`: metadata keys must not be empty"),
+                    ));
+                }
+                metadata.insert(key.into_inner(), value);
+            }
+            let (weight, weight_source) = match raw_plugin.weight {
+                Some(w) => {
+                    let value = *w.get_ref();
+                    match u32::try_from(value) {
+                        Ok(v) if WEIGHT_RANGE.contains(&v) => (v, WeightSource::Configured),
+                        _ => {
+                            return Err(error(
+                                Some(w.span()),
+                                format!(
+                                    "plugin `{name}`: weight {value} is out of range {}..={}",
+                                    WEIGHT_RANGE.start(),
+                                    WEIGHT_RANGE.end()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                None => {
+                    let kept = previous
+                        .and_then(|p| p.plugins.get(&name))
+                        .filter(|p| p.weight_source == WeightSource::Random)
+                        .map(|p| p.weight);
+                    let weight = kept.unwrap_or_else(|| {
+                        let w = rand::random_range(RANDOM_WEIGHT_RANGE);
+                        tracing::info!(
+                            "{file}: plugin `{name}` names no weight: using random weight {w}"
+                        );
+                        w
+                    });
+                    (weight, WeightSource::Random)
+                }
+            };
+            if raw_plugin.enabled {
+                plugins.insert(
+                    name,
+                    PluginConfig {
+                        weight,
+                        weight_source,
+                        metadata,
+                    },
+                );
+            }
+        }
+
+        Ok(Config {
+            registry: raw.registry.map(Spanned::into_inner),
+            advertise,
+            port: raw.port,
+            lease_ttl_ms: raw.lease_ttl_ms.map(Spanned::into_inner),
+            plugins,
+        })
+    }
+}
+
+impl fmt::Display for Config {
+    /// One line naming what is mounted, for logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.plugins.is_empty() {
+            return write!(f, "no plugins");
+        }
+        let parts: Vec<String> = self
+            .plugins
+            .iter()
+            .map(|(name, p)| format!("{name} (weight {})", p.weight))
+            .collect();
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KNOWN: &[&str] = &["calculator", "echo"];
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "services.toml", KNOWN, None)
+    }
+
+    fn parse_err(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("accepted: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn full_file() {
+        let c = parse(
+            r#"
+registry = "10.0.0.5:50051"
+advertise = "10.0.0.7"
+port = 7000
+lease_ttl_ms = 900
+
+[plugins.calculator]
+weight = 7
+metadata = { zone = "a", version = "1" }
+
+[plugins.echo]
+enabled = false
+weight = 3
+"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.registry.as_deref(), Some("10.0.0.5:50051"));
+        assert_eq!(
+            c.advertise,
+            Some("10.0.0.7".parse().unwrap_or_else(|_| unreachable!()))
+        );
+        assert_eq!(c.port, Some(7000));
+        assert_eq!(c.lease_ttl_ms, Some(900));
+        assert_eq!(c.plugins.len(), 1, "disabled echo is left out");
+        let calc = &c.plugins["calculator"];
+        assert_eq!(calc.weight, 7);
+        assert_eq!(calc.weight_source, WeightSource::Configured);
+        assert_eq!(calc.metadata.get("zone").map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn empty_file_mounts_nothing() {
+        let c = parse("").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn unknown_plugin_names_line_and_known_plugins() {
+        let text = "# a comment\n\n[plugins.calculator]\nweight = 2\n\n\n[plugins.calcualtor]\n";
+        assert_eq!(
+            parse_err(text),
+            "services.toml:7: unknown plugin `calcualtor`, known: calculator, echo"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_with_lines() {
+        let e = parse_err("[plugins.echo]\nwieght = 3\n");
+        assert!(
+            e.starts_with("services.toml:2: unknown field `wieght`"),
+            "{e}"
+        );
+        let e = parse_err("registy = \"a:1\"\n");
+        assert!(
+            e.starts_with("services.toml:1: unknown field `registy`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = parse_err("[plugins.echo]\nweight = 3\nthis is not toml\n");
+        assert!(e.starts_with("services.toml:3: "), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_line() {
+        let e = parse_err("[plugins.echo]\nweight = 0\n");
+        assert_eq!(
+            e,
+            "services.toml:2: plugin `echo`: weight 0 is out of range 1..=1000"
+        );
+        let e = parse_err("[plugins.echo]\n\nweight = 1001\n");
+        assert!(e.starts_with("services.toml:3: "), "{e}");
+        let e = parse_err("[plugins.echo]\nweight = -4\n");
+        assert!(e.contains("weight -4 is out of range"), "{e}");
+        let e = parse_err("[plugins.echo]\nweight = \"heavy\"\n");
+        assert!(e.starts_with("services.toml:2: "), "{e}");
+        let e = parse_err("port = 70000\n");
+        assert!(e.starts_with("services.toml:1: "), "{e}");
+        let e = parse_err("\nregistry = \"nohost\"\n");
+        assert_eq!(e, "services.toml:2: registry `nohost` is not HOST:PORT");
+        let e = parse_err("advertise = \"my-laptop\"\n");
+        assert_eq!(
+            e,
+            "services.toml:1: advertise `my-laptop` is not an IP address"
+        );
+        let e = parse_err("[plugins.echo]\nmetadata = { \"\" = \"x\" }\n");
+        assert!(e.starts_with("services.toml:2: "), "{e}");
+    }
+
+    #[test]
+    fn missing_weight_is_random_and_kept_across_reloads() {
+        let text = "[plugins.echo]\n[plugins.calculator]\nweight = 4\n";
+        let first = parse(text).unwrap_or_else(|e| panic!("{e}"));
+        let echo = &first.plugins["echo"];
+        assert_eq!(echo.weight_source, WeightSource::Random);
+        assert!(RANDOM_WEIGHT_RANGE.contains(&echo.weight));
+        for _ in 0..20 {
+            let again = Config::parse(text, "services.toml", KNOWN, Some(&first))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(again, first);
+        }
+        // Once a weight is written and removed again, a new one may be drawn;
+        // a written weight is never replaced by the previous random one.
+        let written = Config::parse(
+            "[plugins.echo]\nweight = 900\n",
+            "services.toml",
+            KNOWN,
+            Some(&first),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(written.plugins["echo"].weight, 900);
+    }
+
+    #[test]
+    fn error_without_line() {
+        let e = Config::load(Path::new("/nonexistent/services.toml"), KNOWN, None)
+            .expect_err("missing file");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/services.toml: cannot read:"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! The node: the plugins' gates, their health, and the registration task,
+//! driven by configuration changes and terminal commands.
+//!
+//! Every change goes through [`Node::apply`], which turns the difference
+//! between the configuration in force and the new one into
+//! [actions](crate::diff::Action) and applies them in an order that never
+//! lists a service the node does not serve:
+//! - removed: deregister, THEN close the gate (the registry stops sending
+//!   clients before the node stops answering);
+//! - added: open the gate, THEN register;
+//! - changed weight or metadata: register again under the same lease (an
+//!   in-place update: the instance never disappears).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tonic::service::{Routes, RoutesBuilder};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::diff::{Action, diff};
+use crate::gate::Switch;
+use crate::plugin::{Plugin, PluginContext};
+use crate::registration::{Registrar, Settings};
+
+/// How long a removal waits for the registry to confirm the deregistration
+/// before the plugin stops being served anyway (the registry may be down).
+pub const DEREGISTER_WAIT: Duration = Duration::from_secs(3);
+
+/// Problems building the node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// A plugin's descriptors could not be loaded into server reflection.
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// One known plugin and its gate.
+struct Mount {
+    /// The plugin.
+    plugin: Arc<dyn Plugin>,
+    /// Its gate's switch.
+    switch: Switch,
+}
+
+/// A running node host's state.
+pub struct Node {
+    /// Every known plugin, by name, with its gate.
+    mounts: BTreeMap<&'static str, Mount>,
+    /// Health statuses: one per plugin, following its gate.
+    health: HealthReporter,
+    /// The registration task.
+    registrar: Registrar,
+    /// The configuration in force. A tokio mutex: held across the awaits of
+    /// one reload so two reloads never interleave.
+    current: Mutex<Config>,
+}
+
+impl Node {
+    /// Builds the node and the routes to serve: every plugin behind a closed
+    /// gate, gRPC health, server reflection v1 and v1alpha. Starts the
+    /// registration task, with nothing to register until [`apply`](Self::apply).
+    pub async fn build(
+        plugins: Vec<Arc<dyn Plugin>>,
+        advertised: SocketAddr,
+        registry: String,
+        lease_ttl_ms: Option<u64>,
+    ) -> Result<(Arc<Node>, Routes), NodeError> {
+        let ctx = PluginContext {
+            advertised: advertised.to_string(),
+        };
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+
+        // Reflection describes every plugin this build can serve; a plugin
+        // that is not mounted answers UNIMPLEMENTED and NOT_SERVING.
+        let reflection = || {
+            plugins.iter().fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+                |b, p| b.register_encoded_file_descriptor_set(p.descriptors()),
+            )
+        };
+        routes.add_service(reflection().build_v1()?);
+        routes.add_service(reflection().build_v1alpha()?);
+
+        let mut mounts = BTreeMap::new();
+        for plugin in &plugins {
+            let switch = Switch::new();
+            plugin.add_to(&mut routes, switch.clone(), &ctx);
+            for name in health_names(plugin.as_ref()) {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            mounts.insert(
+                plugin.name(),
+                Mount {
+                    plugin: plugin.clone(),
+                    switch,
+                },
+            );
+        }
+        let registrar = Registrar::spawn(Settings {
+            registry,
+            advertised,
+            lease_ttl_ms,
+            plugins,
+        });
+        let node = Node {
+            mounts,
+            health,
+            registrar,
+            current: Mutex::new(Config::default()),
+        };
+        Ok((Arc::new(node), routes.routes()))
+    }
+
+    /// The configuration in force.
+    pub async fn config(&self) -> Config {
+        self.current.lock().await.clone()
+    }
+
+    /// The registration task's handle (for `u`, `r`, `q`).
+    pub fn registrar(&self) -> &Registrar {
+        &self.registrar
+    }
+
+    /// Makes `new` the configuration in force, applying only the difference.
+    pub async fn apply(&self, new: Config) {
+        let mut current = self.current.lock().await;
+        for (what, before, after) in [
+            (
+                "registry",
+                format!("{:?}", current.registry),
+                format!("{:?}", new.registry),
+            ),
+            (
+                "advertise",
+                format!("{:?}", current.advertise),
+                format!("{:?}", new.advertise),
+            ),
+            (
+                "port",
+                format!("{:?}", current.port),
+                format!("{:?}", new.port),
+            ),
+            (
+                "lease_ttl_ms",
+                format!("{:?}", current.lease_ttl_ms),
+                format!("{:?}", new.lease_ttl_ms),
+            ),
+        ] {
+            if before != after && *current != Config::default() {
+                warn!(
+                    "`{what}` changed from {before} to {after}: takes effect when node-host restarts"
+                );
+            }
+        }
+        let actions = diff(&current.plugins, &new.plugins);
+        for action in actions {
+            match action {
+                Action::Remove { name } => {
+                    let confirmed = self.registrar.remove(&name, DEREGISTER_WAIT).await;
+                    self.set_mounted(&name, false).await;
+                    if confirmed {
+                        info!("plugin {name} removed: deregistered, then unmounted");
+                    } else {
+                        warn!(
+                            "plugin {name} removed: unmounted; the registry did not confirm the deregistration in time (it is retried)"
+                        );
+                    }
+                }
+                Action::Add { name, plugin } => {
+                    self.set_mounted(&name, true).await;
+                    info!(
+                        "plugin {name} added: mounted, registering with weight {}",
+                        plugin.weight
+                    );
+                    self.registrar.upsert(&name, plugin);
+                }
+                Action::Update { name, plugin } => {
+                    info!(
+                        "plugin {name} changed: updating in place to weight {} metadata {:?}",
+                        plugin.weight, plugin.metadata
+                    );
+                    self.registrar.upsert(&name, plugin);
+                }
+            }
+        }
+        *current = new;
+    }
+
+    /// Opens or closes a plugin's gate, and sets its health to match.
+    async fn set_mounted(&self, name: &str, mounted: bool) {
+        let Some(mount) = self.mounts.get(name) else {
+            return;
+        };
+        mount.switch.set(mounted);
+        let status = if mounted {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for health_name in health_names(mount.plugin.as_ref()) {
+            self.health.set_service_status(health_name, status).await;
+        }
+    }
+}
+
+/// The names a plugin's health is reported under: its full protobuf service
+/// name (what gRPC health checkers ask for) and its registry name.
+fn health_names(plugin: &dyn Plugin) -> [&'static str; 2] {
+    [plugin.proto_service(), plugin.name()]
+}

@@ -1,0 +1,26 @@
+//! The plugins this node host can serve: the one list of them.
+//!
+//! Adding a plugin: write `plugins/<name>.rs` implementing
+//! [`Plugin`](crate::plugin::Plugin) (its `.proto` goes in `proto/proto/`),
+//! declare the module below and add one line to [`all`].
+
+use std::sync::Arc;
+
+use crate::plugin::Plugin;
+
+pub mod calculator;
+pub mod echo;
+
+/// Every plugin this build knows, in a fixed order. `services.toml` may
+/// mount any of them by name.
+pub fn all() -> Vec<Arc<dyn Plugin>> {
+    vec![
+        Arc::new(calculator::CalculatorPlugin),
+        Arc::new(echo::EchoPlugin),
+    ]
+}
+
+/// The names of [`all`] plugins, for error messages and `--help`.
+pub fn names() -> Vec<&'static str> {
+    all().iter().map(|p| p.name()).collect()
+}

@@ -1,0 +1,651 @@
+//! The node's side of the lease protocol: keep this node's plugins
+//! registered for as long as it lives, whatever happens to the registry.
+//!
+//! One task owns everything that talks to the registry. It is told what
+//! *should* be registered through a watch channel ([`Desired`]) and
+//! reconciles toward it:
+//!
+//! 1. connect, grant one lease for the whole node, open the KeepAlive stream
+//!    (a heartbeat every TTL/3);
+//! 2. Register every desired plugin not registered yet or registered with
+//!    other settings (Register is an upsert under the same lease: a weight
+//!    change is an in-place UPDATED, with no gap), Deregister the ones no
+//!    longer desired;
+//! 3. wait for the desired state to change, or for the session to fail.
+//!
+//! Any failure (registry unreachable, stream broken, NOT_FOUND after a
+//! registry restart lost the lease, no KeepAlive answer within the TTL)
+//! drops the session and starts over after an exponential backoff with
+//! jitter: a fresh lease, everything registered again. Pausing (`u`)
+//! revokes the lease, which removes every instance at once; shutting down
+//! (`q`) revokes it and ends the task.
+//!
+//! What is registered right now is published on a second watch channel, so
+//! callers can wait for a change to reach the registry.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_proto::registry::v1::registry_client::RegistryClient;
+use registry_proto::registry::v1::{
+    DeregisterRequest, GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
+    RevokeLeaseRequest,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use tracing::{debug, error, info, warn};
+
+use crate::config::PluginConfig;
+use crate::plugin::Plugin;
+
+/// How long to wait for a TCP connection to the registry.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long one unary call to the registry may take before the link is
+/// considered broken.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// First retry delay after a failure.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// What should be registered. The registration task reconciles toward it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Plugins to register, by name.
+    pub plugins: BTreeMap<String, PluginConfig>,
+    /// `u` was typed: register nothing (the node keeps serving).
+    pub paused: bool,
+    /// The node is shutting down: revoke the lease and stop.
+    pub shutdown: bool,
+}
+
+/// What is registered right now, by plugin name, as far as this node knows.
+pub type Registered = BTreeMap<String, PluginConfig>;
+
+/// Fixed facts the registration task needs.
+#[derive(Clone)]
+pub struct Settings {
+    /// The registry's `host:port`.
+    pub registry: String,
+    /// The address this node advertises.
+    pub advertised: SocketAddr,
+    /// Lease TTL to ask for; `None` takes the registry's default.
+    pub lease_ttl_ms: Option<u64>,
+    /// Every plugin this node knows (for proto names and descriptors).
+    pub plugins: Vec<Arc<dyn Plugin>>,
+}
+
+/// Why a session with the registry ended badly.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("bad registry address: {0}")]
+    Address(String),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("{what} failed: {}: {}", .status.code(), .status.message())]
+    Rpc {
+        what: &'static str,
+        status: Box<Status>,
+    },
+    #[error("{what} timed out after {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("the KeepAlive stream ended")]
+    KeepAliveEnded,
+    #[error("no KeepAlive answer within the lease TTL ({0:?})")]
+    KeepAliveSilent(Duration),
+}
+
+/// Runs one registry call with [`RPC_TIMEOUT`].
+async fn call<T>(
+    what: &'static str,
+    fut: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<T, SessionError> {
+    match timeout(RPC_TIMEOUT, fut).await {
+        Ok(Ok(resp)) => Ok(resp.into_inner()),
+        Ok(Err(status)) => Err(SessionError::Rpc {
+            what,
+            status: Box::new(status),
+        }),
+        Err(_) => Err(SessionError::Timeout {
+            what,
+            after: RPC_TIMEOUT,
+        }),
+    }
+}
+
+/// A handle on the registration task.
+pub struct Registrar {
+    /// The target state.
+    desired: watch::Sender<Desired>,
+    /// The state reached.
+    registered: watch::Receiver<Registered>,
+    /// The task, awaited on shutdown.
+    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Registrar {
+    /// Starts the registration task with nothing to register yet.
+    pub fn spawn(settings: Settings) -> Registrar {
+        let (desired, desired_rx) = watch::channel(Desired::default());
+        let (registered_tx, registered) = watch::channel(Registered::new());
+        let task = tokio::spawn(run(settings, desired_rx, registered_tx));
+        Registrar {
+            desired,
+            registered,
+            task: tokio::sync::Mutex::new(Some(task)),
+        }
+    }
+
+    /// The current target state.
+    pub fn desired(&self) -> Desired {
+        self.desired.borrow().clone()
+    }
+
+    /// What is registered right now.
+    pub fn registered(&self) -> Registered {
+        self.registered.borrow().clone()
+    }
+
+    /// Registers `name` with `plugin`'s settings (or updates it in place).
+    pub fn upsert(&self, name: &str, plugin: PluginConfig) {
+        self.desired.send_modify(|d| {
+            d.plugins.insert(name.to_string(), plugin);
+        });
+    }
+
+    /// Deregisters `name`; returns once the registry confirmed it (or no
+    /// longer holds it), or after `wait` if it cannot be reached.
+    pub async fn remove(&self, name: &str, wait: Duration) -> bool {
+        self.desired.send_modify(|d| {
+            d.plugins.remove(name);
+        });
+        self.wait_until(wait, |r| !r.contains_key(name)).await
+    }
+
+    /// Deregisters everything (`u`) and keeps it so until [`resume`](Self::resume).
+    /// Returns whether the registry holds nothing of ours within `wait`.
+    pub async fn pause(&self, wait: Duration) -> bool {
+        self.desired.send_modify(|d| d.paused = true);
+        self.wait_until(wait, |r| r.is_empty()).await
+    }
+
+    /// Registers everything again (`r`). Returns whether everything desired
+    /// is registered within `wait`.
+    pub async fn resume(&self, wait: Duration) -> bool {
+        self.desired.send_modify(|d| d.paused = false);
+        let want = self.desired().plugins;
+        self.wait_until(wait, |r| registered_matches(r, &want))
+            .await
+    }
+
+    /// Revokes the lease (deregistering everything) and stops the task.
+    /// Gives up waiting for the registry after `wait`.
+    pub async fn shutdown(&self, wait: Duration) {
+        self.desired.send_modify(|d| d.shutdown = true);
+        let Some(mut task) = self.task.lock().await.take() else {
+            return;
+        };
+        if timeout(wait, &mut task).await.is_err() {
+            warn!("the registry did not confirm the lease revocation in {wait:?}; leaving anyway");
+            task.abort();
+        }
+    }
+
+    /// Waits until `done` holds for what is registered, at most `wait`.
+    pub async fn wait_until(&self, wait: Duration, done: impl Fn(&Registered) -> bool) -> bool {
+        let mut rx = self.registered.clone();
+        timeout(wait, rx.wait_for(|r| done(r)))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Whether `registered` holds exactly `want` (weights and metadata included).
+pub fn registered_matches(registered: &Registered, want: &BTreeMap<String, PluginConfig>) -> bool {
+    registered.len() == want.len()
+        && want
+            .iter()
+            .all(|(n, p)| registered.get(n).is_some_and(|r| r.same_registration(p)))
+}
+
+/// Exponential backoff with jitter: each delay is drawn between half and
+/// all of a ceiling that doubles from [`BACKOFF_START`] to [`BACKOFF_MAX`].
+/// Jitter keeps a room full of nodes from reconnecting in lockstep after a
+/// registry restart.
+#[derive(Debug)]
+pub struct Backoff {
+    /// The current ceiling.
+    ceiling: Duration,
+    /// Failures since the last success.
+    failures: u32,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            ceiling: BACKOFF_START,
+            failures: 0,
+        }
+    }
+}
+
+impl Backoff {
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// Records a failure and returns the delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let ceiling = self.ceiling;
+        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
+        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(rand::random_range(ms / 2..=ms))
+    }
+
+    /// Back to the shortest delay, after a success.
+    pub fn reset(&mut self) {
+        self.ceiling = BACKOFF_START;
+        self.failures = 0;
+    }
+}
+
+/// How a session ended.
+enum SessionEnd {
+    /// Paused: the lease was revoked; wait for `r`.
+    Paused,
+    /// Shut down: the lease was revoked; stop.
+    Shutdown,
+}
+
+/// The registration task.
+async fn run(
+    settings: Settings,
+    mut desired: watch::Receiver<Desired>,
+    registered: watch::Sender<Registered>,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let want = desired.borrow_and_update().clone();
+        if want.shutdown {
+            return;
+        }
+        if want.paused {
+            registered.send_replace(Registered::new());
+            if desired.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        match session(&settings, &mut desired, &registered, &mut backoff).await {
+            Ok(SessionEnd::Shutdown) => return,
+            Ok(SessionEnd::Paused) => continue,
+            Err(e) => {
+                registered.send_replace(Registered::new());
+                let delay = backoff.next_delay();
+                let failures = backoff.failures();
+                // The first failure and then every tenth: a registry that is
+                // down for a minute should not flood the log.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    warn!(
+                        "registry {}: {e}; still serving, retrying (every {:?} at most)",
+                        settings.registry, BACKOFF_MAX
+                    );
+                } else {
+                    debug!("registry {}: {e}; retrying in {delay:?}", settings.registry);
+                }
+                // Sleep, but stop at once for a shutdown or pause.
+                let deadline = Instant::now() + delay;
+                loop {
+                    tokio::select! {
+                        () = sleep_until(deadline) => break,
+                        changed = desired.changed() => {
+                            if changed.is_err() {
+                                return;
+                            }
+                            let d = desired.borrow();
+                            if d.shutdown || d.paused {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The lease of the current session.
+#[derive(Debug, Clone)]
+struct Lease {
+    id: u64,
+    secret: String,
+    ttl: Duration,
+}
+
+/// One registered instance, as this node registered it.
+struct Held {
+    config: PluginConfig,
+    instance_id: String,
+}
+
+/// Aborts a task when dropped, so a session's heartbeat dies with it.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One lease's life: grant, keep alive, reconcile, until paused, shut down
+/// or broken.
+async fn session(
+    settings: &Settings,
+    desired: &mut watch::Receiver<Desired>,
+    registered: &watch::Sender<Registered>,
+    backoff: &mut Backoff,
+) -> Result<SessionEnd, SessionError> {
+    let endpoint = Endpoint::from_shared(format!("http://{}", settings.registry))
+        .map_err(|e| SessionError::Address(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    let channel = timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
+        .await
+        .map_err(|_| SessionError::Timeout {
+            what: "connect",
+            after: CONNECT_TIMEOUT * 2,
+        })?
+        .map_err(SessionError::Connect)?;
+    let mut client = RegistryClient::new(channel);
+
+    let grant = call(
+        "GrantLease",
+        client.grant_lease(GrantLeaseRequest {
+            ttl_ms: settings.lease_ttl_ms.unwrap_or(0),
+        }),
+    )
+    .await?;
+    let lease = Lease {
+        id: grant.lease_id,
+        secret: grant.lease_secret,
+        ttl: Duration::from_millis(grant.ttl_ms.max(1)),
+    };
+    info!(
+        "registry {}: lease {} granted (ttl {:?})",
+        settings.registry, lease.id, lease.ttl
+    );
+    let heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone()));
+    let _stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
+    let mut heartbeat = heartbeat;
+
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    // Settings the registry refused for a reason retrying cannot fix
+    // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED): not retried until they change.
+    let mut refused: BTreeMap<String, PluginConfig> = BTreeMap::new();
+    loop {
+        let want = desired.borrow_and_update().clone();
+        if want.shutdown || want.paused {
+            let removed = revoke(&mut client, &lease).await;
+            registered.send_replace(Registered::new());
+            info!(
+                "registry {}: lease {} revoked, {removed} instances removed",
+                settings.registry, lease.id
+            );
+            return Ok(if want.shutdown {
+                SessionEnd::Shutdown
+            } else {
+                SessionEnd::Paused
+            });
+        }
+        reconcile(
+            settings,
+            &mut client,
+            &lease,
+            &want.plugins,
+            &mut held,
+            &mut refused,
+        )
+        .await?;
+        registered.send_replace(
+            held.iter()
+                .map(|(n, h)| (n.clone(), h.config.clone()))
+                .collect(),
+        );
+        if backoff.failures() > 0 {
+            info!(
+                "registry {}: reachable again, {} services registered",
+                settings.registry,
+                held.len()
+            );
+        }
+        backoff.reset();
+
+        tokio::select! {
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    // Every handle is gone: the node is going away.
+                    revoke(&mut client, &lease).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+            ended = &mut heartbeat => {
+                return Err(match ended {
+                    Ok(e) => e,
+                    Err(_) => SessionError::KeepAliveEnded,
+                });
+            }
+        }
+    }
+}
+
+/// Brings the registry from `held` to `want` under `lease`.
+async fn reconcile(
+    settings: &Settings,
+    client: &mut RegistryClient<Channel>,
+    lease: &Lease,
+    want: &BTreeMap<String, PluginConfig>,
+    held: &mut BTreeMap<String, Held>,
+    refused: &mut BTreeMap<String, PluginConfig>,
+) -> Result<(), SessionError> {
+    let gone: Vec<String> = held
+        .keys()
+        .filter(|n| !want.contains_key(*n))
+        .cloned()
+        .collect();
+    for name in gone {
+        let Some(h) = held.get(&name) else { continue };
+        let result = call(
+            "Deregister",
+            client.deregister(DeregisterRequest {
+                lease_id: lease.id,
+                lease_secret: lease.secret.clone(),
+                service: name.clone(),
+                instance_id: h.instance_id.clone(),
+            }),
+        )
+        .await;
+        match result {
+            Ok(_) => info!("deregistered {name} ({})", h.instance_id),
+            // Already gone: what we wanted.
+            Err(SessionError::Rpc { status, .. }) if status.code() == Code::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        held.remove(&name);
+    }
+    refused.retain(|name, config| want.get(name) == Some(config));
+
+    for (name, config) in want {
+        if held
+            .get(name)
+            .is_some_and(|h| h.config.same_registration(config))
+            || refused.get(name) == Some(config)
+        {
+            continue;
+        }
+        let Some(plugin) = settings.plugins.iter().find(|p| p.name() == name) else {
+            // Config parsing only accepts known plugins; nothing to register.
+            continue;
+        };
+        let request = RegisterRequest {
+            lease_id: lease.id,
+            lease_secret: lease.secret.clone(),
+            instance: Some(Instance {
+                service: name.clone(),
+                instance_id: String::new(),
+                host: settings.advertised.ip().to_string(),
+                port: u32::from(settings.advertised.port()),
+                weight: config.weight,
+                metadata: config.metadata.clone().into_iter().collect(),
+                proto_service: plugin.proto_service().to_string(),
+                lease_id: 0,
+                revision: 0,
+            }),
+            file_descriptor_set: plugin.descriptors().to_vec(),
+        };
+        let updating = held.contains_key(name);
+        match call("Register", client.register(request)).await {
+            Ok(resp) => {
+                let instance_id = resp
+                    .instance
+                    .map(|i| i.instance_id)
+                    .unwrap_or_else(|| settings.advertised.to_string());
+                info!(
+                    "{} {name} ({instance_id}) weight {} metadata {:?}",
+                    if updating { "updated" } else { "registered" },
+                    config.weight,
+                    config.metadata
+                );
+                held.insert(
+                    name.clone(),
+                    Held {
+                        config: config.clone(),
+                        instance_id,
+                    },
+                );
+            }
+            Err(SessionError::Rpc { status, .. })
+                if matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::ResourceExhausted
+                ) =>
+            {
+                error!(
+                    "the registry refused {name}: {}: {} (not retried until its settings change)",
+                    status.code(),
+                    status.message()
+                );
+                refused.insert(name.clone(), config.clone());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Revokes the lease; returns how many instances went with it (0 when the
+/// registry cannot be reached: the lease then dies with its KeepAlive stream
+/// or its TTL anyway).
+async fn revoke(client: &mut RegistryClient<Channel>, lease: &Lease) -> u32 {
+    match call(
+        "RevokeLease",
+        client.revoke_lease(RevokeLeaseRequest {
+            lease_id: lease.id,
+            lease_secret: lease.secret.clone(),
+        }),
+    )
+    .await
+    {
+        Ok(r) => r.removed,
+        Err(e) => {
+            warn!("revoking lease {}: {e}", lease.id);
+            0
+        }
+    }
+}
+
+/// Heartbeats `lease` every TTL/3 until the stream fails; returns why.
+async fn keep_alive(mut client: RegistryClient<Channel>, lease: Lease) -> SessionError {
+    let (tx, rx) = mpsc::channel(4);
+    let beat = KeepAliveRequest {
+        lease_id: lease.id,
+        lease_secret: lease.secret.clone(),
+    };
+    if tx.send(beat.clone()).await.is_err() {
+        return SessionError::KeepAliveEnded;
+    }
+    let mut stream = match call("KeepAlive", client.keep_alive(ReceiverStream::new(rx))).await {
+        Ok(s) => s,
+        Err(e) => return e,
+    };
+    let period = (lease.ttl / 3).max(Duration::from_millis(10));
+    let mut next_beat = Instant::now() + period;
+    let mut last_answer = Instant::now();
+    loop {
+        tokio::select! {
+            () = sleep_until(next_beat) => {
+                next_beat += period;
+                if tx.send(beat.clone()).await.is_err() {
+                    return SessionError::KeepAliveEnded;
+                }
+            }
+            msg = stream.message() => match msg {
+                Ok(Some(_)) => last_answer = Instant::now(),
+                Ok(None) => return SessionError::KeepAliveEnded,
+                Err(status) => return SessionError::Rpc { what: "KeepAlive", status: Box::new(status) },
+            },
+            // A cut link shows as silence, not an error: give up once the
+            // lease must have expired on the registry's side anyway.
+            () = sleep_until(last_answer + lease.ttl) => {
+                return SessionError::KeepAliveSilent(lease.ttl);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WeightSource;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter() {
+        let mut b = Backoff::default();
+        let mut ceilings = vec![];
+        for _ in 0..8 {
+            let ceiling = b.ceiling;
+            let d = b.next_delay();
+            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} vs {ceiling:?}");
+            ceilings.push(ceiling.as_millis());
+        }
+        assert_eq!(ceilings, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
+        b.reset();
+        assert!(b.next_delay() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn matching_ignores_weight_source_but_not_weight() {
+        let p = |w| PluginConfig {
+            weight: w,
+            weight_source: WeightSource::Configured,
+            metadata: BTreeMap::new(),
+        };
+        let mut want = BTreeMap::new();
+        want.insert("echo".to_string(), p(3));
+        let mut reg = Registered::new();
+        assert!(!registered_matches(&reg, &want));
+        let mut random = p(3);
+        random.weight_source = WeightSource::Random;
+        reg.insert("echo".to_string(), random);
+        assert!(registered_matches(&reg, &want));
+        reg.insert("echo".to_string(), p(4));
+        assert!(!registered_matches(&reg, &want));
+    }
+}

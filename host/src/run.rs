@@ -1,0 +1,150 @@
+//! A node host's life, start to finish: load the configuration, pick the
+//! address, serve, register, follow file changes and terminal commands, and
+//! shut down cleanly on `q`, SIGINT or SIGTERM.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::node::{Node, NodeError};
+use crate::reload::WatchError;
+use crate::stdin::Command;
+use crate::{addr, plugins, reload, stdin};
+
+/// The registry address used when neither flags nor file name one.
+pub const DEFAULT_REGISTRY: &str = "127.0.0.1:50051";
+/// How long shutdown waits for the registry to confirm the lease revocation.
+pub const REVOKE_WAIT: Duration = Duration::from_secs(3);
+/// How long shutdown waits for in-flight calls (a long EchoStream, say).
+pub const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// What the command line says; `None` leaves the file's value (or the
+/// default) in force.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// `--registry`.
+    pub registry: Option<String>,
+    /// `--advertise`.
+    pub advertise: Option<IpAddr>,
+    /// `--port`.
+    pub port: Option<u16>,
+}
+
+/// Why the node host could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The port could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The node could not be built.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// The configuration file cannot be watched.
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Runs the node host until `q`, SIGINT or SIGTERM.
+pub async fn run(opts: Options) -> Result<(), RunError> {
+    let known = plugins::names();
+    let config = Config::load(&opts.config, &known, None)?;
+    let registry = opts
+        .registry
+        .clone()
+        .or_else(|| config.registry.clone())
+        .unwrap_or_else(|| DEFAULT_REGISTRY.to_string());
+    let ip = addr::advertise_ip(opts.advertise.or(config.advertise), &registry).await;
+    let port = opts.port.or(config.port).unwrap_or(0);
+    let bind: SocketAddr = match ip {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+    };
+    let listener = TcpListener::bind(bind)
+        .await
+        .map_err(|source| RunError::Bind { addr: bind, source })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| RunError::Bind { addr: bind, source })?
+        .port();
+    let advertised = SocketAddr::new(ip, port);
+
+    let (node, routes) = Node::build(
+        plugins::all(),
+        advertised,
+        registry.clone(),
+        config.lease_ttl_ms,
+    )
+    .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    info!("{}: {config}", opts.config.display());
+    node.apply(config).await;
+    println!("node-host serving on {advertised}");
+    info!("registering with the registry at {registry}; type `help` for commands");
+
+    let watcher = reload::spawn(opts.config.clone(), node.clone(), known)?;
+    let mut commands = stdin::read_commands();
+    let mut stdin_open = true;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    loop {
+        tokio::select! {
+            cmd = commands.recv(), if stdin_open => match cmd {
+                Some(Command::Quit) => break,
+                Some(cmd) => stdin::execute(cmd, &node).await,
+                None => stdin_open = false,
+            },
+            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
+            _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
+            result = &mut server => {
+                // The server only ends by itself on an error.
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(e) => { warn!("server task: {e}"); Ok(()) }
+                };
+            }
+        }
+    }
+
+    drop(watcher);
+    let registered = node.registrar().registered().len();
+    node.registrar().shutdown(REVOKE_WAIT).await;
+    println!("deregistered {registered} services; shutting down");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
+        Ok(Ok(Err(e))) => return Err(e.into()),
+        Ok(_) => {}
+        Err(_) => warn!("in-flight calls still running after {DRAIN_WAIT:?}; exiting anyway"),
+    }
+    println!("node-host stopped");
+    Ok(())
+}
