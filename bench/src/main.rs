@@ -1,1 +1,421 @@
-fn main() {}
+//! `bench`: measures our registry, node host and generic client, side by side
+//! with etcd doing the same job, and prints the figures as a table (or JSON).
+//!
+//! It starts everything it measures itself: our `registry` and `node-host`
+//! (built next to the bench by the same `cargo` profile) and, when an `etcd`
+//! binary is found, a single-member etcd on a scratch data directory and free
+//! loopback ports.
+//!
+//! # Layout
+//! - `backend`: the operations of a measure (lease, register, resolve, watch)
+//!   for both systems, so each measure is written once.
+//! - `procs`: starting the binaries and etcd, reading a process's memory.
+//! - `measure/*`: one file per figure group of issue 7.
+//! - `stats`: percentiles and throughput; `report`: the table and JSON.
+//! - `etcdpb`: code generated from `proto/etcdserverpb/rpc.proto`, the part
+//!   of etcd's API the bench uses (compiled with protox: no protoc needed).
+
+mod backend;
+mod measure;
+mod ours_client;
+mod procs;
+mod report;
+mod stats;
+
+/// etcd's gRPC API (the subset in `proto/etcdserverpb/rpc.proto`).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod etcdpb {
+    tonic::include_proto!("etcdserverpb");
+}
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+use crate::measure::Ctx;
+use crate::report::Figure;
+
+/// Benchmarks the registry, the node host and the generic client against etcd.
+///
+/// Run it from the workspace with `cargo run --release -p bench` (add `--` and
+/// flags after it). It builds and starts our `registry` and `node-host`
+/// itself, starts `etcd` when it is installed (`apt-get install etcd-server`),
+/// runs each measure on both systems with the same workload, and prints one
+/// row per figure: our value, etcd's (or the typed tonic client's, for the
+/// generic call), their ratio and the goal from issue 7. "↑" marks figures
+/// where higher is better, "↓" where lower is.
+///
+/// A full run takes a few minutes; `--quick` runs every measure with small
+/// counts in well under a minute (CI uses it to keep the program working; its
+/// numbers mean little).
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Small counts and short runs (under a minute, even in a debug build).
+    #[arg(long)]
+    quick: bool,
+
+    /// Print the results as JSON on stdout instead of a table (progress
+    /// still goes to stderr).
+    #[arg(long)]
+    json: bool,
+
+    /// Run only these measures (comma-separated). Default: all of them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Measure>,
+
+    /// Do not start etcd even if it is installed: report our side only.
+    #[arg(long)]
+    no_etcd: bool,
+
+    /// The etcd binary to start. Default: `etcd` on PATH.
+    #[arg(long, value_name = "PATH")]
+    etcd_bin: Option<PathBuf>,
+
+    /// Where etcd keeps its data (a fresh subdirectory is made and removed).
+    /// Default: /dev/shm when it exists, so etcd's fsyncs hit memory like
+    /// our in-memory registry does, else the system temp directory. Point it
+    /// at a disk to see etcd with real durability.
+    #[arg(long, value_name = "DIR")]
+    etcd_data_dir: Option<PathBuf>,
+
+    /// How long each throughput level runs, in milliseconds. Default: 2000,
+    /// or 200 with --quick.
+    #[arg(long, value_name = "MS")]
+    duration_ms: Option<u64>,
+
+    /// Concurrent clients for the register throughput levels (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+    clients: Vec<usize>,
+
+    /// Watcher counts for the watch propagation levels (comma-separated).
+    /// Default: 1,100,1000, or 1,10,50 with --quick.
+    #[arg(long, value_delimiter = ',')]
+    watchers: Vec<usize>,
+
+    /// Instances in the scale measure. Default: 100000, or 2000 with --quick.
+    #[arg(long)]
+    scale_instances: Option<usize>,
+
+    /// Services the scale measure spreads its instances over. Default: 1000,
+    /// or 20 with --quick.
+    #[arg(long)]
+    scale_services: Option<usize>,
+
+    /// How many times each failure-detection measure is repeated. Default:
+    /// 5, or 1 with --quick.
+    #[arg(long)]
+    repeats: Option<usize>,
+
+    /// TTL of the lease in the lease-expiry measure, in milliseconds (etcd
+    /// counts whole seconds and rounds up to its own minimum; the report
+    /// shows what each system granted). Default: 1000.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    expiry_ttl_ms: u64,
+
+    /// Use the `registry` and `node-host` already next to the bench instead
+    /// of running `cargo build` for them first.
+    #[arg(long)]
+    no_build: bool,
+
+    #[command(subcommand)]
+    helper: Option<Helper>,
+}
+
+/// The measures of issue 7.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Measure {
+    /// 1. Instances registered per second under a lease, by N clients.
+    Register,
+    /// 2. Resolve throughput and latency: from the server and the local copy.
+    Resolve,
+    /// 3. Time for a change to reach 1, 100 and 1000 watchers.
+    Watch,
+    /// 4. kill -9 of a node host, and lease expiry, to the REMOVED event.
+    Failure,
+    /// 5. Generic (reflective) calls against a typed tonic client.
+    Generic,
+    /// 6. 100 000 instances in 1 000 services: memory, snapshot, resolve.
+    Scale,
+}
+
+/// Internal helpers the bench starts as child processes.
+#[derive(Debug, Subcommand)]
+enum Helper {
+    /// Holds an etcd lease with keepalives until killed (the etcd side of the
+    /// kill -9 measure: what a node host does, for etcd).
+    #[command(hide = true)]
+    HoldEtcdLease {
+        /// etcd client URL.
+        #[arg(long)]
+        url: String,
+        /// Service to register under.
+        #[arg(long)]
+        service: String,
+        /// Instance id to register.
+        #[arg(long)]
+        id: String,
+        /// Lease TTL in seconds.
+        #[arg(long)]
+        ttl_s: u64,
+    },
+}
+
+/// Counts and durations of one run, from the flags.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    /// Whether this is a `--quick` run.
+    pub quick: bool,
+    /// Length of each throughput level.
+    pub duration: Duration,
+    /// Register throughput levels (concurrent clients).
+    pub clients: Vec<usize>,
+    /// Watch propagation levels (watchers).
+    pub watchers: Vec<usize>,
+    /// Changes timed per watch level.
+    pub watch_changes: usize,
+    /// Instances of the service the resolve measure reads.
+    pub resolve_instances: usize,
+    /// Concurrent clients of the resolve throughput figure.
+    pub resolve_clients: usize,
+    /// Repeats of each failure-detection measure.
+    pub repeats: usize,
+    /// TTL asked for in the lease-expiry measure.
+    pub expiry_ttl: Duration,
+    /// Instances in the scale measure.
+    pub scale_instances: usize,
+    /// Services in the scale measure.
+    pub scale_services: usize,
+}
+
+impl Config {
+    fn from_args(a: &Args) -> Config {
+        let q = a.quick;
+        Config {
+            quick: q,
+            duration: Duration::from_millis(a.duration_ms.unwrap_or(if q { 200 } else { 2000 })),
+            clients: a.clients.clone(),
+            watchers: if a.watchers.is_empty() {
+                if q {
+                    vec![1, 10, 50]
+                } else {
+                    vec![1, 100, 1000]
+                }
+            } else {
+                a.watchers.clone()
+            },
+            watch_changes: if q { 5 } else { 50 },
+            resolve_instances: 10,
+            resolve_clients: 16,
+            repeats: a.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
+            expiry_ttl: Duration::from_millis(a.expiry_ttl_ms),
+            scale_instances: a.scale_instances.unwrap_or(if q { 2000 } else { 100_000 }),
+            scale_services: a.scale_services.unwrap_or(if q { 20 } else { 1000 }).max(1),
+        }
+    }
+}
+
+/// The machine the figures were measured on.
+#[derive(Debug, Serialize)]
+struct Machine {
+    /// Logical CPUs.
+    cpus: usize,
+    /// CPU model from /proc/cpuinfo.
+    cpu_model: String,
+    /// Total memory from /proc/meminfo.
+    mem_total: String,
+    /// Debug or release build of the bench (our binaries use the same).
+    profile: &'static str,
+}
+
+impl Machine {
+    fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |text: &str, key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_else(|| "unknown".into())
+        };
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: field(&cpuinfo, "model name"),
+            mem_total: field(&meminfo, "MemTotal"),
+            profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            },
+        }
+    }
+}
+
+/// What `--json` prints.
+#[derive(Debug, Serialize)]
+struct JsonReport<'a> {
+    machine: Machine,
+    config: &'a Config,
+    etcd: Option<String>,
+    figures: &'a [Figure],
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let rt = tokio::runtime::Runtime::new()?;
+    if let Some(Helper::HoldEtcdLease {
+        url,
+        service,
+        id,
+        ttl_s,
+    }) = &args.helper
+    {
+        return rt.block_on(measure::failure::hold_etcd_lease(url, service, id, *ttl_s));
+    }
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let config = Config::from_args(&args);
+    procs::ensure_binaries(args.no_build)?;
+
+    let etcd_bin = if args.no_etcd {
+        None
+    } else {
+        let found = procs::find_etcd(args.etcd_bin.as_deref());
+        if found.is_none() {
+            eprintln!(
+                "etcd not found: only our side is measured. Install it with \
+                 `apt-get install etcd-server` (Debian/Ubuntu) or pass --etcd-bin PATH."
+            );
+        }
+        found
+    };
+    let etcd_data = args.etcd_data_dir.clone().unwrap_or_else(|| {
+        let shm = PathBuf::from("/dev/shm");
+        if shm.is_dir() {
+            shm
+        } else {
+            std::env::temp_dir()
+        }
+    });
+    let version = etcd_bin.as_ref().map(|b| etcd_version(b));
+
+    let measures: Vec<Measure> = if args.only.is_empty() {
+        Measure::value_variants().to_vec()
+    } else {
+        args.only.clone()
+    };
+    let mut ctx = Ctx::new(config.clone(), etcd_bin, etcd_data).await?;
+    let mut figures = Vec::new();
+    for m in measures {
+        tracing::info!("measuring {m:?}");
+        let result = match m {
+            Measure::Register => measure::register::run(&mut ctx).await,
+            Measure::Resolve => measure::resolve::run(&mut ctx).await,
+            Measure::Watch => measure::watch::run(&mut ctx).await,
+            Measure::Failure => measure::failure::run(&mut ctx).await,
+            Measure::Generic => measure::generic::run(&mut ctx).await,
+            Measure::Scale => measure::scale::run(&mut ctx).await,
+        };
+        match result {
+            Ok(f) => figures.extend(f),
+            Err(e) => {
+                // One broken measure should not hide the others' figures.
+                tracing::error!("measure {m:?} failed: {e:#}");
+                figures.push(
+                    Figure::new(measure_name(m), "failed", "", report::Better::Higher, None)
+                        .note(format!("{e:#}")),
+                );
+            }
+        }
+    }
+    drop(ctx);
+
+    if args.json {
+        let out = JsonReport {
+            machine: Machine::probe(),
+            config: &config,
+            etcd: version,
+            figures: &figures,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        let m = Machine::probe();
+        println!(
+            "\n{} build, {} CPUs ({}), {} RAM; reference: {}\n",
+            m.profile,
+            m.cpus,
+            m.cpu_model,
+            m.mem_total,
+            version.as_deref().unwrap_or("etcd not run")
+        );
+        print!("{}", report::table(&figures));
+    }
+    Ok(())
+}
+
+fn measure_name(m: Measure) -> &'static str {
+    match m {
+        Measure::Register => "register",
+        Measure::Resolve => "resolve",
+        Measure::Watch => "watch",
+        Measure::Failure => "failure",
+        Measure::Generic => "generic",
+        Measure::Scale => "scale",
+    }
+}
+
+/// `etcd 3.4.23`, from `etcd --version`.
+fn etcd_version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.replace("etcd Version:", "etcd").trim().to_string())
+        })
+        .unwrap_or_else(|| "etcd (unknown version)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_is_small_and_full_is_the_issue() {
+        let quick = Config::from_args(&Args::parse_from(["bench", "--quick"]));
+        assert!(quick.scale_instances <= 10_000 && quick.duration <= Duration::from_millis(500));
+        let full = Config::from_args(&Args::parse_from(["bench"]));
+        assert_eq!(full.clients, vec![1, 16, 128]);
+        assert_eq!(full.watchers, vec![1, 100, 1000]);
+        assert_eq!((full.scale_instances, full.scale_services), (100_000, 1000));
+    }
+
+    #[test]
+    fn only_takes_a_list() {
+        let a = Args::parse_from(["bench", "--only", "register,scale"]);
+        assert_eq!(a.only, vec![Measure::Register, Measure::Scale]);
+    }
+
+    #[test]
+    fn help_is_valid() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+}

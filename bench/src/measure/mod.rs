@@ -1,0 +1,157 @@
+//! The six measures of issue 7, one file each, and what they share: the
+//! running systems and a closed-loop load generator.
+
+pub mod failure;
+pub mod generic;
+pub mod register;
+pub mod resolve;
+pub mod scale;
+pub mod watch;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::task::JoinSet;
+
+use crate::Config;
+use crate::backend::System;
+use crate::procs::{EtcdProc, RegistryProc};
+use crate::stats::Load;
+
+/// The systems under test, shared by the measures (the scale measure starts
+/// fresh ones, so memory figures start from an empty process).
+pub struct Ctx {
+    /// Counts and durations.
+    pub cfg: Config,
+    /// Our registry.
+    pub ours: RegistryProc,
+    /// etcd, when installed and not disabled.
+    pub etcd: Option<EtcdProc>,
+    /// The etcd binary, to start fresh ones.
+    pub etcd_bin: Option<PathBuf>,
+    /// Where etcd data directories go.
+    pub etcd_data: PathBuf,
+}
+
+impl Ctx {
+    /// Starts our registry and, when `etcd_bin` is given, etcd.
+    pub async fn new(cfg: Config, etcd_bin: Option<PathBuf>, etcd_data: PathBuf) -> Result<Ctx> {
+        let ours = RegistryProc::start()?;
+        let etcd = match &etcd_bin {
+            Some(bin) => Some(EtcdProc::start(bin, &etcd_data).await?),
+            None => None,
+        };
+        Ok(Ctx {
+            cfg,
+            ours,
+            etcd,
+            etcd_bin,
+            etcd_data,
+        })
+    }
+
+    /// Each running system with its URL: ours first.
+    pub fn systems(&self) -> Vec<(System, String)> {
+        let mut v = vec![(System::Ours, self.ours.url.clone())];
+        if let Some(e) = &self.etcd {
+            v.push((System::Etcd, e.url.clone()));
+        }
+        v
+    }
+}
+
+/// Runs one task per element of `states` for `duration`, each calling `op`
+/// back to back (a closed loop: a client sends its next request when the
+/// previous one is answered), and adds up what they did. `op` takes the
+/// client's state and its sequence number and hands the state back with the
+/// result, so its future can be `'static`.
+pub async fn closed_loop<S, F, Fut>(states: Vec<S>, duration: Duration, op: F) -> Load
+where
+    S: Send + 'static,
+    F: Fn(S, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = (S, Result<()>)> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let mut tasks = JoinSet::new();
+    for mut state in states {
+        let op = op.clone();
+        tasks.spawn(async move {
+            let mut load = Load::default();
+            let mut n = 0;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let (s, r) = op(state, n).await;
+                state = s;
+                n += 1;
+                match r {
+                    Ok(()) => {
+                        load.ops += 1;
+                        load.latencies.push(t.elapsed());
+                    }
+                    Err(e) => {
+                        if load.errors == 0 {
+                            tracing::warn!("operation failed: {e:#}");
+                        }
+                        load.errors += 1;
+                    }
+                }
+            }
+            load
+        });
+    }
+    let mut total = Load::default();
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(load) = r {
+            total.ops += load.ops;
+            total.errors += load.errors;
+            total.latencies.extend(load.latencies);
+        }
+    }
+    total.elapsed = start.elapsed();
+    total
+}
+
+/// A note for a figure whose load saw errors.
+pub fn error_note(load: &Load) -> String {
+    if load.errors == 0 {
+        String::new()
+    } else {
+        format!("{} operations failed", load.errors)
+    }
+}
+
+/// `Some(value)` of a system in a per-system result list.
+pub fn of<T: Copy>(results: &[(System, T)], system: System) -> Option<T> {
+    results.iter().find(|(s, _)| *s == system).map(|(_, v)| *v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn closed_loop_counts_successes_and_errors() {
+        let load = closed_loop(
+            vec![0u32, 1u32],
+            Duration::from_millis(50),
+            |s, n| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let r = if n % 2 == 0 {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("odd"))
+                };
+                (s, r)
+            },
+        )
+        .await;
+        assert!(load.ops > 0 && load.errors > 0);
+        assert_eq!(load.latencies.len() as u64, load.ops);
+        assert!(load.elapsed >= Duration::from_millis(50));
+    }
+}

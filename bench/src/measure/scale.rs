@@ -1,0 +1,205 @@
+//! 6. Scale: 100 000 instances in 1 000 services, in a fresh registry (and a
+//! fresh etcd), then:
+//!
+//! - memory per instance: growth of the server's resident memory (VmRSS)
+//!   from empty to loaded, divided by the instances, next to the size of one
+//!   instance's encoded payload;
+//! - snapshot: how long a new watcher of every service waits for the full
+//!   state (ours: the reset message of Watch; etcd sends no snapshot on a
+//!   watch, so its equivalent is a range read of the whole prefix);
+//! - resolve latency of one service (100 instances) at that size.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use prost::Message;
+
+use super::{Ctx, closed_loop, of};
+use crate::backend::{self, Backend, System};
+use crate::procs::{EtcdProc, RegistryProc, rss_bytes};
+use crate::report::{Better, Figure};
+use crate::stats::Summary;
+
+/// Leases outlive the measure without heartbeats (our registry's default
+/// maximum TTL is 300 s).
+const LEASE_TTL: Duration = Duration::from_secs(300);
+/// Concurrent registering clients.
+const LOADERS: usize = 64;
+
+/// Figures of one system.
+#[derive(Clone, Copy)]
+struct Scale {
+    load_per_sec: f64,
+    bytes_per_instance: f64,
+    snapshot_ms: f64,
+    resolve: Option<Summary>,
+}
+
+fn service_name(s: usize) -> String {
+    format!("svc-{s:04}")
+}
+
+async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale> {
+    let services = ctx.cfg.scale_services;
+    let total = ctx.cfg.scale_instances;
+    let per_service = total.div_ceil(services);
+    // Settle: one connection open and used, so its buffers are in the
+    // baseline rather than counted against the instances.
+    let mut probe = Backend::connect(system, url).await?;
+    probe.resolve("nothing").await?;
+    let before = rss_bytes(pid)?;
+
+    // One lease per service; loaders take services round robin.
+    let start = Instant::now();
+    let mut loaders = Vec::new();
+    for _ in 0..LOADERS.min(services) {
+        loaders.push(Backend::connect(system, url).await?);
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Each loader handles whole services: it grabs the next service number,
+    // grants its lease, registers its instances one after another.
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut b in loaders {
+        let next = next.clone();
+        tasks.spawn(async move {
+            loop {
+                let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if s >= services {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                let lease = b.grant(LEASE_TTL).await?;
+                let name = service_name(s);
+                for i in 0..per_service {
+                    if s * per_service + i >= total {
+                        break;
+                    }
+                    b.register(&lease, &name, &format!("inst-{i:03}")).await?;
+                }
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("a loader panicked")??;
+    }
+    let load_per_sec = total as f64 / start.elapsed().as_secs_f64();
+    let after = rss_bytes(pid)?;
+    let bytes_per_instance = after.saturating_sub(before) as f64 / total as f64;
+
+    // Snapshot to a new watcher of everything.
+    let mut b = Backend::connect(system, url).await?;
+    let t0 = Instant::now();
+    let got = match (&mut b, system) {
+        (Backend::Etcd { kv, .. }, System::Etcd) => backend::range(kv, None).await?.len(),
+        _ => {
+            let mut stream = b.watch(None).await?;
+            let mut got = None;
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                if batch.ready {
+                    got = Some(batch.changes.len());
+                    break;
+                }
+            }
+            got.context("the watch ended before its snapshot")?
+        }
+    };
+    let snapshot_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if got != total {
+        bail!("the snapshot held {got} instances, expected {total}");
+    }
+
+    // Resolve latency of one service, one client, at this size.
+    let one = vec![Backend::connect(system, url).await?];
+    let mut lat = closed_loop(one, ctx.cfg.duration, move |mut b, n| async move {
+        let name = service_name(n as usize % services);
+        let r = b.resolve(&name).await.map(|_| ());
+        (b, r)
+    })
+    .await;
+    Ok(Scale {
+        load_per_sec,
+        bytes_per_instance,
+        snapshot_ms,
+        resolve: Summary::of(&mut lat.latencies),
+    })
+}
+
+/// Runs the scale measure on fresh processes of both systems.
+pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
+    let mut results = Vec::new();
+    {
+        tracing::info!(
+            "scale: ours, {} instances in {} services",
+            ctx.cfg.scale_instances,
+            ctx.cfg.scale_services
+        );
+        let fresh = RegistryProc::start()?;
+        let r = measure(System::Ours, &fresh.url, fresh.process.pid(), ctx).await?;
+        results.push((System::Ours, r));
+    }
+    if let Some(bin) = &ctx.etcd_bin {
+        tracing::info!("scale: etcd");
+        // Stop the shared etcd while the fresh one runs: two would share the CPU.
+        ctx.etcd = None;
+        let fresh = EtcdProc::start(bin, &ctx.etcd_data).await?;
+        let r = measure(System::Etcd, &fresh.url, fresh.process.pid(), ctx).await?;
+        results.push((System::Etcd, r));
+        drop(fresh);
+        ctx.etcd = Some(EtcdProc::start(bin, &ctx.etcd_data).await?);
+    }
+    let ours = of(&results, System::Ours);
+    let etcd = of(&results, System::Etcd);
+    let payload = backend::instance(&service_name(0), "inst-000").encoded_len() as f64;
+    let n = ctx.cfg.scale_instances;
+    let s = ctx.cfg.scale_services;
+    Ok(vec![
+        Figure::new(
+            "scale",
+            format!("load {n} instances, {LOADERS} clients"),
+            "inst/s",
+            Better::Higher,
+            ours.map(|r| r.load_per_sec),
+        )
+        .vs("etcd", etcd.map(|r| r.load_per_sec)),
+        Figure::new(
+            "scale",
+            format!("RSS per instance ({s} services)"),
+            "B",
+            Better::Lower,
+            ours.map(|r| r.bytes_per_instance),
+        )
+        .vs("etcd", etcd.map(|r| r.bytes_per_instance))
+        .target(
+            format!("<= payload {payload:.0} B + 200 B"),
+            ours.map(|r| r.bytes_per_instance <= payload + 200.0),
+        )
+        .note(format!("encoded instance: {payload:.0} B")),
+        Figure::new(
+            "scale",
+            "full snapshot to a new watcher",
+            "ms",
+            Better::Lower,
+            ours.map(|r| r.snapshot_ms),
+        )
+        .vs("etcd", etcd.map(|r| r.snapshot_ms))
+        .note("etcd: range read of the whole prefix"),
+        Figure::new(
+            "scale",
+            "resolve latency p50",
+            "ms",
+            Better::Lower,
+            ours.and_then(|r| r.resolve).map(|s| s.p50_ms),
+        )
+        .vs("etcd", etcd.and_then(|r| r.resolve).map(|s| s.p50_ms)),
+        Figure::new(
+            "scale",
+            "resolve latency p99",
+            "ms",
+            Better::Lower,
+            ours.and_then(|r| r.resolve).map(|s| s.p99_ms),
+        )
+        .vs("etcd", etcd.and_then(|r| r.resolve).map(|s| s.p99_ms)),
+    ])
+}

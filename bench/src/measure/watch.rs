@@ -1,0 +1,138 @@
+//! 3. Watch propagation: the time from a change sent to the server to its
+//! arrival at each of 1, 100 and 1000 watchers of the service (etcd: watches
+//! on the service's prefix).
+//!
+//! The clock starts when the writer sends the change, so each sample also
+//! holds the write itself (for etcd that includes its raft commit): the
+//! bench cannot see the instant the server accepts it. Changes are sent one
+//! at a time, the next only after every watcher got the previous one.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::{Ctx, of};
+use crate::backend::{Backend, Change, System};
+use crate::report::{Better, Figure};
+use crate::stats::Summary;
+
+/// Watchers share connections like real clients in few processes would;
+/// one connection per watcher would measure the kernel more than the server.
+const MAX_CONNECTIONS: usize = 50;
+
+async fn level(system: System, url: &str, watchers: usize, changes: usize) -> Result<Summary> {
+    let service = format!("bench-watch-{watchers}");
+    let mut conns = Vec::new();
+    for _ in 0..watchers.clamp(1, MAX_CONNECTIONS) {
+        conns.push(Backend::connect(system, url).await?);
+    }
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<()>();
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(usize, Instant)>();
+    let mut tasks = JoinSet::new();
+    for w in 0..watchers {
+        let mut conn = conns[w % conns.len()].clone();
+        let service = service.clone();
+        let ready_tx = ready_tx.clone();
+        let seen_tx = seen_tx.clone();
+        tasks.spawn(async move {
+            let mut stream = match conn.watch(Some(&service)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("watch failed: {e:#}");
+                    return;
+                }
+            };
+            while let Some(Ok(batch)) = stream.next().await {
+                let now = Instant::now();
+                if batch.ready {
+                    let _ = ready_tx.send(());
+                }
+                for change in batch.changes {
+                    if let Change::Put(id) = change
+                        && let Some(k) = id.strip_prefix("w-").and_then(|k| k.parse().ok())
+                    {
+                        let _ = seen_tx.send((k, now));
+                    }
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    let wait = Duration::from_secs(30);
+    for n in 0..watchers {
+        tokio::time::timeout(wait, ready_rx.recv())
+            .await
+            .ok()
+            .flatten()
+            .with_context(|| format!("only {n} of {watchers} watchers started"))?;
+    }
+
+    let mut writer = Backend::connect(system, url).await?;
+    let lease = writer.grant(Duration::from_secs(120)).await?;
+    let mut samples = Vec::with_capacity(watchers * changes);
+    for k in 0..changes {
+        let sent = Instant::now();
+        writer.register(&lease, &service, &format!("w-{k}")).await?;
+        let mut arrived = 0;
+        while arrived < watchers {
+            let (got, at) = tokio::time::timeout(Duration::from_secs(10), seen_rx.recv())
+                .await
+                .ok()
+                .flatten()
+                .with_context(|| format!("change {k} reached {arrived} of {watchers} watchers"))?;
+            if got == k {
+                arrived += 1;
+                samples.push(at.saturating_duration_since(sent));
+            }
+        }
+    }
+    tasks.abort_all();
+    writer.revoke(&lease).await?;
+    match Summary::of(&mut samples) {
+        Some(s) => Ok(s),
+        None => bail!("no change was timed"),
+    }
+}
+
+/// Runs every watcher level on every system.
+pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for &watchers in &ctx.cfg.watchers {
+        let mut results = Vec::new();
+        for (system, url) in ctx.systems() {
+            tracing::info!("watch: {} with {watchers} watchers", system.name());
+            let s = level(system, &url, watchers, ctx.cfg.watch_changes).await?;
+            results.push((system, s));
+        }
+        let ours = of(&results, System::Ours);
+        let etcd = of(&results, System::Etcd);
+        let name = |p: &str| {
+            format!(
+                "{p}, {watchers} watcher{}",
+                if watchers == 1 { "" } else { "s" }
+            )
+        };
+        for (label, pick) in [
+            ("p50", (|s: Summary| s.p50_ms) as fn(Summary) -> f64),
+            ("p99", |s: Summary| s.p99_ms),
+            ("max", |s: Summary| s.max_ms),
+        ] {
+            let mut f = Figure::new("watch", name(label), "ms", Better::Lower, ours.map(pick))
+                .vs("etcd", etcd.map(pick));
+            if label == "p99" && watchers >= 1000 {
+                f = f.target("< 10 ms", ours.map(|s| s.p99_ms < 10.0));
+            }
+            if label == "max" {
+                f = f.note(format!(
+                    "{} changes x {watchers} watchers",
+                    ctx.cfg.watch_changes
+                ));
+            }
+            figures.push(f);
+        }
+    }
+    Ok(figures)
+}

@@ -1,0 +1,295 @@
+//! Starting the systems under test: our binaries (found next to the bench's
+//! own executable, as `testkit` does) and an `etcd` on a scratch data
+//! directory and free loopback ports.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use testkit::Process;
+
+use crate::backend::{Backend, System};
+
+/// The workspace binaries the bench starts.
+pub const OUR_BINARIES: [(&str, &str); 2] = [("registry", "registry"), ("node-host", "node-host")];
+
+/// Directory of the running executable: cargo puts every binary of a
+/// profile side by side there.
+fn exe_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the bench executable")?;
+    let dir = exe
+        .parent()
+        .context("the bench executable has no directory")?
+        .to_path_buf();
+    // Under `cargo test` the executable sits one level deeper, in deps/.
+    Ok(if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    })
+}
+
+/// Makes sure `registry` and `node-host` exist next to the bench, built by the
+/// same profile, by running `cargo build` for them when the workspace is at
+/// hand (a no-op when they are fresh). Without cargo, binaries already there
+/// are used as they are.
+pub fn ensure_binaries(skip_build: bool) -> Result<()> {
+    let dir = exe_dir()?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let profile_dir = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    // cargo names the dev profile's directory "debug".
+    let profile = if profile_dir == "debug" {
+        "dev"
+    } else {
+        profile_dir
+    };
+    if !skip_build && workspace.join("Cargo.toml").exists() && !profile.is_empty() {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let target_dir = dir.parent().context("no target directory")?;
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&workspace)
+            .env("CARGO_TARGET_DIR", target_dir)
+            .args(["build", "--quiet", "--profile", profile]);
+        for (package, bin) in OUR_BINARIES {
+            cmd.args(["-p", package, "--bin", bin]);
+        }
+        tracing::info!("building the binaries under test: {cmd:?}");
+        match cmd.status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::warn!("cargo build of the binaries under test failed ({s})"),
+            Err(e) => tracing::warn!("cannot run cargo ({e}); using the binaries as they are"),
+        }
+    }
+    for (_, bin) in OUR_BINARIES {
+        let path = dir.join(bin);
+        if !path.exists() {
+            bail!(
+                "{} not found: build it with `cargo build --release --workspace` \
+                 (or run the bench through `cargo run --release -p bench`)",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A free TCP port on loopback (free when we looked; the OS could hand it out
+/// again before the child binds it, which is unlikely enough for a bench).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Resident memory of a process in bytes, from /proc/<pid>/status (VmRSS).
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+    parse_vm_rss(&status).context("no VmRSS line in /proc/<pid>/status")
+}
+
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Environment for our children: quiet logs unless the user asked otherwise,
+/// because testkit echoes every child line to stderr.
+fn quiet(cmd: &mut Command) {
+    if std::env::var_os("BENCH_CHILD_LOG").is_none() {
+        cmd.env("RUST_LOG", "warn");
+    } else if let Some(v) = std::env::var_os("BENCH_CHILD_LOG") {
+        cmd.env("RUST_LOG", v);
+    }
+}
+
+/// A running `registry`.
+pub struct RegistryProc {
+    /// The child; killed when dropped.
+    pub process: Process,
+    /// `http://127.0.0.1:port`.
+    pub url: String,
+    /// `127.0.0.1:port`, for `--registry` flags.
+    pub addr: String,
+}
+
+impl RegistryProc {
+    /// Starts our registry on a free loopback port and waits for its ready line.
+    pub fn start() -> Result<RegistryProc> {
+        let mut cmd = testkit::command("registry");
+        quiet(&mut cmd);
+        // The scale test holds 100 000 instances under leases that must not
+        // expire mid-measure: allow long TTLs.
+        cmd.args(["--listen", "127.0.0.1:0"]);
+        let process = Process::spawn("registry", cmd);
+        let line = process.wait_for_line("registry listening on", testkit::READY_TIMEOUT);
+        let addr = testkit::addr_from_line(&line).to_string();
+        Ok(RegistryProc {
+            process,
+            url: format!("http://{addr}"),
+            addr,
+        })
+    }
+}
+
+/// A running `node-host` serving the calculator plugin.
+pub struct NodeHostProc {
+    /// The child; killed when dropped.
+    pub process: Process,
+    /// Where it serves, `ip:port`.
+    pub addr: String,
+    /// Keeps its config file alive.
+    _config: TempDir,
+}
+
+impl NodeHostProc {
+    /// Starts a node host with only the calculator mounted, registered with
+    /// the registry at `registry` (`ip:port`).
+    pub fn start(registry: &str) -> Result<NodeHostProc> {
+        let dir = TempDir::new("node-host")?;
+        let config = dir.path().join("services.toml");
+        // Everything in the file, so the flags the bench relies on are only
+        // `--config`; the loopback address keeps the measure off the LAN.
+        std::fs::write(
+            &config,
+            format!(
+                "registry = \"{registry}\"\nadvertise = \"127.0.0.1\"\nport = 0\n\n\
+                 [plugins.calculator]\nweight = 1\n\n[plugins.echo]\nenabled = false\n"
+            ),
+        )?;
+        let mut cmd = testkit::command("node-host");
+        quiet(&mut cmd);
+        cmd.env_remove("REGISTRY_ADDR").arg("--config").arg(&config);
+        let process = Process::spawn("node-host", cmd);
+        let line = process.wait_for_line("node-host serving on", testkit::READY_TIMEOUT);
+        let addr = testkit::addr_from_line(&line).to_string();
+        Ok(NodeHostProc {
+            process,
+            addr,
+            _config: dir,
+        })
+    }
+}
+
+/// A scratch directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `<base>/bench-<what>-<pid>-<n>` under the system temp dir.
+    pub fn new(what: &str) -> Result<TempDir> {
+        TempDir::new_in(&std::env::temp_dir(), what)
+    }
+
+    /// Creates a fresh directory under `base`.
+    pub fn new_in(base: &Path, what: &str) -> Result<TempDir> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = base.join(format!("bench-{what}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running single-member etcd.
+pub struct EtcdProc {
+    /// The child; killed when dropped.
+    pub process: Process,
+    /// `http://127.0.0.1:port` of its client API.
+    pub url: String,
+    /// Its data directory, removed after the child is killed (field order).
+    _data: TempDir,
+}
+
+/// Finds `etcd`: the given path, or the first `etcd` on PATH.
+pub fn find_etcd(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return p.exists().then(|| p.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("etcd"))
+        .find(|p| p.is_file())
+}
+
+impl EtcdProc {
+    /// Starts etcd with its data in a fresh directory under `data_base`, on
+    /// free loopback ports, and waits until it answers a read.
+    pub async fn start(bin: &Path, data_base: &Path) -> Result<EtcdProc> {
+        let data = TempDir::new_in(data_base, "etcd")?;
+        let client = format!("http://127.0.0.1:{}", free_port()?);
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let mut cmd = Command::new(bin);
+        cmd.arg("--name=bench")
+            .arg(format!("--data-dir={}", data.path().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=bench={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn");
+        let mut process = Process::spawn("etcd", cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if !process.is_running() {
+                bail!("etcd exited at start; its output is above");
+            }
+            if let Ok(mut b) = Backend::connect(System::Etcd, &client).await
+                && b.resolve("probe").await.is_ok()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not answer within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(EtcdProc {
+            process,
+            url: client,
+            _data: data,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss() {
+        let status = "Name:\tregistry\nVmPeak:\t  2000 kB\nVmRSS:\t  1234 kB\n";
+        assert_eq!(parse_vm_rss(status), Some(1234 * 1024));
+        assert_eq!(parse_vm_rss("Name: x\n"), None);
+    }
+
+    #[test]
+    fn own_rss_is_readable() {
+        let rss = rss_bytes(std::process::id()).unwrap_or(0);
+        assert!(rss > 0);
+    }
+
+    #[test]
+    fn temp_dirs_are_removed() {
+        let path = {
+            let d = TempDir::new("test").unwrap_or_else(|e| panic!("{e}"));
+            assert!(d.path().is_dir());
+            d.path().to_path_buf()
+        };
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,245 @@
+//! The figures a run produced, printed as a table or as JSON.
+
+use serde::Serialize;
+
+/// Which direction of a figure is the good one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    /// Throughputs: more is better.
+    Higher,
+    /// Latencies, memory: less is better.
+    Lower,
+}
+
+/// A goal from the issue and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// The goal in words, e.g. `>= 3x etcd`.
+    pub goal: String,
+    /// Whether the measured figure meets it.
+    pub met: bool,
+}
+
+/// One measured quantity, for our system and (when there is one) the system
+/// it is compared with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    /// Which of the six measures it belongs to (`register`, `resolve`, ...).
+    pub group: &'static str,
+    /// What was measured, e.g. `register, 16 clients`.
+    pub name: String,
+    /// Unit of `ours` and `reference`, e.g. `ops/s` or `ms`.
+    pub unit: &'static str,
+    /// Which direction is good.
+    pub better: Better,
+    /// Our figure; `None` when it could not be measured (see `note`).
+    pub ours: Option<f64>,
+    /// What we compare with: `etcd`, `typed tonic`, or empty for none.
+    pub reference_name: &'static str,
+    /// The reference's figure, when measured.
+    pub reference: Option<f64>,
+    /// `ours / reference`, when both exist.
+    pub ratio: Option<f64>,
+    /// The issue's goal for this figure, if it sets one.
+    pub target: Option<Target>,
+    /// Anything a reader needs to interpret the numbers.
+    pub note: String,
+}
+
+impl Figure {
+    /// A figure with our value and no reference yet.
+    pub fn new(
+        group: &'static str,
+        name: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        ours: Option<f64>,
+    ) -> Figure {
+        Figure {
+            group,
+            name: name.into(),
+            unit,
+            better,
+            ours,
+            reference_name: "",
+            reference: None,
+            ratio: None,
+            target: None,
+            note: String::new(),
+        }
+    }
+
+    /// Adds the reference system's value and computes the ratio.
+    pub fn vs(mut self, reference_name: &'static str, reference: Option<f64>) -> Figure {
+        self.reference_name = reference_name;
+        self.reference = reference;
+        self.ratio = match (self.ours, reference) {
+            (Some(o), Some(r)) if r != 0.0 => Some(o / r),
+            _ => None,
+        };
+        self
+    }
+
+    /// Attaches a goal; `met` is computed by the caller from the figures.
+    pub fn target(mut self, goal: impl Into<String>, met: Option<bool>) -> Figure {
+        if let Some(met) = met {
+            self.target = Some(Target {
+                goal: goal.into(),
+                met,
+            });
+        } else {
+            self.note_push(&format!("target {} not evaluated", goal.into()));
+        }
+        self
+    }
+
+    /// Appends a note.
+    pub fn note(mut self, note: impl AsRef<str>) -> Figure {
+        self.note_push(note.as_ref());
+        self
+    }
+
+    fn note_push(&mut self, note: &str) {
+        if !self.note.is_empty() {
+            self.note.push_str("; ");
+        }
+        self.note.push_str(note);
+    }
+}
+
+/// Formats a number with a precision suited to its size.
+fn num(v: Option<f64>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(v) if v.abs() >= 1000.0 => group_thousands(v.round() as i64),
+        Some(v) if v.abs() >= 100.0 => format!("{v:.0}"),
+        Some(v) if v.abs() >= 10.0 => format!("{v:.1}"),
+        Some(v) if v.abs() >= 0.1 => format!("{v:.2}"),
+        Some(v) => format!("{v:.3}"),
+    }
+}
+
+/// 1234567 -> "1 234 567": easier to read in a table than a raw number.
+fn group_thousands(v: i64) -> String {
+    let digits = v.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    if v < 0 { format!("-{out}") } else { out }
+}
+
+/// The figures as a Markdown table (readable in a terminal and pasteable into
+/// BENCHMARKS.md).
+pub fn table(figures: &[Figure]) -> String {
+    let header = [
+        "measure",
+        "unit",
+        "ours",
+        "reference",
+        "value",
+        "ours/ref",
+        "target",
+        "note",
+    ];
+    let rows: Vec<[String; 8]> = figures
+        .iter()
+        .map(|f| {
+            let arrow = match f.better {
+                Better::Higher => "↑",
+                Better::Lower => "↓",
+            };
+            [
+                format!("{}: {}", f.group, f.name),
+                format!("{} {arrow}", f.unit),
+                num(f.ours),
+                f.reference_name.to_string(),
+                num(f.reference),
+                f.ratio
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+                f.target
+                    .as_ref()
+                    .map(|t| format!("{} {}", t.goal, if t.met { "MET" } else { "NOT MET" }))
+                    .unwrap_or_default(),
+                f.note.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::from("|");
+        for (cell, w) in cells.iter().zip(widths) {
+            let pad = w - cell.chars().count();
+            s.push_str(&format!(" {cell}{} |", " ".repeat(pad)));
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(&header.map(String::from));
+    out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+    for row in &rows {
+        out.push_str(&line(row));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratio_needs_both_values() {
+        let f = Figure::new("x", "y", "ops/s", Better::Higher, Some(300.0)).vs("etcd", Some(100.0));
+        assert_eq!(f.ratio, Some(3.0));
+        let f = Figure::new("x", "y", "ops/s", Better::Higher, Some(300.0)).vs("etcd", None);
+        assert_eq!(f.ratio, None);
+    }
+
+    #[test]
+    fn unevaluated_target_becomes_a_note() {
+        let f = Figure::new("x", "y", "ms", Better::Lower, None).target("< 10 ms", None);
+        assert!(f.target.is_none());
+        assert!(f.note.contains("< 10 ms"));
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let figs = [
+            Figure::new(
+                "register",
+                "1 client",
+                "ops/s",
+                Better::Higher,
+                Some(12345.6),
+            )
+            .vs("etcd", Some(2000.0))
+            .target(">= 3x etcd", Some(true)),
+            Figure::new("watch", "p99", "ms", Better::Lower, Some(0.42)),
+        ];
+        let t = table(&figs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4);
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width), "{t}");
+        assert!(t.contains("12 346"));
+        assert!(t.contains("6.17x"));
+        assert!(t.contains(">= 3x etcd MET"));
+    }
+
+    #[test]
+    fn thousands_are_grouped() {
+        assert_eq!(group_thousands(1_000_000), "1 000 000");
+        assert_eq!(group_thousands(-1234), "-1 234");
+        assert_eq!(group_thousands(999), "999");
+    }
+}
