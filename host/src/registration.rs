@@ -126,7 +126,7 @@ pub struct Registrar {
     /// The state reached.
     registered: watch::Receiver<Registered>,
     /// The task, awaited on shutdown.
-    task: tokio::sync::Mutex<Option<JoinHandle<()>>>,
+    task: tokio::sync::Mutex<Option<JoinHandle<u32>>>,
 }
 
 impl Registrar {
@@ -185,15 +185,22 @@ impl Registrar {
     }
 
     /// Revokes the lease (deregistering everything) and stops the task.
-    /// Gives up waiting for the registry after `wait`.
-    pub async fn shutdown(&self, wait: Duration) {
+    /// Gives up waiting for the registry after `wait`. Returns how many
+    /// instances the registry removed.
+    pub async fn shutdown(&self, wait: Duration) -> u32 {
         self.desired.send_modify(|d| d.shutdown = true);
         let Some(mut task) = self.task.lock().await.take() else {
-            return;
+            return 0;
         };
-        if timeout(wait, &mut task).await.is_err() {
-            warn!("the registry did not confirm the lease revocation in {wait:?}; leaving anyway");
-            task.abort();
+        match timeout(wait, &mut task).await {
+            Ok(removed) => removed.unwrap_or(0),
+            Err(_) => {
+                warn!(
+                    "the registry did not confirm the lease revocation in {wait:?}; leaving anyway"
+                );
+                task.abort();
+                0
+            }
         }
     }
 
@@ -261,31 +268,32 @@ impl Backoff {
 enum SessionEnd {
     /// Paused: the lease was revoked; wait for `r`.
     Paused,
-    /// Shut down: the lease was revoked; stop.
-    Shutdown,
+    /// Shut down: the lease was revoked (with this many instances); stop.
+    Shutdown(u32),
 }
 
-/// The registration task.
+/// The registration task. Returns how many instances the final revocation
+/// removed.
 async fn run(
     settings: Settings,
     mut desired: watch::Receiver<Desired>,
     registered: watch::Sender<Registered>,
-) {
+) -> u32 {
     let mut backoff = Backoff::default();
     loop {
         let want = desired.borrow_and_update().clone();
         if want.shutdown {
-            return;
+            return 0;
         }
         if want.paused {
             registered.send_replace(Registered::new());
             if desired.changed().await.is_err() {
-                return;
+                return 0;
             }
             continue;
         }
         match session(&settings, &mut desired, &registered, &mut backoff).await {
-            Ok(SessionEnd::Shutdown) => return,
+            Ok(SessionEnd::Shutdown(removed)) => return removed,
             Ok(SessionEnd::Paused) => continue,
             Err(e) => {
                 registered.send_replace(Registered::new());
@@ -308,7 +316,7 @@ async fn run(
                         () = sleep_until(deadline) => break,
                         changed = desired.changed() => {
                             if changed.is_err() {
-                                return;
+                                return 0;
                             }
                             let d = desired.borrow();
                             if d.shutdown || d.paused {
@@ -400,7 +408,7 @@ async fn session(
                 settings.registry, lease.id
             );
             return Ok(if want.shutdown {
-                SessionEnd::Shutdown
+                SessionEnd::Shutdown(removed)
             } else {
                 SessionEnd::Paused
             });
@@ -412,13 +420,9 @@ async fn session(
             &want.plugins,
             &mut held,
             &mut refused,
+            registered,
         )
         .await?;
-        registered.send_replace(
-            held.iter()
-                .map(|(n, h)| (n.clone(), h.config.clone()))
-                .collect(),
-        );
         if backoff.failures() > 0 {
             info!(
                 "registry {}: reachable again, {} services registered",
@@ -432,8 +436,8 @@ async fn session(
             changed = desired.changed() => {
                 if changed.is_err() {
                     // Every handle is gone: the node is going away.
-                    revoke(&mut client, &lease).await;
-                    return Ok(SessionEnd::Shutdown);
+                    let removed = revoke(&mut client, &lease).await;
+                    return Ok(SessionEnd::Shutdown(removed));
                 }
             }
             ended = &mut heartbeat => {
@@ -454,7 +458,16 @@ async fn reconcile(
     want: &BTreeMap<String, PluginConfig>,
     held: &mut BTreeMap<String, Held>,
     refused: &mut BTreeMap<String, PluginConfig>,
+    registered: &watch::Sender<Registered>,
 ) -> Result<(), SessionError> {
+    // Published after every call, so waiters see each step as it lands.
+    let publish = |held: &BTreeMap<String, Held>| {
+        registered.send_replace(
+            held.iter()
+                .map(|(n, h)| (n.clone(), h.config.clone()))
+                .collect(),
+        );
+    };
     let gone: Vec<String> = held
         .keys()
         .filter(|n| !want.contains_key(*n))
@@ -479,6 +492,7 @@ async fn reconcile(
             Err(e) => return Err(e),
         }
         held.remove(&name);
+        publish(held);
     }
     refused.retain(|name, config| want.get(name) == Some(config));
 
@@ -530,6 +544,7 @@ async fn reconcile(
                         instance_id,
                     },
                 );
+                publish(held);
             }
             Err(SessionError::Rpc { status, .. })
                 if matches!(

@@ -22,7 +22,7 @@ pub const DEFAULT_REGISTRY: &str = "127.0.0.1:50051";
 /// How long shutdown waits for the registry to confirm the lease revocation.
 pub const REVOKE_WAIT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for in-flight calls (a long EchoStream, say).
-pub const DRAIN_WAIT: Duration = Duration::from_secs(30);
+pub const DRAIN_WAIT: Duration = Duration::from_secs(15);
 
 /// What the command line says; `None` leaves the file's value (or the
 /// default) in force.
@@ -136,9 +136,8 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     }
 
     drop(watcher);
-    let registered = node.registrar().registered().len();
-    node.registrar().shutdown(REVOKE_WAIT).await;
-    println!("deregistered {registered} services; shutting down");
+    let removed = node.registrar().shutdown(REVOKE_WAIT).await;
+    println!("deregistered {removed} services; shutting down");
     let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => return Err(e.into()),

@@ -1,0 +1,208 @@
+//! What services.toml mounts is what gets registered, and the terminal
+//! commands u / r / q and the signals do what they say.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CHANGE, Node, resolve, wait_for_weights};
+use registry_proto::registry::v1::GetDescriptorsRequest;
+use testkit::Registry;
+
+const BOTH: &str = r#"
+[plugins.calculator]
+weight = 7
+metadata = { zone = "lab", version = "1.2" }
+
+[plugins.echo]
+weight = 3
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_plugins_are_registered_with_weight_metadata_and_address() {
+    let registry = Registry::start(&[]);
+    let node = Node::start(registry.addr, BOTH);
+    let mut client = registry.client().await;
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+
+    let calc = resolve(&mut client, "calculator").await;
+    assert_eq!(calc.len(), 1);
+    let calc = &calc[0];
+    assert_eq!(calc.host, "127.0.0.1");
+    assert_eq!(calc.port, u32::from(node.addr.port()));
+    assert_eq!(calc.instance_id, node.addr.to_string());
+    assert_eq!(calc.proto_service, "calculator.v1.Calculator");
+    assert_eq!(calc.metadata.get("zone").map(String::as_str), Some("lab"));
+    assert_eq!(
+        calc.metadata.get("version").map(String::as_str),
+        Some("1.2")
+    );
+    let echo = &resolve(&mut client, "echo").await[0];
+    assert_eq!(echo.proto_service, "echo.v1.Echo");
+    assert!(echo.metadata.is_empty());
+
+    // The descriptors registered are the plugin's own.
+    let d = client
+        .get_descriptors(GetDescriptorsRequest {
+            service: "calculator".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(d.proto_service, "calculator.v1.Calculator");
+    assert_eq!(
+        d.file_descriptor_set,
+        registry_proto::CALCULATOR_DESCRIPTORS
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabled_and_absent_plugins_are_not_registered_and_missing_weight_is_random() {
+    let registry = Registry::start(&[]);
+    let node = Node::start(
+        registry.addr,
+        "[plugins.echo]\n\n[plugins.calculator]\nenabled = false\nweight = 4\n",
+    );
+    let mut client = registry.client().await;
+    let echo = testkit::eventually(CHANGE, "echo registered", || {
+        let mut client = client.clone();
+        async move { resolve(&mut client, "echo").await.into_iter().next() }
+    })
+    .await;
+    assert!(
+        (1..=10).contains(&echo.weight),
+        "random weight {}",
+        echo.weight
+    );
+    node.process
+        .wait_for_line(&format!("using random weight {}", echo.weight), CHANGE);
+    assert!(resolve(&mut client, "calculator").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn advertised_address_defaults_to_a_reachable_ip() {
+    let registry = Registry::start(&[]);
+    let node = Node::start_with(registry.addr, BOTH, &[]);
+    let mut client = registry.client().await;
+    let ip = node.addr.ip();
+    assert!(!ip.is_unspecified());
+    if let Ok(lan) = local_ip_address::local_ip()
+        && !lan.is_loopback()
+    {
+        assert_eq!(ip, lan, "a LAN address exists, so it is advertised");
+    }
+    // What the registry lists is what the node printed.
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn u_unregisters_r_registers_q_deregisters_and_exits_zero() {
+    let registry = Registry::start(&[]);
+    let mut node = Node::start(registry.addr, BOTH);
+    let mut client = registry.client().await;
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+
+    node.process.send_line("u");
+    node.process
+        .wait_for_line("unregistered 2 services", CHANGE);
+    wait_for_weights(&mut client, node.addr, &[]).await;
+    // Still serving while unregistered.
+    let mut calc = registry_proto::calculator::v1::calculator_client::CalculatorClient::new(
+        node.channel().await,
+    );
+    let r = calc
+        .add(registry_proto::calculator::v1::BinaryRequest { a: 1.0, b: 2.0 })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().value, 3.0);
+
+    node.process.send_line("r");
+    node.process.wait_for_line("registered 2 services", CHANGE);
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+
+    node.process.send_line("what");
+    let (after, _) =
+        node.process
+            .wait_for_line_after(0, "unknown command \"what\"; commands: u =", CHANGE);
+    node.process.send_line("help");
+    let (_, line) = node
+        .process
+        .wait_for_line_after(after, "commands: u =", CHANGE);
+    assert!(line.starts_with("commands:"), "{line}");
+
+    node.process.send_line("q");
+    let status = node.process.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    // Gone at once (revoked), not after a TTL.
+    assert!(resolve(&mut client, "calculator").await.is_empty());
+    assert!(resolve(&mut client, "echo").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_stdin_keeps_running_and_sigterm_acts_like_q() {
+    let registry = Registry::start(&[]);
+    let mut node = Node::start(registry.addr, BOTH);
+    let mut client = registry.client().await;
+    node.process.close_stdin();
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+    // Two heartbeats' worth later it is still there and registered.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(node.process.is_running());
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+
+    node.process.signal(15);
+    let status = node.process.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(resolve(&mut client, "calculator").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_acts_like_q() {
+    let registry = Registry::start(&[]);
+    let mut node = Node::start(registry.addr, BOTH);
+    let mut client = registry.client().await;
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+    node.process.signal(2);
+    let status = node.process.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    node.process
+        .wait_for_line("deregistered 2 services", CHANGE);
+    assert!(resolve(&mut client, "echo").await.is_empty());
+}
+
+#[test]
+fn bad_flags_and_bad_files_are_clear_errors() {
+    let (status, _, stderr) = testkit::run(
+        {
+            let mut c = testkit::command("node-host");
+            c.args(["--port", "70000"]);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(!status.success());
+    assert!(stderr.contains("70000"), "{stderr}");
+    assert!(stderr.contains("--port"), "{stderr}");
+
+    let dir = common::TempDir::new();
+    let path = dir.0.join("services.toml");
+    std::fs::write(
+        &path,
+        "[plugins.calculator]\nweight = 2\n\n[plugins.calcualtor]\n",
+    )
+    .unwrap();
+    let (status, _, stderr) = testkit::run(
+        {
+            let mut c = testkit::command("node-host");
+            c.arg("--config").arg(&path);
+            c
+        },
+        Duration::from_secs(20),
+    );
+    assert!(!status.success());
+    assert!(
+        stderr.contains("services.toml:4: unknown plugin `calcualtor`, known: calculator, echo"),
+        "{stderr}"
+    );
+}
