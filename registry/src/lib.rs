@@ -1,1 +1,37 @@
-//! placeholder
+//! The service registry: the authority on which service instances exist.
+//!
+//! Nodes grant themselves a lease, register instances under it and keep it
+//! alive over a KeepAlive stream; when the stream breaks or heartbeats stop
+//! for a TTL, the lease and its instances go. Clients list, resolve, fetch
+//! descriptors, and watch a stream of changes with strictly increasing
+//! revisions. The protocol is `proto/proto/registry/v1/registry.proto`.
+//!
+//! # Layout
+//! - [`state`]: the state machine: services, instances, leases, revisions,
+//!   interned descriptors. Pure and synchronous; every mutation returns its
+//!   events.
+//! - [`lease`]: leases, their deadlines, and the one task that expires them.
+//! - [`store`]: the shared handle: state behind one lock, changes published
+//!   to watchers under it.
+//! - [`watch`]: the fan-out of changes to watchers (snapshot, events, reset).
+//! - [`validate`]: every request field checked, and the limits.
+//! - [`error`]: every failure, and its gRPC status code.
+//! - [`service`]: the gRPC service: validate, apply, answer.
+//! - [`server`]: serving it with health and reflection, and shutting down.
+//! - [`config`]: what an operator can tune.
+//! - `bin/registry.rs`: the command line.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod config;
+pub mod error;
+pub mod lease;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod validate;
+pub mod watch;
+
+pub use config::Config;
+pub use server::run;

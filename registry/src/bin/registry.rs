@@ -1,1 +1,93 @@
-fn main() {}
+//! `registry`: runs the service registry.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use registry::Config;
+
+/// The service registry: nodes register their service instances here under
+/// leases kept alive by heartbeats; clients list, resolve and watch them.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Address to listen on. Port 0 picks a free port; the address actually
+    /// used is printed as `registry listening on <ip>:<port>`.
+    #[arg(long, default_value = "0.0.0.0:50051", value_name = "IP:PORT")]
+    listen: SocketAddr,
+    /// TTL, in milliseconds, of a lease whose GrantLease asks for 0. Nodes
+    /// heartbeat every TTL/3; a node whose heartbeats stop for this long
+    /// loses its instances.
+    #[arg(long, default_value_t = 1500, value_name = "MS")]
+    default_ttl_ms: u64,
+    /// Shortest TTL granted, in milliseconds; shorter requests are raised.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    min_ttl_ms: u64,
+    /// Longest TTL granted, in milliseconds; longer requests are lowered.
+    #[arg(long, default_value_t = 300_000, value_name = "MS")]
+    max_ttl_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.min_ttl_ms > 0 && args.min_ttl_ms <= args.max_ttl_ms,
+        "need 0 < --min-ttl-ms <= --max-ttl-ms (got {} and {})",
+        args.min_ttl_ms,
+        args.max_ttl_ms
+    );
+    let config = Config {
+        default_ttl: Duration::from_millis(args.default_ttl_ms),
+        min_ttl: Duration::from_millis(args.min_ttl_ms),
+        max_ttl: Duration::from_millis(args.max_ttl_ms),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let local = listener.local_addr().context("no local address")?;
+    tracing::info!(?config, "configuration");
+    // The ready line: scripts and tests wait for it (on stdout, not a log).
+    println!("registry listening on {local}");
+    std::io::stdout().flush().context("stdout")?;
+    registry::run(listener, config, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("Ctrl-C received"),
+        () = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,98 @@
+//! Serving the registry on a listener: the Registry service, the standard
+//! gRPC health service, and server reflection (v1 and v1alpha, since some
+//! tools speak only the older one), until a shutdown future resolves.
+
+use std::future::Future;
+use std::time::Duration;
+
+use registry_proto::registry::v1::registry_server::RegistryServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::config::Config;
+use crate::lease::spawn_sweeper;
+use crate::service::RegistryService;
+use crate::store::Store;
+
+/// Largest request accepted: a 4 MiB descriptor set plus the rest of a
+/// Register fits; anything larger is refused before it is decoded.
+pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
+
+/// How often an idle HTTP/2 connection is pinged, so a peer that vanished
+/// without closing (cut cable, frozen host) is noticed and its KeepAlive
+/// streams end.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long shutdown waits for open calls before giving up on them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The reflection service rejected the embedded descriptors (a build bug).
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport error: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves a registry with `config` on `listener` until `shutdown` resolves,
+/// then ends every open stream and returns once the calls have finished (at
+/// most [`SHUTDOWN_GRACE`] later).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let store = Store::new(config);
+    let _sweeper = spawn_sweeper(store.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(registry_proto::REGISTRY_DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let registry = RegistryServer::new(RegistryService::new(store.clone(), stop_rx.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+
+    tracing::info!(registry_id = store.registry_id(), "registry serving");
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        health
+            .set_not_serving::<RegistryServer<RegistryService>>()
+            .await;
+        let _ = stop_tx.send(true);
+    };
+    let serve = Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .add_service(registry)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+    let mut stopped = stop_rx;
+    let grace = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = serve => result?,
+        () = grace => tracing::warn!("calls still open after {SHUTDOWN_GRACE:?}; stopping anyway"),
+    }
+    Ok(())
+}

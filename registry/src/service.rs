@@ -1,0 +1,267 @@
+//! The gRPC face of the registry: each call is validated
+//! ([`crate::validate`]), applied to the [`Store`], and its error turned
+//! into a status ([`crate::error`]).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use registry_proto::registry::v1 as pb;
+use registry_proto::registry::v1::registry_server::Registry;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::Error;
+use crate::store::Store;
+use crate::{validate, watch};
+
+/// Numbers KeepAlive streams, so a lease knows which stream it is attached
+/// to.
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+/// The `registry.v1.Registry` service.
+#[derive(Debug, Clone)]
+pub struct RegistryService {
+    /// The shared registry.
+    store: Store,
+    /// Turns true when the server shuts down: long-lived streams (Watch,
+    /// KeepAlive) end then, or graceful shutdown would wait for them forever.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl RegistryService {
+    /// Serves `store`; streams end when `shutdown` turns true.
+    pub fn new(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> RegistryService {
+        RegistryService { store, shutdown }
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Registry for RegistryService {
+    async fn grant_lease(
+        &self,
+        request: Request<pb::GrantLeaseRequest>,
+    ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
+        let granted = self.store.grant_lease(request.into_inner().ttl_ms)?;
+        tracing::debug!(lease = granted.lease_id, ttl = ?granted.ttl, "lease granted");
+        Ok(Response::new(pb::GrantLeaseResponse {
+            lease_id: granted.lease_id,
+            lease_secret: granted.lease_secret,
+            ttl_ms: u64::try_from(granted.ttl.as_millis()).unwrap_or(u64::MAX),
+        }))
+    }
+
+    type KeepAliveStream = BoxStream<pb::KeepAliveResponse>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<pb::KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(keep_alive(
+            self.store.clone(),
+            inbound,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn revoke_lease(
+        &self,
+        request: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        let request = request.into_inner();
+        validate::lease(request.lease_id, &request.lease_secret)?;
+        let removed = self
+            .store
+            .revoke_lease(request.lease_id, &request.lease_secret)?;
+        tracing::info!(lease = request.lease_id, removed, "lease revoked");
+        Ok(Response::new(pb::RevokeLeaseResponse { removed }))
+    }
+
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let request = validate::register(request.into_inner())?;
+        let (instance, revision) = self.store.register(request)?;
+        tracing::info!(
+            service = %instance.service,
+            instance = %instance.instance_id,
+            weight = instance.weight,
+            lease = instance.lease_id,
+            revision,
+            "registered"
+        );
+        Ok(Response::new(pb::RegisterResponse {
+            instance: Some(instance),
+            revision,
+        }))
+    }
+
+    async fn update(
+        &self,
+        request: Request<pb::UpdateRequest>,
+    ) -> Result<Response<pb::UpdateResponse>, Status> {
+        let request = validate::update(request.into_inner())?;
+        let (instance, revision) = self.store.update(request)?;
+        tracing::info!(
+            service = %instance.service,
+            instance = %instance.instance_id,
+            weight = instance.weight,
+            revision,
+            "updated"
+        );
+        Ok(Response::new(pb::UpdateResponse {
+            instance: Some(instance),
+            revision,
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let request = validate::deregister(request.into_inner())?;
+        let (service, instance) = (request.service.clone(), request.instance_id.clone());
+        let revision = self.store.deregister(request)?;
+        tracing::info!(%service, %instance, revision, "deregistered");
+        Ok(Response::new(pb::DeregisterResponse { revision }))
+    }
+
+    async fn list_services(
+        &self,
+        _request: Request<pb::ListServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let (services, revision) = self.store.list_services();
+        Ok(Response::new(pb::ListServicesResponse {
+            services,
+            revision,
+        }))
+    }
+
+    async fn resolve(
+        &self,
+        request: Request<pb::ResolveRequest>,
+    ) -> Result<Response<pb::ResolveResponse>, Status> {
+        let service = request.into_inner().service;
+        validate::service_name("service", &service)?;
+        let (instances, revision) = self.store.resolve(&service);
+        Ok(Response::new(pb::ResolveResponse {
+            instances,
+            revision,
+        }))
+    }
+
+    async fn get_descriptors(
+        &self,
+        request: Request<pb::GetDescriptorsRequest>,
+    ) -> Result<Response<pb::GetDescriptorsResponse>, Status> {
+        let service = request.into_inner().service;
+        validate::service_name("service", &service)?;
+        let (proto_service, bytes) = self.store.descriptors(&service)?;
+        Ok(Response::new(pb::GetDescriptorsResponse {
+            proto_service,
+            // Copied outside the lock.
+            file_descriptor_set: bytes.to_vec(),
+        }))
+    }
+
+    type WatchStream = BoxStream<pb::WatchResponse>;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let services = validate::watch(request.into_inner())?;
+        let stream = watch::stream(self.store.clone(), services, self.shutdown.clone());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves one KeepAlive stream: answers each heartbeat, and revokes the
+/// attached lease when the stream ends or breaks.
+async fn keep_alive(
+    store: Store,
+    mut inbound: Streaming<pb::KeepAliveRequest>,
+    tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+    let mut attached: Option<u64> = None;
+    let why = loop {
+        let message = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {
+                // The process is going away; so are its leases.
+                return;
+            }
+            // The client stopped reading responses: as good as gone.
+            _ = tx.closed() => break "the client went away".to_string(),
+            message = inbound.message() => message,
+        };
+        let request = match message {
+            Ok(Some(request)) => request,
+            Ok(None) => break "the client closed the stream".to_string(),
+            Err(status) => break format!("the stream broke: {}", status.message()),
+        };
+        let reply = heartbeat(&store, &request, attached, stream);
+        let failed = reply.is_err();
+        if reply.is_ok() && attached.is_none() {
+            tracing::debug!(
+                lease = request.lease_id,
+                stream,
+                "lease attached to a KeepAlive stream"
+            );
+            attached = Some(request.lease_id);
+        }
+        if tx.send(reply).await.is_err() {
+            break "the client went away".to_string();
+        }
+        if failed {
+            break "a heartbeat was refused".to_string();
+        }
+    };
+    if let Some(lease) = attached {
+        let removed = store.stream_closed(lease, stream);
+        tracing::info!(
+            lease,
+            removed,
+            "KeepAlive stream ended ({why}): lease revoked"
+        );
+    }
+}
+
+fn heartbeat(
+    store: &Store,
+    request: &pb::KeepAliveRequest,
+    attached: Option<u64>,
+    stream: u64,
+) -> Result<pb::KeepAliveResponse, Status> {
+    validate::lease(request.lease_id, &request.lease_secret)?;
+    if let Some(lease) = attached
+        && lease != request.lease_id
+    {
+        return Err(Error::invalid(
+            "lease_id",
+            format!(
+                "this stream keeps lease {lease} alive, got {}: use one stream per lease",
+                request.lease_id
+            ),
+        )
+        .into());
+    }
+    let ttl = store.keep_alive(
+        request.lease_id,
+        &request.lease_secret,
+        attached.is_none().then_some(stream),
+    )?;
+    Ok(pb::KeepAliveResponse {
+        lease_id: request.lease_id,
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+    })
+}

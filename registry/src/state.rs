@@ -1,0 +1,468 @@
+//! The registry's state as a plain, synchronous state machine: no I/O, no
+//! locks, no clock of its own (the caller passes `now`), so it can be tested
+//! exhaustively and its callers decide how to share it.
+//!
+//! It holds services and their instances, the leases that own them, and the
+//! global revision. Every mutation returns the [`Event`]s it produced, each
+//! with its own revision, in order; a mutation that changes nothing produces
+//! none and leaves the revision alone. Replaying the events of every
+//! mutation onto an empty map gives back exactly [`State::snapshot`]: that
+//! is what Watch relies on.
+//!
+//! Descriptor sets are stored once per distinct content (interned in a set
+//! of `Arc<[u8]>`), so a hundred thousand instances of one service share one
+//! copy; the copy goes when its last instance does.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use registry_proto::registry::v1 as pb;
+use registry_proto::registry::v1::event::Kind;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::lease::{Deadlines, Lease};
+use crate::validate;
+
+pub use registry_proto::registry::v1::Event;
+pub use registry_proto::registry::v1::RemovalReason;
+
+/// Identifies an instance: `(service, instance_id)`.
+pub type InstanceKey = (String, String);
+
+/// What GrantLease hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    /// The new lease's id.
+    pub lease_id: u64,
+    /// Its secret: needed for every change under the lease.
+    pub lease_secret: String,
+    /// The TTL actually granted.
+    pub ttl: Duration,
+}
+
+/// One instance as stored.
+#[derive(Debug, Clone)]
+struct Stored {
+    /// The instance as clients see it (lease_id and revision filled in).
+    instance: pb::Instance,
+    /// Its descriptor set, shared with every instance that sent the same
+    /// bytes.
+    descriptors: Option<Arc<[u8]>>,
+}
+
+/// The whole registry state. See the module docs.
+#[derive(Debug)]
+pub struct State {
+    /// Service name -> instance id -> instance. Sorted maps, because
+    /// ListServices and Resolve answer in name order. A service with no
+    /// instance left is removed.
+    services: BTreeMap<String, BTreeMap<String, Stored>>,
+    /// Live leases by id.
+    leases: HashMap<u64, Lease>,
+    /// The leases' deadlines in time order, for expiry.
+    deadlines: Deadlines,
+    /// Revision of the last change; 0 before the first.
+    revision: u64,
+    /// Interned descriptor sets: one copy per distinct content.
+    descriptors: HashSet<Arc<[u8]>>,
+    /// TTL bounds for new leases.
+    config: Config,
+}
+
+impl State {
+    /// An empty registry.
+    pub fn new(config: Config) -> State {
+        State {
+            services: BTreeMap::new(),
+            leases: HashMap::new(),
+            deadlines: Deadlines::default(),
+            revision: 0,
+            descriptors: HashSet::new(),
+            config,
+        }
+    }
+
+    /// The revision of the last change.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// How many leases are alive.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// How many distinct descriptor sets are stored.
+    pub fn descriptor_count(&self) -> usize {
+        self.descriptors.len()
+    }
+
+    /// The earliest lease deadline: when [`State::expire`] next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.next()
+    }
+
+    /// Creates a lease of `ttl_ms` (0: the default; clamped to the allowed
+    /// range) that dies at `now + ttl` unless kept alive.
+    pub fn grant_lease(&mut self, ttl_ms: u64, now: Instant) -> Granted {
+        let ttl = self.config.ttl_for(ttl_ms);
+        let id = loop {
+            let id: u64 = rand::random();
+            if id != 0 && !self.leases.contains_key(&id) {
+                break id;
+            }
+        };
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let deadline = now + ttl;
+        self.deadlines.insert(deadline, id);
+        self.leases.insert(
+            id,
+            Lease {
+                id,
+                secret: secret.clone(),
+                ttl,
+                deadline,
+                instances: BTreeSet::new(),
+                attached: None,
+            },
+        );
+        Granted {
+            lease_id: id,
+            lease_secret: secret,
+            ttl,
+        }
+    }
+
+    /// The lease `id` if `secret` is its secret.
+    fn owned_lease(&mut self, id: u64, secret: &str) -> Result<&mut Lease> {
+        let lease = self.leases.get_mut(&id).ok_or(Error::LeaseNotFound(id))?;
+        if !constant_time_eq(lease.secret.as_bytes(), secret.as_bytes()) {
+            return Err(Error::WrongSecret(id));
+        }
+        Ok(lease)
+    }
+
+    /// A heartbeat: the lease now dies at `now + ttl`. With `stream`, the
+    /// lease is attached to that KeepAlive stream (taking it over from any
+    /// other). Returns the TTL.
+    pub fn keep_alive(
+        &mut self,
+        id: u64,
+        secret: &str,
+        stream: Option<u64>,
+        now: Instant,
+    ) -> Result<Duration> {
+        let lease = self.owned_lease(id, secret)?;
+        let old = lease.deadline;
+        lease.deadline = now + lease.ttl;
+        if stream.is_some() {
+            lease.attached = stream;
+        }
+        let (ttl, deadline) = (lease.ttl, lease.deadline);
+        self.deadlines.remove(old, id);
+        self.deadlines.insert(deadline, id);
+        Ok(ttl)
+    }
+
+    /// Revokes a lease on its owner's request; returns how many instances
+    /// went with it.
+    pub fn revoke_lease(&mut self, id: u64, secret: &str) -> Result<(u32, Vec<Event>)> {
+        self.owned_lease(id, secret)?;
+        let events = self.remove_lease(id, RemovalReason::LeaseRevoked);
+        let removed = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        Ok((removed, events))
+    }
+
+    /// The KeepAlive stream `stream` ended: revokes the lease if it is still
+    /// attached to that stream (a newer stream may have taken it over).
+    pub fn stream_closed(&mut self, id: u64, stream: u64) -> Vec<Event> {
+        match self.leases.get(&id) {
+            Some(lease) if lease.attached == Some(stream) => {
+                self.remove_lease(id, RemovalReason::KeepaliveClosed)
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Removes every lease whose deadline is at or before `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Event> {
+        let mut events = Vec::new();
+        for id in self.deadlines.pop_due(now) {
+            events.extend(self.remove_lease(id, RemovalReason::LeaseExpired));
+        }
+        events
+    }
+
+    fn remove_lease(&mut self, id: u64, reason: RemovalReason) -> Vec<Event> {
+        let Some(lease) = self.leases.remove(&id) else {
+            return Vec::new();
+        };
+        self.deadlines.remove(lease.deadline, id);
+        lease
+            .instances
+            .iter()
+            .filter_map(|key| self.remove_instance(key, reason))
+            .collect()
+    }
+
+    /// Registers or (same lease, same id) updates an instance.
+    pub fn register(&mut self, request: validate::Register) -> Result<(pb::Instance, Vec<Event>)> {
+        let validate::Register {
+            lease_id,
+            lease_secret,
+            mut instance,
+            descriptors,
+        } = request;
+        self.owned_lease(lease_id, &lease_secret)?;
+        let existing = self
+            .services
+            .get(&instance.service)
+            .and_then(|s| s.get(&instance.instance_id));
+        if let Some(existing) = existing
+            && existing.instance.lease_id != lease_id
+        {
+            return Err(Error::NotOwner {
+                service: instance.service,
+                instance_id: instance.instance_id,
+            });
+        }
+        let descriptors = descriptors.map(|bytes| self.intern(bytes));
+        instance.lease_id = lease_id;
+        let key = (instance.service.clone(), instance.instance_id.clone());
+        let stored = Stored {
+            instance,
+            descriptors,
+        };
+        let event = match self.services.get(&key.0).and_then(|s| s.get(&key.1)) {
+            Some(old) => self.replace(&key, old.clone(), stored),
+            None => Some(self.insert(key.clone(), stored)),
+        };
+        Ok((self.instance(&key), event.into_iter().collect()))
+    }
+
+    /// Changes weight and/or metadata of an instance in place.
+    pub fn update(&mut self, request: validate::Update) -> Result<(pb::Instance, Vec<Event>)> {
+        let key = (request.service, request.instance_id);
+        let old = self.owned_instance(request.lease_id, &request.lease_secret, &key)?;
+        let mut new = old.clone();
+        if let Some(weight) = request.weight {
+            new.instance.weight = weight;
+        }
+        if let Some(metadata) = request.metadata {
+            new.instance.metadata = metadata;
+        }
+        let event = self.replace(&key, old, new);
+        Ok((self.instance(&key), event.into_iter().collect()))
+    }
+
+    /// Removes one instance of its own lease.
+    pub fn deregister(&mut self, request: validate::Deregister) -> Result<Vec<Event>> {
+        let key = (request.service, request.instance_id);
+        self.owned_instance(request.lease_id, &request.lease_secret, &key)?;
+        if let Some(lease) = self.leases.get_mut(&request.lease_id) {
+            lease.instances.remove(&key);
+        }
+        Ok(self
+            .remove_instance(&key, RemovalReason::Deregistered)
+            .into_iter()
+            .collect())
+    }
+
+    /// The instance `key` if it belongs to lease `id` and `secret` is right.
+    fn owned_instance(&mut self, id: u64, secret: &str, key: &InstanceKey) -> Result<Stored> {
+        self.owned_lease(id, secret)?;
+        let stored = self
+            .services
+            .get(&key.0)
+            .and_then(|s| s.get(&key.1))
+            .ok_or_else(|| Error::InstanceNotFound {
+                service: key.0.clone(),
+                instance_id: key.1.clone(),
+            })?;
+        if stored.instance.lease_id != id {
+            return Err(Error::NotOwner {
+                service: key.0.clone(),
+                instance_id: key.1.clone(),
+            });
+        }
+        Ok(stored.clone())
+    }
+
+    /// The stored instance `key` (which must exist), as clients see it.
+    fn instance(&self, key: &InstanceKey) -> pb::Instance {
+        self.services
+            .get(&key.0)
+            .and_then(|s| s.get(&key.1))
+            .map(|s| s.instance.clone())
+            .unwrap_or_default()
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    fn insert(&mut self, key: InstanceKey, mut stored: Stored) -> Event {
+        let revision = self.next_revision();
+        stored.instance.revision = revision;
+        let event = event(Kind::Added, revision, stored.instance.clone(), None);
+        if let Some(lease) = self.leases.get_mut(&stored.instance.lease_id) {
+            lease.instances.insert(key.clone());
+        }
+        self.services
+            .entry(key.0)
+            .or_default()
+            .insert(key.1, stored);
+        event
+    }
+
+    /// Replaces `old` by `new` under `key`; no event if nothing changed.
+    fn replace(&mut self, key: &InstanceKey, old: Stored, mut new: Stored) -> Option<Event> {
+        new.instance.revision = old.instance.revision;
+        let same_descriptors = match (&old.descriptors, &new.descriptors) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if new.instance == old.instance && same_descriptors {
+            return None;
+        }
+        let revision = self.next_revision();
+        new.instance.revision = revision;
+        let event = event(Kind::Updated, revision, new.instance.clone(), None);
+        if let Some(slot) = self
+            .services
+            .get_mut(&key.0)
+            .and_then(|s| s.get_mut(&key.1))
+        {
+            *slot = new;
+        }
+        self.release(old.descriptors);
+        Some(event)
+    }
+
+    /// Removes `key` from the services (not from its lease's set: callers
+    /// do that, or are dropping the whole lease).
+    fn remove_instance(&mut self, key: &InstanceKey, reason: RemovalReason) -> Option<Event> {
+        let instances = self.services.get_mut(&key.0)?;
+        let stored = instances.remove(&key.1)?;
+        if instances.is_empty() {
+            self.services.remove(&key.0);
+        }
+        let revision = self.next_revision();
+        self.release(stored.descriptors);
+        Some(event(
+            Kind::Removed,
+            revision,
+            stored.instance,
+            Some(reason),
+        ))
+    }
+
+    /// The shared copy of `bytes`.
+    fn intern(&mut self, bytes: Vec<u8>) -> Arc<[u8]> {
+        if let Some(shared) = self.descriptors.get(bytes.as_slice()) {
+            return shared.clone();
+        }
+        let shared: Arc<[u8]> = bytes.into();
+        self.descriptors.insert(shared.clone());
+        shared
+    }
+
+    /// Drops one user of a descriptor set; forgets it when no instance uses
+    /// it any more.
+    fn release(&mut self, descriptors: Option<Arc<[u8]>>) {
+        if let Some(shared) = descriptors {
+            // Two references left: this one and the interning set's.
+            if Arc::strong_count(&shared) <= 2 {
+                self.descriptors.remove(&*shared);
+            }
+        }
+    }
+
+    /// Services with at least one instance, sorted by name. A service's
+    /// proto_service is that of its first instance (by id) that names one.
+    pub fn list_services(&self) -> Vec<pb::ServiceSummary> {
+        self.services
+            .iter()
+            .map(|(name, instances)| pb::ServiceSummary {
+                name: name.clone(),
+                proto_service: instances
+                    .values()
+                    .map(|s| &s.instance.proto_service)
+                    .find(|p| !p.is_empty())
+                    .cloned()
+                    .unwrap_or_default(),
+                instance_count: u32::try_from(instances.len()).unwrap_or(u32::MAX),
+            })
+            .collect()
+    }
+
+    /// The instances of `service`, sorted by instance id (empty if none).
+    pub fn resolve(&self, service: &str) -> Vec<pb::Instance> {
+        self.services
+            .get(service)
+            .map(|instances| instances.values().map(|s| s.instance.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The descriptors of `service`: those of its first instance (by id)
+    /// that registered some, with that instance's proto_service.
+    pub fn descriptors(&self, service: &str) -> Result<(String, Arc<[u8]>)> {
+        let instances = self
+            .services
+            .get(service)
+            .ok_or_else(|| Error::ServiceNotFound(service.to_string()))?;
+        instances
+            .values()
+            .find_map(|s| {
+                s.descriptors
+                    .as_ref()
+                    .map(|d| (s.instance.proto_service.clone(), d.clone()))
+            })
+            .ok_or_else(|| Error::NoDescriptors(service.to_string()))
+    }
+
+    /// The current state as ADDED events (each with the revision its
+    /// instance was last changed at), limited to `services` unless empty.
+    pub fn snapshot(&self, services: &BTreeSet<String>) -> Vec<Event> {
+        let added = |instances: &BTreeMap<String, Stored>| -> Vec<Event> {
+            instances
+                .values()
+                .map(|s| event(Kind::Added, s.instance.revision, s.instance.clone(), None))
+                .collect()
+        };
+        if services.is_empty() {
+            self.services.values().flat_map(added).collect()
+        } else {
+            services
+                .iter()
+                .filter_map(|name| self.services.get(name))
+                .flat_map(added)
+                .collect()
+        }
+    }
+}
+
+fn event(
+    kind: Kind,
+    revision: u64,
+    instance: pb::Instance,
+    reason: Option<RemovalReason>,
+) -> Event {
+    Event {
+        kind: kind as i32,
+        revision,
+        instance: Some(instance),
+        reason: reason.unwrap_or(RemovalReason::Unspecified) as i32,
+    }
+}
+
+/// Compares secrets without stopping at the first difference, so timing
+/// does not tell how much of a guess was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,209 @@
+//! The shared handle on the registry: the [`State`] behind a lock, the watch
+//! [`Hub`] its changes are published to, and the wake-up of the lease
+//! sweeper. Cheap to clone; every gRPC handler holds one.
+//!
+//! # Why one `std::sync::Mutex`
+//! Watchers need a single total order of revisions, and a new watcher must
+//! take its snapshot and subscribe to later changes with nothing in between.
+//! So every change is made AND published while holding one lock, and a
+//! subscription happens under that same lock. Every section under the lock
+//! is short and synchronous (no `.await`), which is exactly the case where a
+//! std mutex is cheaper than tokio's and cannot be held across a suspension
+//! point by mistake (its guard is not `Send`).
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use registry_proto::registry::v1 as pb;
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::state::{Event, Granted, State};
+use crate::validate;
+use crate::watch::{Batch, Hub};
+
+/// The shared registry. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Store {
+    /// Everything shared between handlers.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The state; see the module docs for why a std mutex.
+    state: Mutex<State>,
+    /// Where changes go, in revision order (published under `state`'s lock).
+    hub: Hub,
+    /// Wakes the lease sweeper: an earlier deadline appeared, or it must stop.
+    sweeper: Notify,
+    /// Set when the sweeper's guard is dropped.
+    sweeper_stopped: AtomicBool,
+    /// Random identity of this process's registry, sent to watchers so they
+    /// can tell a restart (fresh state, revisions from 0) from a reconnect.
+    registry_id: String,
+}
+
+impl Store {
+    /// An empty registry. Leases only expire once
+    /// [`crate::lease::spawn_sweeper`] runs for it.
+    pub fn new(config: Config) -> Store {
+        Store {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::new(config)),
+                hub: Hub::new(),
+                sweeper: Notify::new(),
+                sweeper_stopped: AtomicBool::new(false),
+                registry_id: format!("{:016x}", rand::random::<u64>()),
+            }),
+        }
+    }
+
+    /// This registry's random identity.
+    pub fn registry_id(&self) -> &str {
+        &self.shared.registry_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug; the state it leaves is
+        // still better served than a registry that refuses every call.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs a mutation: first expires the leases that are due (so no call
+    /// ever sees a dead lease alive), then `op`, then publishes the events
+    /// of both, all under the lock. Returns `op`'s value and the revision
+    /// after it.
+    fn write<T>(&self, op: impl FnOnce(&mut State) -> Result<(T, Vec<Event>)>) -> Result<(T, u64)> {
+        let mut state = self.lock();
+        let mut events = state.expire(Instant::now());
+        let result = op(&mut state);
+        let value = match result {
+            Ok((value, more)) => {
+                events.extend(more);
+                Ok(value)
+            }
+            Err(e) => Err(e),
+        };
+        let revision = state.revision();
+        self.shared.hub.publish(revision, events);
+        drop(state);
+        value.map(|v| (v, revision))
+    }
+
+    /// Grants a lease (see [`State::grant_lease`]).
+    pub fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
+        let (granted, _) =
+            self.write(|s| Ok((s.grant_lease(ttl_ms, Instant::now()), Vec::new())))?;
+        // Its deadline may be the earliest now.
+        self.shared.sweeper.notify_one();
+        Ok(granted)
+    }
+
+    /// A heartbeat, attaching the lease to KeepAlive stream `stream` if set.
+    pub fn keep_alive(&self, lease_id: u64, secret: &str, stream: Option<u64>) -> Result<Duration> {
+        self.write(|s| {
+            Ok((
+                s.keep_alive(lease_id, secret, stream, Instant::now())?,
+                Vec::new(),
+            ))
+        })
+        .map(|(ttl, _)| ttl)
+    }
+
+    /// KeepAlive stream `stream` ended: revokes its lease if still attached.
+    pub fn stream_closed(&self, lease_id: u64, stream: u64) -> usize {
+        self.write(|s| {
+            let events = s.stream_closed(lease_id, stream);
+            Ok((events.len(), events))
+        })
+        .map(|(n, _)| n)
+        .unwrap_or(0)
+    }
+
+    /// Revokes a lease; returns how many instances it took.
+    pub fn revoke_lease(&self, lease_id: u64, secret: &str) -> Result<u32> {
+        self.write(|s| s.revoke_lease(lease_id, secret))
+            .map(|(n, _)| n)
+    }
+
+    /// Registers an instance; returns it as stored and the revision.
+    pub fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)> {
+        self.write(|s| s.register(request))
+    }
+
+    /// Updates an instance; returns it as stored and the revision.
+    pub fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
+        self.write(|s| s.update(request))
+    }
+
+    /// Deregisters an instance; returns the revision.
+    pub fn deregister(&self, request: validate::Deregister) -> Result<u64> {
+        self.write(|s| Ok(((), s.deregister(request)?)))
+            .map(|(_, revision)| revision)
+    }
+
+    /// Services with instances, and the current revision.
+    pub fn list_services(&self) -> (Vec<pb::ServiceSummary>, u64) {
+        let state = self.lock();
+        (state.list_services(), state.revision())
+    }
+
+    /// Instances of `service`, and the current revision.
+    pub fn resolve(&self, service: &str) -> (Vec<pb::Instance>, u64) {
+        let state = self.lock();
+        (state.resolve(service), state.revision())
+    }
+
+    /// The descriptors of `service` and its proto_service.
+    pub fn descriptors(&self, service: &str) -> Result<(String, Arc<[u8]>)> {
+        self.lock().descriptors(service)
+    }
+
+    /// A snapshot of `services` (all when empty), its revision, and a
+    /// subscription to every later change: taken under one lock, so nothing
+    /// is missed and nothing is seen twice.
+    pub fn subscribe(
+        &self,
+        services: &BTreeSet<String>,
+    ) -> (Vec<Event>, u64, broadcast::Receiver<Arc<Batch>>) {
+        let state = self.lock();
+        let receiver = self.shared.hub.subscribe();
+        (state.snapshot(services), state.revision(), receiver)
+    }
+
+    /// Expires the leases that are due; returns the next deadline.
+    pub(crate) fn expire_due(&self) -> Option<Instant> {
+        let mut state = self.lock();
+        let events = state.expire(Instant::now());
+        if !events.is_empty() {
+            tracing::info!(removed = events.len(), "leases expired");
+        }
+        let revision = state.revision();
+        self.shared.hub.publish(revision, events);
+        state.next_deadline()
+    }
+
+    /// Resolves when the sweeper is woken.
+    pub(crate) async fn sweeper_woken(&self) {
+        self.shared.sweeper.notified().await;
+    }
+
+    /// Whether the sweeper must stop.
+    pub(crate) fn sweeper_stopped(&self) -> bool {
+        self.shared.sweeper_stopped.load(Ordering::SeqCst)
+    }
+
+    /// Tells the sweeper to stop.
+    pub(crate) fn stop_sweeper(&self) {
+        self.shared.sweeper_stopped.store(true, Ordering::SeqCst);
+        self.shared.sweeper.notify_one();
+    }
+}

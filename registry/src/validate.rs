@@ -1,0 +1,532 @@
+//! Checks every request field before anything is changed, so a bad request
+//! leaves the registry untouched and its error names the field
+//! (`instance.port: must be 1..=65535, got 70000`).
+//!
+//! The limits live here as constants, one place to read or change them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use prost_reflect::DescriptorPool;
+use registry_proto::registry::v1 as pb;
+
+use crate::error::{Error, Result};
+
+/// Longest service name, in characters.
+pub const MAX_SERVICE_NAME: usize = 128;
+/// Longest instance id, in characters.
+pub const MAX_INSTANCE_ID: usize = 128;
+/// Longest host name (the DNS limit).
+pub const MAX_HOST: usize = 253;
+/// Largest weight; 0 in a request means [`DEFAULT_WEIGHT`].
+pub const MAX_WEIGHT: u32 = 1000;
+/// Weight stored when a request leaves it at 0.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Most metadata entries per instance.
+pub const MAX_METADATA_ENTRIES: usize = 64;
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY: usize = 128;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE: usize = 1024;
+/// Most metadata bytes per instance, keys and values together.
+pub const MAX_METADATA_TOTAL: usize = 16 * 1024;
+/// Largest encoded `FileDescriptorSet` accepted by Register.
+pub const MAX_DESCRIPTOR_SET: usize = 4 * 1024 * 1024;
+/// Most services one Watch may name.
+pub const MAX_WATCHED_SERVICES: usize = 1024;
+
+/// A Register request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Register {
+    /// The lease the instance goes under.
+    pub lease_id: u64,
+    /// Proof of owning that lease.
+    pub lease_secret: String,
+    /// The instance as it will be stored: id and weight filled in,
+    /// `lease_id` and `revision` cleared (the state sets them).
+    pub instance: pb::Instance,
+    /// The encoded descriptor set, when one was sent.
+    pub descriptors: Option<Vec<u8>>,
+}
+
+/// An Update request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The lease that must own the instance.
+    pub lease_id: u64,
+    /// Proof of owning that lease.
+    pub lease_secret: String,
+    /// Service of the instance.
+    pub service: String,
+    /// The instance to change.
+    pub instance_id: String,
+    /// New weight (already mapped 0 -> 1), if any.
+    pub weight: Option<u32>,
+    /// New metadata, if it is to be replaced.
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+/// A Deregister request that passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deregister {
+    /// The lease that must own the instance.
+    pub lease_id: u64,
+    /// Proof of owning that lease.
+    pub lease_secret: String,
+    /// Service of the instance.
+    pub service: String,
+    /// The instance to remove.
+    pub instance_id: String,
+}
+
+/// `lease_id` and `lease_secret` are both required.
+pub fn lease(lease_id: u64, lease_secret: &str) -> Result<()> {
+    if lease_id == 0 {
+        return Err(Error::invalid("lease_id", "required (0 is never a lease)"));
+    }
+    if lease_secret.is_empty() {
+        return Err(Error::invalid("lease_secret", "required"));
+    }
+    Ok(())
+}
+
+/// A service name: 1 to 128 characters from `[A-Za-z0-9._-]`, starting with
+/// a letter or digit.
+pub fn service_name(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid(field, "required"));
+    }
+    if name.len() > MAX_SERVICE_NAME {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_SERVICE_NAME} characters, got {}", name.len()),
+        ));
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(Error::invalid(
+            field,
+            format!("must start with a letter or digit, got {name:?}"),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("only [A-Za-z0-9._-] allowed, got {bad:?} in {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// An instance id: at most 128 printable ASCII characters (empty is allowed
+/// in Register, where it defaults to `host:port`).
+pub fn instance_id(field: &str, id: &str) -> Result<()> {
+    if id.len() > MAX_INSTANCE_ID {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_INSTANCE_ID} characters, got {}", id.len()),
+        ));
+    }
+    if let Some(bad) = id.chars().find(|c| !(' '..='~').contains(c)) {
+        return Err(Error::invalid(
+            field,
+            format!("only printable ASCII allowed, got {bad:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A host: an IPv4/IPv6 address or a DNS name, at most 253 characters.
+pub fn host(field: &str, host: &str) -> Result<()> {
+    if host.is_empty() {
+        return Err(Error::invalid(field, "required"));
+    }
+    if host.len() > MAX_HOST {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_HOST} characters, got {}", host.len()),
+        ));
+    }
+    if host.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if name.is_empty() || !name.split('.').all(label_ok) {
+        return Err(Error::invalid(
+            field,
+            format!("not an IP address or a valid DNS name: {host:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A port: 1 to 65535.
+pub fn port(field: &str, port: u32) -> Result<u16> {
+    match u16::try_from(port) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(Error::invalid(
+            field,
+            format!("must be 1..=65535, got {port}"),
+        )),
+    }
+}
+
+/// A weight: 0 to 1000, where 0 means "not set" and becomes 1.
+pub fn weight(field: &str, weight: u32) -> Result<u32> {
+    match weight {
+        0 => Ok(DEFAULT_WEIGHT),
+        w if w <= MAX_WEIGHT => Ok(w),
+        w => Err(Error::invalid(
+            field,
+            format!("must be 0..={MAX_WEIGHT} (0 means {DEFAULT_WEIGHT}), got {w}"),
+        )),
+    }
+}
+
+/// Metadata: at most 64 entries, keys of 1 to 128 bytes, values of at most
+/// 1024, 16 KiB in all.
+pub fn metadata(field: &str, metadata: &HashMap<String, String>) -> Result<()> {
+    if metadata.len() > MAX_METADATA_ENTRIES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "at most {MAX_METADATA_ENTRIES} entries, got {}",
+                metadata.len()
+            ),
+        ));
+    }
+    let mut total = 0;
+    for (key, value) in metadata {
+        if key.is_empty() || key.len() > MAX_METADATA_KEY {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "keys must be 1..={MAX_METADATA_KEY} bytes, got {} for key {:?}",
+                    key.len(),
+                    truncated(key)
+                ),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE {
+            return Err(Error::invalid(
+                format!("{field}[{key:?}]"),
+                format!(
+                    "values must be at most {MAX_METADATA_VALUE} bytes, got {}",
+                    value.len()
+                ),
+            ));
+        }
+        total += key.len() + value.len();
+    }
+    if total > MAX_METADATA_TOTAL {
+        return Err(Error::invalid(
+            field,
+            format!("at most {MAX_METADATA_TOTAL} bytes of keys and values in all, got {total}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The start of a long string, for error messages.
+fn truncated(s: &str) -> String {
+    s.chars().take(32).collect()
+}
+
+/// A descriptor set: at most 4 MiB, decodes as a `FileDescriptorSet` whose
+/// imports are all present, and defines `proto_service` when that is set.
+/// Empty bytes mean "none sent".
+pub fn descriptors(bytes: &[u8], proto_service: &str) -> Result<Option<Vec<u8>>> {
+    const FIELD: &str = "file_descriptor_set";
+    if bytes.is_empty() {
+        if !proto_service.is_empty() {
+            return Err(Error::invalid(
+                FIELD,
+                format!("required when instance.proto_service is set ({proto_service:?})"),
+            ));
+        }
+        return Ok(None);
+    }
+    if bytes.len() > MAX_DESCRIPTOR_SET {
+        return Err(Error::invalid(
+            FIELD,
+            format!("at most {MAX_DESCRIPTOR_SET} bytes, got {}", bytes.len()),
+        ));
+    }
+    let pool = DescriptorPool::decode(bytes)
+        .map_err(|e| Error::invalid(FIELD, format!("not a valid FileDescriptorSet: {e}")))?;
+    if !proto_service.is_empty() && pool.get_service_by_name(proto_service).is_none() {
+        return Err(Error::invalid(
+            "instance.proto_service",
+            format!("{proto_service:?} is not defined by file_descriptor_set"),
+        ));
+    }
+    Ok(Some(bytes.to_vec()))
+}
+
+/// Checks a Register request and fills in the defaults.
+pub fn register(request: pb::RegisterRequest) -> Result<Register> {
+    lease(request.lease_id, &request.lease_secret)?;
+    let Some(mut instance) = request.instance else {
+        return Err(Error::invalid("instance", "required"));
+    };
+    service_name("instance.service", &instance.service)?;
+    host("instance.host", &instance.host)?;
+    port("instance.port", instance.port)?;
+    instance_id("instance.instance_id", &instance.instance_id)?;
+    if instance.instance_id.is_empty() {
+        instance.instance_id = default_instance_id(&instance.host, instance.port);
+        instance_id(
+            "instance.instance_id (default host:port)",
+            &instance.instance_id,
+        )?;
+    }
+    instance.weight = weight("instance.weight", instance.weight)?;
+    metadata("instance.metadata", &instance.metadata)?;
+    let descriptors = descriptors(&request.file_descriptor_set, &instance.proto_service)?;
+    instance.lease_id = 0;
+    instance.revision = 0;
+    Ok(Register {
+        lease_id: request.lease_id,
+        lease_secret: request.lease_secret,
+        instance,
+        descriptors,
+    })
+}
+
+/// `host:port`, with an IPv6 address in brackets.
+fn default_instance_id(host: &str, port: u32) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Checks an Update request.
+pub fn update(request: pb::UpdateRequest) -> Result<Update> {
+    lease(request.lease_id, &request.lease_secret)?;
+    service_name("service", &request.service)?;
+    required_instance_id(&request.instance_id)?;
+    let weight = request.weight.map(|w| weight("weight", w)).transpose()?;
+    let metadata = if request.replace_metadata {
+        metadata("metadata", &request.metadata)?;
+        Some(request.metadata)
+    } else if !request.metadata.is_empty() {
+        return Err(Error::invalid(
+            "metadata",
+            "given without replace_metadata = true (it would be ignored)",
+        ));
+    } else {
+        None
+    };
+    Ok(Update {
+        lease_id: request.lease_id,
+        lease_secret: request.lease_secret,
+        service: request.service,
+        instance_id: request.instance_id,
+        weight,
+        metadata,
+    })
+}
+
+fn required_instance_id(id: &str) -> Result<()> {
+    if id.is_empty() {
+        return Err(Error::invalid("instance_id", "required"));
+    }
+    instance_id("instance_id", id)
+}
+
+/// Checks a Deregister request.
+pub fn deregister(request: pb::DeregisterRequest) -> Result<Deregister> {
+    lease(request.lease_id, &request.lease_secret)?;
+    service_name("service", &request.service)?;
+    required_instance_id(&request.instance_id)?;
+    Ok(Deregister {
+        lease_id: request.lease_id,
+        lease_secret: request.lease_secret,
+        service: request.service,
+        instance_id: request.instance_id,
+    })
+}
+
+/// Checks a Watch request: the services to follow (empty: all).
+pub fn watch(request: pb::WatchRequest) -> Result<BTreeSet<String>> {
+    if request.services.len() > MAX_WATCHED_SERVICES {
+        return Err(Error::invalid(
+            "services",
+            format!(
+                "at most {MAX_WATCHED_SERVICES} services, got {}",
+                request.services.len()
+            ),
+        ));
+    }
+    for (i, name) in request.services.iter().enumerate() {
+        service_name(&format!("services[{i}]"), name)?;
+    }
+    Ok(request.services.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance() -> pb::Instance {
+        pb::Instance {
+            service: "calculator".into(),
+            host: "10.0.0.1".into(),
+            port: 7000,
+            ..Default::default()
+        }
+    }
+
+    fn register_with(f: impl FnOnce(&mut pb::RegisterRequest)) -> Result<Register> {
+        let mut request = pb::RegisterRequest {
+            lease_id: 1,
+            lease_secret: "s".into(),
+            instance: Some(instance()),
+            file_descriptor_set: Vec::new(),
+        };
+        f(&mut request);
+        register(request)
+    }
+
+    fn field_of(result: Result<Register>) -> String {
+        match result {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let r = register_with(|_| {}).unwrap();
+        assert_eq!(r.instance.instance_id, "10.0.0.1:7000");
+        assert_eq!(r.instance.weight, 1);
+        let r = register_with(|r| r.instance.as_mut().unwrap().host = "::1".into()).unwrap();
+        assert_eq!(r.instance.instance_id, "[::1]:7000");
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let i =
+            |f: fn(&mut pb::Instance)| field_of(register_with(|r| f(r.instance.as_mut().unwrap())));
+        assert_eq!(i(|i| i.service = String::new()), "instance.service");
+        assert_eq!(i(|i| i.service = "-x".into()), "instance.service");
+        assert_eq!(i(|i| i.service = "a b".into()), "instance.service");
+        assert_eq!(i(|i| i.service = "a".repeat(129)), "instance.service");
+        assert_eq!(i(|i| i.port = 0), "instance.port");
+        assert_eq!(i(|i| i.port = 70000), "instance.port");
+        assert_eq!(i(|i| i.host = String::new()), "instance.host");
+        assert_eq!(i(|i| i.host = "bad_host".into()), "instance.host");
+        assert_eq!(i(|i| i.host = "a..b".into()), "instance.host");
+        assert_eq!(i(|i| i.weight = 1001), "instance.weight");
+        assert_eq!(i(|i| i.instance_id = "é".into()), "instance.instance_id");
+        assert_eq!(
+            i(|i| i.instance_id = "x".repeat(129)),
+            "instance.instance_id"
+        );
+        assert_eq!(
+            i(|i| i.proto_service = "calculator.v1.Calculator".into()),
+            "file_descriptor_set"
+        );
+        assert_eq!(
+            i(|i| {
+                i.metadata.insert(String::new(), "v".into());
+            }),
+            "instance.metadata"
+        );
+        assert_eq!(
+            i(|i| {
+                for k in 0..65 {
+                    i.metadata.insert(k.to_string(), String::new());
+                }
+            }),
+            "instance.metadata"
+        );
+        assert_eq!(
+            i(|i| {
+                for k in 0..20 {
+                    i.metadata.insert(k.to_string(), "v".repeat(1000));
+                }
+            }),
+            "instance.metadata"
+        );
+        assert_eq!(field_of(register_with(|r| r.lease_id = 0)), "lease_id");
+        assert_eq!(
+            field_of(register_with(|r| r.lease_secret.clear())),
+            "lease_secret"
+        );
+        assert_eq!(field_of(register_with(|r| r.instance = None)), "instance");
+        assert_eq!(
+            field_of(register_with(|r| r.file_descriptor_set = vec![0xff; 10])),
+            "file_descriptor_set"
+        );
+    }
+
+    #[test]
+    fn messages_say_what_was_wrong() {
+        let err = register_with(|r| r.instance.as_mut().unwrap().port = 70000).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "instance.port: must be 1..=65535, got 70000"
+        );
+    }
+
+    #[test]
+    fn descriptors_must_define_the_proto_service() {
+        let ok = register_with(|r| {
+            r.instance.as_mut().unwrap().proto_service = "calculator.v1.Calculator".into();
+            r.file_descriptor_set = registry_proto::CALCULATOR_DESCRIPTORS.to_vec();
+        })
+        .unwrap();
+        assert!(ok.descriptors.is_some());
+        let wrong = register_with(|r| {
+            r.instance.as_mut().unwrap().proto_service = "echo.v1.Echo".into();
+            r.file_descriptor_set = registry_proto::CALCULATOR_DESCRIPTORS.to_vec();
+        });
+        assert_eq!(field_of(wrong), "instance.proto_service");
+    }
+
+    #[test]
+    fn hosts() {
+        for good in [
+            "10.0.0.1",
+            "::1",
+            "fe80::1",
+            "localhost",
+            "node-1.lan",
+            "a.b.c.",
+        ] {
+            assert!(host("h", good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a-", "a b", ".", "a..b", "[::1]"] {
+            assert!(host("h", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn update_metadata_needs_replace_flag() {
+        let mut request = pb::UpdateRequest {
+            lease_id: 1,
+            lease_secret: "s".into(),
+            service: "svc".into(),
+            instance_id: "i".into(),
+            ..Default::default()
+        };
+        request.metadata.insert("k".into(), "v".into());
+        assert!(
+            matches!(update(request.clone()), Err(Error::Invalid { field, .. }) if field == "metadata")
+        );
+        request.replace_metadata = true;
+        assert_eq!(update(request).unwrap().metadata.unwrap().len(), 1);
+    }
+}
