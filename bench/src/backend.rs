@@ -50,6 +50,9 @@ impl System {
 
 /// A connection to one system (one HTTP/2 connection; clones share it).
 #[derive(Clone)]
+// A bench holds a few hundred of these at most: their size does not matter,
+// and boxing would add an indirection to every measured call.
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     /// Our registry.
     Ours(RegistryClient<Channel>),

@@ -38,6 +38,19 @@ use serde::Serialize;
 use crate::measure::Ctx;
 use crate::report::Figure;
 
+/// Examples shown at the end of `--help`.
+const EXAMPLES: &str = "\
+Examples:
+  cargo run --release -p bench                       # everything, table (a few minutes)
+  cargo run --release -p bench -- --quick            # every measure, small counts
+  cargo run --release -p bench -- --only watch --watchers 1000
+  cargo run --release -p bench -- --json > bench.json
+  cargo run --release -p bench -- --no-etcd          # our side only
+
+Child processes log at `warn`; set BENCH_CHILD_LOG=info (a RUST_LOG filter) to
+see more of what the registry and node hosts do. RUST_LOG sets the bench's own
+progress logs (on stderr).";
+
 /// Benchmarks the registry, the node host and the generic client against etcd.
 ///
 /// Run it from the workspace with `cargo run --release -p bench` (add `--` and
@@ -52,7 +65,7 @@ use crate::report::Figure;
 /// counts in well under a minute (CI uses it to keep the program working; its
 /// numbers mean little).
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_long_help = EXAMPLES)]
 struct Args {
     /// Small counts and short runs (under a minute, even in a debug build).
     #[arg(long)]
@@ -112,7 +125,7 @@ struct Args {
 
     /// TTL of the lease in the lease-expiry measure, in milliseconds (etcd
     /// counts whole seconds and rounds up to its own minimum; the report
-    /// shows what each system granted). Default: 1000.
+    /// shows what each system granted).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     expiry_ttl_ms: u64,
 

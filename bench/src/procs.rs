@@ -97,11 +97,8 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 /// Environment for our children: quiet logs unless the user asked otherwise,
 /// because testkit echoes every child line to stderr.
 fn quiet(cmd: &mut Command) {
-    if std::env::var_os("BENCH_CHILD_LOG").is_none() {
-        cmd.env("RUST_LOG", "warn");
-    } else if let Some(v) = std::env::var_os("BENCH_CHILD_LOG") {
-        cmd.env("RUST_LOG", v);
-    }
+    let level = std::env::var_os("BENCH_CHILD_LOG").unwrap_or_else(|| "warn".into());
+    cmd.env("RUST_LOG", level);
 }
 
 /// A running `registry`.
@@ -119,8 +116,6 @@ impl RegistryProc {
     pub fn start() -> Result<RegistryProc> {
         let mut cmd = testkit::command("registry");
         quiet(&mut cmd);
-        // The scale test holds 100 000 instances under leases that must not
-        // expire mid-measure: allow long TTLs.
         cmd.args(["--listen", "127.0.0.1:0"]);
         let process = Process::spawn("registry", cmd);
         let line = process.wait_for_line("registry listening on", testkit::READY_TIMEOUT);

@@ -101,6 +101,9 @@ impl Figure {
     }
 
     fn note_push(&mut self, note: &str) {
+        if note.is_empty() {
+            return;
+        }
         if !self.note.is_empty() {
             self.note.push_str("; ");
         }
@@ -125,7 +128,7 @@ fn group_thousands(v: i64) -> String {
     let digits = v.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(' ');
         }
         out.push(c);

@@ -1,4 +1,4 @@
-//! 4. Failure detection, timed at a watcher:
+//! Measure 4: Failure detection, timed at a watcher:
 //!
 //! - kill -9: a node host (ours) or a process holding an etcd lease with
 //!   keepalives (etcd's equivalent of a node) is killed; the clock runs from

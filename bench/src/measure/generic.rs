@@ -1,4 +1,4 @@
-//! 5. Generic call overhead: calculator/Add on one node host, through the
+//! Measure 5: Generic call overhead: calculator/Add on one node host, through the
 //! client library's reflective path (a `DynamicMessage` built from the
 //! descriptors the registry holds) and through a typed tonic client. Both
 //! run one call at a time (latency) and with 16 concurrent callers
@@ -52,7 +52,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
 
     tracing::info!("generic: one call at a time");
     // Warm both connections (and the descriptor cache) before timing.
-    let _ = ours_client::add(&caller, 1.0, 2.0).await?;
+    ours_client::add(&caller, 1.0, 2.0).await?;
     let mut typed_one = typed(&url, ctx, 1).await?;
     let mut generic_one = generic(&caller, ctx, 1).await?;
     tracing::info!("generic: {CONCURRENCY} concurrent callers");

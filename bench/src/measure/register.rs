@@ -1,4 +1,4 @@
-//! 1. Register throughput: instances registered per second under a lease, by
+//! Measure 1: Register throughput: instances registered per second under a lease, by
 //! 1, 16 and 128 concurrent clients, each on its own connection with its own
 //! lease. etcd: a put of the same encoded instance with a lease.
 

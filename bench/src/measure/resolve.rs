@@ -1,4 +1,4 @@
-//! 2. Resolve: one service's instances read from the server (etcd: a range
+//! Measure 2: Resolve: one service's instances read from the server (etcd: a range
 //! read of the service's prefix), as throughput with 16 concurrent clients
 //! and as the latency of one client; and from the client library's local
 //! copy (a `Directory` kept current by a watch: no round trip).

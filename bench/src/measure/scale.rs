@@ -1,4 +1,4 @@
-//! 6. Scale: 100 000 instances in 1 000 services, in a fresh registry (and a
+//! Measure 6: Scale: 100 000 instances in 1 000 services, in a fresh registry (and a
 //! fresh etcd), then:
 //!
 //! - memory per instance: growth of the server's resident memory (VmRSS)

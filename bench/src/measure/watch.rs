@@ -1,4 +1,4 @@
-//! 3. Watch propagation: the time from a change sent to the server to its
+//! Measure 3: Watch propagation: the time from a change sent to the server to its
 //! arrival at each of 1, 100 and 1000 watchers of the service (etcd: watches
 //! on the service's prefix).
 //!
