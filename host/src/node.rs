@@ -27,6 +27,7 @@ use crate::diff::{Action, diff};
 use crate::gate::Switch;
 use crate::plugin::{Plugin, PluginContext};
 use crate::registration::{Registrar, Settings};
+use registry_proto::security::{BearerToken, TlsArgs};
 
 /// How long a removal waits for the registry to confirm the deregistration
 /// before the plugin stops being served anyway (the registry may be down).
@@ -38,6 +39,19 @@ pub enum NodeError {
     /// A plugin's descriptors could not be loaded into server reflection.
     #[error("server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How to reach the registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    /// Its `host:port`.
+    pub addr: String,
+    /// Lease TTL to ask for; `None` takes the registry's default.
+    pub lease_ttl_ms: Option<u64>,
+    /// TLS towards it.
+    pub tls: TlsArgs,
+    /// Its write token.
+    pub token: BearerToken,
 }
 
 /// One known plugin and its gate.
@@ -68,8 +82,7 @@ impl Node {
     pub async fn build(
         plugins: Vec<Arc<dyn Plugin>>,
         advertised: SocketAddr,
-        registry: String,
-        lease_ttl_ms: Option<u64>,
+        registry: Registry,
     ) -> Result<(Arc<Node>, Routes), NodeError> {
         let ctx = PluginContext {
             advertised: advertised.to_string(),
@@ -108,10 +121,12 @@ impl Node {
             );
         }
         let registrar = Registrar::spawn(Settings {
-            registry,
+            registry: registry.addr,
             advertised,
-            lease_ttl_ms,
+            lease_ttl_ms: registry.lease_ttl_ms,
             plugins,
+            tls: registry.tls,
+            token: registry.token,
         });
         let node = Node {
             mounts,

@@ -28,16 +28,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use registry_proto::registry::v1::registry_client::RegistryClient;
 use registry_proto::registry::v1::{
     DeregisterRequest, GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
     RevokeLeaseRequest,
 };
+use registry_proto::security::{BearerToken, RegistryConn, TlsArgs, registry_client};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use tracing::{debug, error, info, warn};
 
@@ -79,12 +78,16 @@ pub struct Settings {
     pub lease_ttl_ms: Option<u64>,
     /// Every plugin this node knows (for proto names and descriptors).
     pub plugins: Vec<Arc<dyn Plugin>>,
+    /// TLS towards the registry (`--tls-ca`, and a client certificate).
+    pub tls: TlsArgs,
+    /// The registry's write token, sent on every call.
+    pub token: BearerToken,
 }
 
 /// Why a session with the registry ended badly.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("bad registry address: {0}")]
+    #[error("{0}")]
     Address(String),
     #[error("cannot connect: {0}")]
     Connect(#[source] tonic::transport::Error),
@@ -361,10 +364,11 @@ async fn session(
     registered: &watch::Sender<Registered>,
     backoff: &mut Backoff,
 ) -> Result<SessionEnd, SessionError> {
-    let endpoint = Endpoint::from_shared(format!("http://{}", settings.registry))
+    let endpoint = settings
+        .tls
+        .endpoint(&settings.registry)
         .map_err(|e| SessionError::Address(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .connect_timeout(CONNECT_TIMEOUT);
     let channel = timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
         .await
         .map_err(|_| SessionError::Timeout {
@@ -372,7 +376,7 @@ async fn session(
             after: CONNECT_TIMEOUT * 2,
         })?
         .map_err(SessionError::Connect)?;
-    let mut client = RegistryClient::new(channel);
+    let mut client = registry_client(channel, settings.token.clone());
 
     let grant = call(
         "GrantLease",
@@ -453,7 +457,7 @@ async fn session(
 /// Brings the registry from `held` to `want` under `lease`.
 async fn reconcile(
     settings: &Settings,
-    client: &mut RegistryClient<Channel>,
+    client: &mut RegistryConn,
     lease: &Lease,
     want: &BTreeMap<String, PluginConfig>,
     held: &mut BTreeMap<String, Held>,
@@ -568,7 +572,7 @@ async fn reconcile(
 /// Revokes the lease; returns how many instances went with it (0 when the
 /// registry cannot be reached: the lease then dies with its KeepAlive stream
 /// or its TTL anyway).
-async fn revoke(client: &mut RegistryClient<Channel>, lease: &Lease) -> u32 {
+async fn revoke(client: &mut RegistryConn, lease: &Lease) -> u32 {
     match call(
         "RevokeLease",
         client.revoke_lease(RevokeLeaseRequest {
@@ -587,7 +591,7 @@ async fn revoke(client: &mut RegistryClient<Channel>, lease: &Lease) -> u32 {
 }
 
 /// Heartbeats `lease` every TTL/3 until the stream fails; returns why.
-async fn keep_alive(mut client: RegistryClient<Channel>, lease: Lease) -> SessionError {
+async fn keep_alive(mut client: RegistryConn, lease: Lease) -> SessionError {
     let (tx, rx) = mpsc::channel(4);
     let beat = KeepAliveRequest {
         lease_id: lease.id,

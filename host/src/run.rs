@@ -12,10 +12,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::node::{Node, NodeError};
+use crate::node::{Node, NodeError, Registry};
 use crate::reload::WatchError;
 use crate::stdin::Command;
 use crate::{addr, plugins, reload, stdin};
+use registry_proto::security::{BearerToken, SecurityError, TlsArgs};
 
 /// The registry address used when neither flags nor file name one.
 pub const DEFAULT_REGISTRY: &str = "127.0.0.1:50051";
@@ -36,6 +37,12 @@ pub struct Options {
     pub advertise: Option<IpAddr>,
     /// `--port`.
     pub port: Option<u16>,
+    /// TLS: `--tls-cert`/`--tls-key` turn it on for this node's listener
+    /// (and are the client certificate towards the registry); `--tls-ca`
+    /// makes the registry connection use TLS.
+    pub tls: TlsArgs,
+    /// `--token`: the registry's write token.
+    pub token: Option<String>,
 }
 
 /// Why the node host could not run.
@@ -61,6 +68,9 @@ pub enum RunError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signal(std::io::Error),
+    /// TLS or token settings are unusable.
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -75,6 +85,11 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         .clone()
         .or_else(|| config.registry.clone())
         .unwrap_or_else(|| DEFAULT_REGISTRY.to_string());
+    // Check security settings before anything starts, so mistakes end the
+    // process at once rather than in a retry loop.
+    let server_tls = opts.tls.server_config()?;
+    opts.tls.endpoint(&registry)?;
+    let token = BearerToken::new(opts.token.as_deref())?;
     let ip = addr::advertise_ip(opts.advertise.or(config.advertise), &registry).await;
     let port = opts.port.or(config.port).unwrap_or(0);
     let bind: SocketAddr = match ip {
@@ -93,18 +108,25 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     let (node, routes) = Node::build(
         plugins::all(),
         advertised,
-        registry.clone(),
-        config.lease_ttl_ms,
+        Registry {
+            addr: registry.clone(),
+            lease_ttl_ms: config.lease_ttl_ms,
+            tls: opts.tls.clone(),
+            token,
+        },
     )
     .await?;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls {
+        builder = builder.tls_config(tls)?;
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let mut server = tokio::spawn(builder.add_routes(routes).serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     info!("{}: {config}", opts.config.display());
     node.apply(config).await;
     println!("node-host serving on {advertised}");

@@ -37,6 +37,19 @@ struct Args {
     /// free port, chosen by the OS.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16))]
     port: Option<u16>,
+
+    /// The registry's write token (needed when the registry requires one).
+    /// Default: none.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "REGISTRY_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
+
+    #[command(flatten)]
+    tls: registry_proto::security::TlsArgs,
 }
 
 #[tokio::main]
@@ -54,6 +67,8 @@ async fn main() -> anyhow::Result<()> {
         registry: args.registry,
         advertise: args.advertise,
         port: args.port,
+        tls: args.tls,
+        token: args.token,
     })
     .await?;
     Ok(())
