@@ -75,10 +75,14 @@ pub fn ensure_binaries(skip_build: bool) -> Result<()> {
     Ok(())
 }
 
-/// A free TCP port on loopback (free when we looked; the OS could hand it out
-/// again before the child binds it, which is unlikely enough for a bench).
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// Two distinct free TCP ports on loopback (free when we looked; the OS could
+/// hand one out again before the child binds it, which is unlikely enough
+/// for a bench). Both listeners are held until both ports are known, so the
+/// two cannot be the same.
+pub fn free_ports() -> Result<(u16, u16)> {
+    let a = TcpListener::bind("127.0.0.1:0")?;
+    let b = TcpListener::bind("127.0.0.1:0")?;
+    Ok((a.local_addr()?.port(), b.local_addr()?.port()))
 }
 
 /// Resident memory of a process in bytes, from /proc/<pid>/status (VmRSS).
@@ -225,8 +229,9 @@ impl EtcdProc {
     /// free loopback ports, and waits until it answers a read.
     pub async fn start(bin: &Path, data_base: &Path) -> Result<EtcdProc> {
         let data = TempDir::new_in(data_base, "etcd")?;
-        let client = format!("http://127.0.0.1:{}", free_port()?);
-        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let (client_port, peer_port) = free_ports()?;
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(bin);
         cmd.arg("--name=bench")
             .arg(format!("--data-dir={}", data.path().display()))

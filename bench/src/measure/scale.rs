@@ -151,7 +151,14 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
-    let payload = backend::instance(&service_name(0), "inst-000").encoded_len() as f64;
+    // The payload is the instance as the registry stores and returns it,
+    // output fields (lease id, revision) included, at realistic magnitudes.
+    let stored = registry_proto::registry::v1::Instance {
+        lease_id: 1 << 40,
+        revision: ctx.cfg.scale_instances as u64,
+        ..backend::instance(&service_name(0), "inst-000")
+    };
+    let payload = stored.encoded_len() as f64;
     let n = ctx.cfg.scale_instances;
     let s = ctx.cfg.scale_services;
     Ok(vec![
