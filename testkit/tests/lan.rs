@@ -179,3 +179,669 @@ fn harness_parallel_lans_get_distinct_subnets() {
     assert_ne!(one.host(0).ip(), two.host(0).ip());
     assert_ne!(one.bridge(), two.bridge());
 }
+
+// ---------------------------------------------------------------------------
+// Scenarios with the real binaries: registry on host A, node hosts on B and C,
+// client on D. The test process sits on the LAN too (the bridge's address)
+// and follows the registry with a Watch stream of its own.
+// ---------------------------------------------------------------------------
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use registry_proto::registry::v1::registry_client::RegistryClient;
+use registry_proto::registry::v1::{Instance, WatchRequest, event};
+use testkit::Process;
+use testkit::netns::Host;
+
+/// The registry's port on host A.
+const REGISTRY_PORT: u16 = 50051;
+/// The registry's default lease TTL, which the nodes use.
+const TTL: Duration = Duration::from_millis(1500);
+
+/// What the watcher knew after one message.
+#[derive(Clone, Debug, Default)]
+struct View {
+    /// Identity of the registry process the view came from.
+    registry_id: String,
+    /// (service, instance_id) -> instance.
+    instances: BTreeMap<(String, String), Instance>,
+}
+
+impl View {
+    /// (service, weight) of the instances whose host is `ip`, sorted.
+    fn on(&self, ip: Ipv4Addr) -> Vec<(String, u32)> {
+        let ip = ip.to_string();
+        let mut v: Vec<_> = self
+            .instances
+            .values()
+            .filter(|i| i.host == ip)
+            .map(|i| (i.service.clone(), i.weight))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// A Watch stream from the test process, reconnecting when it breaks; keeps
+/// every successive view with the time it was received.
+struct Watcher {
+    log: Arc<Mutex<Vec<(Instant, View)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    fn start(url: String) -> Watcher {
+        let log: Arc<Mutex<Vec<(Instant, View)>>> = Arc::default();
+        let task = tokio::spawn({
+            let log = log.clone();
+            async move {
+                loop {
+                    if let Err(e) = Self::follow(&url, &log).await {
+                        eprintln!("[watcher] {e}; reconnecting");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Watcher { log, task }
+    }
+
+    async fn follow(url: &str, log: &Mutex<Vec<(Instant, View)>>) -> Result<(), String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(1));
+        let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+        let mut client = RegistryClient::new(channel);
+        let mut stream = client
+            .watch(WatchRequest { services: vec![] })
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        while let Some(msg) = stream.message().await.map_err(|e| e.to_string())? {
+            let now = Instant::now();
+            let mut log = log.lock().unwrap();
+            let mut view = if msg.reset {
+                View::default()
+            } else {
+                log.last().map(|(_, v)| v.clone()).unwrap_or_default()
+            };
+            view.registry_id = msg.registry_id.clone();
+            for ev in msg.events {
+                let Some(inst) = ev.instance else { continue };
+                let key = (inst.service.clone(), inst.instance_id.clone());
+                if ev.kind == event::Kind::Removed as i32 {
+                    view.instances.remove(&key);
+                } else {
+                    view.instances.insert(key, inst);
+                }
+            }
+            log.push((now, view));
+        }
+        Err("watch stream ended".into())
+    }
+
+    /// The latest view.
+    fn now(&self) -> View {
+        let log = self.log.lock().unwrap();
+        log.last().map(|(_, v)| v.clone()).unwrap_or_default()
+    }
+
+    /// Waits until a view received at or after `from` (or the one in force
+    /// at `from`) satisfies `cond`; returns when that view arrived (`from`
+    /// itself if it was already true then).
+    async fn wait(
+        &self,
+        from: Instant,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&View) -> bool,
+    ) -> Instant {
+        let cond = &cond;
+        testkit::eventually(timeout, what, || async move {
+            let log = self.log.lock().unwrap();
+            let first = log.iter().rposition(|(t, _)| *t <= from).unwrap_or(0);
+            log.iter()
+                .skip(first)
+                .find(|(_, v)| cond(v))
+                .map(|(t, _)| (*t).max(from))
+        })
+        .await
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A directory for config files, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "testkit-lan-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Registry on host 0 (A), node hosts on 1 (B) and 2 (C), host 3 (D) for
+/// the client. Fields drop in order: processes first, the LAN last.
+struct Cluster {
+    registry: Process,
+    /// node host on B: calculator, weight 3.
+    b: Process,
+    /// node host on C: calculator weight 1, echo weight 2.
+    c: Process,
+    watcher: Watcher,
+    dir: TempDir,
+    lan: Lan,
+}
+
+const B_CONFIG: &str = "[plugins.calculator]\nweight = 3\n";
+const C_CONFIG: &str = "[plugins.calculator]\nweight = 1\n\n[plugins.echo]\nweight = 2\n";
+
+impl Cluster {
+    /// Starts everything and waits until the watcher sees B's and C's
+    /// instances; `None` when no LAN can be built here.
+    async fn start() -> Option<Cluster> {
+        let lan = lan_or_skip(4)?;
+        let dir = TempDir::new();
+        let registry = start_registry(lan.host(0));
+        let registry_addr = format!("{}:{REGISTRY_PORT}", lan.host(0).ip());
+        std::fs::write(dir.0.join("b.toml"), B_CONFIG).unwrap();
+        std::fs::write(dir.0.join("c.toml"), C_CONFIG).unwrap();
+        let b = start_node(lan.host(1), "node-b", &dir.0.join("b.toml"), &registry_addr);
+        let c = start_node(lan.host(2), "node-c", &dir.0.join("c.toml"), &registry_addr);
+        let watcher = Watcher::start(format!("http://{registry_addr}"));
+        let cluster = Cluster {
+            registry,
+            b,
+            c,
+            watcher,
+            dir,
+            lan,
+        };
+        let (bip, cip) = (cluster.b_ip(), cluster.c_ip());
+        cluster
+            .watcher
+            .wait(Instant::now(), READY_TIMEOUT, "B and C registered", |v| {
+                v.on(bip) == b_expected() && v.on(cip) == c_expected()
+            })
+            .await;
+        Some(cluster)
+    }
+
+    fn registry_addr(&self) -> String {
+        format!("{}:{REGISTRY_PORT}", self.lan.host(0).ip())
+    }
+
+    fn b_ip(&self) -> Ipv4Addr {
+        self.lan.host(1).ip()
+    }
+
+    fn c_ip(&self) -> Ipv4Addr {
+        self.lan.host(2).ip()
+    }
+
+    fn d(&self) -> &Host {
+        self.lan.host(3)
+    }
+
+    /// `client ARGS` on host D, to completion.
+    fn client(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+        let mut cmd = self.d().command("client");
+        cmd.env("REGISTRY_ADDR", self.registry_addr()).args(args);
+        testkit::run(cmd, Duration::from_secs(60))
+    }
+
+    /// `client ARGS` on host D, running in the background.
+    #[allow(dead_code)]
+    fn spawn_client(&self, name: &str, args: &[&str]) -> Process {
+        let mut cmd = self.d().command("client");
+        cmd.env("REGISTRY_ADDR", self.registry_addr()).args(args);
+        Process::spawn(name, cmd)
+    }
+}
+
+fn b_expected() -> Vec<(String, u32)> {
+    vec![("calculator".into(), 3)]
+}
+
+fn c_expected() -> Vec<(String, u32)> {
+    vec![("calculator".into(), 1), ("echo".into(), 2)]
+}
+
+fn start_registry(host: &Host) -> Process {
+    let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+    let registry = host.spawn("registry", "registry", &["--listen", &listen]);
+    registry.wait_for_line("registry listening on", READY_TIMEOUT);
+    registry
+}
+
+fn start_node(host: &Host, name: &str, config: &Path, registry: &str) -> Process {
+    let config = config.to_str().unwrap();
+    let node = host.spawn(
+        name,
+        "node-host",
+        &["--config", config, "--registry", registry],
+    );
+    let line = node.wait_for_line("node-host serving on", READY_TIMEOUT);
+    let addr = testkit::addr_from_line(&line);
+    assert_eq!(
+        addr.ip(),
+        host.ip(),
+        "a node must advertise its LAN address"
+    );
+    node
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// Calls `calculator/Add a=1 b=2` from D over and over in the background;
+/// `Calls::stop` returns (successes, failures with their output).
+struct Calls {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+}
+
+impl Calls {
+    fn start(d: &Host, registry: &str) -> Calls {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, registry) = (d.clone(), registry.to_string());
+        let thread = std::thread::spawn({
+            let stop = stop.clone();
+            move || {
+                let (mut ok, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut cmd = d.command("client");
+                    cmd.env("REGISTRY_ADDR", &registry).env("RUST_LOG", "warn");
+                    cmd.args(["call", "calculator/Add", "a=1", "b=2"]);
+                    let (status, out, err) = testkit::run(cmd, Duration::from_secs(30));
+                    if status.success() && out.contains('3') {
+                        ok += 1;
+                    } else {
+                        failed.push(format!("{status:?}\n{out}\n{err}"));
+                    }
+                }
+                (ok, failed)
+            }
+        });
+        Calls { stop, thread }
+    }
+
+    fn stop(self) -> (usize, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_nodes_register_their_lan_addresses_and_client_calls_across_hosts() {
+    let Some(cl) = Cluster::start().await else {
+        return;
+    };
+    let (bip, cip) = (cl.b_ip().to_string(), cl.c_ip().to_string());
+
+    let (status, out, _) = cl.client(&["list", "--json"]);
+    assert!(status.success());
+    let json: serde_json::Value = serde_json::from_str(&out).expect("list --json prints JSON");
+    let text = json.to_string();
+    assert!(text.contains(&bip) && text.contains(&cip), "{text}");
+    assert!(
+        !text.contains("127.0.0.1"),
+        "a node registered a loopback address: {text}"
+    );
+
+    let (status, out, _) = cl.client(&["call", "calculator/Add", r#"{"a":2,"b":3}"#]);
+    assert!(status.success());
+    assert!(out.contains('5'), "{out}");
+    let (status, out, _) = cl.client(&["call", "echo/Echo", r#"{"message":"hi from D"}"#]);
+    assert!(status.success());
+    assert!(out.contains("hi from D"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_kill9_of_a_node_fails_no_call_and_its_instances_go_at_once() {
+    let Some(mut cl) = Cluster::start().await else {
+        return;
+    };
+    let bip = cl.b_ip();
+    let calls = Calls::start(cl.d(), &cl.registry_addr());
+    std::thread::sleep(Duration::from_millis(1500)); // calls under way, on both nodes
+
+    let crash = Instant::now();
+    cl.b.kill9();
+    let gone = cl
+        .watcher
+        .wait(crash, Duration::from_secs(10), "B's instances gone", |v| {
+            v.on(bip).is_empty()
+        })
+        .await;
+    println!("TIMING crash_to_gone_ms={}", ms(gone - crash));
+    // A crash breaks the KeepAlive connection: no need to wait for the TTL.
+    assert!(gone - crash < TTL, "took {:?}", gone - crash);
+
+    std::thread::sleep(Duration::from_millis(1500)); // more calls, C only
+    let (ok, failed) = calls.stop();
+    println!("calls during the crash: {ok} ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "calls failed: {failed:#?}");
+    assert!(ok >= 2, "too few calls made: {ok}");
+    assert_eq!(cl.watcher.now().on(cl.c_ip()), c_expected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_cut_link_expires_the_node_and_heal_brings_it_back() {
+    let Some(cl) = Cluster::start().await else {
+        return;
+    };
+    let bip = cl.b_ip();
+
+    let cut = Instant::now();
+    cl.lan.cut(cl.lan.host(1));
+    let expired = cl
+        .watcher
+        .wait(cut, 3 * TTL + Duration::from_secs(5), "B expired", |v| {
+            v.on(bip).is_empty()
+        })
+        .await;
+    println!("TIMING cut_to_expired_ms={}", ms(expired - cut));
+    assert!(expired - cut < 3 * TTL, "expiry took {:?}", expired - cut);
+    assert_eq!(
+        cl.watcher.now().on(cl.c_ip()),
+        c_expected(),
+        "C must not be touched"
+    );
+
+    let heal = Instant::now();
+    cl.lan.heal(cl.lan.host(1));
+    let back = cl
+        .watcher
+        .wait(heal, Duration::from_secs(60), "B registered again", |v| {
+            v.on(bip) == b_expected()
+        })
+        .await;
+    println!("TIMING heal_to_reregistered_ms={}", ms(back - heal));
+    assert!(
+        back - heal < Duration::from_secs(30),
+        "took {:?}",
+        back - heal
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_registry_restart_nodes_register_again_and_calls_go_on() {
+    let Some(mut cl) = Cluster::start().await else {
+        return;
+    };
+    let (bip, cip) = (cl.b_ip(), cl.c_ip());
+    let old_id = cl.watcher.now().registry_id;
+    let calls = Calls::start(cl.d(), &cl.registry_addr());
+    std::thread::sleep(Duration::from_millis(1000));
+
+    cl.registry.kill9();
+    std::thread::sleep(Duration::from_millis(500)); // clients and nodes notice it gone
+    cl.registry = start_registry(cl.lan.host(0));
+    let restart = Instant::now();
+    let back = cl
+        .watcher
+        .wait(
+            restart,
+            Duration::from_secs(60),
+            "B and C on the new registry",
+            |v| v.registry_id != old_id && v.on(bip) == b_expected() && v.on(cip) == c_expected(),
+        )
+        .await;
+    println!("TIMING restart_to_reregistered_ms={}", ms(back - restart));
+    assert!(
+        back - restart < Duration::from_secs(30),
+        "took {:?}",
+        back - restart
+    );
+
+    std::thread::sleep(Duration::from_millis(1000));
+    let (ok, failed) = calls.stop();
+    println!("calls across the restart: {ok} ok, {} failed", failed.len());
+    assert!(failed.is_empty(), "calls failed: {failed:#?}");
+    assert!(ok >= 2, "too few calls made: {ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_stdin_commands_and_config_edits_are_seen_from_another_host() {
+    let Some(mut cl) = Cluster::start().await else {
+        return;
+    };
+    let (bip, cip) = (cl.b_ip(), cl.c_ip());
+    let long = Duration::from_secs(20);
+
+    // u: B's instances leave; B keeps serving.
+    cl.b.send_line("u");
+    cl.watcher
+        .wait(Instant::now(), long, "B unregistered", |v| {
+            v.on(bip).is_empty()
+        })
+        .await;
+    let (_, out, _) = cl.client(&["list", "--json"]);
+    assert!(!out.contains(&bip.to_string()), "{out}");
+    // r: back.
+    cl.b.send_line("r");
+    cl.watcher
+        .wait(Instant::now(), long, "B back", |v| {
+            v.on(bip) == b_expected()
+        })
+        .await;
+    let (_, out, _) = cl.client(&["list", "--json"]);
+    assert!(out.contains(&bip.to_string()), "{out}");
+
+    // An edit of C's file: echo goes, calculator gets weight 7.
+    let edit = Instant::now();
+    std::fs::write(
+        cl.dir.0.join("c.toml"),
+        "[plugins.calculator]\nweight = 7\n",
+    )
+    .unwrap();
+    let seen = cl
+        .watcher
+        .wait(edit, long, "C's edit applied", |v| {
+            v.on(cip) == vec![("calculator".to_string(), 7)]
+        })
+        .await;
+    println!("TIMING config_edit_to_seen_ms={}", ms(seen - edit));
+    let (_, out, _) = cl.client(&["list", "--json"]);
+    assert!(out.contains(&cip.to_string()), "{out}");
+
+    // q: C deregisters and exits cleanly.
+    cl.c.send_line("q");
+    let status = cl.c.wait_exit(long);
+    assert!(status.success(), "{status:?}");
+    cl.watcher
+        .wait(Instant::now(), long, "C gone", |v| v.on(cip).is_empty())
+        .await;
+    let (_, out, _) = cl.client(&["list", "--json"]);
+    assert!(!out.contains(&cip.to_string()), "{out}");
+    assert_eq!(cl.watcher.now().on(bip), b_expected());
+}
+
+/// Writes `bytes` to the registry on a fresh connection, then reads until
+/// the registry closes it (or a short while passes).
+fn send_raw(addr: SocketAddr, bytes: &[u8]) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// An HTTP/2 frame header: 24-bit length, type, flags, stream id.
+fn frame(len: u32, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend([kind, flags]);
+    f.extend(stream.to_be_bytes());
+    f.extend(payload);
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lan_registry_fed_bad_input_keeps_serving_and_loses_nothing() {
+    use registry_proto::registry::v1::{GrantLeaseRequest, RegisterRequest, ResolveRequest};
+    let Some(mut cl) = Cluster::start().await else {
+        return;
+    };
+    let (bip, cip) = (cl.b_ip(), cl.c_ip());
+    let addr: SocketAddr = cl.registry_addr().parse().unwrap();
+    let start = Instant::now();
+
+    // Idle connections that never say anything, held open throughout.
+    let idle: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap())
+        .collect();
+    // Garbage, then malformed HTTP/2.
+    let garbage: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    send_raw(addr, &garbage);
+    send_raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    let settings = frame(0, 4, 0, 0, &[]);
+    for bad in [
+        frame(5, 4, 0, 0, &[1, 2, 3, 4, 5]), // SETTINGS of a bad length
+        frame(8, 1, 4, 1, &[0xff; 8]),       // HEADERS with a broken HPACK block
+        frame(0x00ff_ffff, 0, 0, 1, &[0; 1024]), // DATA far over the frame size limit
+        frame(4, 3, 0, 0, &[0, 0, 0, 1]),    // RST_STREAM on stream 0
+        frame(4, 8, 0, 0, &[0x7f, 0xff, 0xff, 0xff]), // WINDOW_UPDATE overflow
+    ] {
+        let mut bytes = preface.clone();
+        bytes.extend(&settings);
+        bytes.extend(bad);
+        send_raw(addr, &bytes);
+    }
+
+    // Invalid fields and a huge message, over gRPC.
+    let mut client = RegistryClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let lease = client
+        .grant_lease(GrantLeaseRequest { ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .into_inner();
+    let instance = |service: &str, port: u32, weight: u32| Instance {
+        service: service.to_string(),
+        host: cl.lan.gateway().to_string(),
+        port,
+        weight,
+        ..Default::default()
+    };
+    let register = |inst: Instance, fds: Vec<u8>| RegisterRequest {
+        lease_id: lease.lease_id,
+        lease_secret: lease.lease_secret.clone(),
+        instance: Some(inst),
+        file_descriptor_set: fds,
+    };
+    let bad_requests = vec![
+        register(instance("bad name!", 1, 1), vec![]),
+        register(instance(&"x".repeat(1000), 1, 1), vec![]),
+        register(instance("flood", 0, 1), vec![]),
+        register(instance("flood", 1, 100_000), vec![]),
+        register(instance("flood", 1, 1), vec![0xff; 100]),
+        register(instance("flood", 1, 1), vec![0; 8 * 1024 * 1024]),
+        RegisterRequest {
+            lease_secret: "wrong".into(),
+            ..register(instance("flood", 1, 1), vec![])
+        },
+        RegisterRequest {
+            instance: None,
+            ..register(instance("flood", 1, 1), vec![])
+        },
+    ];
+    for req in bad_requests {
+        let err = client
+            .register(req)
+            .await
+            .expect_err("a bad Register was accepted");
+        eprintln!(
+            "bad register refused: {:?} {}",
+            err.code(),
+            err.message().chars().take(120).collect::<String>()
+        );
+    }
+
+    // A flood of registrations: many instances, many concurrent calls.
+    let flood_start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..16u32 {
+        let mut client = client.clone();
+        let reqs: Vec<_> = (0..64u32)
+            .map(|i| register(instance("flood", 1 + worker * 64 + i, 1), vec![]))
+            .collect();
+        tasks.spawn(async move {
+            let mut ok = 0;
+            for r in reqs {
+                if client.register(r).await.is_ok() {
+                    ok += 1;
+                }
+            }
+            ok
+        });
+    }
+    let mut accepted = 0;
+    while let Some(n) = tasks.join_next().await {
+        accepted += n.unwrap();
+    }
+    println!(
+        "TIMING flood_1024_registrations_ms={} accepted={accepted}",
+        ms(flood_start.elapsed())
+    );
+
+    // Still serving, and the well-behaved nodes never lost an instance.
+    assert!(cl.registry.is_running(), "the registry died");
+    let calc = client
+        .resolve(ResolveRequest {
+            service: "calculator".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hosts: Vec<_> = calc.instances.iter().map(|i| i.host.clone()).collect();
+    assert!(
+        hosts.contains(&bip.to_string()) && hosts.contains(&cip.to_string()),
+        "{hosts:?}"
+    );
+    let (status, out, _) = cl.client(&["call", "calculator/Add", "a=2", "b=3"]);
+    assert!(status.success() && out.contains('5'), "{out}");
+    {
+        let log = cl.watcher.log.lock().unwrap();
+        for (t, v) in log.iter().filter(|(t, _)| *t >= start) {
+            assert!(
+                v.on(bip) == b_expected() && v.on(cip) == c_expected(),
+                "a well-behaved node lost an instance at +{:?}: {v:?}",
+                *t - start
+            );
+        }
+    }
+    drop(idle);
+}
