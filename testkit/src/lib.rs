@@ -75,7 +75,9 @@ pub struct Process {
 impl Process {
     /// Starts `cmd` with piped stdin/stdout/stderr.
     pub fn spawn(name: &str, mut cmd: Command) -> Process {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
@@ -183,7 +185,11 @@ impl Process {
             .arg(self.child.id().to_string())
             .status()
             .unwrap();
-        assert!(status.success(), "kill -{signal} {} failed", self.child.id());
+        assert!(
+            status.success(),
+            "kill -{signal} {} failed",
+            self.child.id()
+        );
     }
 
     /// SIGKILL, then reaps the process.
@@ -222,8 +228,12 @@ impl Drop for Process {
 /// Runs a binary to completion (e.g. `client list`) and returns its exit
 /// status, stdout and stderr.
 pub fn run(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -238,7 +248,10 @@ pub fn run(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) 
     };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    eprintln!("[run {cmd:?}] exit {:?}\n--stdout--\n{stdout}--stderr--\n{stderr}", out.status);
+    eprintln!(
+        "[run {cmd:?}] exit {:?}\n--stdout--\n{stdout}--stderr--\n{stderr}",
+        out.status
+    );
     (out.status, stdout, stderr)
 }
 

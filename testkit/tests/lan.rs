@@ -410,14 +410,6 @@ impl Cluster {
         cmd.env("REGISTRY_ADDR", self.registry_addr()).args(args);
         testkit::run(cmd, Duration::from_secs(60))
     }
-
-    /// `client ARGS` on host D, running in the background.
-    #[allow(dead_code)]
-    fn spawn_client(&self, name: &str, args: &[&str]) -> Process {
-        let mut cmd = self.d().command("client");
-        cmd.env("REGISTRY_ADDR", self.registry_addr()).args(args);
-        Process::spawn(name, cmd)
-    }
 }
 
 fn b_expected() -> Vec<(String, u32)> {
@@ -456,41 +448,65 @@ fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
-/// Calls `calculator/Add a=1 b=2` from D over and over in the background;
-/// `Calls::stop` returns (successes, failures with their output).
-struct Calls {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(usize, Vec<String>)>,
+/// `client call calculator/Add a=1 b=2 --repeat N` running on D, N sized
+/// from a short calibration run so the calls last about `duration`. One
+/// process throughout: it keeps its view of the registry, as a long-running
+/// client would.
+struct RepeatedCalls {
+    process: Process,
+    n: u32,
 }
 
-impl Calls {
-    fn start(d: &Host, registry: &str) -> Calls {
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (d, registry) = (d.clone(), registry.to_string());
-        let thread = std::thread::spawn({
-            let stop = stop.clone();
-            move || {
-                let (mut ok, mut failed) = (0, Vec::new());
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let mut cmd = d.command("client");
-                    cmd.env("REGISTRY_ADDR", &registry).env("RUST_LOG", "warn");
-                    cmd.args(["call", "calculator/Add", "a=1", "b=2"]);
-                    let (status, out, err) = testkit::run(cmd, Duration::from_secs(30));
-                    if status.success() && out.contains('3') {
-                        ok += 1;
-                    } else {
-                        failed.push(format!("{status:?}\n{out}\n{err}"));
-                    }
-                }
-                (ok, failed)
-            }
-        });
-        Calls { stop, thread }
+impl RepeatedCalls {
+    fn start(cl: &Cluster, duration: Duration) -> RepeatedCalls {
+        // Two runs, so process start and registry sync cancel out.
+        let timed = |n: u32| {
+            let t = Instant::now();
+            let n = n.to_string();
+            let (status, _, _) =
+                cl.client(&["call", "calculator/Add", "a=1", "b=2", "--repeat", &n]);
+            assert!(status.success(), "calibration calls failed");
+            t.elapsed()
+        };
+        const PROBE: u32 = 300;
+        let one = timed(1);
+        let many = timed(1 + PROBE);
+        let per_call = many.saturating_sub(one).max(Duration::from_micros(50)) / PROBE;
+        let n = (duration.as_secs_f64() / per_call.as_secs_f64()).clamp(200.0, 200_000.0) as u32;
+        let mut cmd = cl.d().command("client");
+        cmd.env("REGISTRY_ADDR", cl.registry_addr())
+            .env("RUST_LOG", "warn");
+        cmd.args([
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=2",
+            "--repeat",
+            &n.to_string(),
+        ]);
+        let process = Process::spawn("calls", cmd);
+        RepeatedCalls { process, n }
     }
 
-    fn stop(self) -> (usize, Vec<String>) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.thread.join().unwrap()
+    /// Asserts the calls are still going (so they span what happens next).
+    fn assert_running(&mut self, what: &str) {
+        assert!(
+            self.process.is_running(),
+            "the {} calls ended before {what}: the calibration was off",
+            self.n
+        );
+    }
+
+    /// Waits for the end; asserts that every call succeeded and returns the
+    /// summary line.
+    fn finish(mut self) -> String {
+        let status = self.process.wait_exit(Duration::from_secs(120));
+        let line = self
+            .process
+            .wait_for_line(" calls to calculator (", Duration::from_secs(1));
+        assert!(line.ends_with(", 0 failed"), "some calls failed: {line}");
+        assert!(status.success(), "{status:?}: {line}");
+        line
     }
 }
 
@@ -525,9 +541,17 @@ async fn lan_kill9_of_a_node_fails_no_call_and_its_instances_go_at_once() {
         return;
     };
     let bip = cl.b_ip();
-    let calls = Calls::start(cl.d(), &cl.registry_addr());
-    std::thread::sleep(Duration::from_millis(1500)); // calls under way, on both nodes
+    let b_addr = format!("{bip}:");
+    // A second watcher: the client's own `watch`, on host D.
+    let mut cmd = cl.d().command("client");
+    cmd.env("REGISTRY_ADDR", cl.registry_addr()).arg("watch");
+    let d_watch = Process::spawn("watch", cmd);
+    d_watch.wait_for_line(&format!("+ calculator {b_addr}"), READY_TIMEOUT);
+    let cursor = d_watch.line_count();
+    let mut calls = RepeatedCalls::start(&cl, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(1000)); // calls under way, on both nodes
 
+    calls.assert_running("the crash");
     let crash = Instant::now();
     cl.b.kill9();
     let gone = cl
@@ -537,14 +561,21 @@ async fn lan_kill9_of_a_node_fails_no_call_and_its_instances_go_at_once() {
         })
         .await;
     println!("TIMING crash_to_gone_ms={}", ms(gone - crash));
+    d_watch.wait_for_line_after(
+        cursor,
+        &format!("- calculator {b_addr}"),
+        Duration::from_secs(10),
+    );
+    println!(
+        "TIMING crash_to_gone_on_client_watch_ms={}",
+        ms(crash.elapsed())
+    );
     // A crash breaks the KeepAlive connection: no need to wait for the TTL.
     assert!(gone - crash < TTL, "took {:?}", gone - crash);
+    calls.assert_running("B was gone");
 
-    std::thread::sleep(Duration::from_millis(1500)); // more calls, C only
-    let (ok, failed) = calls.stop();
-    println!("calls during the crash: {ok} ok, {} failed", failed.len());
-    assert!(failed.is_empty(), "calls failed: {failed:#?}");
-    assert!(ok >= 2, "too few calls made: {ok}");
+    let summary = calls.finish();
+    println!("calls across the crash: {summary}");
     assert_eq!(cl.watcher.now().on(cl.c_ip()), c_expected());
 }
 
@@ -594,13 +625,14 @@ async fn lan_registry_restart_nodes_register_again_and_calls_go_on() {
     };
     let (bip, cip) = (cl.b_ip(), cl.c_ip());
     let old_id = cl.watcher.now().registry_id;
-    let calls = Calls::start(cl.d(), &cl.registry_addr());
+    let mut calls = RepeatedCalls::start(&cl, Duration::from_secs(8));
     std::thread::sleep(Duration::from_millis(1000));
 
+    calls.assert_running("the registry was killed");
     cl.registry.kill9();
     std::thread::sleep(Duration::from_millis(500)); // clients and nodes notice it gone
-    cl.registry = start_registry(cl.lan.host(0));
     let restart = Instant::now();
+    cl.registry = start_registry(cl.lan.host(0));
     let back = cl
         .watcher
         .wait(
@@ -616,12 +648,10 @@ async fn lan_registry_restart_nodes_register_again_and_calls_go_on() {
         "took {:?}",
         back - restart
     );
+    calls.assert_running("the nodes were back");
 
-    std::thread::sleep(Duration::from_millis(1000));
-    let (ok, failed) = calls.stop();
-    println!("calls across the restart: {ok} ok, {} failed", failed.len());
-    assert!(failed.is_empty(), "calls failed: {failed:#?}");
-    assert!(ok >= 2, "too few calls made: {ok}");
+    let summary = calls.finish();
+    println!("calls across the restart: {summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
