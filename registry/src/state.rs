@@ -466,3 +466,482 @@ fn event(
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    fn instance(service: &str, id: &str, weight: u32) -> pb::Instance {
+        pb::Instance {
+            service: service.into(),
+            instance_id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    fn register(g: &Granted, i: pb::Instance, descriptors: Option<&[u8]>) -> validate::Register {
+        validate::Register {
+            lease_id: g.lease_id,
+            lease_secret: g.lease_secret.clone(),
+            instance: i,
+            descriptors: descriptors.map(<[u8]>::to_vec),
+        }
+    }
+
+    fn deregister(g: &Granted, service: &str, id: &str) -> validate::Deregister {
+        validate::Deregister {
+            lease_id: g.lease_id,
+            lease_secret: g.lease_secret.clone(),
+            service: service.into(),
+            instance_id: id.into(),
+        }
+    }
+
+    fn kinds(events: &[Event]) -> Vec<(Kind, u64)> {
+        events.iter().map(|e| (e.kind(), e.revision)).collect()
+    }
+
+    #[test]
+    fn register_update_and_no_op() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let g = s.grant_lease(0, now);
+        assert_eq!(g.ttl, Duration::from_millis(1500));
+        let (i, ev) = s
+            .register(register(&g, instance("a", "1", 1), None))
+            .unwrap();
+        assert_eq!((i.lease_id, i.revision), (g.lease_id, 1));
+        assert_eq!(kinds(&ev), [(Kind::Added, 1)]);
+        // The same again changes nothing: no event, same revision.
+        let (i, ev) = s
+            .register(register(&g, instance("a", "1", 1), None))
+            .unwrap();
+        assert!(ev.is_empty());
+        assert_eq!(i.revision, 1);
+        let (i, ev) = s
+            .register(register(&g, instance("a", "1", 2), None))
+            .unwrap();
+        assert_eq!(kinds(&ev), [(Kind::Updated, 2)]);
+        assert_eq!((i.weight, i.revision), (2, 2));
+        assert_eq!(s.revision(), 2);
+    }
+
+    #[test]
+    fn ownership_is_enforced() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let a = s.grant_lease(0, now);
+        let b = s.grant_lease(0, now);
+        s.register(register(&a, instance("svc", "x", 1), None))
+            .unwrap();
+        let shadow = s.register(register(&b, instance("svc", "x", 5), None));
+        assert!(matches!(shadow, Err(Error::NotOwner { .. })));
+        assert!(matches!(
+            s.deregister(deregister(&b, "svc", "x")),
+            Err(Error::NotOwner { .. })
+        ));
+        let mut wrong = deregister(&a, "svc", "x");
+        wrong.lease_secret = b.lease_secret.clone();
+        assert!(matches!(s.deregister(wrong), Err(Error::WrongSecret(_))));
+        let mut unknown = deregister(&a, "svc", "x");
+        unknown.lease_id = 12345;
+        assert!(matches!(
+            s.deregister(unknown),
+            Err(Error::LeaseNotFound(12345))
+        ));
+        assert_eq!(s.resolve("svc")[0].weight, 1, "nothing changed");
+        assert_eq!(s.revision(), 1);
+    }
+
+    #[test]
+    fn expiry_and_revocation_remove_the_leases_instances() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let short = s.grant_lease(200, now);
+        let long = s.grant_lease(5000, now);
+        s.register(register(&short, instance("svc", "1", 1), None))
+            .unwrap();
+        s.register(register(&short, instance("svc", "2", 1), None))
+            .unwrap();
+        s.register(register(&long, instance("svc", "3", 1), None))
+            .unwrap();
+        assert!(s.expire(now + Duration::from_millis(199)).is_empty());
+        let ev = s.expire(now + Duration::from_millis(200));
+        assert_eq!(kinds(&ev), [(Kind::Removed, 4), (Kind::Removed, 5)]);
+        assert!(ev.iter().all(|e| e.reason() == RemovalReason::LeaseExpired));
+        assert_eq!(s.lease_count(), 1);
+        let (removed, ev) = s.revoke_lease(long.lease_id, &long.lease_secret).unwrap();
+        assert_eq!(removed, 1);
+        assert_eq!(ev[0].reason(), RemovalReason::LeaseRevoked);
+        assert!(s.list_services().is_empty());
+        assert_eq!(s.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_closed_stream_revokes_only_the_lease_attached_to_it() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let g = s.grant_lease(0, now);
+        s.register(register(&g, instance("svc", "1", 1), None))
+            .unwrap();
+        s.keep_alive(g.lease_id, &g.lease_secret, Some(1), now)
+            .unwrap();
+        // Stream 2 takes the lease over; stream 1 ending changes nothing.
+        s.keep_alive(g.lease_id, &g.lease_secret, Some(2), now)
+            .unwrap();
+        assert!(s.stream_closed(g.lease_id, 1).is_empty());
+        let ev = s.stream_closed(g.lease_id, 2);
+        assert_eq!(ev[0].reason(), RemovalReason::KeepaliveClosed);
+        assert_eq!(s.lease_count(), 0);
+    }
+
+    #[test]
+    fn descriptors_are_stored_once_and_dropped_with_their_last_user() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let g = s.grant_lease(0, now);
+        let bytes = registry_proto::CALCULATOR_DESCRIPTORS;
+        for id in 0..100 {
+            let mut i = instance("calc", &id.to_string(), 1);
+            i.proto_service = "calculator.v1.Calculator".into();
+            s.register(register(&g, i, Some(bytes))).unwrap();
+        }
+        assert_eq!(s.descriptor_count(), 1);
+        let (proto, d) = s.descriptors("calc").unwrap();
+        assert_eq!(proto, "calculator.v1.Calculator");
+        assert_eq!(&*d, bytes);
+        drop(d);
+        // Other content: a second copy; replacing it releases it.
+        s.register(register(&g, instance("calc", "0", 1), Some(b"other")))
+            .unwrap();
+        assert_eq!(s.descriptor_count(), 2);
+        s.register(register(&g, instance("calc", "0", 1), None))
+            .unwrap();
+        assert_eq!(s.descriptor_count(), 1);
+        s.revoke_lease(g.lease_id, &g.lease_secret).unwrap();
+        assert_eq!(s.descriptor_count(), 0);
+        assert!(matches!(
+            s.descriptors("calc"),
+            Err(Error::ServiceNotFound(_))
+        ));
+    }
+
+    #[test]
+    fn snapshot_filters_by_service() {
+        let now = Instant::now();
+        let mut s = State::new(Config::default());
+        let g = s.grant_lease(0, now);
+        for svc in ["a", "b", "c"] {
+            s.register(register(&g, instance(svc, "1", 1), None))
+                .unwrap();
+        }
+        let only: BTreeSet<String> = ["b".to_string(), "zz".to_string()].into();
+        let snap = s.snapshot(&only);
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].instance.as_ref().unwrap().service, "b");
+        assert_eq!(s.snapshot(&BTreeSet::new()).len(), 3);
+    }
+
+    // ---- Model test: random operations against a trivially correct model.
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant {
+            ttl_ms: u64,
+        },
+        Register {
+            lease: usize,
+            service: u8,
+            id: u8,
+            weight: u32,
+            wrong_secret: bool,
+        },
+        Update {
+            lease: usize,
+            service: u8,
+            id: u8,
+            weight: u32,
+        },
+        Deregister {
+            lease: usize,
+            service: u8,
+            id: u8,
+        },
+        Revoke {
+            lease: usize,
+        },
+        KeepAlive {
+            lease: usize,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let lease = 0usize..6;
+        prop_oneof![
+            (100u64..1000).prop_map(|ttl_ms| Op::Grant { ttl_ms }),
+            (
+                lease.clone(),
+                0u8..3,
+                0u8..4,
+                1u32..4,
+                proptest::bool::weighted(0.1)
+            )
+                .prop_map(|(lease, service, id, weight, wrong_secret)| Op::Register {
+                    lease,
+                    service,
+                    id,
+                    weight,
+                    wrong_secret
+                }),
+            (lease.clone(), 0u8..3, 0u8..4, 1u32..4).prop_map(|(lease, service, id, weight)| {
+                Op::Update {
+                    lease,
+                    service,
+                    id,
+                    weight,
+                }
+            }),
+            (lease.clone(), 0u8..3, 0u8..4).prop_map(|(lease, service, id)| Op::Deregister {
+                lease,
+                service,
+                id
+            }),
+            lease.clone().prop_map(|lease| Op::Revoke { lease }),
+            lease.prop_map(|lease| Op::KeepAlive { lease }),
+            (0u64..700).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    /// The model: which lease (by grant order) owns which instance, with
+    /// what weight; and when each lease dies.
+    #[derive(Default)]
+    struct Model {
+        instances: BTreeMap<(String, String), (usize, u32)>,
+        deadlines: BTreeMap<usize, u64>,
+        ttls: Vec<u64>,
+    }
+
+    impl Model {
+        fn expire(&mut self, now_ms: u64) {
+            let dead: Vec<usize> = self
+                .deadlines
+                .iter()
+                .filter(|&(_, &d)| d <= now_ms)
+                .map(|(&l, _)| l)
+                .collect();
+            for l in dead {
+                self.drop_lease(l);
+            }
+        }
+        fn drop_lease(&mut self, lease: usize) {
+            self.deadlines.remove(&lease);
+            self.instances.retain(|_, (owner, _)| *owner != lease);
+        }
+        fn alive(&self, lease: usize) -> bool {
+            self.deadlines.contains_key(&lease)
+        }
+        /// The error the registry must give for a change of `key` by `lease`.
+        fn refusal(
+            &self,
+            lease: usize,
+            key: &(String, String),
+            must_exist: bool,
+        ) -> Option<&'static str> {
+            if !self.alive(lease) {
+                return Some("lease");
+            }
+            match self.instances.get(key) {
+                None if must_exist => Some("missing"),
+                Some((owner, _)) if *owner != lease => Some("owner"),
+                _ => None,
+            }
+        }
+    }
+
+    fn error_kind(e: &Error) -> &'static str {
+        match e {
+            Error::LeaseNotFound(_) => "lease",
+            Error::WrongSecret(_) => "secret",
+            Error::InstanceNotFound { .. } => "missing",
+            Error::NotOwner { .. } => "owner",
+            _ => "other",
+        }
+    }
+
+    fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let start = Instant::now();
+        let mut now_ms = 0u64;
+        let mut state = State::new(Config::default());
+        let mut model = Model::default();
+        let mut granted: Vec<Granted> = Vec::new();
+        let mut replica: BTreeMap<(String, String), pb::Instance> = BTreeMap::new();
+        let mut last_revision = 0u64;
+
+        for op in ops {
+            let now = start + Duration::from_millis(now_ms);
+            // As the store does before every call.
+            let mut events = state.expire(now);
+            model.expire(now_ms);
+            let key = |service: u8, id: u8| (format!("svc{service}"), format!("i{id}"));
+            let pick = |lease: usize| lease.checked_rem(granted.len().max(1)).unwrap_or(0);
+
+            let outcome: Result<(), Error> = match op.clone() {
+                Op::Grant { ttl_ms } => {
+                    granted.push(state.grant_lease(ttl_ms, now));
+                    let l = granted.len() - 1;
+                    model.ttls.push(ttl_ms);
+                    model.deadlines.insert(l, now_ms + ttl_ms);
+                    Ok(())
+                }
+                _ if granted.is_empty() => Ok(()),
+                Op::Register {
+                    lease,
+                    service,
+                    id,
+                    weight,
+                    wrong_secret,
+                } => {
+                    let l = pick(lease);
+                    let g = &granted[l];
+                    let k = key(service, id);
+                    let mut request = register(g, instance(&k.0, &k.1, weight), None);
+                    if wrong_secret {
+                        request.lease_secret = "wrong".into();
+                    }
+                    let expected = if !model.alive(l) {
+                        Some("lease")
+                    } else if wrong_secret {
+                        Some("secret")
+                    } else {
+                        model.refusal(l, &k, false)
+                    };
+                    let result = state.register(request);
+                    prop_assert_eq!(result.as_ref().err().map(error_kind), expected);
+                    if expected.is_none() {
+                        model.instances.insert(k, (l, weight));
+                    }
+                    result.map(|(_, e)| events.extend(e))
+                }
+                Op::Update {
+                    lease,
+                    service,
+                    id,
+                    weight,
+                } => {
+                    let l = pick(lease);
+                    let g = &granted[l];
+                    let k = key(service, id);
+                    let expected = model.refusal(l, &k, true);
+                    let result = state.update(validate::Update {
+                        lease_id: g.lease_id,
+                        lease_secret: g.lease_secret.clone(),
+                        service: k.0.clone(),
+                        instance_id: k.1.clone(),
+                        weight: Some(weight),
+                        metadata: None,
+                    });
+                    prop_assert_eq!(result.as_ref().err().map(error_kind), expected);
+                    if expected.is_none() {
+                        model.instances.insert(k, (l, weight));
+                    }
+                    result.map(|(_, e)| events.extend(e))
+                }
+                Op::Deregister { lease, service, id } => {
+                    let l = pick(lease);
+                    let k = key(service, id);
+                    let expected = model.refusal(l, &k, true);
+                    let result = state.deregister(deregister(&granted[l], &k.0, &k.1));
+                    prop_assert_eq!(result.as_ref().err().map(error_kind), expected);
+                    if expected.is_none() {
+                        model.instances.remove(&k);
+                    }
+                    result.map(|e| events.extend(e))
+                }
+                Op::Revoke { lease } => {
+                    let l = pick(lease);
+                    let g = &granted[l];
+                    let alive = model.alive(l);
+                    let owned = model.instances.values().filter(|(o, _)| *o == l).count();
+                    let result = state.revoke_lease(g.lease_id, &g.lease_secret);
+                    prop_assert_eq!(result.is_ok(), alive);
+                    if let Ok((removed, _)) = &result {
+                        prop_assert_eq!(*removed as usize, owned);
+                    }
+                    model.drop_lease(l);
+                    result.map(|(_, e)| events.extend(e))
+                }
+                Op::KeepAlive { lease } => {
+                    let l = pick(lease);
+                    let g = &granted[l];
+                    let alive = model.alive(l);
+                    let result = state.keep_alive(g.lease_id, &g.lease_secret, None, now);
+                    prop_assert_eq!(result.is_ok(), alive);
+                    if alive {
+                        model.deadlines.insert(l, now_ms + model.ttls[l]);
+                    }
+                    result.map(|_| ())
+                }
+                Op::Advance { ms } => {
+                    now_ms += ms;
+                    Ok(())
+                }
+            };
+            let _ = outcome;
+
+            // Revisions strictly increase, and end at the state's.
+            for e in &events {
+                prop_assert!(e.revision > last_revision, "revision went back: {:?}", e);
+                last_revision = e.revision;
+                let i = e.instance.clone().unwrap_or_default();
+                let k = (i.service.clone(), i.instance_id.clone());
+                match e.kind() {
+                    Kind::Added => prop_assert!(replica.insert(k, i).is_none(), "ADDED twice"),
+                    Kind::Updated => {
+                        prop_assert!(replica.insert(k, i).is_some(), "UPDATED unknown")
+                    }
+                    Kind::Removed => prop_assert!(replica.remove(&k).is_some(), "REMOVED unknown"),
+                    Kind::Unspecified => prop_assert!(false, "unspecified event"),
+                }
+            }
+            prop_assert_eq!(state.revision(), last_revision);
+
+            // Replaying the events gives exactly the state...
+            let snapshot: BTreeMap<_, _> = state
+                .snapshot(&BTreeSet::new())
+                .into_iter()
+                .filter_map(|e| e.instance)
+                .map(|i| ((i.service.clone(), i.instance_id.clone()), i))
+                .collect();
+            prop_assert_eq!(&snapshot, &replica);
+            // ...and the state is the model's.
+            let seen: BTreeMap<_, _> = snapshot
+                .iter()
+                .map(|(k, i)| (k.clone(), (i.lease_id, i.weight)))
+                .collect();
+            let expected: BTreeMap<_, _> = model
+                .instances
+                .iter()
+                .map(|(k, (l, w))| (k.clone(), (granted[*l].lease_id, *w)))
+                .collect();
+            prop_assert_eq!(seen, expected);
+            prop_assert_eq!(state.lease_count(), model.deadlines.len());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn random_operations_match_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+            run_model(ops)?;
+        }
+    }
+}

@@ -121,3 +121,132 @@ pub async fn everything(client: &mut Client) -> (Vec<pb::ServiceSummary>, Vec<pb
 
 /// Generous bound for things that should happen "promptly".
 pub const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// A watcher's exact local copy of the registry, kept from a Watch stream;
+/// it checks the stream's promises as it goes: strictly increasing
+/// revisions, no ADDED for a known instance, no UPDATED/REMOVED for an
+/// unknown one.
+#[derive(Debug, Default)]
+pub struct Replica {
+    pub instances: std::collections::BTreeMap<(String, String), pb::Instance>,
+    pub revision: u64,
+    pub registry_id: String,
+    pub resets: usize,
+    /// Every event applied, in order.
+    pub log: Vec<pb::Event>,
+}
+
+impl Replica {
+    /// Applies one Watch message.
+    pub fn apply(&mut self, response: pb::WatchResponse) {
+        use pb::event::Kind;
+        assert!(!response.registry_id.is_empty(), "registry_id missing");
+        if !self.registry_id.is_empty() {
+            assert_eq!(
+                self.registry_id, response.registry_id,
+                "registry_id changed"
+            );
+        }
+        self.registry_id = response.registry_id.clone();
+        if response.reset {
+            self.resets += 1;
+            self.instances.clear();
+            for e in response.events {
+                assert_eq!(e.kind(), Kind::Added, "reset events are all ADDED");
+                assert!(e.revision <= response.revision);
+                let i = e.instance.unwrap();
+                self.instances
+                    .insert((i.service.clone(), i.instance_id.clone()), i);
+            }
+            assert!(
+                response.revision >= self.revision,
+                "reset went back in time"
+            );
+            self.revision = response.revision;
+            return;
+        }
+        assert!(!response.events.is_empty(), "empty change message");
+        for e in &response.events {
+            assert!(
+                e.revision > self.revision,
+                "revision {} after {}: not strictly increasing",
+                e.revision,
+                self.revision
+            );
+            self.revision = e.revision;
+            let i = e.instance.clone().unwrap();
+            let key = (i.service.clone(), i.instance_id.clone());
+            match e.kind() {
+                Kind::Added => assert!(
+                    self.instances.insert(key.clone(), i).is_none(),
+                    "ADDED for an instance already there: {key:?} (duplicate)"
+                ),
+                Kind::Updated => assert!(
+                    self.instances.insert(key.clone(), i).is_some(),
+                    "UPDATED for an unknown instance: {key:?} (gap)"
+                ),
+                Kind::Removed => assert!(
+                    self.instances.remove(&key).is_some(),
+                    "REMOVED for an unknown instance: {key:?} (gap)"
+                ),
+                Kind::Unspecified => panic!("event without kind"),
+            }
+        }
+        assert!(response.revision >= self.revision);
+        self.revision = response.revision;
+        self.log.extend(response.events);
+    }
+}
+
+/// Opens a Watch of `services` (all when empty).
+pub async fn watch(client: &mut Client, services: &[&str]) -> tonic::Streaming<pb::WatchResponse> {
+    client
+        .watch(pb::WatchRequest {
+            services: services.iter().map(|s| s.to_string()).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Reads Watch messages into `replica` until `done` holds (panics after a
+/// generous timeout).
+pub async fn follow_until(
+    stream: &mut tonic::Streaming<pb::WatchResponse>,
+    replica: &mut Replica,
+    mut done: impl FnMut(&Replica) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !done(replica) {
+        let message = tokio::time::timeout_at(deadline, stream.message())
+            .await
+            .expect("watch: condition not reached in time")
+            .expect("watch stream failed")
+            .expect("watch stream ended");
+        replica.apply(message);
+    }
+}
+
+/// A KeepAlive stream: the sender of heartbeats and the stream of answers.
+pub struct KeepAlive {
+    pub tx: tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
+    pub responses: tonic::Streaming<pb::KeepAliveResponse>,
+}
+
+/// Opens a KeepAlive stream for `lease` and sends the first heartbeat.
+pub async fn keep_alive(client: &mut Client, lease: &Lease) -> KeepAlive {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let heartbeat = pb::KeepAliveRequest {
+        lease_id: lease.id,
+        lease_secret: lease.secret.clone(),
+    };
+    tx.send(heartbeat).await.unwrap();
+    let mut responses = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().unwrap();
+    assert_eq!(first.lease_id, lease.id);
+    KeepAlive { tx, responses }
+}

@@ -1,0 +1,137 @@
+//! Watch: a snapshot, then every change in order, with no gap and no
+//! duplicate, even while many clients change the registry at once.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use registry_proto::registry::v1 as pb;
+use testkit::Registry;
+
+/// Everything the registry holds, keyed like a replica, read with Resolve.
+async fn resolved(
+    client: &mut Client,
+    services: &[&str],
+) -> BTreeMap<(String, String), pb::Instance> {
+    let mut all = BTreeMap::new();
+    for service in services {
+        for i in resolve(client, service).await {
+            all.insert((i.service.clone(), i.instance_id.clone()), i);
+        }
+    }
+    all
+}
+
+#[tokio::test]
+async fn watchers_see_every_change_in_order_under_concurrent_load() {
+    const SERVICES: [&str; 3] = ["alpha", "beta", "gamma"];
+    const WRITERS: usize = 32;
+    const ROUNDS: usize = 12;
+
+    let registry = Registry::start(&[]);
+    let mut client = registry.client().await;
+    // Something to snapshot before the storm.
+    let seed = grant(&mut client, 0).await;
+    register(&mut client, &seed, instance("alpha", "seed", 1)).await;
+
+    let mut all_stream = watch(&mut client, &[]).await;
+    let mut all = Replica::default();
+    follow_until(&mut all_stream, &mut all, |r| r.resets == 1).await;
+    assert_eq!(all.instances.len(), 1, "the snapshot holds the seed");
+    let mut beta_stream = watch(&mut client, &["beta"]).await;
+    let mut beta = Replica::default();
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mut client = registry.client().await;
+        writers.push(tokio::spawn(async move {
+            let lease = grant(&mut client, 0).await;
+            for round in 0..ROUNDS {
+                let service = SERVICES[(w + round) % SERVICES.len()];
+                let id = format!("w{w}-{}", round % 4);
+                let mut i = instance(service, &id, 1000 + w as u32);
+                i.weight = 1 + (round as u32 % 7);
+                register(&mut client, &lease, i).await;
+                if round % 3 == 2 {
+                    deregister(&mut client, &lease, service, &id).await.unwrap();
+                }
+            }
+            if w % 4 == 0 {
+                // Some writers leave entirely.
+                client
+                    .revoke_lease(pb::RevokeLeaseRequest {
+                        lease_id: lease.id,
+                        lease_secret: lease.secret.clone(),
+                    })
+                    .await
+                    .unwrap();
+            }
+            lease
+        }));
+    }
+
+    // A watcher that joins in the middle must fit in just as well.
+    let mut late_stream = watch(&mut client, &[]).await;
+    let mut late = Replica::default();
+
+    let mut leases = Vec::new();
+    for w in writers {
+        leases.push(w.await.unwrap());
+    }
+    let revision = client
+        .list_services(pb::ListServicesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    assert!(revision > 100, "the load made changes ({revision})");
+
+    let truth = resolved(&mut client, &SERVICES).await;
+    follow_until(&mut all_stream, &mut all, |r| r.revision >= revision).await;
+    assert_eq!(all.instances, truth, "replayed events == Resolve");
+    assert_eq!(all.resets, 1, "no reset was needed");
+    follow_until(&mut late_stream, &mut late, |r| r.revision >= revision).await;
+    assert_eq!(late.instances, truth, "late watcher == Resolve");
+
+    // The filtered watcher sees only beta, and all of it.
+    let beta_truth = resolved(&mut client, &["beta"]).await;
+    follow_until(&mut beta_stream, &mut beta, |r| {
+        r.resets >= 1 && r.instances == beta_truth
+    })
+    .await;
+    assert!(
+        beta.log
+            .iter()
+            .all(|e| e.instance.as_ref().unwrap().service == "beta"),
+        "a filtered watcher only gets its services"
+    );
+    assert_eq!(all.registry_id, beta.registry_id);
+
+    // One more change reaches everyone, with the next revision.
+    deregister(&mut client, &seed, "alpha", "seed")
+        .await
+        .unwrap();
+    follow_until(&mut all_stream, &mut all, |r| r.revision > revision).await;
+    let last = all.log.last().unwrap();
+    assert_eq!(last.revision, revision + 1);
+    assert_eq!(last.kind(), pb::event::Kind::Removed);
+    assert_eq!(last.reason(), pb::RemovalReason::Deregistered);
+}
+
+#[tokio::test]
+async fn registry_id_differs_between_registries() {
+    let a = Registry::start(&[]);
+    let b = Registry::start(&[]);
+    let first = |r: Registry| async move {
+        let mut client = r.client().await;
+        let mut stream = watch(&mut client, &[]).await;
+        let response = stream.message().await.unwrap().unwrap();
+        assert!(response.reset);
+        assert_eq!(response.revision, 0);
+        assert!(response.events.is_empty());
+        response.registry_id
+    };
+    assert_ne!(first(a).await, first(b).await);
+}
