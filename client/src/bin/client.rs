@@ -1,1 +1,685 @@
-fn main() {}
+//! `client`: list, describe, call and watch the services of a registry.
+//!
+//! Every service is called through the descriptors its instances registered,
+//! so any registered service is callable, including ones this program has
+//! never seen. With no subcommand the client prints the list of services and
+//! opens an interactive prompt (when stdin is a terminal).
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use registry_client::call::{CallOptions, Caller, Reply, address};
+use registry_client::describe::describe_service;
+use registry_client::directory::{Change, ChangeKind, Snapshot};
+use registry_client::lb::PolicyKind;
+use registry_client::resolve::{find_service, resolve, split_target};
+use registry_client::{Directory, args};
+use rustyline::completion::{Completer, Pair};
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::validate::Validator;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// Discover, describe and call the services registered in a service registry.
+///
+/// Methods are learned at run time from each service's protobuf descriptors,
+/// so any registered service can be called. With no command, prints the
+/// registered services and opens an interactive prompt (TAB completes
+/// commands, services and methods); when stdin is not a terminal it only
+/// prints the list.
+///
+/// Examples:
+///   client list
+///   client describe calculator
+///   client call calculator/Add a=2 b=3
+///   client call calculator.v1.Calculator/Divide '{"a": 1, "b": 4}'
+///   client call echo/EchoStream message=hi count=3
+///   client call calculator/Add a=1 b=1 --repeat 100 --lb weighted-random
+///   client watch
+#[derive(Debug, Parser)]
+#[command(name = "client", version, verbatim_doc_comment)]
+struct Cli {
+    /// Address of the registry, HOST:PORT.
+    #[arg(
+        long,
+        env = "REGISTRY_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    registry: String,
+
+    /// How long to wait for the registry's first answer, in milliseconds.
+    #[arg(long, default_value_t = 3000, global = true)]
+    wait_ms: u64,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the registered services and their instances (address, weight,
+    /// metadata).
+    List {
+        /// Print JSON instead of a table: {"services": [{"name",
+        /// "proto_service", "stale", "instances": [{"instance_id", "host",
+        /// "port", "address", "weight", "metadata"}]}]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a service's methods with their request and response fields.
+    Describe {
+        /// Registered name (calculator) or protobuf name (calculator.v1.Calculator).
+        service: String,
+    },
+    /// Call a method and print the reply as JSON.
+    Call(CallArgs),
+    /// Print every change to the registry as it happens (Ctrl-C stops).
+    Watch,
+}
+
+#[derive(Debug, Args)]
+struct CallArgs {
+    /// SERVICE/METHOD, e.g. calculator/Add or calculator.v1.Calculator/Add.
+    /// Method names are case-sensitive.
+    target: String,
+
+    /// The request: one JSON object ('{"a": 2, "b": 3}', proto3 JSON
+    /// mapping) or key=value pairs for flat messages (a=2 b=3; repeat a key
+    /// for a repeated field). None sends the default message.
+    request: Vec<String>,
+
+    /// Load-balancing policy: how an instance is picked for each call.
+    #[arg(long, value_enum, default_value_t = PolicyKind::WeightedRoundRobin)]
+    lb: PolicyKind,
+
+    /// Make the call N times and print how the calls spread over the
+    /// instances, next to their weights and expected shares.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+
+    /// Do not retry on another instance when the chosen one is unavailable
+    /// (by default a call is retried once: methods are taken as idempotent).
+    #[arg(long)]
+    no_retry: bool,
+
+    /// Deadline of each call in milliseconds (for a streaming method: until
+    /// its first reply).
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    timeout_ms: u64,
+}
+
+/// A line typed at the interactive prompt.
+#[derive(Debug, Parser)]
+#[command(multicall = true, disable_help_subcommand = true)]
+enum Line {
+    #[command(flatten)]
+    Command(Command),
+    /// Show the commands.
+    Help,
+    /// Leave the prompt.
+    #[command(alias = "exit")]
+    Quit,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let directory = {
+        let _guard = runtime.enter();
+        Directory::connect(&cli.registry)?
+    };
+    let wait = Duration::from_millis(cli.wait_ms);
+    match cli.command {
+        Some(command) => runtime.block_on(async {
+            directory.wait_synced(wait).await?;
+            execute(&directory, command).await
+        }),
+        None => {
+            runtime.block_on(directory.wait_synced(wait))?;
+            print!("{}", list_text(&directory.snapshot()));
+            if std::io::stdin().is_terminal() {
+                repl(&runtime, &directory)
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+async fn execute(directory: &Directory, command: Command) -> Result<()> {
+    match command {
+        Command::List { json: true } => {
+            println!("{}", serde_json::to_string_pretty(&list_json(directory))?);
+            Ok(())
+        }
+        Command::List { json: false } => {
+            print!("{}", list_text(&directory.snapshot()));
+            Ok(())
+        }
+        Command::Describe { service } => describe(directory, &service).await,
+        Command::Call(args) => call(directory, args).await,
+        Command::Watch => watch(directory).await,
+    }
+}
+
+fn list_text(snapshot: &Snapshot) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let services = snapshot.services();
+    if services.is_empty() {
+        out.push_str("no services registered\n");
+    }
+    for service in services {
+        let instances = snapshot.instances(&service);
+        let proto = snapshot
+            .proto_service(&service)
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default();
+        let stale = if snapshot.is_stale(&service) {
+            " [stale: registry restarted]"
+        } else {
+            ""
+        };
+        let plural = if instances.len() == 1 { "" } else { "s" };
+        let _ = writeln!(
+            out,
+            "{service}{proto}: {} instance{plural}{stale}",
+            instances.len()
+        );
+        for i in instances {
+            let mut line = format!("  {:<22} weight={}", address(&i), i.weight);
+            if i.instance_id != address(&i) {
+                let _ = write!(line, " id={}", i.instance_id);
+            }
+            let metadata: BTreeMap<_, _> = i.metadata.iter().collect();
+            for (k, v) in metadata {
+                let _ = write!(line, " {k}={v}");
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+fn list_json(directory: &Directory) -> serde_json::Value {
+    let snapshot = directory.snapshot();
+    let services: Vec<serde_json::Value> = snapshot
+        .services()
+        .iter()
+        .map(|s| {
+            let instances: Vec<serde_json::Value> = snapshot
+                .instances(s)
+                .iter()
+                .map(|i| {
+                    serde_json::json!({
+                        "instance_id": i.instance_id,
+                        "host": i.host,
+                        "port": i.port,
+                        "address": address(i),
+                        "weight": i.weight,
+                        "metadata": i.metadata.iter().collect::<BTreeMap<_, _>>(),
+                    })
+                })
+                .collect();
+            serde_json::json!({
+                "name": s,
+                "proto_service": snapshot.proto_service(s).unwrap_or_default(),
+                "stale": snapshot.is_stale(s),
+                "instances": instances,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "registry": directory.addr(),
+        "registry_id": snapshot.registry_id,
+        "revision": snapshot.revision,
+        "services": services,
+    })
+}
+
+async fn describe(directory: &Directory, service: &str) -> Result<()> {
+    let service = find_service(&directory.snapshot(), service)?;
+    let descriptor = directory.descriptors(&service).await?;
+    let count = directory.instances(&service).len();
+    println!(
+        "{service}: {count} instance{}",
+        if count == 1 { "" } else { "s" }
+    );
+    print!("{}", describe_service(&descriptor));
+    Ok(())
+}
+
+async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
+    let target = resolve(directory, &a.target).await?;
+    let request = args::parse_args(&target.method.input(), &a.request)?;
+    let caller = Caller::new(
+        directory.clone(),
+        CallOptions {
+            policy: a.lb,
+            retry: !a.no_retry,
+            timeout: Duration::from_millis(a.timeout_ms),
+            ..CallOptions::default()
+        },
+    );
+    if a.repeat == 1 {
+        let called = caller.call(&target, request).await?;
+        eprintln!(
+            "served by {}{}",
+            address(&called.instance),
+            if called.attempts > 1 {
+                " (after a retry)"
+            } else {
+                ""
+            }
+        );
+        return print_reply(called.reply).await;
+    }
+    // Repeated: count where the calls went.
+    let mut served: BTreeMap<String, u32> = BTreeMap::new();
+    let mut failures = 0u32;
+    let mut first_error = None;
+    let mut first_reply = None;
+    for _ in 0..a.repeat {
+        match caller.call(&target, request.clone()).await {
+            Ok(called) => {
+                *served.entry(address(&called.instance)).or_default() += 1;
+                if first_reply.is_none() {
+                    first_reply = Some(called.reply);
+                } else if let Reply::Stream(mut s) = called.reply {
+                    // Drain, so the call really completes.
+                    while let Ok(Some(_)) = s.message().await {}
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(reply) = first_reply {
+        print_reply(reply).await?;
+    }
+    print!(
+        "{}",
+        spread_table(directory, &target.service, a.lb, &served, failures)
+    );
+    if let Some(e) = first_error {
+        bail!("{failures} of {} calls failed; first error: {e}", a.repeat);
+    }
+    Ok(())
+}
+
+async fn print_reply(reply: Reply) -> Result<()> {
+    match reply {
+        Reply::Unary(msg) => println!("{}", args::to_json(&msg)),
+        Reply::Stream(mut stream) => {
+            while let Some(msg) = stream.message().await.map_err(|s| {
+                anyhow::anyhow!("stream failed: {}", registry_client::call::status_text(&s))
+            })? {
+                println!("{}", args::to_json(&msg));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The table printed after `--repeat`: calls per instance, next to weight
+/// and the share the policy promises.
+fn spread_table(
+    directory: &Directory,
+    service: &str,
+    policy: PolicyKind,
+    served: &BTreeMap<String, u32>,
+    failures: u32,
+) -> String {
+    use std::fmt::Write as _;
+    let mut weights: BTreeMap<String, u32> = directory
+        .instances(service)
+        .iter()
+        .map(|i| (address(i), i.weight))
+        .collect();
+    for addr in served.keys() {
+        weights.entry(addr.clone()).or_insert(0);
+    }
+    let total_calls: u32 = served.values().sum();
+    let total_weight: u32 = weights.values().map(|w| (*w).max(1)).sum();
+    let weighted = matches!(
+        policy,
+        PolicyKind::WeightedRandom | PolicyKind::WeightedRoundRobin
+    );
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{total_calls} calls to {service} ({}), {failures} failed",
+        policy_name(policy)
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:>6} {:>9} {:>7} {:>7}",
+        "instance", "weight", "expected", "calls", "share"
+    );
+    for (addr, weight) in &weights {
+        let expected = if weighted {
+            f64::from((*weight).max(1)) / f64::from(total_weight.max(1))
+        } else {
+            1.0 / weights.len() as f64
+        };
+        let calls = served.get(addr).copied().unwrap_or(0);
+        let share = f64::from(calls) / f64::from(total_calls.max(1));
+        let _ = writeln!(
+            out,
+            "{addr:<24} {weight:>6} {:>8.1}% {calls:>7} {:>6.1}%",
+            expected * 100.0,
+            share * 100.0
+        );
+    }
+    out
+}
+
+fn policy_name(policy: PolicyKind) -> String {
+    use clap::ValueEnum;
+    policy
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+async fn watch(directory: &Directory) -> Result<()> {
+    let (snapshot, mut changes) = directory.subscribe();
+    eprintln!(
+        "watching the registry at {} (Ctrl-C stops)",
+        directory.addr()
+    );
+    for change in snapshot.as_changes() {
+        println!("{}", change_line(&change));
+    }
+    let mut connected = directory.snapshots();
+    let mut was_connected = true;
+    loop {
+        tokio::select! {
+            change = changes.recv() => match change {
+                Ok(change) => println!("{}", change_line(&change)),
+                Err(RecvError::Lagged(n)) => eprintln!("! {n} changes missed (output too slow)"),
+                Err(RecvError::Closed) => return Ok(()),
+            },
+            changed = connected.changed() => {
+                if changed.is_err() { return Ok(()) }
+                let now = connected.borrow_and_update().connected;
+                if now != was_connected {
+                    if now { eprintln!("! reconnected to the registry") } else { eprintln!("! registry unreachable; retrying (keeping the last known state)") }
+                    was_connected = now;
+                }
+            }
+        }
+    }
+}
+
+fn change_line(change: &Change) -> String {
+    let i = &change.instance;
+    match change.kind {
+        ChangeKind::Added => format!("+ {} {} weight={}", i.service, address(i), i.weight),
+        ChangeKind::Updated => format!("~ {} {} weight={}", i.service, address(i), i.weight),
+        ChangeKind::Removed(cause) => format!("- {} {} ({cause})", i.service, address(i)),
+    }
+}
+
+// ---- interactive prompt ----
+
+const PROMPT_HELP: &str = "\
+commands:
+  list [--json]                       services and instances
+  describe SERVICE                    methods with request and response fields
+  call SERVICE/METHOD [ARGS...] [--lb POLICY] [--repeat N] [--no-retry]
+                                      e.g. call calculator/Add a=2 b=3
+                                           call echo/Echo '{\"message\": \"hi\"}'
+  watch                               follow changes (Ctrl-C stops)
+  help                                this text
+  quit                                leave (also Ctrl-D)
+TAB completes commands, services, SERVICE/METHOD and field names.";
+
+fn repl(runtime: &tokio::runtime::Runtime, directory: &Directory) -> Result<()> {
+    let mut editor: rustyline::Editor<Helper, rustyline::history::DefaultHistory> =
+        rustyline::Editor::new().context("cannot open the terminal")?;
+    editor.set_helper(Some(Helper {
+        directory: directory.clone(),
+    }));
+    prefetch_descriptors(runtime, directory);
+    println!("type `help` for commands");
+    loop {
+        let line = match editor.readline("registry> ") {
+            Ok(line) => line,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(rustyline::error::ReadlineError::Eof) => return Ok(()),
+            Err(e) => return Err(e).context("cannot read the terminal"),
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line.as_str());
+        let words = match split_words(&line) {
+            Ok(w) => w,
+            Err(e) => {
+                eprintln!("error: {e}");
+                continue;
+            }
+        };
+        let parsed = match Line::try_parse_from(&words) {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = e.print();
+                continue;
+            }
+        };
+        match parsed {
+            Line::Help => println!("{PROMPT_HELP}"),
+            Line::Quit => return Ok(()),
+            Line::Command(command) => {
+                let outcome = runtime.block_on(async {
+                    tokio::select! {
+                        r = execute(directory, command) => r,
+                        _ = tokio::signal::ctrl_c() => Ok(()),
+                    }
+                });
+                if let Err(e) = outcome {
+                    eprintln!("error: {e:#}");
+                }
+                prefetch_descriptors(runtime, directory);
+            }
+        }
+    }
+}
+
+/// Fetches descriptors of every service in the background, so TAB can
+/// complete method names.
+fn prefetch_descriptors(runtime: &tokio::runtime::Runtime, directory: &Directory) {
+    for service in directory.snapshot().services() {
+        if directory.cached_descriptors(&service).is_none() {
+            let directory = directory.clone();
+            runtime.spawn(async move {
+                let _ = directory.descriptors(&service).await;
+            });
+        }
+    }
+}
+
+/// Splits a prompt line into words, honouring 'single' and "double" quotes
+/// and backslash escapes.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word: Option<String> = None;
+    let mut chars = line.chars();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"'), '\\') | (None, '\\') => {
+                let next = chars.next().ok_or("a backslash ends the line")?;
+                word.get_or_insert_with(String::new).push(next);
+            }
+            (Some(_), c) => word.get_or_insert_with(String::new).push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                word.get_or_insert_with(String::new);
+            }
+            (None, c) if c.is_whitespace() => words.extend(word.take()),
+            (None, c) => word.get_or_insert_with(String::new).push(c),
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unclosed {q}"));
+    }
+    words.extend(word);
+    Ok(words)
+}
+
+/// TAB completion for the prompt.
+struct Helper {
+    /// Where service names and cached descriptors come from.
+    directory: Directory,
+}
+
+impl Helper {
+    fn candidates(&self, before: &[&str], word: &str) -> Vec<String> {
+        const COMMANDS: [&str; 6] = ["call", "list", "describe", "watch", "help", "quit"];
+        let snapshot = self.directory.snapshot();
+        match before {
+            [] => COMMANDS.iter().map(|c| c.to_string()).collect(),
+            ["describe"] => snapshot.services(),
+            ["call"] => match word.split_once('/') {
+                Some((service, _)) => find_service(&snapshot, service)
+                    .ok()
+                    .and_then(|s| self.directory.cached_descriptors(&s))
+                    .map(|d| {
+                        d.methods()
+                            .map(|m| format!("{service}/{}", m.name()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                None => snapshot
+                    .services()
+                    .into_iter()
+                    .map(|s| format!("{s}/"))
+                    .collect(),
+            },
+            ["call", target, ..] => {
+                if word.starts_with('-') {
+                    return ["--lb", "--repeat", "--no-retry", "--timeout-ms"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect();
+                }
+                let Ok((service, method)) = split_target(target) else {
+                    return Vec::new();
+                };
+                find_service(&snapshot, service)
+                    .ok()
+                    .and_then(|s| self.directory.cached_descriptors(&s))
+                    .and_then(|d| d.methods().find(|m| m.name() == method))
+                    .map(|m| {
+                        m.input()
+                            .fields()
+                            .map(|f| format!("{}=", f.name()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Completer for Helper {
+    type Candidate = Pair;
+
+    fn complete(
+        &self,
+        line: &str,
+        pos: usize,
+        _ctx: &rustyline::Context<'_>,
+    ) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let head = &line[..pos];
+        let start = head.rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let word = &head[start..];
+        let before: Vec<&str> = head[..start].split_whitespace().collect();
+        let pairs = self
+            .candidates(&before, word)
+            .into_iter()
+            .filter(|c| c.starts_with(word))
+            .map(|c| Pair {
+                display: c.clone(),
+                replacement: c,
+            })
+            .collect();
+        Ok((start, pairs))
+    }
+}
+
+impl Hinter for Helper {
+    type Hint = String;
+}
+impl Highlighter for Helper {}
+impl Validator for Helper {}
+impl rustyline::Helper for Helper {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_and_quotes() {
+        assert_eq!(
+            split_words(r#"call calculator/Add '{"a": 1, "b": 2}'"#).unwrap_or_default(),
+            vec!["call", "calculator/Add", r#"{"a": 1, "b": 2}"#]
+        );
+        assert_eq!(
+            split_words(r#"call echo/Echo message="hello world""#).unwrap_or_default(),
+            vec!["call", "echo/Echo", "message=hello world"]
+        );
+        assert_eq!(split_words("a ''").unwrap_or_default(), vec!["a", ""]);
+        assert!(split_words("'open").is_err());
+    }
+
+    #[test]
+    fn prompt_lines_parse() {
+        assert!(matches!(Line::try_parse_from(["quit"]), Ok(Line::Quit)));
+        assert!(matches!(Line::try_parse_from(["exit"]), Ok(Line::Quit)));
+        assert!(matches!(
+            Line::try_parse_from(["call", "calculator/Add", "a=1", "--lb", "random"]),
+            Ok(Line::Command(Command::Call(CallArgs {
+                lb: PolicyKind::Random,
+                ..
+            })))
+        ));
+        assert!(matches!(
+            Line::try_parse_from(["list", "--json"]),
+            Ok(Line::Command(Command::List { json: true }))
+        ));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

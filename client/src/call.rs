@@ -1,0 +1,297 @@
+//! Calling a method on one instance of a service, chosen by a policy.
+//!
+//! The [`Caller`] asks the [`Directory`] for the service's instances (a local
+//! lookup), lets the service's [`Policy`] pick one, and calls it over a
+//! cached per-instance channel. A call that fails with `UNAVAILABLE` (the
+//! instance is down, or cannot be connected to within the connect timeout)
+//! is retried once on another instance, unless retries are off: by default
+//! methods are taken to be idempotent, since the caller cannot know whether
+//! a request that never arrived was processed.
+
+use crate::directory::Directory;
+use crate::dynamic::{DynamicCodec, method_path};
+use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
+use crate::resolve::Target;
+use prost_reflect::DynamicMessage;
+use registry_proto::registry::v1::Instance;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use thiserror::Error;
+use tonic::codec::Streaming;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+/// Knobs of a [`Caller`]; `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// The load-balancing policy (default: weighted round robin).
+    pub policy: PolicyKind,
+    /// Retry once on another instance after `UNAVAILABLE` (default: true).
+    pub retry: bool,
+    /// How long to wait for a TCP connection to an instance (default: 1 s).
+    pub connect_timeout: Duration,
+    /// Deadline of a unary call, or of a stream's first response (default: 10 s).
+    pub timeout: Duration,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            policy: PolicyKind::default(),
+            retry: true,
+            connect_timeout: Duration::from_secs(1),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+pub enum CallError {
+    /// The service has no instance to call.
+    #[error("service `{0}` has no instances")]
+    NoInstances(String),
+    /// The instance answered with an error (or could not be reached).
+    #[error("{method} on {instance} failed: {}", status_text(.status))]
+    Status {
+        /// Full method name.
+        method: String,
+        /// `host:port` of the instance.
+        instance: String,
+        /// What it said.
+        status: Status,
+    },
+}
+
+impl CallError {
+    /// The gRPC status, if the call reached the point of having one.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            CallError::Status { status, .. } => Some(status),
+            CallError::NoInstances(_) => None,
+        }
+    }
+}
+
+/// What a call returned.
+#[derive(Debug)]
+pub enum Reply {
+    /// The one reply of a unary method.
+    Unary(DynamicMessage),
+    /// The replies of a server-streaming method, as they arrive.
+    Stream(Streaming<DynamicMessage>),
+}
+
+/// A successful call.
+#[derive(Debug)]
+pub struct Called {
+    /// The reply.
+    pub reply: Reply,
+    /// The instance that served it.
+    pub instance: Instance,
+    /// Attempts made (2 after a retry).
+    pub attempts: u32,
+    /// Counts the call as in flight (for least-loaded) until dropped: keep it
+    /// while consuming a stream.
+    pub guard: Option<InFlightGuard>,
+}
+
+/// Calls methods on instances of registered services. Cheap to share.
+#[derive(Debug)]
+pub struct Caller {
+    /// Where instances come from.
+    directory: Directory,
+    /// Options.
+    options: CallOptions,
+    /// One policy per service, so stateful policies keep per-service rotations.
+    policies: Mutex<HashMap<String, Arc<dyn Policy>>>,
+    /// One channel per `host:port`, reused across calls and services.
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl Caller {
+    /// A caller over `directory`.
+    pub fn new(directory: Directory, options: CallOptions) -> Caller {
+        Caller {
+            directory,
+            options,
+            policies: Mutex::new(HashMap::new()),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The directory this caller uses.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Calls `target` with `request` on an instance picked by the policy.
+    pub async fn call(
+        &self,
+        target: &Target,
+        request: DynamicMessage,
+    ) -> Result<Called, CallError> {
+        let policy = self.policy(&target.service);
+        let attempts = if self.options.retry { 2 } else { 1 };
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error = None;
+        for attempt in 1..=attempts {
+            let instances: Vec<Instance> = self
+                .directory
+                .instances(&target.service)
+                .into_iter()
+                .filter(|i| !tried.contains(&address(i)))
+                .collect();
+            let keys: Vec<String> = instances.iter().map(address).collect();
+            let endpoints: Vec<Endpoint<'_>> = keys
+                .iter()
+                .zip(&instances)
+                .map(|(key, i)| Endpoint {
+                    key,
+                    weight: i.weight,
+                })
+                .collect();
+            let Some(pick) = policy.pick(&endpoints) else {
+                break;
+            };
+            let instance = instances[pick.index].clone();
+            let addr = keys[pick.index].clone();
+            match self.invoke(&addr, target, request.clone()).await {
+                Ok(reply) => {
+                    return Ok(Called {
+                        reply,
+                        instance,
+                        attempts: attempt,
+                        guard: pick.guard,
+                    });
+                }
+                Err(status) => {
+                    let unavailable = status.code() == Code::Unavailable;
+                    if unavailable {
+                        // Reconnect from scratch next time.
+                        self.lock_channels().remove(&addr);
+                    }
+                    tracing::debug!(instance = %addr, status = %status_text(&status), "call failed");
+                    last_error = Some(CallError::Status {
+                        method: target.method.full_name().to_string(),
+                        instance: addr.clone(),
+                        status,
+                    });
+                    if !unavailable {
+                        break;
+                    }
+                    tried.push(addr);
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| CallError::NoInstances(target.service.clone())))
+    }
+
+    async fn invoke(
+        &self,
+        addr: &str,
+        target: &Target,
+        request: DynamicMessage,
+    ) -> Result<Reply, Status> {
+        let channel = self.channel(addr)?;
+        let path = method_path(&target.method)?;
+        let codec = DynamicCodec::new(target.method.output());
+        let mut grpc = tonic::client::Grpc::new(channel);
+        let streaming = target.method.is_server_streaming();
+        let call = async move {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(self.options.timeout);
+            if streaming {
+                grpc.server_streaming(request, path, codec)
+                    .await
+                    .map(|r| Reply::Stream(r.into_inner()))
+            } else {
+                grpc.unary(request, path, codec)
+                    .await
+                    .map(|r| Reply::Unary(r.into_inner()))
+            }
+        };
+        tokio::time::timeout(self.options.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Status::deadline_exceeded(format!(
+                    "no reply within {:?}",
+                    self.options.timeout
+                )))
+            })
+    }
+
+    fn policy(&self, service: &str) -> Arc<dyn Policy> {
+        let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        policies
+            .entry(service.to_string())
+            .or_insert_with(|| self.options.policy.build())
+            .clone()
+    }
+
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut channels = self.lock_channels();
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("bad instance address {addr}: {e}")))?
+            .connect_timeout(self.options.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// `host:port` of an instance, with brackets around an IPv6 host.
+pub fn address(instance: &Instance) -> String {
+    if instance.host.contains(':') && !instance.host.starts_with('[') {
+        format!("[{}]:{}", instance.host, instance.port)
+    } else {
+        format!("{}:{}", instance.host, instance.port)
+    }
+}
+
+/// A status as one readable line: `InvalidArgument: division by zero`.
+pub fn status_text(status: &Status) -> String {
+    if status.message().is_empty() {
+        format!("{:?}", status.code())
+    } else {
+        format!("{:?}: {}", status.code(), status.message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        let mut i = Instance {
+            host: "10.0.0.1".into(),
+            port: 80,
+            ..Default::default()
+        };
+        assert_eq!(address(&i), "10.0.0.1:80");
+        i.host = "::1".into();
+        assert_eq!(address(&i), "[::1]:80");
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(
+            status_text(&Status::invalid_argument("b is 0")),
+            "InvalidArgument: b is 0"
+        );
+        assert_eq!(status_text(&Status::unavailable("")), "Unavailable");
+    }
+}

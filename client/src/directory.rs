@@ -1,0 +1,873 @@
+//! A live local copy of the registry: which instances each service has.
+//!
+//! A [`Directory`] watches the registry (one `Watch` stream for all services)
+//! and applies the reset snapshot and then each event, in revision order, to
+//! a local map. Lookups read the map: no round trip per call. Duplicates and
+//! updates that change nothing are dropped, so subscribers only hear about
+//! real changes.
+//!
+//! When the stream breaks, the directory reconnects with exponential backoff
+//! and keeps serving its last copy meanwhile: a registry outage does not stop
+//! calls to instances that are still up. When it reconnects to a *restarted*
+//! registry (a different `registry_id`), the new registry may not know every
+//! node yet: instances missing from its snapshot are kept as *stale*
+//! fallbacks for a grace period, used only for services that have no live
+//! instance, and dropped when the period ends or they register again.
+//!
+//! Descriptors are cached per service, so calls keep working while the
+//! registry is down once a service has been called or described.
+
+use crate::descriptors::{self, DescriptorError};
+use prost_reflect::ServiceDescriptor;
+use rand::Rng;
+use registry_proto::registry::v1::event::Kind as EventKindPb;
+use registry_proto::registry::v1::registry_client::RegistryClient;
+use registry_proto::registry::v1::{Instance, RemovalReason, WatchRequest, WatchResponse};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use thiserror::Error;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long instances of a restarted registry's predecessor are kept.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+/// Timeout of one-shot registry requests (descriptors).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+/// First and largest delay between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Errors of the directory itself.
+#[derive(Debug, Error)]
+pub enum DirectoryError {
+    /// The registry address does not parse.
+    #[error("invalid registry address `{addr}`: {reason}")]
+    BadAddress {
+        /// As given.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// No snapshot arrived in time.
+    #[error("cannot reach the registry at {addr}: {reason}")]
+    Unreachable {
+        /// As given.
+        addr: String,
+        /// The last connection error.
+        reason: String,
+    },
+}
+
+/// Why an instance left the directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalCause {
+    /// The registry said so, for this reason.
+    Registry(RemovalReason),
+    /// It was missing from a fresh snapshot after a reconnect.
+    Resync,
+    /// The registry restarted and it did not register again within the grace
+    /// period.
+    NotReregistered,
+}
+
+impl fmt::Display for RemovalCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RemovalCause::Registry(RemovalReason::Deregistered) => "deregistered",
+            RemovalCause::Registry(RemovalReason::LeaseExpired) => "lease expired",
+            RemovalCause::Registry(RemovalReason::LeaseRevoked) => "lease revoked",
+            RemovalCause::Registry(RemovalReason::KeepaliveClosed) => "node disconnected",
+            RemovalCause::Registry(RemovalReason::Unspecified) => "removed",
+            RemovalCause::Resync => "gone while disconnected",
+            RemovalCause::NotReregistered => "not re-registered after a registry restart",
+        })
+    }
+}
+
+/// What changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A new instance.
+    Added,
+    /// Weight, address or metadata changed.
+    Updated,
+    /// Gone.
+    Removed(RemovalCause),
+}
+
+/// One change to the directory, as broadcast to subscribers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// What happened.
+    pub kind: ChangeKind,
+    /// The instance after the change (before it, when removed).
+    pub instance: Instance,
+}
+
+/// An immutable view of the directory at one moment.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The registry process this view came from ("" before the first).
+    pub registry_id: String,
+    /// The registry revision this view reflects.
+    pub revision: u64,
+    /// Whether a first snapshot has been received.
+    pub synced: bool,
+    /// Whether the watch stream is currently up.
+    pub connected: bool,
+    /// Live instances by service, then instance id.
+    live: BTreeMap<String, BTreeMap<String, Instance>>,
+    /// Instances a previous registry process knew and the current one does
+    /// not (yet), kept until the grace period ends.
+    stale: BTreeMap<String, BTreeMap<String, Instance>>,
+}
+
+impl Snapshot {
+    /// The instances to use for `service`: the live ones, or, if it has none,
+    /// the stale ones from before a registry restart.
+    pub fn instances(&self, service: &str) -> Vec<Instance> {
+        match self.live.get(service) {
+            Some(m) if !m.is_empty() => m.values().cloned().collect(),
+            _ => self
+                .stale
+                .get(service)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether `service`'s instances are stale fallbacks.
+    pub fn is_stale(&self, service: &str) -> bool {
+        self.live.get(service).is_none_or(BTreeMap::is_empty)
+            && self.stale.get(service).is_some_and(|m| !m.is_empty())
+    }
+
+    /// Every service with at least one usable instance, sorted.
+    pub fn services(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .live
+            .iter()
+            .chain(&self.stale)
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(s, _)| s.clone())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The protobuf service `service`'s instances serve, if they say.
+    pub fn proto_service(&self, service: &str) -> Option<String> {
+        self.instances(service)
+            .into_iter()
+            .map(|i| i.proto_service)
+            .find(|p| !p.is_empty())
+    }
+
+    /// Every usable instance, as `Added` changes (the state a new watcher
+    /// starts from).
+    pub fn as_changes(&self) -> Vec<Change> {
+        self.services()
+            .iter()
+            .flat_map(|s| self.instances(s))
+            .map(|instance| Change {
+                kind: ChangeKind::Added,
+                instance,
+            })
+            .collect()
+    }
+}
+
+/// A cheap-to-clone handle on a directory. The background watch stops when
+/// the last handle is dropped.
+#[derive(Clone)]
+pub struct Directory {
+    /// State shared with the watch task.
+    shared: Arc<Shared>,
+    /// Aborts the watch task when the last handle goes.
+    _task: Arc<AbortOnDrop>,
+}
+
+impl fmt::Debug for Directory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Directory")
+            .field("addr", &self.shared.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Shared {
+    /// The registry address as given, for messages.
+    addr: String,
+    /// A lazily connected client; clones share one HTTP/2 connection.
+    registry: RegistryClient<Channel>,
+    /// The working copy; a std mutex because it is never held across await.
+    state: Mutex<State>,
+    /// The latest snapshot, for lookups and for followers (balanced channels).
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Every change, for `watch` output.
+    changes: broadcast::Sender<Change>,
+    /// Descriptors by registered service name.
+    descriptors: Mutex<HashMap<String, ServiceDescriptor>>,
+    /// How long stale instances are kept after a registry restart.
+    grace: Duration,
+}
+
+struct State {
+    /// The working copy, published as an `Arc` clone after each change.
+    snapshot: Snapshot,
+    /// Why the last connection attempt failed.
+    last_error: String,
+    /// Bumped whenever stale instances are set aside, so an old expiry timer
+    /// does not clear a newer set.
+    stale_generation: u64,
+}
+
+impl Directory {
+    /// Starts following the registry at `addr` (`HOST:PORT` or a URL) with
+    /// the default grace period. Returns at once; see [`wait_synced`](Self::wait_synced).
+    /// Must be called within a tokio runtime.
+    pub fn connect(addr: &str) -> Result<Directory, DirectoryError> {
+        Directory::with_grace(addr, DEFAULT_GRACE)
+    }
+
+    /// Like [`connect`](Self::connect) with a chosen grace period for stale
+    /// instances after a registry restart.
+    pub fn with_grace(addr: &str, grace: Duration) -> Result<Directory, DirectoryError> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| DirectoryError::BadAddress {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            // Notice a registry that vanished without closing the connection.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        let shared = Arc::new(Shared {
+            addr: addr.to_string(),
+            registry: RegistryClient::new(endpoint.connect_lazy()),
+            state: Mutex::new(State {
+                snapshot: Snapshot::default(),
+                last_error: "not connected yet".to_string(),
+                stale_generation: 0,
+            }),
+            snapshots: watch::channel(Arc::new(Snapshot::default())).0,
+            changes: broadcast::channel(1024).0,
+            descriptors: Mutex::new(HashMap::new()),
+            grace,
+        });
+        let task = tokio::spawn(run(shared.clone()));
+        Ok(Directory {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+
+    /// Waits until the first snapshot has arrived.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<(), DirectoryError> {
+        let mut rx = self.shared.snapshots.subscribe();
+        let synced = tokio::time::timeout(timeout, rx.wait_for(|s| s.synced)).await;
+        match synced {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(DirectoryError::Unreachable {
+                addr: self.shared.addr.clone(),
+                reason: self.shared.lock().last_error.clone(),
+            }),
+        }
+    }
+
+    /// The registry address, as given.
+    pub fn addr(&self) -> &str {
+        &self.shared.addr
+    }
+
+    /// The current view.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshots.borrow().clone()
+    }
+
+    /// The instances to call for `service` (see [`Snapshot::instances`]).
+    pub fn instances(&self, service: &str) -> Vec<Instance> {
+        self.snapshot().instances(service)
+    }
+
+    /// Follows the snapshots: the receiver sees the latest each time it looks.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.shared.snapshots.subscribe()
+    }
+
+    /// The current view and every change after it, with nothing missed or
+    /// seen twice in between.
+    pub fn subscribe(&self) -> (Arc<Snapshot>, broadcast::Receiver<Change>) {
+        // Changes are sent with the state lock held, so this is atomic.
+        let _state = self.shared.lock();
+        (self.snapshot(), self.shared.changes.subscribe())
+    }
+
+    /// A client for the registry itself (shares the directory's connection).
+    pub fn registry(&self) -> RegistryClient<Channel> {
+        self.shared.registry.clone()
+    }
+
+    /// Descriptors of `service` if already fetched.
+    pub fn cached_descriptors(&self, service: &str) -> Option<ServiceDescriptor> {
+        self.shared
+            .descriptors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(service)
+            .cloned()
+    }
+
+    /// The protobuf service `service` serves, from the cache, or else from
+    /// the registry, or else from an instance's server reflection.
+    pub async fn descriptors(&self, service: &str) -> Result<ServiceDescriptor, DescriptorError> {
+        if let Some(d) = self.cached_descriptors(service) {
+            return Ok(d);
+        }
+        let mut problems = Vec::new();
+        let hint = self.snapshot().proto_service(service).unwrap_or_default();
+        let mut found = None;
+        match descriptors::from_registry(&mut self.registry(), service, REQUEST_TIMEOUT).await {
+            Ok(Some(pair)) => found = Some(pair),
+            Ok(None) => problems.push("the registry has none".to_string()),
+            Err(e) => problems.push(e),
+        }
+        if found.is_none() {
+            for instance in self.instances(service) {
+                let url = format!("http://{}", crate::call::address(&instance));
+                let channel = match Endpoint::from_shared(url) {
+                    Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect_lazy(),
+                    Err(e) => {
+                        problems.push(format!("{}: {e}", crate::call::address(&instance)));
+                        continue;
+                    }
+                };
+                match descriptors::from_reflection(channel, &hint, REQUEST_TIMEOUT).await {
+                    Ok(pair) => {
+                        found = Some(pair);
+                        break;
+                    }
+                    Err(e) => problems.push(format!("{}: {e}", crate::call::address(&instance))),
+                }
+            }
+        }
+        let Some((proto_service, pool)) = found else {
+            return Err(DescriptorError::Unavailable {
+                service: service.to_string(),
+                reason: problems.join("; "),
+            });
+        };
+        let proto = if proto_service.is_empty() {
+            hint
+        } else {
+            proto_service
+        };
+        let descriptor = descriptors::service_in(&pool, &proto, service)?;
+        self.shared
+            .descriptors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.to_string(), descriptor.clone());
+        Ok(descriptor)
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes the working copy and the changes, under the lock.
+    fn publish(&self, state: &State, changes: Vec<Change>) {
+        let snapshot = Arc::new(state.snapshot.clone());
+        self.snapshots.send_replace(snapshot);
+        for change in changes {
+            // No subscriber is fine.
+            let _ = self.changes.send(change);
+        }
+    }
+}
+
+/// The watch loop: runs until the directory is dropped.
+async fn run(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let (received, error) = watch_once(&shared).await;
+        tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
+        {
+            let mut state = shared.lock();
+            state.last_error = error;
+            state.snapshot.connected = false;
+            shared.publish(&state, Vec::new());
+        }
+        if received {
+            backoff = BACKOFF_MIN;
+        }
+        // Jitter so many clients do not reconnect in lockstep.
+        let jitter = rand::rng().random_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One watch stream, until it fails. Returns whether anything was received,
+/// and why it ended.
+async fn watch_once(shared: &Arc<Shared>) -> (bool, String) {
+    let mut registry = shared.registry.clone();
+    let mut stream = match registry
+        .watch(WatchRequest {
+            services: Vec::new(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (false, crate::call::status_text(&s)),
+    };
+    let mut received = false;
+    loop {
+        match stream.message().await {
+            Ok(Some(msg)) => {
+                received = true;
+                apply_and_publish(shared, msg);
+            }
+            Ok(None) => return (received, "the registry closed the watch".to_string()),
+            Err(s) => return (received, crate::call::status_text(&s)),
+        }
+    }
+}
+
+fn apply_and_publish(shared: &Arc<Shared>, msg: WatchResponse) {
+    let mut state = shared.lock();
+    let outcome = apply(&mut state.snapshot, msg);
+    state.snapshot.connected = true;
+    if outcome.stale_set_aside {
+        state.stale_generation += 1;
+        let generation = state.stale_generation;
+        let shared = shared.clone();
+        let grace = shared.grace;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(Instant::now() + grace).await;
+            expire_stale(&shared, generation);
+        });
+    }
+    shared.publish(&state, outcome.changes);
+}
+
+/// Drops the stale instances set aside at `generation`, if still current.
+fn expire_stale(shared: &Shared, generation: u64) {
+    let mut state = shared.lock();
+    if state.stale_generation != generation {
+        return;
+    }
+    let stale = std::mem::take(&mut state.snapshot.stale);
+    let changes: Vec<Change> = stale
+        .into_values()
+        .flat_map(BTreeMap::into_values)
+        .map(|instance| Change {
+            kind: ChangeKind::Removed(RemovalCause::NotReregistered),
+            instance,
+        })
+        .collect();
+    if !changes.is_empty() {
+        tracing::info!(
+            count = changes.len(),
+            "dropping instances not re-registered after a registry restart"
+        );
+    }
+    shared.publish(&state, changes);
+}
+
+/// What applying one watch message did.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// The real changes, in order.
+    changes: Vec<Change>,
+    /// Whether instances were set aside as stale (start the grace timer).
+    stale_set_aside: bool,
+}
+
+/// Whether two records describe the same thing for a caller (lease and
+/// revision are bookkeeping).
+fn same(a: &Instance, b: &Instance) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.weight == b.weight
+        && a.metadata == b.metadata
+        && a.proto_service == b.proto_service
+}
+
+/// Applies one watch message to a snapshot. Pure, for testing.
+fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
+    let mut out = Outcome::default();
+    if msg.reset {
+        let restarted = !snap.registry_id.is_empty() && snap.registry_id != msg.registry_id;
+        let mut fresh: BTreeMap<String, BTreeMap<String, Instance>> = BTreeMap::new();
+        for ev in msg.events {
+            if let Some(i) = ev.instance {
+                fresh
+                    .entry(i.service.clone())
+                    .or_default()
+                    .insert(i.instance_id.clone(), i);
+            }
+        }
+        let old = std::mem::take(&mut snap.live);
+        // Gone: stale after a restart (maybe not re-registered yet), else removed.
+        for (service, instances) in &old {
+            for (id, inst) in instances {
+                if fresh.get(service).is_some_and(|m| m.contains_key(id)) {
+                    continue;
+                }
+                if restarted {
+                    snap.stale
+                        .entry(service.clone())
+                        .or_default()
+                        .insert(id.clone(), inst.clone());
+                    out.stale_set_aside = true;
+                } else {
+                    out.changes.push(Change {
+                        kind: ChangeKind::Removed(RemovalCause::Resync),
+                        instance: inst.clone(),
+                    });
+                }
+            }
+        }
+        // New or changed.
+        for (service, instances) in &fresh {
+            for (id, inst) in instances {
+                let before = old
+                    .get(service)
+                    .and_then(|m| m.get(id))
+                    .or_else(|| snap.stale.get(service).and_then(|m| m.get(id)))
+                    .cloned();
+                unstale(snap, service, id);
+                match before {
+                    Some(b) if same(&b, inst) => {}
+                    Some(_) => out.changes.push(Change {
+                        kind: ChangeKind::Updated,
+                        instance: inst.clone(),
+                    }),
+                    None => out.changes.push(Change {
+                        kind: ChangeKind::Added,
+                        instance: inst.clone(),
+                    }),
+                }
+            }
+        }
+        snap.live = fresh;
+        snap.registry_id = msg.registry_id;
+        snap.revision = msg.revision;
+        snap.synced = true;
+        return out;
+    }
+    if msg.registry_id != snap.registry_id && !msg.registry_id.is_empty() {
+        // Events from another registry without a reset: cannot be applied to
+        // this copy. The registry always resets first, so this is defensive.
+        tracing::warn!("watch events from an unexpected registry; ignoring");
+        return out;
+    }
+    for ev in msg.events {
+        if ev.revision <= snap.revision {
+            continue; // a duplicate, or older than our copy
+        }
+        snap.revision = ev.revision;
+        let (kind, reason) = (ev.kind(), ev.reason());
+        let Some(inst) = ev.instance else { continue };
+        let service = inst.service.clone();
+        let id = inst.instance_id.clone();
+        match kind {
+            EventKindPb::Added | EventKindPb::Updated => {
+                let before = snap
+                    .live
+                    .get(&service)
+                    .and_then(|m| m.get(&id))
+                    .or_else(|| snap.stale.get(&service).and_then(|m| m.get(&id)))
+                    .cloned();
+                unstale(snap, &service, &id);
+                snap.live
+                    .entry(service)
+                    .or_default()
+                    .insert(id, inst.clone());
+                match before {
+                    Some(b) if same(&b, &inst) => {}
+                    Some(_) => out.changes.push(Change {
+                        kind: ChangeKind::Updated,
+                        instance: inst,
+                    }),
+                    None => out.changes.push(Change {
+                        kind: ChangeKind::Added,
+                        instance: inst,
+                    }),
+                }
+            }
+            EventKindPb::Removed => {
+                let removed = snap.live.get_mut(&service).and_then(|m| m.remove(&id));
+                if snap.live.get(&service).is_some_and(BTreeMap::is_empty) {
+                    snap.live.remove(&service);
+                }
+                if let Some(before) = removed {
+                    out.changes.push(Change {
+                        kind: ChangeKind::Removed(RemovalCause::Registry(reason)),
+                        instance: before,
+                    });
+                }
+            }
+            EventKindPb::Unspecified => {}
+        }
+    }
+    snap.revision = snap.revision.max(msg.revision);
+    out
+}
+
+fn unstale(snap: &mut Snapshot, service: &str, id: &str) {
+    if let Some(m) = snap.stale.get_mut(service) {
+        m.remove(id);
+        if m.is_empty() {
+            snap.stale.remove(service);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use registry_proto::registry::v1::Event;
+
+    fn inst(service: &str, port: u32, weight: u32) -> Instance {
+        Instance {
+            service: service.into(),
+            instance_id: format!("127.0.0.1:{port}"),
+            host: "127.0.0.1".into(),
+            port,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    fn event(kind: EventKindPb, revision: u64, i: Instance) -> Event {
+        Event {
+            kind: kind as i32,
+            revision,
+            instance: Some(i),
+            reason: 0,
+        }
+    }
+
+    fn reset(id: &str, revision: u64, instances: Vec<Instance>) -> WatchResponse {
+        WatchResponse {
+            reset: true,
+            revision,
+            registry_id: id.into(),
+            events: instances
+                .into_iter()
+                .map(|i| event(EventKindPb::Added, revision, i))
+                .collect(),
+        }
+    }
+
+    fn events(id: &str, events: Vec<Event>) -> WatchResponse {
+        let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
+        WatchResponse {
+            reset: false,
+            revision,
+            registry_id: id.into(),
+            events,
+        }
+    }
+
+    fn kinds(out: &Outcome) -> Vec<(ChangeKind, u32)> {
+        out.changes
+            .iter()
+            .map(|c| (c.kind, c.instance.port))
+            .collect()
+    }
+
+    fn ports(snap: &Snapshot, service: &str) -> Vec<u32> {
+        snap.instances(service).iter().map(|i| i.port).collect()
+    }
+
+    #[test]
+    fn reset_then_events_keep_an_exact_copy() {
+        let mut s = Snapshot::default();
+        let out = apply(
+            &mut s,
+            reset("r1", 5, vec![inst("calc", 1, 1), inst("echo", 2, 1)]),
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![(ChangeKind::Added, 1), (ChangeKind::Added, 2)]
+        );
+        assert_eq!(s.services(), vec!["calc", "echo"]);
+        let out = apply(
+            &mut s,
+            events(
+                "r1",
+                vec![
+                    event(EventKindPb::Added, 6, inst("calc", 3, 2)),
+                    event(EventKindPb::Updated, 7, inst("calc", 1, 9)),
+                ],
+            ),
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![(ChangeKind::Added, 3), (ChangeKind::Updated, 1)]
+        );
+        assert_eq!(ports(&s, "calc"), vec![1, 3]);
+        assert_eq!(s.instances("calc")[0].weight, 9);
+        let mut removal = event(EventKindPb::Removed, 8, inst("echo", 2, 1));
+        removal.reason = RemovalReason::LeaseExpired as i32;
+        let out = apply(&mut s, events("r1", vec![removal]));
+        assert_eq!(
+            kinds(&out),
+            vec![(
+                ChangeKind::Removed(RemovalCause::Registry(RemovalReason::LeaseExpired)),
+                2
+            )]
+        );
+        assert_eq!(s.services(), vec!["calc"]);
+        assert_eq!(s.revision, 8);
+    }
+
+    #[test]
+    fn duplicates_and_no_op_updates_are_dropped() {
+        let mut s = Snapshot::default();
+        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        // Same revision again, and an older one: ignored.
+        let out = apply(
+            &mut s,
+            events(
+                "r1",
+                vec![event(EventKindPb::Updated, 5, inst("calc", 1, 7))],
+            ),
+        );
+        assert!(out.changes.is_empty());
+        assert_eq!(s.instances("calc")[0].weight, 1);
+        // A newer update that changes nothing a caller sees.
+        let mut relabelled = inst("calc", 1, 1);
+        relabelled.lease_id = 99;
+        let out = apply(
+            &mut s,
+            events("r1", vec![event(EventKindPb::Updated, 6, relabelled)]),
+        );
+        assert!(out.changes.is_empty());
+        // Removing what is not there.
+        let out = apply(
+            &mut s,
+            events(
+                "r1",
+                vec![event(EventKindPb::Removed, 7, inst("calc", 5, 1))],
+            ),
+        );
+        assert!(out.changes.is_empty());
+        assert_eq!(s.revision, 7);
+    }
+
+    #[test]
+    fn reconnect_to_the_same_registry_diffs_the_snapshot() {
+        let mut s = Snapshot::default();
+        apply(
+            &mut s,
+            reset("r1", 5, vec![inst("calc", 1, 1), inst("calc", 2, 1)]),
+        );
+        let out = apply(
+            &mut s,
+            reset("r1", 9, vec![inst("calc", 2, 4), inst("calc", 3, 1)]),
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (ChangeKind::Removed(RemovalCause::Resync), 1),
+                (ChangeKind::Updated, 2),
+                (ChangeKind::Added, 3)
+            ]
+        );
+        assert!(!out.stale_set_aside);
+    }
+
+    #[test]
+    fn restarted_registry_keeps_stale_fallbacks_until_reregistered() {
+        let mut s = Snapshot::default();
+        apply(
+            &mut s,
+            reset("r1", 5, vec![inst("calc", 1, 1), inst("echo", 2, 1)]),
+        );
+        // The new registry knows nothing yet.
+        let out = apply(&mut s, reset("r2", 0, vec![]));
+        assert!(out.changes.is_empty());
+        assert!(out.stale_set_aside);
+        assert_eq!(ports(&s, "calc"), vec![1]);
+        assert!(s.is_stale("calc"));
+        assert_eq!(s.services(), vec!["calc", "echo"]);
+        // calc registers again on the new registry (revision restarts at 1).
+        let out = apply(
+            &mut s,
+            events("r2", vec![event(EventKindPb::Added, 1, inst("calc", 1, 1))]),
+        );
+        assert!(out.changes.is_empty(), "same instance: no change");
+        assert!(!s.is_stale("calc"));
+        assert_eq!(ports(&s, "calc"), vec![1]);
+        // echo is still a stale fallback.
+        assert!(s.is_stale("echo"));
+        assert_eq!(ports(&s, "echo"), vec![2]);
+    }
+
+    #[test]
+    fn live_instances_shadow_stale_ones() {
+        let mut s = Snapshot::default();
+        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        apply(&mut s, reset("r2", 1, vec![inst("calc", 7, 1)]));
+        assert_eq!(ports(&s, "calc"), vec![7]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_instances_expire_after_the_grace_period() {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let shared = Arc::new(Shared {
+            addr: "test".into(),
+            registry: RegistryClient::new(
+                Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            ),
+            state: Mutex::new(State {
+                snapshot: Snapshot::default(),
+                last_error: String::new(),
+                stale_generation: 0,
+            }),
+            snapshots: tx,
+            changes: broadcast::channel(16).0,
+            descriptors: Mutex::new(HashMap::new()),
+            grace: Duration::from_secs(5),
+        });
+        let mut changes = shared.changes.subscribe();
+        apply_and_publish(&shared, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        apply_and_publish(&shared, reset("r2", 0, vec![]));
+        assert_eq!(shared.snapshots.borrow().instances("calc").len(), 1);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(shared.snapshots.borrow().instances("calc").is_empty());
+        assert_eq!(
+            changes.recv().await.map(|c| c.kind).ok(),
+            Some(ChangeKind::Added)
+        );
+        assert_eq!(
+            changes.recv().await.map(|c| c.kind).ok(),
+            Some(ChangeKind::Removed(RemovalCause::NotReregistered))
+        );
+    }
+}

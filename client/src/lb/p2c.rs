@@ -1,0 +1,148 @@
+//! Least loaded by the power of two choices.
+//!
+//! Checking every endpoint's load on each pick costs O(n) and makes every
+//! caller pile onto the same "least loaded" endpoint at once. Sampling two at
+//! random and taking the less loaded one is nearly as good and avoids the herd
+//! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing").
+
+use super::{Endpoint, Pick, Policy};
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Power of two choices on the number of calls in flight per endpoint.
+/// A call counts as in flight from its pick until its [`Pick`] is dropped.
+#[derive(Debug, Default)]
+pub struct LeastLoaded {
+    /// In-flight counters by endpoint key. Counters are shared with the
+    /// guards, which may outlive the endpoint's presence in the set.
+    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+}
+
+/// Counts one call in flight; decrements its endpoint's counter when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    /// The endpoint's counter.
+    counter: Arc<AtomicUsize>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl LeastLoaded {
+    /// Calls currently in flight to the endpoint `key`.
+    pub fn in_flight(&self, key: &str) -> usize {
+        let map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).map_or(0, |c| c.load(Ordering::Acquire))
+    }
+}
+
+impl Policy for LeastLoaded {
+    fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        let (a, b) = if n == 1 {
+            (0, 0)
+        } else {
+            let mut rng = rand::rng();
+            let a = rng.random_range(0..n);
+            // A second, distinct index.
+            let b = (a + rng.random_range(1..n)) % n;
+            (a, b)
+        };
+        let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        // Drop idle counters of endpoints that left; busy ones stay until
+        // their guards finish.
+        if map.len() > 2 * n {
+            map.retain(|k, c| {
+                c.load(Ordering::Acquire) > 0 || endpoints.iter().any(|e| e.key == k)
+            });
+        }
+        let load = |i: usize, map: &mut HashMap<String, Arc<AtomicUsize>>| {
+            map.get(endpoints[i].key)
+                .map_or(0, |c| c.load(Ordering::Acquire))
+        };
+        let index = if load(b, &mut map) < load(a, &mut map) {
+            b
+        } else {
+            a
+        };
+        let counter = map
+            .entry(endpoints[index].key.to_string())
+            .or_default()
+            .clone();
+        counter.fetch_add(1, Ordering::AcqRel);
+        Some(Pick {
+            index,
+            guard: Some(InFlightGuard { counter }),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "least-loaded"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::test_support::*;
+
+    #[test]
+    fn prefers_the_idle_endpoint() {
+        let keys = keys(2);
+        let eps = endpoints(&keys, &[1, 1]);
+        let p2c = LeastLoaded::default();
+        // Make e0 busy with 5 calls in flight (picks over e0 alone share
+        // its counter).
+        let held: Vec<Pick> = (0..5)
+            .map(|_| p2c.pick(&eps[..1]).expect("non-empty"))
+            .collect();
+        assert_eq!(p2c.in_flight("e0"), 5);
+        // With two endpoints both are always sampled: e1 always wins.
+        for _ in 0..2000 {
+            let pick = p2c.pick(&eps).expect("non-empty");
+            assert_eq!(pick.index, 1);
+        }
+        drop(held);
+        assert_eq!(p2c.in_flight("e0"), 0);
+        assert_eq!(p2c.in_flight("e1"), 0);
+    }
+
+    #[test]
+    fn concurrent_calls_spread_evenly() {
+        let keys = keys(4);
+        let eps = endpoints(&keys, &[1, 1, 1, 1]);
+        let p2c = LeastLoaded::default();
+        // 4000 overlapping calls: the in-flight counts never drift apart by
+        // more than a couple.
+        let held: Vec<Pick> = (0..4000)
+            .map(|_| p2c.pick(&eps).expect("non-empty"))
+            .collect();
+        let loads: Vec<usize> = keys.iter().map(|k| p2c.in_flight(k)).collect();
+        let (min, max) = (loads.iter().min(), loads.iter().max());
+        assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 3), "{loads:?}");
+        drop(held);
+    }
+
+    #[test]
+    fn sequential_calls_spread_uniformly() {
+        let keys = keys(3);
+        let eps = endpoints(&keys, &[1, 5, 9]);
+        let counts = counts(&LeastLoaded::default(), &eps, 6000);
+        assert_binomial(&counts, &[1.0 / 3.0; 3]);
+    }
+
+    #[test]
+    fn single_endpoint() {
+        let keys = keys(1);
+        let eps = endpoints(&keys, &[1]);
+        assert_eq!(LeastLoaded::default().pick(&eps).map(|p| p.index), Some(0));
+    }
+}

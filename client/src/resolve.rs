@@ -1,0 +1,241 @@
+//! From `SERVICE/METHOD` as typed to a method descriptor.
+//!
+//! SERVICE is the registered name (`calculator`) or the full protobuf name of
+//! the gRPC service (`calculator.v1.Calculator`). METHOD is case-sensitive, as
+//! gRPC paths are; a near miss gets a "did you mean" and the list of methods.
+
+use crate::describe::streaming_kind;
+use crate::descriptors::DescriptorError;
+use crate::directory::{Directory, Snapshot};
+use prost_reflect::{MethodDescriptor, ServiceDescriptor};
+use thiserror::Error;
+
+/// A method to call, on a registered service.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The registered service name (whose instances serve the method).
+    pub service: String,
+    /// The method, with its input and output descriptors.
+    pub method: MethodDescriptor,
+}
+
+/// Why `SERVICE/METHOD` could not be resolved.
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    /// Not of the form `SERVICE/METHOD`.
+    #[error("expected SERVICE/METHOD (e.g. calculator/Add), got `{0}`")]
+    BadTarget(String),
+    /// No such service in the registry.
+    #[error("no service `{name}` is registered{hint}; registered services: {known}")]
+    UnknownService {
+        /// The name given.
+        name: String,
+        /// ", did you mean `x`?" or empty.
+        hint: String,
+        /// The registered services, with their protobuf names.
+        known: String,
+    },
+    /// No such method in the service.
+    #[error("no method `{method}` in {service}{hint}; methods: {methods}")]
+    UnknownMethod {
+        /// The method given.
+        method: String,
+        /// Full protobuf name of the service.
+        service: String,
+        /// ", did you mean `x`?" or empty.
+        hint: String,
+        /// The service's methods.
+        methods: String,
+    },
+    /// The method streams from the client, which this client cannot drive.
+    #[error("{method} is a {kind} method: only unary and server-streaming methods can be called")]
+    Unsupported {
+        /// Full method name.
+        method: String,
+        /// Its streaming kind.
+        kind: &'static str,
+    },
+    /// The service's descriptors could not be found.
+    #[error(transparent)]
+    Descriptors(#[from] DescriptorError),
+}
+
+/// Resolves `SERVICE/METHOD` against the directory, fetching the service's
+/// descriptors if they are not cached yet.
+pub async fn resolve(directory: &Directory, target: &str) -> Result<Target, ResolveError> {
+    let (service, method) = split_target(target)?;
+    let service = find_service(&directory.snapshot(), service)?;
+    let descriptor = directory.descriptors(&service).await?;
+    let method = find_method(&descriptor, method)?;
+    Ok(Target { service, method })
+}
+
+/// Splits `SERVICE/METHOD`.
+pub fn split_target(target: &str) -> Result<(&str, &str), ResolveError> {
+    match target.split_once('/') {
+        Some((s, m)) if !s.is_empty() && !m.is_empty() && !m.contains('/') => Ok((s, m)),
+        _ => Err(ResolveError::BadTarget(target.to_string())),
+    }
+}
+
+/// The registered service named `name`, either by its registered name or by
+/// the protobuf service its instances serve.
+pub fn find_service(snapshot: &Snapshot, name: &str) -> Result<String, ResolveError> {
+    let services = snapshot.services();
+    if services.iter().any(|s| s == name) {
+        return Ok(name.to_string());
+    }
+    if let Some(s) = services
+        .iter()
+        .find(|s| snapshot.proto_service(s).as_deref() == Some(name))
+    {
+        return Ok(s.clone());
+    }
+    let mut candidates: Vec<String> = services.clone();
+    candidates.extend(services.iter().filter_map(|s| snapshot.proto_service(s)));
+    let known: Vec<String> = services
+        .iter()
+        .map(|s| match snapshot.proto_service(s) {
+            Some(p) => format!("{s} ({p})"),
+            None => s.clone(),
+        })
+        .collect();
+    Err(ResolveError::UnknownService {
+        name: name.to_string(),
+        hint: hint(suggest(name, candidates.iter().map(String::as_str))),
+        known: if known.is_empty() {
+            "(none)".to_string()
+        } else {
+            known.join(", ")
+        },
+    })
+}
+
+/// The method named exactly `name` in `service`.
+pub fn find_method(
+    service: &ServiceDescriptor,
+    name: &str,
+) -> Result<MethodDescriptor, ResolveError> {
+    let Some(method) = service.methods().find(|m| m.name() == name) else {
+        let names: Vec<String> = service.methods().map(|m| m.name().to_string()).collect();
+        return Err(ResolveError::UnknownMethod {
+            method: name.to_string(),
+            service: service.full_name().to_string(),
+            hint: hint(suggest(name, names.iter().map(String::as_str))),
+            methods: if names.is_empty() {
+                "(none)".to_string()
+            } else {
+                names.join(", ")
+            },
+        });
+    };
+    if method.is_client_streaming() {
+        return Err(ResolveError::Unsupported {
+            method: method.full_name().to_string(),
+            kind: streaming_kind(&method),
+        });
+    }
+    Ok(method)
+}
+
+fn hint(suggestion: Option<&str>) -> String {
+    suggestion
+        .map(|s| format!(", did you mean `{s}`?"))
+        .unwrap_or_default()
+}
+
+/// The candidate closest to `wanted`: one equal ignoring case, else the
+/// nearest by edit distance if it is close enough to be a typo (at most a
+/// third of the word's length, at least 1, none for words under 3 chars).
+pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let candidates: Vec<&str> = candidates.into_iter().collect();
+    if let Some(c) = candidates.iter().find(|c| c.eq_ignore_ascii_case(wanted)) {
+        return Some(c);
+    }
+    let lower = wanted.to_lowercase();
+    // Very short words are too easy to "correct" into anything.
+    let len = wanted.chars().count();
+    let limit = if len < 3 { 0 } else { (len / 3).max(1) };
+    candidates
+        .into_iter()
+        .map(|c| (edit_distance(&lower, &c.to_lowercase()), c))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Levenshtein distance over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut row = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            row[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(row[j] + 1);
+        }
+        prev = row;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_protos::{calculator_pool, shop_pool};
+
+    fn calculator() -> ServiceDescriptor {
+        calculator_pool()
+            .get_service_by_name("calculator.v1.Calculator")
+            .expect("defined")
+    }
+
+    #[test]
+    fn methods_are_case_sensitive_with_a_suggestion() {
+        assert_eq!(
+            find_method(&calculator(), "Add").expect("found").name(),
+            "Add"
+        );
+        let err = find_method(&calculator(), "add").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "no method `add` in calculator.v1.Calculator, did you mean `Add`?; methods: Add, Subtract, Multiply, Divide"
+        );
+        let err = find_method(&calculator(), "Multipy")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `Multiply`?"), "{err}");
+        let err = find_method(&calculator(), "Sqrt").unwrap_err().to_string();
+        assert!(!err.contains("did you mean"), "{err}");
+    }
+
+    #[test]
+    fn client_streaming_is_refused() {
+        let svc = shop_pool()
+            .get_service_by_name("shop.v1.Shop")
+            .expect("defined");
+        let err = find_method(&svc, "Upload").unwrap_err().to_string();
+        assert!(err.contains("client streaming"), "{err}");
+    }
+
+    #[test]
+    fn targets_split_on_one_slash() {
+        assert_eq!(
+            split_target("calculator/Add").expect("ok"),
+            ("calculator", "Add")
+        );
+        for bad in ["calculator", "/Add", "calculator/", "a/b/c"] {
+            assert!(split_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn suggestions() {
+        let names = ["calculator", "echo"];
+        assert_eq!(suggest("Calculator", names), Some("calculator"));
+        assert_eq!(suggest("calculater", names), Some("calculator"));
+        assert_eq!(suggest("eco", names), Some("echo"));
+        assert_eq!(suggest("zzz", names), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+    }
+}
