@@ -73,6 +73,8 @@ pub struct Node {
     /// The configuration in force. A tokio mutex: held across the awaits of
     /// one reload so two reloads never interleave.
     current: Mutex<Config>,
+    /// Whether a configuration was applied yet (the first one is no change).
+    applied: Mutex<bool>,
 }
 
 impl Node {
@@ -133,6 +135,7 @@ impl Node {
             health,
             registrar,
             current: Mutex::new(Config::default()),
+            applied: Mutex::new(false),
         };
         Ok((Arc::new(node), routes.routes()))
     }
@@ -150,33 +153,8 @@ impl Node {
     /// Makes `new` the configuration in force, applying only the difference.
     pub async fn apply(&self, new: Config) {
         let mut current = self.current.lock().await;
-        for (what, before, after) in [
-            (
-                "registry",
-                format!("{:?}", current.registry),
-                format!("{:?}", new.registry),
-            ),
-            (
-                "advertise",
-                format!("{:?}", current.advertise),
-                format!("{:?}", new.advertise),
-            ),
-            (
-                "port",
-                format!("{:?}", current.port),
-                format!("{:?}", new.port),
-            ),
-            (
-                "lease_ttl_ms",
-                format!("{:?}", current.lease_ttl_ms),
-                format!("{:?}", new.lease_ttl_ms),
-            ),
-        ] {
-            if before != after && *current != Config::default() {
-                warn!(
-                    "`{what}` changed from {before} to {after}: takes effect when node-host restarts"
-                );
-            }
+        if *self.applied.lock().await {
+            warn_restart_only(&current, &new);
         }
         let actions = diff(&current.plugins, &new.plugins);
         for action in actions {
@@ -210,6 +188,7 @@ impl Node {
             }
         }
         *current = new;
+        *self.applied.lock().await = true;
     }
 
     /// Opens or closes a plugin's gate, and sets its health to match.
@@ -225,6 +204,22 @@ impl Node {
         };
         for health_name in health_names(mount.plugin.as_ref()) {
             self.health.set_service_status(health_name, status).await;
+        }
+    }
+}
+
+/// Warns about settings a reload cannot change: the node's address and its
+/// registry link are fixed for its lifetime.
+fn warn_restart_only(current: &Config, new: &Config) {
+    let changed = [
+        ("registry", current.registry != new.registry),
+        ("advertise", current.advertise != new.advertise),
+        ("port", current.port != new.port),
+        ("lease_ttl_ms", current.lease_ttl_ms != new.lease_ttl_ms),
+    ];
+    for (what, differs) in changed {
+        if differs {
+            warn!("`{what}` changed: takes effect when node-host restarts");
         }
     }
 }

@@ -78,6 +78,10 @@ pub enum RunError {
 
 /// Runs the node host until `q`, SIGINT or SIGTERM.
 pub async fn run(opts: Options) -> Result<(), RunError> {
+    // First of all: a signal that arrives while starting must shut down
+    // cleanly too, not kill the process.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let known = plugins::names();
     let config = Config::load(&opts.config, &known, None)?;
     let registry = opts
@@ -129,14 +133,14 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     ));
     info!("{}: {config}", opts.config.display());
     node.apply(config).await;
+    let watcher = reload::spawn(opts.config.clone(), node.clone(), known.clone())?;
+    // The file may have changed between the first read and the start of the
+    // watch: read it once more (a no-op when unchanged).
+    reload::reload(&opts.config, &node, &known).await;
     println!("node-host serving on {advertised}");
     info!("registering with the registry at {registry}; type `help` for commands");
-
-    let watcher = reload::spawn(opts.config.clone(), node.clone(), known)?;
     let mut commands = stdin::read_commands();
     let mut stdin_open = true;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     loop {
         tokio::select! {
             cmd = commands.recv(), if stdin_open => match cmd {

@@ -16,7 +16,7 @@ use clap::Parser;
 /// Commands on stdin: u = unregister everything (keep serving),
 /// r = register again, q = deregister and quit. SIGINT/SIGTERM act like q.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(version, about, long_about, after_long_help = EXAMPLES)]
 struct Args {
     /// The configuration file (plugins to mount, their weights and metadata).
     #[arg(long, value_name = "PATH", default_value = "services.toml")]
@@ -51,6 +51,21 @@ struct Args {
     #[command(flatten)]
     tls: registry_proto::security::TlsArgs,
 }
+
+const EXAMPLES: &str = r#"Examples:
+  node-host                                   # ./services.toml, registry 127.0.0.1:50051
+  node-host --config node-a.toml --registry 192.168.1.10:50051
+  node-host --advertise 192.168.1.20 --port 7001
+
+A services.toml:
+  registry = "127.0.0.1:50051"
+  [plugins.calculator]
+  weight = 5                                  # 1..=1000; missing = random 1..=10
+  metadata = { zone = "lab" }
+  [plugins.echo]
+  enabled = false                             # not mounted, not registered
+
+Prints `node-host serving on <ip>:<port>` on stdout once serving."#;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
