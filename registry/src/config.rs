@@ -1,39 +1,54 @@
-//! What an operator can tune: the lease TTLs.
+//! What an operator can tune: lease TTLs, access tokens, TLS.
 
 use std::time::Duration;
 
-/// Settings of one registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use registry_proto::security::TokenPolicy;
+use tonic::transport::ServerTlsConfig;
+
+/// Settings of one registry server.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
-    /// TTL of a lease whose GrantLease asked for 0.
-    pub default_ttl: Duration,
-    /// Shortest TTL granted: shorter requests are raised to it, so a node
-    /// cannot make the registry sweep (and watchers churn) every millisecond.
-    pub min_ttl: Duration,
-    /// Longest TTL granted: a dead node's instances must vanish eventually.
-    pub max_ttl: Duration,
+    /// Lease TTL bounds.
+    pub ttl: Ttl,
+    /// Tokens required by calls (none by default: anyone may read and
+    /// write, as on a trusted LAN).
+    pub tokens: TokenPolicy,
+    /// TLS for the listener; `None` serves plaintext.
+    pub tls: Option<ServerTlsConfig>,
 }
 
-impl Default for Config {
-    fn default() -> Config {
-        Config {
-            default_ttl: Duration::from_millis(1500),
-            min_ttl: Duration::from_millis(100),
-            max_ttl: Duration::from_millis(300_000),
+/// Lease TTL bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ttl {
+    /// TTL of a lease whose GrantLease asked for 0.
+    pub default: Duration,
+    /// Shortest TTL granted: shorter requests are raised to it, so a node
+    /// cannot make the registry sweep (and watchers churn) every millisecond.
+    pub min: Duration,
+    /// Longest TTL granted: a dead node's instances must vanish eventually.
+    pub max: Duration,
+}
+
+impl Default for Ttl {
+    fn default() -> Ttl {
+        Ttl {
+            default: Duration::from_millis(1500),
+            min: Duration::from_millis(100),
+            max: Duration::from_millis(300_000),
         }
     }
 }
 
-impl Config {
+impl Ttl {
     /// The TTL granted for a request of `requested_ms` (0: the default),
-    /// clamped to `min_ttl..=max_ttl`.
-    pub fn ttl_for(&self, requested_ms: u64) -> Duration {
+    /// clamped to `min..=max`.
+    pub fn granted(&self, requested_ms: u64) -> Duration {
         let requested = if requested_ms == 0 {
-            self.default_ttl
+            self.default
         } else {
             Duration::from_millis(requested_ms)
         };
-        requested.clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
+        requested.clamp(self.min, self.max.max(self.min))
     }
 }
 
@@ -43,10 +58,10 @@ mod tests {
 
     #[test]
     fn ttl_is_defaulted_and_clamped() {
-        let c = Config::default();
-        assert_eq!(c.ttl_for(0), Duration::from_millis(1500));
-        assert_eq!(c.ttl_for(1), Duration::from_millis(100));
-        assert_eq!(c.ttl_for(5000), Duration::from_millis(5000));
-        assert_eq!(c.ttl_for(u64::MAX), Duration::from_millis(300_000));
+        let t = Ttl::default();
+        assert_eq!(t.granted(0), Duration::from_millis(1500));
+        assert_eq!(t.granted(1), Duration::from_millis(100));
+        assert_eq!(t.granted(5000), Duration::from_millis(5000));
+        assert_eq!(t.granted(u64::MAX), Duration::from_millis(300_000));
     }
 }

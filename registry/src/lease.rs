@@ -126,7 +126,7 @@ async fn sweep(store: Store) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::Ttl;
     use registry_proto::registry::v1 as pb;
 
     fn instance(id: &str) -> pb::Instance {
@@ -156,7 +156,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_without_heartbeats_expires_after_its_ttl() {
-        let store = Store::new(Config::default());
+        let store = Store::new(Ttl::default());
         let _guard = spawn_sweeper(store.clone());
         let grant = store.grant_lease(1000).unwrap();
         let register = |id: &str| crate::validate::Register {
@@ -191,7 +191,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_earlier_deadline_wakes_the_sweeper() {
-        let store = Store::new(Config::default());
+        let store = Store::new(Ttl::default());
         let _guard = spawn_sweeper(store.clone());
         // The sweeper first sleeps towards a far deadline...
         store.grant_lease(60_000).unwrap();

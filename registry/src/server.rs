@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use registry_proto::registry::v1::registry_server::RegistryServer;
+use registry_proto::security::AuthLayer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
@@ -47,7 +48,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = Store::new(config);
+    let store = Store::new(config.ttl);
     let _sweeper = spawn_sweeper(store.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -76,7 +77,19 @@ pub async fn run(
             .await;
         let _ = stop_tx.send(true);
     };
-    let serve = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = config.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    if !config.tokens.is_open() {
+        tracing::info!(
+            write = config.tokens.write.is_some(),
+            read = config.tokens.read.is_some(),
+            "access tokens required"
+        );
+    }
+    let serve = builder
+        .layer(AuthLayer::new(config.tokens))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))

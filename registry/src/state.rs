@@ -21,7 +21,7 @@ use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::event::Kind;
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::Ttl;
 use crate::error::{Error, Result};
 use crate::lease::{Deadlines, Lease};
 use crate::validate;
@@ -69,19 +69,19 @@ pub struct State {
     /// Interned descriptor sets: one copy per distinct content.
     descriptors: HashSet<Arc<[u8]>>,
     /// TTL bounds for new leases.
-    config: Config,
+    ttl: Ttl,
 }
 
 impl State {
     /// An empty registry.
-    pub fn new(config: Config) -> State {
+    pub fn new(ttl: Ttl) -> State {
         State {
             services: BTreeMap::new(),
             leases: HashMap::new(),
             deadlines: Deadlines::default(),
             revision: 0,
             descriptors: HashSet::new(),
-            config,
+            ttl,
         }
     }
 
@@ -108,7 +108,7 @@ impl State {
     /// Creates a lease of `ttl_ms` (0: the default; clamped to the allowed
     /// range) that dies at `now + ttl` unless kept alive.
     pub fn grant_lease(&mut self, ttl_ms: u64, now: Instant) -> Granted {
-        let ttl = self.config.ttl_for(ttl_ms);
+        let ttl = self.ttl.granted(ttl_ms);
         let id = loop {
             let id: u64 = rand::random();
             if id != 0 && !self.leases.contains_key(&id) {
@@ -509,7 +509,7 @@ mod tests {
     #[test]
     fn register_update_and_no_op() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let g = s.grant_lease(0, now);
         assert_eq!(g.ttl, Duration::from_millis(1500));
         let (i, ev) = s
@@ -534,7 +534,7 @@ mod tests {
     #[test]
     fn ownership_is_enforced() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let a = s.grant_lease(0, now);
         let b = s.grant_lease(0, now);
         s.register(register(&a, instance("svc", "x", 1), None))
@@ -561,7 +561,7 @@ mod tests {
     #[test]
     fn expiry_and_revocation_remove_the_leases_instances() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let short = s.grant_lease(200, now);
         let long = s.grant_lease(5000, now);
         s.register(register(&short, instance("svc", "1", 1), None))
@@ -585,7 +585,7 @@ mod tests {
     #[test]
     fn a_closed_stream_revokes_only_the_lease_attached_to_it() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let g = s.grant_lease(0, now);
         s.register(register(&g, instance("svc", "1", 1), None))
             .unwrap();
@@ -603,7 +603,7 @@ mod tests {
     #[test]
     fn descriptors_are_stored_once_and_dropped_with_their_last_user() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let g = s.grant_lease(0, now);
         let bytes = registry_proto::CALCULATOR_DESCRIPTORS;
         for id in 0..100 {
@@ -634,7 +634,7 @@ mod tests {
     #[test]
     fn snapshot_filters_by_service() {
         let now = Instant::now();
-        let mut s = State::new(Config::default());
+        let mut s = State::new(Ttl::default());
         let g = s.grant_lease(0, now);
         for svc in ["a", "b", "c"] {
             s.register(register(&g, instance(svc, "1", 1), None))
@@ -779,7 +779,7 @@ mod tests {
     fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let start = Instant::now();
         let mut now_ms = 0u64;
-        let mut state = State::new(Config::default());
+        let mut state = State::new(Ttl::default());
         let mut model = Model::default();
         let mut granted: Vec<Granted> = Vec::new();
         let mut replica: BTreeMap<(String, String), pb::Instance> = BTreeMap::new();

@@ -20,7 +20,7 @@ use registry_proto::registry::v1 as pb;
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use crate::config::Ttl;
 use crate::error::Result;
 use crate::state::{Event, Granted, State};
 use crate::validate;
@@ -51,10 +51,10 @@ struct Shared {
 impl Store {
     /// An empty registry. Leases only expire once
     /// [`crate::lease::spawn_sweeper`] runs for it.
-    pub fn new(config: Config) -> Store {
+    pub fn new(ttl: Ttl) -> Store {
         Store {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::new(config)),
+                state: Mutex::new(State::new(ttl)),
                 hub: Hub::new(),
                 sweeper: Notify::new(),
                 sweeper_stopped: AtomicBool::new(false),

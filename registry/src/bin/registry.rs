@@ -7,6 +7,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use registry::Config;
+use registry::config::Ttl;
+use registry_proto::security::{TlsArgs, TokenPolicy};
 
 /// The service registry: nodes register their service instances here under
 /// leases kept alive by heartbeats; clients list, resolve and watch them.
@@ -28,6 +30,28 @@ struct Args {
     /// Longest TTL granted, in milliseconds; longer requests are lowered.
     #[arg(long, default_value_t = 300_000, value_name = "MS")]
     max_ttl_ms: u64,
+    /// Token that calls changing state (leases, register, update,
+    /// deregister) must carry as `authorization: Bearer <token>`. Default:
+    /// none, anyone may write.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "REGISTRY_WRITE_TOKEN",
+        hide_env_values = true
+    )]
+    write_token: Option<String>,
+    /// Token that reading calls (list, resolve, descriptors, watch) must
+    /// carry; the write token is accepted too. Default: none, anyone may
+    /// read. Health and reflection stay open.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "REGISTRY_READ_TOKEN",
+        hide_env_values = true
+    )]
+    read_token: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[tokio::main]
@@ -46,16 +70,29 @@ async fn main() -> anyhow::Result<()> {
         args.min_ttl_ms,
         args.max_ttl_ms
     );
+    let token = |t: Option<String>| t.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     let config = Config {
-        default_ttl: Duration::from_millis(args.default_ttl_ms),
-        min_ttl: Duration::from_millis(args.min_ttl_ms),
-        max_ttl: Duration::from_millis(args.max_ttl_ms),
+        ttl: Ttl {
+            default: Duration::from_millis(args.default_ttl_ms),
+            min: Duration::from_millis(args.min_ttl_ms),
+            max: Duration::from_millis(args.max_ttl_ms),
+        },
+        tokens: TokenPolicy {
+            write: token(args.write_token),
+            read: token(args.read_token),
+        },
+        tls: args.tls.server_config()?,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr().context("no local address")?;
-    tracing::info!(?config, "configuration");
+    tracing::info!(
+        ttl = ?config.ttl,
+        tls = config.tls.is_some(),
+        mutual_tls = args.tls.tls_require_client_cert,
+        "configuration"
+    );
     // The ready line: scripts and tests wait for it (on stdout, not a log).
     println!("registry listening on {local}");
     std::io::stdout().flush().context("stdout")?;
