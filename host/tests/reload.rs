@@ -5,6 +5,8 @@
 mod common;
 
 use common::{CHANGE, Node, resolve, wait_for_weights};
+use registry_proto::registry::v1::WatchRequest;
+use registry_proto::registry::v1::event::Kind as EventKind;
 use testkit::Registry;
 
 const CALC_ONLY: &str = "[plugins.calculator]\nweight = 7\n";
@@ -26,13 +28,29 @@ async fn add_change_and_remove_plugins_by_editing_the_file() {
         "an unchanged plugin is not registered again"
     );
 
-    // Change a weight and metadata: updated in place, under the same lease.
+    // Change a weight and metadata: updated in place, under the same lease,
+    // as ONE UPDATED event (no removal, no gap).
     let lease = resolve(&mut client, "echo").await[0].lease_id;
+    let mut watch = client
+        .watch(WatchRequest {
+            services: vec!["echo".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let reset = watch.message().await.unwrap().unwrap();
+    assert!(reset.reset);
     node.write_config("[plugins.calculator]\nweight = 7\n\n[plugins.echo]\nweight = 40\nmetadata = { v = \"2\" }\n");
     wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 40)]).await;
     let echo = &resolve(&mut client, "echo").await[0];
     assert_eq!(echo.lease_id, lease);
     assert_eq!(echo.metadata.get("v").map(String::as_str), Some("2"));
+    let change = watch.message().await.unwrap().unwrap();
+    assert!(!change.reset);
+    assert_eq!(change.events.len(), 1, "{change:?}");
+    assert_eq!(change.events[0].kind(), EventKind::Updated, "{change:?}");
+    assert_eq!(change.events[0].instance.as_ref().unwrap().weight, 40);
+    drop(watch);
 
     // Remove calculator (disabling counts as removing).
     node.write_config("[plugins.calculator]\nenabled = false\n\n[plugins.echo]\nweight = 40\nmetadata = { v = \"2\" }\n");

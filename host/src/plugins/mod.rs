@@ -1,7 +1,7 @@
 //! The plugins this node host can serve: the one list of them.
 //!
 //! Adding a plugin: write `plugins/<name>.rs` implementing
-//! [`Plugin`](crate::plugin::Plugin) (its `.proto` goes in `proto/proto/`),
+//! [`crate::plugin::Plugin`] (its `.proto` goes in `proto/proto/`),
 //! declare the module below and add one line to [`all`].
 
 use std::sync::Arc;
