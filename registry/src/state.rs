@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use crate::config::Ttl;
 use crate::error::{Error, Result};
 use crate::lease::{Deadlines, Lease};
-use crate::validate;
+use crate::validate::{self, Limits};
 
 pub use registry_proto::registry::v1::Event;
 pub use registry_proto::registry::v1::RemovalReason;
@@ -68,20 +68,34 @@ pub struct State {
     revision: u64,
     /// Interned descriptor sets: one copy per distinct content.
     descriptors: HashSet<Arc<[u8]>>,
+    /// Total size of `descriptors`.
+    descriptor_bytes: usize,
+    /// How many instances are stored, all services together.
+    instance_count: usize,
     /// TTL bounds for new leases.
     ttl: Ttl,
+    /// Registry-wide limits.
+    limits: Limits,
 }
 
 impl State {
     /// An empty registry.
     pub fn new(ttl: Ttl) -> State {
+        State::with_limits(ttl, Limits::default())
+    }
+
+    /// An empty registry with other limits than the defaults.
+    pub fn with_limits(ttl: Ttl, limits: Limits) -> State {
         State {
             services: BTreeMap::new(),
             leases: HashMap::new(),
             deadlines: Deadlines::default(),
             revision: 0,
             descriptors: HashSet::new(),
+            descriptor_bytes: 0,
+            instance_count: 0,
             ttl,
+            limits,
         }
     }
 
@@ -105,9 +119,20 @@ impl State {
         self.deadlines.next()
     }
 
+    /// How many instances are registered.
+    pub fn instance_count(&self) -> usize {
+        self.instance_count
+    }
+
     /// Creates a lease of `ttl_ms` (0: the default; clamped to the allowed
     /// range) that dies at `now + ttl` unless kept alive.
-    pub fn grant_lease(&mut self, ttl_ms: u64, now: Instant) -> Granted {
+    pub fn grant_lease(&mut self, ttl_ms: u64, now: Instant) -> Result<Granted> {
+        if self.leases.len() >= self.limits.leases {
+            return Err(Error::Limit(format!(
+                "at most {} live leases",
+                self.limits.leases
+            )));
+        }
         let ttl = self.ttl.granted(ttl_ms);
         let id = loop {
             let id: u64 = rand::random();
@@ -129,11 +154,11 @@ impl State {
                 attached: None,
             },
         );
-        Granted {
+        Ok(Granted {
             lease_id: id,
             lease_secret: secret,
             ttl,
-        }
+        })
     }
 
     /// The lease `id` if `secret` is its secret.
@@ -229,6 +254,21 @@ impl State {
                 instance_id: instance.instance_id,
             });
         }
+        if existing.is_none() && self.instance_count >= self.limits.instances {
+            return Err(Error::Limit(format!(
+                "at most {} instances",
+                self.limits.instances
+            )));
+        }
+        if let Some(bytes) = &descriptors
+            && !self.descriptors.contains(bytes.as_slice())
+            && self.descriptor_bytes + bytes.len() > self.limits.descriptor_bytes
+        {
+            return Err(Error::Limit(format!(
+                "at most {} bytes of distinct descriptor sets",
+                self.limits.descriptor_bytes
+            )));
+        }
         let descriptors = descriptors.map(|bytes| self.intern(bytes));
         instance.lease_id = lease_id;
         let key = (instance.service.clone(), instance.instance_id.clone());
@@ -316,6 +356,7 @@ impl State {
             .entry(key.0)
             .or_default()
             .insert(key.1, stored);
+        self.instance_count += 1;
         event
     }
 
@@ -352,6 +393,7 @@ impl State {
         if instances.is_empty() {
             self.services.remove(&key.0);
         }
+        self.instance_count -= 1;
         let revision = self.next_revision();
         self.release(stored.descriptors);
         Some(event(
@@ -368,6 +410,7 @@ impl State {
             return shared.clone();
         }
         let shared: Arc<[u8]> = bytes.into();
+        self.descriptor_bytes += shared.len();
         self.descriptors.insert(shared.clone());
         shared
     }
@@ -377,8 +420,8 @@ impl State {
     fn release(&mut self, descriptors: Option<Arc<[u8]>>) {
         if let Some(shared) = descriptors {
             // Two references left: this one and the interning set's.
-            if Arc::strong_count(&shared) <= 2 {
-                self.descriptors.remove(&*shared);
+            if Arc::strong_count(&shared) <= 2 && self.descriptors.remove(&*shared) {
+                self.descriptor_bytes -= shared.len();
             }
         }
     }
@@ -510,7 +553,7 @@ mod tests {
     fn register_update_and_no_op() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let g = s.grant_lease(0, now);
+        let g = s.grant_lease(0, now).unwrap();
         assert_eq!(g.ttl, Duration::from_millis(1500));
         let (i, ev) = s
             .register(register(&g, instance("a", "1", 1), None))
@@ -535,8 +578,8 @@ mod tests {
     fn ownership_is_enforced() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let a = s.grant_lease(0, now);
-        let b = s.grant_lease(0, now);
+        let a = s.grant_lease(0, now).unwrap();
+        let b = s.grant_lease(0, now).unwrap();
         s.register(register(&a, instance("svc", "x", 1), None))
             .unwrap();
         let shadow = s.register(register(&b, instance("svc", "x", 5), None));
@@ -562,8 +605,8 @@ mod tests {
     fn expiry_and_revocation_remove_the_leases_instances() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let short = s.grant_lease(200, now);
-        let long = s.grant_lease(5000, now);
+        let short = s.grant_lease(200, now).unwrap();
+        let long = s.grant_lease(5000, now).unwrap();
         s.register(register(&short, instance("svc", "1", 1), None))
             .unwrap();
         s.register(register(&short, instance("svc", "2", 1), None))
@@ -586,7 +629,7 @@ mod tests {
     fn a_closed_stream_revokes_only_the_lease_attached_to_it() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let g = s.grant_lease(0, now);
+        let g = s.grant_lease(0, now).unwrap();
         s.register(register(&g, instance("svc", "1", 1), None))
             .unwrap();
         s.keep_alive(g.lease_id, &g.lease_secret, Some(1), now)
@@ -604,7 +647,7 @@ mod tests {
     fn descriptors_are_stored_once_and_dropped_with_their_last_user() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let g = s.grant_lease(0, now);
+        let g = s.grant_lease(0, now).unwrap();
         let bytes = registry_proto::CALCULATOR_DESCRIPTORS;
         for id in 0..100 {
             let mut i = instance("calc", &id.to_string(), 1);
@@ -632,10 +675,54 @@ mod tests {
     }
 
     #[test]
+    fn limits_refuse_with_resource_exhausted_and_change_nothing() {
+        let now = Instant::now();
+        let limits = Limits {
+            leases: 2,
+            instances: 3,
+            descriptor_bytes: registry_proto::CALCULATOR_DESCRIPTORS.len() + 10,
+        };
+        let mut s = State::with_limits(Ttl::default(), limits);
+        let g = s.grant_lease(0, now).unwrap();
+        s.grant_lease(0, now).unwrap();
+        let err = s.grant_lease(0, now).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.lease_count(), 2);
+
+        let calc = Some(registry_proto::CALCULATOR_DESCRIPTORS);
+        for id in ["1", "2", "3"] {
+            s.register(register(&g, instance("svc", id, 1), calc))
+                .unwrap();
+        }
+        let err = s
+            .register(register(&g, instance("svc", "4", 1), None))
+            .unwrap_err();
+        assert!(matches!(err, Error::Limit(_)), "{err}");
+        // Updating an existing instance is still fine at the limit...
+        s.register(register(&g, instance("svc", "3", 2), calc))
+            .unwrap();
+        // ...but not with a second, distinct descriptor set over the budget.
+        let err = s
+            .register(register(
+                &g,
+                instance("svc", "3", 2),
+                Some(registry_proto::ECHO_DESCRIPTORS),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, Error::Limit(_)), "{err}");
+        assert_eq!(s.instance_count(), 3);
+        assert_eq!(s.descriptor_count(), 1);
+        s.deregister(deregister(&g, "svc", "1")).unwrap();
+        s.register(register(&g, instance("svc", "4", 1), None))
+            .unwrap();
+        assert_eq!(s.instance_count(), 3);
+    }
+
+    #[test]
     fn snapshot_filters_by_service() {
         let now = Instant::now();
         let mut s = State::new(Ttl::default());
-        let g = s.grant_lease(0, now);
+        let g = s.grant_lease(0, now).unwrap();
         for svc in ["a", "b", "c"] {
             s.register(register(&g, instance(svc, "1", 1), None))
                 .unwrap();
@@ -795,7 +882,7 @@ mod tests {
 
             let outcome: Result<(), Error> = match op.clone() {
                 Op::Grant { ttl_ms } => {
-                    granted.push(state.grant_lease(ttl_ms, now));
+                    granted.push(state.grant_lease(ttl_ms, now).unwrap());
                     let l = granted.len() - 1;
                     model.ttls.push(ttl_ms);
                     model.deadlines.insert(l, now_ms + ttl_ms);
@@ -933,6 +1020,7 @@ mod tests {
                 .collect();
             prop_assert_eq!(seen, expected);
             prop_assert_eq!(state.lease_count(), model.deadlines.len());
+            prop_assert_eq!(state.instance_count(), model.instances.len());
         }
         Ok(())
     }

@@ -101,7 +101,7 @@ impl Store {
     /// Grants a lease (see [`State::grant_lease`]).
     pub fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
         let (granted, _) =
-            self.write(|s| Ok((s.grant_lease(ttl_ms, Instant::now()), Vec::new())))?;
+            self.write(|s| Ok((s.grant_lease(ttl_ms, Instant::now())?, Vec::new())))?;
         // Its deadline may be the earliest now.
         self.shared.sweeper.notify_one();
         Ok(granted)

@@ -34,6 +34,36 @@ pub const MAX_METADATA_TOTAL: usize = 16 * 1024;
 pub const MAX_DESCRIPTOR_SET: usize = 4 * 1024 * 1024;
 /// Most services one Watch may name.
 pub const MAX_WATCHED_SERVICES: usize = 1024;
+/// Most live leases (RESOURCE_EXHAUSTED beyond): bounds the memory a
+/// misbehaving client can take by granting in a loop.
+pub const MAX_LEASES: usize = 1_000_000;
+/// Most registered instances, all services together.
+pub const MAX_INSTANCES: usize = 1_000_000;
+/// Most bytes of distinct descriptor sets stored together (identical sets
+/// are stored once, so this only bounds genuinely different ones).
+pub const MAX_DESCRIPTOR_BYTES: usize = 256 * 1024 * 1024;
+
+/// The registry-wide limits, [`MAX_LEASES`] and friends by default; tests
+/// lower them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most live leases.
+    pub leases: usize,
+    /// Most instances.
+    pub instances: usize,
+    /// Most bytes of distinct descriptor sets.
+    pub descriptor_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            leases: MAX_LEASES,
+            instances: MAX_INSTANCES,
+            descriptor_bytes: MAX_DESCRIPTOR_BYTES,
+        }
+    }
+}
 
 /// A Register request that passed validation.
 #[derive(Debug, Clone, PartialEq)]

@@ -147,3 +147,75 @@ pub fn stream(
     });
     ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Ttl;
+    use crate::validate::Register;
+    use std::collections::BTreeMap;
+    use tokio_stream::StreamExt;
+
+    #[tokio::test]
+    async fn a_lagging_watcher_gets_a_fresh_snapshot() {
+        let store = Store::new(Ttl::default());
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let mut stream = stream(store.clone(), BTreeSet::new(), stopped);
+        let first = stream.next().await.unwrap().unwrap();
+        assert!(first.reset && first.events.is_empty());
+
+        // Far more changes than the channel holds while the watcher cannot
+        // run (this test never yields in between).
+        let g = store.grant_lease(0).unwrap();
+        let changes = CAPACITY + 100;
+        for i in 0..changes {
+            let instance = pb::Instance {
+                service: "svc".into(),
+                instance_id: format!("i{}", i % 50),
+                host: "127.0.0.1".into(),
+                port: 1,
+                weight: 1 + u32::from((i / 50) % 2 == 1),
+                ..Default::default()
+            };
+            store
+                .register(Register {
+                    lease_id: g.lease_id,
+                    lease_secret: g.lease_secret.clone(),
+                    instance,
+                    descriptors: None,
+                })
+                .unwrap();
+        }
+        let (truth, revision) = store.resolve("svc");
+        assert_eq!(revision, changes as u64);
+
+        let mut copy = BTreeMap::new();
+        let mut resets = 0;
+        let mut seen = 0;
+        while seen < revision {
+            let message = stream.next().await.unwrap().unwrap();
+            assert_eq!(message.registry_id, store.registry_id());
+            if message.reset {
+                resets += 1;
+                copy.clear();
+            }
+            for e in message.events {
+                let i = e.instance.unwrap();
+                copy.insert(i.instance_id.clone(), i);
+            }
+            seen = message.revision;
+        }
+        assert!(resets >= 1, "the lagging watcher was reset");
+        assert_eq!(copy.into_values().collect::<Vec<_>>(), truth);
+    }
+
+    #[tokio::test]
+    async fn the_stream_ends_on_shutdown() {
+        let store = Store::new(Ttl::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let mut stream = stream(store, BTreeSet::new(), stopped);
+        assert!(stream.next().await.unwrap().unwrap().reset);
+        stop.send(true).unwrap();
+        assert!(stream.next().await.is_none());
+    }
+}
