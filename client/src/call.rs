@@ -167,14 +167,18 @@ impl Caller {
                     });
                 }
                 Err(status) => {
-                    let unavailable = status.code() == Code::Unavailable;
+                    let unavailable = is_unavailable(&status);
                     if unavailable {
                         // Reconnect from scratch next time.
                         self.lock_channels().remove(&addr);
                     }
                     tracing::debug!(instance = %addr, status = %status_text(&status), "call failed");
                     last_error = Some(CallError::Status {
-                        method: target.method.full_name().to_string(),
+                        method: format!(
+                            "{}/{}",
+                            target.method.parent_service().full_name(),
+                            target.method.name()
+                        ),
                         instance: addr.clone(),
                         status,
                     });
@@ -252,6 +256,30 @@ impl Caller {
     }
 }
 
+/// Whether a failure means the instance could not be reached or its
+/// connection broke, rather than an answer from the service: `UNAVAILABLE`,
+/// or the codes tonic gives transport failures (a connection reset
+/// mid-request surfaces as `UNKNOWN`/`INTERNAL`/`CANCELLED` with a transport
+/// message, never with one a service would write).
+pub fn is_unavailable(status: &Status) -> bool {
+    const TRANSPORT: [&str; 6] = [
+        "transport error",
+        "h2 protocol error",
+        "connection reset",
+        "connection closed",
+        "broken pipe",
+        "operation was canceled",
+    ];
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Internal | Code::Cancelled => {
+            let message = status.message().to_lowercase();
+            TRANSPORT.iter().any(|t| message.contains(t))
+        }
+        _ => false,
+    }
+}
+
 /// `host:port` of an instance, with brackets around an IPv6 host.
 pub fn address(instance: &Instance) -> String {
     if instance.host.contains(':') && !instance.host.starts_with('[') {
@@ -284,6 +312,19 @@ mod tests {
         assert_eq!(address(&i), "10.0.0.1:80");
         i.host = "::1".into();
         assert_eq!(address(&i), "[::1]:80");
+    }
+
+    #[test]
+    fn transport_failures_count_as_unavailable() {
+        assert!(is_unavailable(&Status::unavailable("tcp connect error")));
+        assert!(is_unavailable(&Status::unknown("transport error")));
+        assert!(is_unavailable(&Status::internal(
+            "h2 protocol error: stream reset"
+        )));
+        assert!(!is_unavailable(&Status::internal("database on fire")));
+        assert!(!is_unavailable(&Status::invalid_argument(
+            "connection reset"
+        )));
     }
 
     #[test]

@@ -1,0 +1,337 @@
+//! The `client` binary against a real registry and real node hosts.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+use testkit::{Process, READY_TIMEOUT, Registry, command};
+
+fn value(out: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(out).unwrap();
+    v["value"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no value in {out}"))
+}
+
+#[test]
+fn every_calculator_and_echo_method_with_json_and_key_value_args() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let node = node(reg, &both(1, 1));
+    wait_instances(reg, "calculator", 1);
+    wait_instances(reg, "echo", 1);
+
+    for (method, expected) in [
+        ("Add", 9.0),
+        ("Subtract", 3.0),
+        ("Multiply", 18.0),
+        ("Divide", 2.0),
+    ] {
+        let target = format!("calculator/{method}");
+        assert_eq!(
+            value(&client_ok(reg, &["call", &target, "a=6", "b=3"])),
+            expected,
+            "{method}"
+        );
+        assert_eq!(
+            value(&client_ok(reg, &["call", &target, r#"{"a": 6, "b": 3}"#])),
+            expected,
+            "{method}"
+        );
+    }
+    // The full protobuf name works too, and negative numbers as values.
+    let out = client_ok(
+        reg,
+        &["call", "calculator.v1.Calculator/Add", "a=-1.5", "b=0.25"],
+    );
+    assert_eq!(value(&out), -1.25);
+
+    let served_by = node.addr.to_string();
+    for args in [
+        vec!["message=hello there"],
+        vec![r#"{"message": "hello there"}"#],
+    ] {
+        let mut all = vec!["call", "echo/Echo"];
+        all.extend(args);
+        let out = client_ok(reg, &all);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["message"], "hello there");
+        assert_eq!(v["served_by"], served_by.as_str());
+    }
+
+    for args in [
+        vec!["message=tick", "count=3"],
+        vec![r#"{"message": "tick", "count": 3, "intervalMs": 1}"#],
+    ] {
+        let mut all = vec!["call", "echo/EchoStream"];
+        all.extend(args);
+        let replies = json_values(&client_ok(reg, &all));
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        assert!(
+            replies.iter().all(|r| r["message"] == "tick"),
+            "{replies:?}"
+        );
+    }
+}
+
+#[test]
+fn errors_name_the_problem_and_exit_non_zero() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let _node = node(reg, &both(1, 1));
+    wait_instances(reg, "calculator", 1);
+
+    let err = client_err(reg, &["call", "calculater/Add", "a=1"]);
+    assert!(
+        err.contains("no service `calculater` is registered, did you mean `calculator`?"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "registered services: calculator (calculator.v1.Calculator), echo (echo.v1.Echo)"
+        ),
+        "{err}"
+    );
+
+    let err = client_err(reg, &["call", "calculator/add", "a=1"]);
+    assert!(
+        err.contains("no method `add` in calculator.v1.Calculator, did you mean `Add`?"),
+        "{err}"
+    );
+    assert!(
+        err.contains("methods: Add, Subtract, Multiply, Divide"),
+        "{err}"
+    );
+
+    let err = client_err(reg, &["call", "calculator/Add", "c=1"]);
+    assert!(
+        err.contains("no field `c` in calculator.v1.BinaryRequest; fields: a (double), b (double)"),
+        "{err}"
+    );
+
+    let err = client_err(reg, &["call", "calculator/Add", "a=two"]);
+    assert!(
+        err.contains("field `a` of calculator.v1.BinaryRequest expects a double, got `two`"),
+        "{err}"
+    );
+
+    let err = client_err(reg, &["call", "calculator/Add", r#"{"a": 1,"#]);
+    assert!(err.contains("malformed JSON"), "{err}");
+
+    let err = client_err(reg, &["call", "calculator", "a=1"]);
+    assert!(err.contains("expected SERVICE/METHOD"), "{err}");
+
+    // The service's own error, with its code.
+    let err = client_err(reg, &["call", "calculator/Divide", "a=1", "b=0"]);
+    assert!(err.contains("InvalidArgument"), "{err}");
+
+    let err = client_err(reg, &["describe", "nothing"]);
+    assert!(err.contains("no service `nothing`"), "{err}");
+
+    // No registry at all.
+    let (status, _, err) = client(
+        "127.0.0.1:1".parse().unwrap(),
+        &["list", "--wait-ms", "500"],
+    );
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        err.contains("cannot reach the registry at 127.0.0.1:1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn list_describe_and_the_default_listing() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let node = node(reg, &both(3, 1));
+    wait_instances(reg, "echo", 1);
+
+    let v: serde_json::Value = serde_json::from_str(&client_ok(reg, &["list", "--json"])).unwrap();
+    let calc = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "calculator")
+        .unwrap();
+    assert_eq!(calc["proto_service"], "calculator.v1.Calculator");
+    assert_eq!(calc["instances"][0]["weight"], 3);
+    assert_eq!(
+        calc["instances"][0]["address"],
+        node.addr.to_string().as_str()
+    );
+
+    let out = client_ok(reg, &["list"]);
+    assert!(
+        out.contains("calculator (calculator.v1.Calculator): 1 instance"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("{} weight=3", node.addr)) || out.contains("weight=3"),
+        "{out}"
+    );
+
+    let out = client_ok(reg, &["describe", "echo"]);
+    assert!(
+        out.contains(
+            "rpc EchoStream(echo.v1.EchoStreamRequest) returns (stream echo.v1.EchoResponse)"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("message (string), count (uint32), interval_ms (uint32)"),
+        "{out}"
+    );
+    let out = client_ok(reg, &["describe", "calculator.v1.Calculator"]);
+    assert!(
+        out.contains("rpc Divide(calculator.v1.BinaryRequest) returns (calculator.v1.Result)"),
+        "{out}"
+    );
+
+    // No subcommand, stdin not a terminal: the list, then exit.
+    let out = client_ok(reg, &[]);
+    assert!(
+        out.contains("calculator (calculator.v1.Calculator): 1 instance"),
+        "{out}"
+    );
+    assert!(out.contains("echo (echo.v1.Echo): 1 instance"), "{out}");
+}
+
+/// Parses the `--repeat` table: instance -> (weight, calls).
+fn spread(out: &str) -> Vec<(String, u32, u32)> {
+    out.lines()
+        .skip_while(|l| !l.starts_with("instance"))
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (
+                cols[0].to_string(),
+                cols[1].parse().unwrap(),
+                cols[3].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn repeated_calls_spread_over_two_nodes_by_weight() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let _heavy = node(reg, "[plugins.calculator]\nweight = 3\n");
+    let _light = node(reg, "[plugins.calculator]\nweight = 1\n");
+    wait_instances(reg, "calculator", 2);
+
+    // Smooth WRR: exact over whole cycles.
+    let out = client_ok(
+        reg,
+        &["call", "calculator/Add", "a=1", "b=1", "--repeat", "400"],
+    );
+    assert!(
+        out.contains("400 calls to calculator (weighted-round-robin), 0 failed"),
+        "{out}"
+    );
+    let rows = spread(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for (_, weight, calls) in &rows {
+        assert_eq!(*calls, 100 * weight, "{out}");
+    }
+
+    // Weighted random: within 5 sigma of 3:1 (sigma = sqrt(400 * 3/16) ~ 8.7).
+    let out = client_ok(
+        reg,
+        &[
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=1",
+            "--repeat",
+            "400",
+            "--lb",
+            "weighted-random",
+        ],
+    );
+    for (_, weight, calls) in spread(&out) {
+        let expected = 400.0 * f64::from(weight) / 4.0;
+        assert!((f64::from(calls) - expected).abs() < 44.0, "{out}");
+    }
+
+    // Uniform random: about half each.
+    let out = client_ok(
+        reg,
+        &[
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=1",
+            "--repeat",
+            "400",
+            "--lb",
+            "random",
+        ],
+    );
+    for (_, _, calls) in spread(&out) {
+        assert!((f64::from(calls) - 200.0).abs() < 50.0, "{out}");
+    }
+}
+
+#[test]
+fn repeated_calls_survive_a_node_killed_midway() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let mut victim = node(reg, "[plugins.echo]\nweight = 1\n");
+    let _survivor = node(reg, "[plugins.echo]\nweight = 1\n");
+    wait_instances(reg, "echo", 2);
+
+    // Each call takes ~20 ms on the server, so the run spans the kill.
+    let mut cmd = command("client");
+    cmd.env("REGISTRY_ADDR", reg.to_string()).args([
+        "call",
+        "echo/EchoStream",
+        "message=x",
+        "count=2",
+        "interval_ms=10",
+        "--repeat",
+        "150",
+    ]);
+    let mut calls = Process::spawn("calls", cmd);
+    calls.wait_for_line("\"message\"", READY_TIMEOUT); // under way
+    victim.process.kill9();
+    let status = calls.wait_exit(Duration::from_secs(60));
+    let summary = calls.wait_for_line(" calls to echo (", Duration::from_secs(1));
+    assert!(summary.ends_with(", 0 failed"), "{summary}");
+    assert!(status.success());
+}
+
+#[test]
+fn watch_prints_changes_as_they_happen() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let mut cmd = command("client");
+    cmd.env("REGISTRY_ADDR", reg.to_string()).arg("watch");
+    let watch = Process::spawn("watch", cmd);
+    watch.wait_for_line("watching the registry", READY_TIMEOUT);
+
+    let mut node = node(reg, "[plugins.calculator]\nweight = 3\n");
+    let added = format!("+ calculator {} weight=3", node.addr);
+    watch.wait_for_line(&added, READY_TIMEOUT);
+
+    // An edit of the weight is an update.
+    std::fs::write(
+        &node.config,
+        "advertise = \"127.0.0.1\"\n[plugins.calculator]\nweight = 5\n",
+    )
+    .unwrap();
+    watch.wait_for_line(
+        &format!("~ calculator {} weight=5", node.addr),
+        READY_TIMEOUT,
+    );
+
+    node.process.kill9();
+    let line = watch.wait_for_line(&format!("- calculator {}", node.addr), READY_TIMEOUT);
+    assert!(
+        line.ends_with("(node disconnected)") || line.ends_with("(lease expired)"),
+        "{line}"
+    );
+}

@@ -1,0 +1,112 @@
+//! Helpers shared by the client's integration tests: node hosts on loopback
+//! and `client` runs.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use testkit::{Process, READY_TIMEOUT, addr_from_line, command};
+
+/// A node-host process serving on loopback, with its config file.
+pub struct Node {
+    /// The process.
+    pub process: Process,
+    /// Where it serves.
+    pub addr: SocketAddr,
+    /// Its services.toml.
+    pub config: PathBuf,
+}
+
+/// A fresh directory for one test's files.
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "client-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Starts a node-host with the given plugins section, advertising 127.0.0.1.
+pub fn node(registry: SocketAddr, plugins: &str) -> Node {
+    let config = temp_dir().join("services.toml");
+    std::fs::write(&config, format!("advertise = \"127.0.0.1\"\n{plugins}")).unwrap();
+    let mut cmd = command("node-host");
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--registry")
+        .arg(registry.to_string());
+    let process = Process::spawn("node-host", cmd);
+    let line = process.wait_for_line("node-host serving on", READY_TIMEOUT);
+    Node {
+        addr: addr_from_line(&line),
+        process,
+        config,
+    }
+}
+
+/// calculator with weight `calc`, echo with weight `echo`.
+pub fn both(calc: u32, echo: u32) -> String {
+    format!("[plugins.calculator]\nweight = {calc}\n[plugins.echo]\nweight = {echo}\n")
+}
+
+/// Runs `client ARGS` against `registry` to completion.
+pub fn client(registry: SocketAddr, args: &[&str]) -> (ExitStatus, String, String) {
+    let mut cmd = command("client");
+    cmd.env("REGISTRY_ADDR", registry.to_string()).args(args);
+    testkit::run(cmd, Duration::from_secs(60))
+}
+
+/// Runs `client ARGS`, asserts success and returns stdout.
+pub fn client_ok(registry: SocketAddr, args: &[&str]) -> String {
+    let (status, out, err) = client(registry, args);
+    assert!(status.success(), "client {args:?} failed: {err}");
+    out
+}
+
+/// Runs `client ARGS`, asserts failure and returns stderr.
+pub fn client_err(registry: SocketAddr, args: &[&str]) -> String {
+    let (status, out, err) = client(registry, args);
+    assert!(!status.success(), "client {args:?} succeeded: {out}");
+    assert_eq!(status.code(), Some(1), "{err}");
+    err
+}
+
+/// The JSON values printed one after another on stdout.
+pub fn json_values(out: &str) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<serde_json::Value>()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Waits until `client list --json` shows `n` instances of `service`.
+pub fn wait_instances(registry: SocketAddr, service: &str, n: usize) {
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    loop {
+        let (_, out, _) = client(registry, &["list", "--json"]);
+        let count = serde_json::from_str::<serde_json::Value>(&out)
+            .ok()
+            .and_then(|v| {
+                v["services"].as_array().and_then(|s| {
+                    s.iter()
+                        .find(|s| s["name"] == service)
+                        .and_then(|s| s["instances"].as_array().map(Vec::len))
+                })
+            })
+            .unwrap_or(0);
+        if count == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service} never had {n} instances: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
