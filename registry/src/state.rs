@@ -203,12 +203,13 @@ impl State {
 
     /// The KeepAlive stream `stream` ended: revokes the lease if it is still
     /// attached to that stream (a newer stream may have taken it over).
-    pub fn stream_closed(&mut self, id: u64, stream: u64) -> Vec<Event> {
+    /// `None` when nothing was revoked.
+    pub fn stream_closed(&mut self, id: u64, stream: u64) -> Option<Vec<Event>> {
         match self.leases.get(&id) {
             Some(lease) if lease.attached == Some(stream) => {
-                self.remove_lease(id, RemovalReason::KeepaliveClosed)
+                Some(self.remove_lease(id, RemovalReason::KeepaliveClosed))
             }
-            _ => Vec::new(),
+            _ => None,
         }
     }
 
@@ -637,8 +638,8 @@ mod tests {
         // Stream 2 takes the lease over; stream 1 ending changes nothing.
         s.keep_alive(g.lease_id, &g.lease_secret, Some(2), now)
             .unwrap();
-        assert!(s.stream_closed(g.lease_id, 1).is_empty());
-        let ev = s.stream_closed(g.lease_id, 2);
+        assert!(s.stream_closed(g.lease_id, 1).is_none());
+        let ev = s.stream_closed(g.lease_id, 2).unwrap();
         assert_eq!(ev[0].reason(), RemovalReason::KeepaliveClosed);
         assert_eq!(s.lease_count(), 0);
     }

@@ -119,13 +119,17 @@ impl Store {
     }
 
     /// KeepAlive stream `stream` ended: revokes its lease if still attached.
-    pub fn stream_closed(&self, lease_id: u64, stream: u64) -> usize {
+    /// Returns how many instances went, or `None` if the lease was gone or
+    /// had moved to another stream.
+    pub fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize> {
         self.write(|s| {
-            let events = s.stream_closed(lease_id, stream);
-            Ok((events.len(), events))
+            Ok(match s.stream_closed(lease_id, stream) {
+                Some(events) => (Some(events.len()), events),
+                None => (None, Vec::new()),
+            })
         })
-        .map(|(n, _)| n)
-        .unwrap_or(0)
+        .ok()
+        .and_then(|(removed, _)| removed)
     }
 
     /// Revokes a lease; returns how many instances it took.

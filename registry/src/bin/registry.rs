@@ -13,7 +13,7 @@ use registry_proto::security::{TlsArgs, TokenPolicy};
 /// The service registry: nodes register their service instances here under
 /// leases kept alive by heartbeats; clients list, resolve and watch them.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = EXAMPLES)]
 struct Args {
     /// Address to listen on. Port 0 picks a free port; the address actually
     /// used is printed as `registry listening on <ip>:<port>`.
@@ -53,6 +53,15 @@ struct Args {
     #[command(flatten)]
     tls: TlsArgs,
 }
+
+const EXAMPLES: &str = "Examples:
+  registry                                  # all interfaces, port 50051
+  registry --listen 127.0.0.1:0             # a free port, printed on stdout
+  registry --default-ttl-ms 3000            # slower networks: longer leases
+  REGISTRY_WRITE_TOKEN=s3cret registry      # only nodes with the token may register
+  registry --tls-cert reg.pem --tls-key reg-key.pem
+
+Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
