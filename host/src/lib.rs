@@ -14,6 +14,8 @@
 //! - [`diff`]: old configuration vs new, as a list of actions.
 //! - [`node`]: applies those actions: gates, health, registration, in a
 //!   safe order.
+//! - [`reflection`]: server reflection v1 and v1alpha, listing what is
+//!   mounted.
 //! - [`registration`]: the lease, heartbeats, reconciliation toward the
 //!   desired registrations, retry with backoff.
 //! - [`addr`]: which IP to advertise.
@@ -30,6 +32,7 @@ pub mod gate;
 pub mod node;
 pub mod plugin;
 pub mod plugins;
+pub mod reflection;
 pub mod registration;
 pub mod reload;
 pub mod run;

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::diff::{Action, diff};
 use crate::gate::Switch;
 use crate::plugin::{Plugin, PluginContext};
+use crate::reflection::Reflection;
 use crate::registration::{Registrar, Settings};
 use registry_proto::security::{BearerToken, TlsArgs};
 
@@ -68,6 +69,8 @@ pub struct Node {
     mounts: BTreeMap<&'static str, Mount>,
     /// Health statuses: one per plugin, following its gate.
     health: HealthReporter,
+    /// Server reflection, listing the mounted plugins.
+    reflection: Reflection,
     /// The registration task.
     registrar: Registrar,
     /// The configuration in force. A tokio mutex: held across the awaits of
@@ -93,17 +96,12 @@ impl Node {
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
 
-        // Reflection describes every plugin this build can serve; a plugin
-        // that is not mounted answers UNIMPLEMENTED and NOT_SERVING.
-        let reflection = || {
-            plugins.iter().fold(
-                tonic_reflection::server::Builder::configure()
-                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
-                |b, p| b.register_encoded_file_descriptor_set(p.descriptors()),
-            )
-        };
-        routes.add_service(reflection().build_v1()?);
-        routes.add_service(reflection().build_v1alpha()?);
+        // Reflection knows every plugin's descriptors, and lists the
+        // mounted ones (none yet).
+        let descriptors = std::iter::once(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .chain(plugins.iter().map(|p| p.descriptors()))
+            .collect();
+        let reflection = Reflection::add_to(&mut routes, descriptors, &[])?;
 
         let mut mounts = BTreeMap::new();
         for plugin in &plugins {
@@ -133,6 +131,7 @@ impl Node {
         let node = Node {
             mounts,
             health,
+            reflection,
             registrar,
             current: Mutex::new(Config::default()),
             applied: Mutex::new(false),
@@ -204,6 +203,17 @@ impl Node {
         };
         for health_name in health_names(mount.plugin.as_ref()) {
             self.health.set_service_status(health_name, status).await;
+        }
+        let listed: Vec<&str> = self
+            .mounts
+            .values()
+            .filter(|m| m.switch.is_mounted())
+            .map(|m| m.plugin.proto_service())
+            .collect();
+        if let Err(e) = self.reflection.list(&listed) {
+            // Descriptors were loaded once already, so this cannot really
+            // fail; if it did, the previous listing stays.
+            warn!("server reflection not updated: {e}");
         }
     }
 }

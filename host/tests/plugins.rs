@@ -1,6 +1,5 @@
 //! The plugins answer over gRPC with the typed clients; an unmounted plugin
-//! answers UNIMPLEMENTED; health follows mounting; reflection v1 and v1alpha
-//! describe the plugins.
+//! answers UNIMPLEMENTED; health and reflection (v1, v1alpha) follow mounting.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -192,38 +191,56 @@ async fn unmounted_plugin_is_unimplemented_and_health_follows_mounting() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reflection_v1_and_v1alpha_list_the_plugins() {
+async fn reflection_v1_and_v1alpha_list_the_mounted_plugins() {
     use tonic_reflection::pb::{v1, v1alpha};
     let registry = Registry::start(&[]);
     let node = Node::start(registry.addr, CALC_ONLY);
     let channel = node.channel().await;
 
-    let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let request = v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+    let list = |channel: tonic::transport::Channel| async move {
+        let mut client = v1::server_reflection_client::ServerReflectionClient::new(channel);
+        let request = v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        };
+        let mut answers = client
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().unwrap();
+        let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+            answer.message_response
+        else {
+            panic!("unexpected answer {answer:?}");
+        };
+        let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        names.sort();
+        names
     };
-    let mut answers = client
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let answer = answers.message().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answer.message_response
-    else {
-        panic!("unexpected answer {answer:?}");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in [
-        "calculator.v1.Calculator",
-        "echo.v1.Echo",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(names.contains(&want.to_string()), "{names:?}");
-    }
+    // Only what is mounted is listed.
+    assert_eq!(
+        list(channel.clone()).await,
+        [
+            "calculator.v1.Calculator",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"
+        ]
+    );
+    node.write_config("[plugins.calculator]\nweight = 7\n[plugins.echo]\nweight = 1\n");
+    testkit::eventually(CHANGE, "echo listed by reflection", || {
+        let channel = channel.clone();
+        async move {
+            list(channel)
+                .await
+                .contains(&"echo.v1.Echo".to_string())
+                .then_some(())
+        }
+    })
+    .await;
 
     let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let request = v1alpha::ServerReflectionRequest {

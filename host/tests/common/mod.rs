@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -150,9 +150,4 @@ pub async fn wait_for_weights(
         }
     })
     .await;
-}
-
-/// Whether `path` exists (for tidy assertions).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }
