@@ -1,0 +1,277 @@
+//! The library against a real registry and real node hosts: discovery,
+//! failover, registry outages and the balanced channel.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+use prost_reflect::DynamicMessage;
+use registry_client::args::parse_args;
+use registry_client::call::{CallOptions, Caller, Reply};
+use registry_client::dynamic::{DynamicCodec, method_path};
+use registry_client::lb::PolicyKind;
+use registry_client::resolve::resolve;
+use registry_client::{Directory, balanced_channel};
+use registry_proto::registry::v1::{
+    GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
+};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use testkit::{READY_TIMEOUT, Registry, eventually};
+
+async fn synced(registry: &Registry) -> Directory {
+    let directory = Directory::connect(&registry.addr.to_string()).unwrap();
+    directory.wait_synced(READY_TIMEOUT).await.unwrap();
+    directory
+}
+
+async fn wait_for(directory: &Directory, service: &str, n: usize) {
+    eventually(
+        READY_TIMEOUT,
+        &format!("{n} instances of {service}"),
+        || async { (directory.instances(service).len() == n).then_some(()) },
+    )
+    .await;
+}
+
+fn unary(reply: Reply) -> DynamicMessage {
+    match reply {
+        Reply::Unary(m) => m,
+        Reply::Stream(_) => panic!("expected a unary reply"),
+    }
+}
+
+fn f64_field(msg: &DynamicMessage, name: &str) -> f64 {
+    msg.get_field_by_name(name)
+        .and_then(|v| v.as_f64())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
+    let mut registry = Registry::start(&[]);
+    let _node = node(registry.addr, &both(1, 1));
+    let directory = synced(&registry).await;
+    wait_for(&directory, "calculator", 1).await;
+    wait_for(&directory, "echo", 1).await;
+    let caller = Caller::new(directory.clone(), CallOptions::default());
+    for target in ["calculator/Add", "echo/Echo"] {
+        let target = resolve(&directory, target).await.unwrap();
+        let request = parse_args(&target.method.input(), &[] as &[&str]).unwrap();
+        caller.call(&target, request).await.unwrap();
+    }
+
+    registry.process.kill9();
+    eventually(READY_TIMEOUT, "the directory notices", || async {
+        (!directory.snapshot().connected).then_some(())
+    })
+    .await;
+
+    // Resolution comes from the local copy and the descriptor cache.
+    let target = resolve(&directory, "calculator.v1.Calculator/Multiply")
+        .await
+        .unwrap();
+    let request = parse_args(&target.method.input(), &["a=6", "b=7"]).unwrap();
+    let called = caller.call(&target, request).await.unwrap();
+    assert_eq!(f64_field(&unary(called.reply), "value"), 42.0);
+    let target = resolve(&directory, "echo/Echo").await.unwrap();
+    let request = parse_args(&target.method.input(), &["message=still here"]).unwrap();
+    let reply = unary(caller.call(&target, request).await.unwrap().reply);
+    assert_eq!(
+        reply.get_field_by_name("message").unwrap().as_str(),
+        Some("still here")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_right_after_a_node_is_killed_succeeds_on_another() {
+    let mut registry = Registry::start(&[]);
+    let mut dead = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
+    let alive = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
+    let directory = synced(&registry).await;
+    wait_for(&directory, "calculator", 2).await;
+    let target = resolve(&directory, "calculator/Add").await.unwrap();
+    let request = parse_args(&target.method.input(), &["a=1", "b=2"]).unwrap();
+
+    // Stop the registry first, so the directory keeps listing the node we
+    // are about to kill: the caller must find out by itself.
+    registry.process.kill9();
+    dead.process.kill9();
+    assert_eq!(directory.instances("calculator").len(), 2);
+
+    let caller = Caller::new(
+        directory.clone(),
+        CallOptions {
+            policy: PolicyKind::WeightedRoundRobin,
+            ..CallOptions::default()
+        },
+    );
+    let mut retried = 0;
+    for _ in 0..10 {
+        let called = caller.call(&target, request.clone()).await.unwrap();
+        assert_eq!(called.instance.port, u32::from(alive.addr.port()));
+        assert_eq!(f64_field(&unary(called.reply), "value"), 3.0);
+        retried += usize::from(called.attempts == 2);
+    }
+    assert!(
+        retried > 0,
+        "round robin must have picked the dead node at least once"
+    );
+
+    // Without retries, picking the dead node is an error that names it.
+    let no_retry = Caller::new(
+        directory.clone(),
+        CallOptions {
+            retry: false,
+            ..CallOptions::default()
+        },
+    );
+    let mut failures = Vec::new();
+    for _ in 0..4 {
+        if let Err(e) = no_retry.call(&target, request.clone()).await {
+            failures.push(e.to_string());
+        }
+    }
+    assert!(!failures.is_empty());
+    assert!(failures[0].contains(&dead.addr.to_string()), "{failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balanced_channel_follows_the_registry() {
+    let registry = Registry::start(&[]);
+    let a = node(registry.addr, &both(1, 1));
+    let directory = synced(&registry).await;
+    wait_for(&directory, "echo", 1).await;
+    let echo = directory.descriptors("echo").await.unwrap();
+    let method = echo.methods().find(|m| m.name() == "Echo").unwrap();
+    let calculator = directory.descriptors("calculator").await.unwrap();
+    let add = calculator.methods().find(|m| m.name() == "Add").unwrap();
+
+    // A few lines: a channel, a generic codec, a path.
+    let channel = balanced_channel(&directory, "calculator");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let request = parse_args(&add.input(), &["a=2", "b=40"]).unwrap();
+    let reply = grpc
+        .unary(
+            tonic::Request::new(request),
+            method_path(&add).unwrap(),
+            DynamicCodec::new(add.output()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(f64_field(&reply, "value"), 42.0);
+
+    // A second node joins: the echo channel spreads over both.
+    let b = node(registry.addr, &both(1, 1));
+    wait_for(&directory, "echo", 2).await;
+    let grpc = tonic::client::Grpc::new(balanced_channel(&directory, "echo"));
+    let want: BTreeSet<String> = [a.addr.to_string(), b.addr.to_string()].into();
+    let seen = eventually(READY_TIMEOUT, "calls served by both nodes", || {
+        let (mut grpc, method) = (grpc.clone(), method.clone());
+        let want = want.clone();
+        async move {
+            let mut seen = BTreeSet::new();
+            for _ in 0..40 {
+                grpc.ready().await.ok()?;
+                let request = parse_args(&method.input(), &["message=hi"]).unwrap();
+                let reply = grpc
+                    .unary(
+                        tonic::Request::new(request),
+                        method_path(&method).unwrap(),
+                        DynamicCodec::new(method.output()),
+                    )
+                    .await
+                    .ok()?
+                    .into_inner();
+                seen.insert(reply.get_field_by_name("served_by")?.as_str()?.to_string());
+            }
+            (seen == want).then_some(seen)
+        }
+    })
+    .await;
+    assert_eq!(seen.len(), 2);
+    drop(grpc);
+}
+
+/// Registers `instance` under a fresh lease and keeps the lease alive until
+/// the returned task is dropped or the registry goes away.
+async fn register_by_hand(registry: &Registry, instance: Instance) -> tokio::task::JoinHandle<()> {
+    let mut client = registry.client().await;
+    let lease = client
+        .grant_lease(GrantLeaseRequest { ttl_ms: 1500 })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let heartbeat = KeepAliveRequest {
+        lease_id: lease.lease_id,
+        lease_secret: lease.lease_secret.clone(),
+    };
+    tx.send(heartbeat.clone()).await.unwrap();
+    let mut replies = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .register(RegisterRequest {
+            lease_id: lease.lease_id,
+            lease_secret: lease.lease_secret,
+            instance: Some(instance),
+            file_descriptor_set: Vec::new(),
+        })
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if tx.send(heartbeat.clone()).await.is_err() {
+                return;
+            }
+            if !matches!(replies.message().await, Ok(Some(_))) {
+                return;
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_registry_leaves_stale_fallbacks_for_a_grace_period() {
+    let mut registry = Registry::start(&[]);
+    let addr = registry.addr;
+    let instance = Instance {
+        service: "ghost".into(),
+        host: "127.0.0.1".into(),
+        port: 9,
+        weight: 2,
+        ..Default::default()
+    };
+    let _lease = register_by_hand(&registry, instance).await;
+    let directory = Directory::with_grace(&addr.to_string(), Duration::from_secs(2)).unwrap();
+    directory.wait_synced(READY_TIMEOUT).await.unwrap();
+    wait_for(&directory, "ghost", 1).await;
+    let old_id = directory.snapshot().registry_id.clone();
+
+    // The registry restarts on the same address, empty: nobody registers
+    // `ghost` again.
+    registry.process.kill9();
+    let _registry = Registry::start_on(&addr.to_string(), &[]);
+    let snapshot = eventually(READY_TIMEOUT, "the new registry's snapshot", || async {
+        let s = directory.snapshot();
+        (s.connected && s.registry_id != old_id).then_some(s)
+    })
+    .await;
+    // Still usable, marked stale...
+    assert_eq!(snapshot.instances("ghost").len(), 1, "{snapshot:?}");
+    assert!(snapshot.is_stale("ghost"));
+    // ...until the grace period ends.
+    eventually(
+        Duration::from_secs(10),
+        "the stale instance dropped",
+        || async { directory.instances("ghost").is_empty().then_some(()) },
+    )
+    .await;
+}
