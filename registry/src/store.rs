@@ -84,14 +84,10 @@ impl Store {
     fn write<T>(&self, op: impl FnOnce(&mut State) -> Result<(T, Vec<Event>)>) -> Result<(T, u64)> {
         let mut state = self.lock();
         let mut events = state.expire(Instant::now());
-        let result = op(&mut state);
-        let value = match result {
-            Ok((value, more)) => {
-                events.extend(more);
-                Ok(value)
-            }
-            Err(e) => Err(e),
-        };
+        let value = op(&mut state).map(|(value, more)| {
+            events.extend(more);
+            value
+        });
         let revision = state.revision();
         self.shared.hub.publish(revision, events);
         drop(state);
@@ -100,10 +96,15 @@ impl Store {
 
     /// Grants a lease (see [`State::grant_lease`]).
     pub fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
-        let (granted, _) =
-            self.write(|s| Ok((s.grant_lease(ttl_ms, Instant::now())?, Vec::new())))?;
-        // Its deadline may be the earliest now.
-        self.shared.sweeper.notify_one();
+        let ((granted, earliest), _) = self.write(|s| {
+            let before = s.next_deadline();
+            let granted = s.grant_lease(ttl_ms, Instant::now())?;
+            Ok(((granted, s.next_deadline() != before), Vec::new()))
+        })?;
+        if earliest {
+            // The sweeper may be sleeping towards a later deadline.
+            self.shared.sweeper.notify_one();
+        }
         Ok(granted)
     }
 

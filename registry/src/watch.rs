@@ -140,8 +140,10 @@ pub fn stream(
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
-            if tx.send(Ok(response)).await.is_err() {
-                return;
+            // A client that stops reading must not hold up shutdown.
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
     });
