@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -77,7 +78,7 @@ pub struct Node {
     /// one reload so two reloads never interleave.
     current: Mutex<Config>,
     /// Whether a configuration was applied yet (the first one is no change).
-    applied: Mutex<bool>,
+    applied: AtomicBool,
 }
 
 impl Node {
@@ -134,7 +135,7 @@ impl Node {
             reflection,
             registrar,
             current: Mutex::new(Config::default()),
-            applied: Mutex::new(false),
+            applied: AtomicBool::new(false),
         };
         Ok((Arc::new(node), routes.routes()))
     }
@@ -152,7 +153,7 @@ impl Node {
     /// Makes `new` the configuration in force, applying only the difference.
     pub async fn apply(&self, new: Config) {
         let mut current = self.current.lock().await;
-        if *self.applied.lock().await {
+        if self.applied.load(Ordering::Relaxed) {
             warn_restart_only(&current, &new);
         }
         let actions = diff(&current.plugins, &new.plugins);
@@ -187,7 +188,7 @@ impl Node {
             }
         }
         *current = new;
-        *self.applied.lock().await = true;
+        self.applied.store(true, Ordering::Relaxed);
     }
 
     /// Opens or closes a plugin's gate, and sets its health to match.
