@@ -262,11 +262,13 @@ impl Caller {
 /// mid-request surfaces as `UNKNOWN`/`INTERNAL`/`CANCELLED` with a transport
 /// message, never with one a service would write).
 pub fn is_unavailable(status: &Status) -> bool {
-    const TRANSPORT: [&str; 6] = [
+    const TRANSPORT: [&str; 8] = [
         "transport error",
         "h2 protocol error",
         "connection reset",
         "connection closed",
+        "connection error",
+        "error reading a body",
         "broken pipe",
         "operation was canceled",
     ];
