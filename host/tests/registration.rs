@@ -206,3 +206,53 @@ fn bad_flags_and_bad_files_are_clear_errors() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_values_apply_and_flags_override_them() {
+    let registry = Registry::start(&[]);
+    let mut client = registry.client().await;
+    let dir = common::TempDir::new();
+    let path = dir.0.join("services.toml");
+
+    // The file alone names registry, advertise and port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &path,
+        format!(
+            "registry = \"{}\"\nadvertise = \"127.0.0.1\"\nport = {port}\n[plugins.echo]\nweight = 4\n",
+            registry.addr
+        ),
+    )
+    .unwrap();
+    let mut cmd = testkit::command("node-host");
+    cmd.arg("--config").arg(&path).env_remove("REGISTRY_ADDR");
+    let node = testkit::Process::spawn("node-host", cmd);
+    let addr = testkit::addr_from_line(
+        &node.wait_for_line("node-host serving on", testkit::READY_TIMEOUT),
+    );
+    assert_eq!(addr, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    wait_for_weights(&mut client, addr, &[("echo", 4)]).await;
+    drop(node);
+
+    // Flags (and REGISTRY_ADDR) win over a file naming a dead registry.
+    std::fs::write(
+        &path,
+        "registry = \"127.0.0.1:1\"\nadvertise = \"10.1.2.3\"\n[plugins.echo]\nweight = 5\n",
+    )
+    .unwrap();
+    let mut cmd = testkit::command("node-host");
+    cmd.arg("--config")
+        .arg(&path)
+        .args(["--advertise", "127.0.0.1"])
+        .env("REGISTRY_ADDR", registry.addr.to_string());
+    let node = testkit::Process::spawn("node-host", cmd);
+    let addr = testkit::addr_from_line(
+        &node.wait_for_line("node-host serving on", testkit::READY_TIMEOUT),
+    );
+    assert_eq!(addr.ip().to_string(), "127.0.0.1");
+    wait_for_weights(&mut client, addr, &[("echo", 5)]).await;
+}
