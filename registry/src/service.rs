@@ -260,6 +260,7 @@ fn heartbeat(
         &request.lease_secret,
         attached.is_none().then_some(stream),
     )?;
+    tracing::trace!(lease = request.lease_id, ?ttl, "heartbeat");
     Ok(pb::KeepAliveResponse {
         lease_id: request.lease_id,
         ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),

@@ -13,7 +13,7 @@ use tonic::Code;
 async fn register_list_resolve_deregister() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let lease = grant(&mut client, 0).await;
+    let lease = grant(&mut client, LONG_TTL).await;
     assert_ne!(lease.id, 0);
     assert_eq!(lease.secret.len(), 32);
 
@@ -97,7 +97,7 @@ async fn register_list_resolve_deregister() {
 async fn update_changes_weight_and_metadata() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let lease = grant(&mut client, 0).await;
+    let lease = grant(&mut client, LONG_TTL).await;
     let mut i = instance("echo", "e", 1);
     i.metadata.insert("zone".into(), "a".into());
     register(&mut client, &lease, i).await;
@@ -132,7 +132,7 @@ async fn update_changes_weight_and_metadata() {
 async fn descriptors_round_trip() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let lease = grant(&mut client, 0).await;
+    let lease = grant(&mut client, LONG_TTL).await;
     let mut calc = instance("calculator", "c", 7001);
     calc.proto_service = "calculator.v1.Calculator".into();
     let mut request = register_request(&lease, calc);

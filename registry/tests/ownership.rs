@@ -12,8 +12,8 @@ use tonic::Code;
 async fn another_lease_cannot_touch_an_instance() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let owner = grant(&mut client, 0).await;
-    let other = grant(&mut client, 0).await;
+    let owner = grant(&mut client, LONG_TTL).await;
+    let other = grant(&mut client, LONG_TTL).await;
     let mut original = instance("svc", "x", 7000);
     original.weight = 3;
     register(&mut client, &owner, original).await;
@@ -77,7 +77,7 @@ async fn another_lease_cannot_touch_an_instance() {
 
     // Once the owner lets go, another lease may take the id.
     deregister(&mut client, &owner, "svc", "x").await.unwrap();
-    let third = grant(&mut client, 0).await;
+    let third = grant(&mut client, LONG_TTL).await;
     let taken = register(&mut client, &third, instance("svc", "x", 1)).await;
     assert_eq!(taken.instance.unwrap().lease_id, third.id);
 }

@@ -21,12 +21,12 @@ async fn tokens_guard_writes_and_reads() {
         |token: Option<&str>| registry_client(channel.clone(), BearerToken::new(token).unwrap());
 
     let err = with(None)
-        .grant_lease(pb::GrantLeaseRequest { ttl_ms: 0 })
+        .grant_lease(pb::GrantLeaseRequest { ttl_ms: LONG_TTL })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = with(Some("r-secret"))
-        .grant_lease(pb::GrantLeaseRequest { ttl_ms: 0 })
+        .grant_lease(pb::GrantLeaseRequest { ttl_ms: LONG_TTL })
         .await
         .unwrap_err();
     assert_eq!(
@@ -37,7 +37,7 @@ async fn tokens_guard_writes_and_reads() {
 
     let mut writer = with(Some("w-secret"));
     let lease = writer
-        .grant_lease(pb::GrantLeaseRequest { ttl_ms: 0 })
+        .grant_lease(pb::GrantLeaseRequest { ttl_ms: LONG_TTL })
         .await
         .unwrap()
         .into_inner();
@@ -100,7 +100,7 @@ async fn tls_serves_clients_that_trust_the_ca() {
         .unwrap();
     let mut client = registry_client(channel, BearerToken::none());
     let lease = client
-        .grant_lease(pb::GrantLeaseRequest { ttl_ms: 0 })
+        .grant_lease(pb::GrantLeaseRequest { ttl_ms: LONG_TTL })
         .await
         .unwrap()
         .into_inner();

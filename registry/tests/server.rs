@@ -23,7 +23,7 @@ async fn channel(registry: &Registry) -> tonic::transport::Channel {
 async fn an_oversized_request_is_refused_and_the_registry_keeps_serving() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let lease = grant(&mut client, 0).await;
+    let lease = grant(&mut client, LONG_TTL).await;
     let mut request = register_request(&lease, instance("svc", "big", 1));
     request.file_descriptor_set = vec![0; 9 * 1024 * 1024];
     let err = client.register(request).await.unwrap_err();
@@ -123,7 +123,7 @@ async fn sigterm_and_ctrl_c_stop_it_cleanly_even_with_open_streams() {
     for signal in [15, 2] {
         let mut registry = Registry::start(&[]);
         let mut client = registry.client().await;
-        let lease = grant(&mut client, 0).await;
+        let lease = grant(&mut client, LONG_TTL).await;
         let _ka = keep_alive(&mut client, &lease).await;
         let mut stream = watch(&mut client, &[]).await;
         stream.message().await.unwrap().unwrap();

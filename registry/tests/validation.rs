@@ -13,7 +13,7 @@ use tonic::Code;
 async fn invalid_requests_name_the_field_and_change_nothing() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let lease = grant(&mut client, 0).await;
+    let lease = grant(&mut client, LONG_TTL).await;
     register(&mut client, &lease, instance("svc", "keep", 7000)).await;
     let before = everything(&mut client).await;
 

@@ -33,7 +33,7 @@ async fn watchers_see_every_change_in_order_under_concurrent_load() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
     // Something to snapshot before the storm.
-    let seed = grant(&mut client, 0).await;
+    let seed = grant(&mut client, LONG_TTL).await;
     register(&mut client, &seed, instance("alpha", "seed", 1)).await;
 
     let mut all_stream = watch(&mut client, &[]).await;
@@ -47,7 +47,7 @@ async fn watchers_see_every_change_in_order_under_concurrent_load() {
     for w in 0..WRITERS {
         let mut client = registry.client().await;
         writers.push(tokio::spawn(async move {
-            let lease = grant(&mut client, 0).await;
+            let lease = grant(&mut client, LONG_TTL).await;
             for round in 0..ROUNDS {
                 let service = SERVICES[(w + round) % SERVICES.len()];
                 let id = format!("w{w}-{}", round % 4);

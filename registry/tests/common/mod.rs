@@ -250,3 +250,7 @@ pub async fn keep_alive(client: &mut Client, lease: &Lease) -> KeepAlive {
     assert_eq!(first.lease_id, lease.id);
     KeepAlive { tx, responses }
 }
+
+/// A TTL for leases in tests that do not keep them alive: long enough that
+/// no loaded machine makes them expire mid-test.
+pub const LONG_TTL: u64 = 120_000;
