@@ -6,6 +6,13 @@
 //! descriptors, and watch a stream of changes with strictly increasing
 //! revisions. The protocol is `proto/proto/registry/v1/registry.proto`.
 //!
+//! A call goes: [`service`] validates it ([`validate`]), applies it to the
+//! shared [`store::Store`], which runs it on the [`state::State`] under one
+//! lock and publishes the resulting events to watchers ([`watch`]) before
+//! releasing it; errors become gRPC statuses in one place ([`error`]).
+//! Optional access tokens and TLS come from `registry_proto::security`,
+//! shared with the node host and the client.
+//!
 //! # Layout
 //! - [`state`]: the state machine: services, instances, leases, revisions,
 //!   interned descriptors. Pure and synchronous; every mutation returns its
@@ -14,11 +21,12 @@
 //! - [`store`]: the shared handle: state behind one lock, changes published
 //!   to watchers under it.
 //! - [`watch`]: the fan-out of changes to watchers (snapshot, events, reset).
-//! - [`validate`]: every request field checked, and the limits.
+//! - [`validate`]: every request field checked, and every limit (sizes,
+//!   counts) as a documented constant.
 //! - [`error`]: every failure, and its gRPC status code.
 //! - [`service`]: the gRPC service: validate, apply, answer.
 //! - [`server`]: serving it with health and reflection, and shutting down.
-//! - [`config`]: what an operator can tune.
+//! - [`config`]: what an operator can tune: TTLs, tokens, TLS.
 //! - `bin/registry.rs`: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
