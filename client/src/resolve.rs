@@ -144,8 +144,8 @@ fn hint(suggestion: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// The candidate closest to `wanted`: one equal ignoring case, else the
-/// nearest by edit distance if it is close enough to be a typo (at most a
+/// The candidate closest to `wanted`: one equal ignoring case, else the only
+/// one it is a prefix of, else the nearest by edit distance if it is close enough to be a typo (at most a
 /// third of the word's length, at least 1, none for words under 3 chars).
 pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let candidates: Vec<&str> = candidates.into_iter().collect();
@@ -153,6 +153,13 @@ pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) 
         return Some(c);
     }
     let lower = wanted.to_lowercase();
+    // A unique prefix: `Mul` for `Multiply`.
+    let mut prefixed = candidates
+        .iter()
+        .filter(|c| wanted.len() >= 2 && c.to_lowercase().starts_with(&lower));
+    if let (Some(c), None) = (prefixed.next(), prefixed.next()) {
+        return Some(c);
+    }
     // Very short words are too easy to "correct" into anything.
     let len = wanted.chars().count();
     let limit = if len < 3 { 0 } else { (len / 3).max(1) };
@@ -236,6 +243,8 @@ mod tests {
         assert_eq!(suggest("calculater", names), Some("calculator"));
         assert_eq!(suggest("eco", names), Some("echo"));
         assert_eq!(suggest("zzz", names), None);
+        assert_eq!(suggest("calc", names), Some("calculator"));
+        assert_eq!(suggest("c", names), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

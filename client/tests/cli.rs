@@ -335,3 +335,36 @@ fn watch_prints_changes_as_they_happen() {
         "{line}"
     );
 }
+
+#[test]
+fn interactive_prompt_on_a_terminal() {
+    // `script` gives the client a pseudo-terminal; skip where it is missing.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: no `script` command");
+        return;
+    }
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let _node = node(reg, &both(1, 1));
+    wait_instances(reg, "echo", 1);
+
+    let client = testkit::bin_path("client");
+    let mut cmd = std::process::Command::new("script");
+    cmd.env("REGISTRY_ADDR", reg.to_string())
+        .env("TERM", "dumb")
+        .args(["-qfc", &client.display().to_string(), "/dev/null"]);
+    let mut repl = Process::spawn("repl", cmd);
+    repl.wait_for_line("type `help` for commands", READY_TIMEOUT);
+    repl.send_line("call calculator/Multiply a=6 b=7");
+    repl.wait_for_line("\"value\": 42.0", READY_TIMEOUT);
+    repl.send_line("call echo/Echo 'message=two words'");
+    repl.wait_for_line("\"message\": \"two words\"", READY_TIMEOUT);
+    repl.send_line("call calculator/Mul a=1");
+    repl.wait_for_line("did you mean `Multiply`?", READY_TIMEOUT);
+    repl.send_line("quit");
+    assert!(repl.wait_exit(READY_TIMEOUT).success());
+}
