@@ -10,6 +10,7 @@ use registry_proto::security::AuthLayer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tower::util::MapResponseLayer;
 
 use crate::config::Config;
 use crate::lease::spawn_sweeper;
@@ -28,6 +29,28 @@ pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long shutdown waits for open calls before giving up on them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// tonic refuses a request over [`MAX_MESSAGE_SIZE`] with OUT_OF_RANGE;
+/// the protocol documents RESOURCE_EXHAUSTED for a limit reached. The
+/// registry itself never answers OUT_OF_RANGE, so every such status is this
+/// refusal (sent as a headers-only response, before any message).
+fn too_large_is_resource_exhausted(
+    mut response: http::Response<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    const OUT_OF_RANGE: &str = "11"; // tonic::Code::OutOfRange
+    const RESOURCE_EXHAUSTED: &str = "8"; // tonic::Code::ResourceExhausted
+    let headers = response.headers_mut();
+    if headers
+        .get("grpc-status")
+        .is_some_and(|v| v == OUT_OF_RANGE)
+    {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
+        );
+    }
+    response
+}
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +113,9 @@ pub async fn run(
     }
     let serve = builder
         .layer(AuthLayer::new(config.tokens))
+        .layer(MapResponseLayer::new(
+            too_large_is_resource_exhausted as fn(_) -> _,
+        ))
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
