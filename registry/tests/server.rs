@@ -150,3 +150,27 @@ async fn help_documents_the_flags() {
     }
     let _ = pb::ListServicesRequest {};
 }
+
+#[tokio::test]
+async fn a_busy_port_or_bad_flags_fail_with_a_clear_message() {
+    let first = Registry::start(&[]);
+    let mut cmd = testkit::command("registry");
+    cmd.args(["--listen", &first.addr.to_string()]);
+    let (status, stdout, stderr) = testkit::run(cmd, Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+
+    let mut cmd = testkit::command("registry");
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--min-ttl-ms",
+        "500",
+        "--max-ttl-ms",
+        "100",
+    ]);
+    let (status, _, stderr) = testkit::run(cmd, Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(stderr.contains("--min-ttl-ms"), "{stderr}");
+}
