@@ -227,12 +227,16 @@ async fn keep_alive(
         }
     };
     if let Some(lease) = attached {
-        let removed = store.stream_closed(lease, stream);
-        tracing::info!(
-            lease,
-            removed,
-            "KeepAlive stream ended ({why}): lease revoked"
-        );
+        match store.stream_closed(lease, stream) {
+            Some(removed) => {
+                tracing::info!(
+                    lease,
+                    removed,
+                    "KeepAlive stream ended ({why}): lease revoked"
+                );
+            }
+            None => tracing::debug!(lease, "KeepAlive stream ended ({why}); lease already gone"),
+        }
     }
 }
 
