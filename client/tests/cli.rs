@@ -82,6 +82,7 @@ fn errors_name_the_problem_and_exit_non_zero() {
     let reg = registry.addr;
     let _node = node(reg, &both(1, 1));
     wait_instances(reg, "calculator", 1);
+    wait_instances(reg, "echo", 1);
 
     let err = client_err(reg, &["call", "calculater/Add", "a=1"]);
     assert!(
@@ -147,6 +148,7 @@ fn list_describe_and_the_default_listing() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
     let node = node(reg, &both(3, 1));
+    wait_instances(reg, "calculator", 1);
     wait_instances(reg, "echo", 1);
 
     let v: serde_json::Value = serde_json::from_str(&client_ok(reg, &["list", "--json"])).unwrap();
@@ -280,28 +282,45 @@ fn repeated_calls_spread_over_two_nodes_by_weight() {
 fn repeated_calls_survive_a_node_killed_midway() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let mut victim = node(reg, "[plugins.echo]\nweight = 1\n");
-    let _survivor = node(reg, "[plugins.echo]\nweight = 1\n");
-    wait_instances(reg, "echo", 2);
+    let mut victim = node(reg, "[plugins.calculator]\nweight = 1\n");
+    let survivor = node(reg, "[plugins.calculator]\nweight = 1\n");
+    wait_instances(reg, "calculator", 2);
 
-    // Each call takes ~20 ms on the server, so the run spans the kill.
+    // Enough calls to last well past the kill; the first reply is printed
+    // as soon as it arrives.
     let mut cmd = command("client");
-    cmd.env("REGISTRY_ADDR", reg.to_string()).args([
-        "call",
-        "echo/EchoStream",
-        "message=x",
-        "count=2",
-        "interval_ms=10",
-        "--repeat",
-        "150",
-    ]);
+    cmd.env("REGISTRY_ADDR", reg.to_string())
+        .env("RUST_LOG", "warn")
+        .args([
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=2",
+            "--repeat",
+            "3000",
+            "--concurrency",
+            "2",
+        ]);
     let mut calls = Process::spawn("calls", cmd);
-    calls.wait_for_line("\"message\"", READY_TIMEOUT); // under way
+    calls.wait_for_line("\"value\"", READY_TIMEOUT); // under way
     victim.process.kill9();
+    assert!(calls.is_running(), "the calls ended before the kill");
     let status = calls.wait_exit(Duration::from_secs(60));
-    let summary = calls.wait_for_line(" calls to echo (", Duration::from_secs(1));
-    assert!(summary.ends_with(", 0 failed"), "{summary}");
+    let summary = calls.wait_for_line(" calls to calculator (", Duration::from_secs(1));
+    assert_eq!(
+        summary,
+        "3000 calls to calculator (weighted-round-robin), 0 failed"
+    );
     assert!(status.success());
+    // The run spanned the kill: the survivor took most of the calls.
+    let table = calls.lines().join("\n");
+    let rows = spread(&table);
+    let count = |addr: std::net::SocketAddr| {
+        rows.iter()
+            .find(|r| r.0 == addr.to_string())
+            .map_or(0, |r| r.2)
+    };
+    assert!(count(survivor.addr) > count(victim.addr), "{table}");
 }
 
 #[test]

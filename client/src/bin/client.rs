@@ -7,6 +7,7 @@
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
 use registry_client::call::{CallOptions, Caller, Reply, address};
 use registry_client::describe::describe_service;
 use registry_client::directory::{Change, ChangeKind, Snapshot};
@@ -100,6 +101,11 @@ struct CallArgs {
     /// instances, next to their weights and expected shares.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
+
+    /// With --repeat: how many calls are in flight at once (least-loaded
+    /// only differs from random when calls overlap).
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    concurrency: u32,
 
     /// Do not retry on another instance when the chosen one is unavailable
     /// (by default a call is retried once: methods are taken as idempotent).
@@ -295,20 +301,41 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
         );
         return print_reply(called.reply).await;
     }
-    // Repeated: count where the calls went.
+    // Repeated: count where the calls went. The first reply is printed as
+    // soon as it arrives, so a watcher can tell the calls are under way.
     let mut served: BTreeMap<String, u32> = BTreeMap::new();
     let mut failures = 0u32;
     let mut first_error = None;
-    let mut first_reply = None;
-    for _ in 0..a.repeat {
-        match caller.call(&target, request.clone()).await {
-            Ok(called) => {
-                *served.entry(address(&called.instance)).or_default() += 1;
-                if first_reply.is_none() {
-                    first_reply = Some(called.reply);
-                } else if let Reply::Stream(mut s) = called.reply {
-                    // Drain, so the call really completes.
-                    while let Ok(Some(_)) = s.message().await {}
+    let mut printed = false;
+    let one_call = |_| {
+        let (caller, target, request) = (&caller, &target, request.clone());
+        let method = a.target.clone();
+        async move {
+            let called = caller.call(target, request).await?;
+            let replies = collect_replies(called.reply).await.map_err(|status| {
+                registry_client::call::CallError::Status {
+                    method,
+                    instance: address(&called.instance),
+                    status,
+                }
+            })?;
+            // Counted as in flight until here (least-loaded).
+            drop(called.guard);
+            Ok::<_, registry_client::call::CallError>((address(&called.instance), replies))
+        }
+    };
+    let mut calls = futures::stream::iter(0..a.repeat)
+        .map(one_call)
+        .buffer_unordered(a.concurrency.max(1) as usize);
+    while let Some(outcome) = calls.next().await {
+        match outcome {
+            Ok((addr, replies)) => {
+                *served.entry(addr).or_default() += 1;
+                if !printed {
+                    printed = true;
+                    for reply in &replies {
+                        println!("{}", args::to_json(reply));
+                    }
                 }
             }
             Err(e) => {
@@ -316,9 +343,6 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
                 first_error.get_or_insert(e);
             }
         }
-    }
-    if let Some(reply) = first_reply {
-        print_reply(reply).await?;
     }
     print!(
         "{}",
@@ -328,6 +352,22 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
         bail!("{failures} of {} calls failed; first error: {e}", a.repeat);
     }
     Ok(())
+}
+
+/// Every message of a reply (one for a unary method).
+async fn collect_replies(
+    reply: Reply,
+) -> Result<Vec<prost_reflect::DynamicMessage>, tonic::Status> {
+    match reply {
+        Reply::Unary(msg) => Ok(vec![msg]),
+        Reply::Stream(mut stream) => {
+            let mut all = Vec::new();
+            while let Some(msg) = stream.message().await? {
+                all.push(msg);
+            }
+            Ok(all)
+        }
+    }
 }
 
 async fn print_reply(reply: Reply) -> Result<()> {
@@ -450,7 +490,7 @@ const PROMPT_HELP: &str = "\
 commands:
   list [--json]                       services and instances
   describe SERVICE                    methods with request and response fields
-  call SERVICE/METHOD [ARGS...] [--lb POLICY] [--repeat N] [--no-retry]
+  call SERVICE/METHOD [ARGS...] [--lb POLICY] [--repeat N] [--concurrency N] [--no-retry]
                                       e.g. call calculator/Add a=2 b=3
                                            call echo/Echo '{\"message\": \"hi\"}'
   watch                               follow changes (Ctrl-C stops)
@@ -584,10 +624,16 @@ impl Helper {
             },
             ["call", target, ..] => {
                 if word.starts_with('-') {
-                    return ["--lb", "--repeat", "--no-retry", "--timeout-ms"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect();
+                    return [
+                        "--lb",
+                        "--repeat",
+                        "--concurrency",
+                        "--no-retry",
+                        "--timeout-ms",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
                 }
                 let Ok((service, method)) = split_target(target) else {
                     return Vec::new();
