@@ -337,6 +337,25 @@ impl Directory {
             .cloned()
     }
 
+    /// Drops the cached descriptors of `service`, so the next lookup asks
+    /// again (after a redeploy changed its interface, say).
+    pub fn forget_descriptors(&self, service: &str) {
+        self.shared
+            .descriptors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(service);
+    }
+
+    /// Caches `descriptor` as what `service` serves.
+    pub(crate) fn remember_descriptors(&self, service: &str, descriptor: ServiceDescriptor) {
+        self.shared
+            .descriptors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(service.to_string(), descriptor);
+    }
+
     /// The protobuf service `service` serves, from the cache, or else from
     /// the registry, or else from an instance's server reflection.
     pub async fn descriptors(&self, service: &str) -> Result<ServiceDescriptor, DescriptorError> {
@@ -382,11 +401,7 @@ impl Directory {
             proto_service
         };
         let descriptor = descriptors::service_in(&pool, &proto, service)?;
-        self.shared
-            .descriptors
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(service.to_string(), descriptor.clone());
+        self.remember_descriptors(service, descriptor.clone());
         Ok(descriptor)
     }
 }

@@ -65,8 +65,24 @@ pub enum ResolveError {
 pub async fn resolve(directory: &Directory, target: &str) -> Result<Target, ResolveError> {
     let (service, method) = split_target(target)?;
     let service = find_service(&directory.snapshot(), service)?;
+    let cached = directory.cached_descriptors(&service).is_some();
     let descriptor = directory.descriptors(&service).await?;
-    let method = find_method(&descriptor, method)?;
+    let method = match find_method(&descriptor, method) {
+        // The service may have been redeployed with new methods since its
+        // descriptors were cached: look again once.
+        Err(unknown @ ResolveError::UnknownMethod { .. }) if cached => {
+            directory.forget_descriptors(&service);
+            match directory.descriptors(&service).await {
+                Ok(fresh) => find_method(&fresh, method)?,
+                Err(_) => {
+                    // Cannot ask now (registry down?): keep what we had.
+                    directory.remember_descriptors(&service, descriptor);
+                    return Err(unknown);
+                }
+            }
+        }
+        other => other?,
+    };
     Ok(Target { service, method })
 }
 

@@ -68,7 +68,10 @@ async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
     })
     .await;
 
-    // Resolution comes from the local copy and the descriptor cache.
+    // Resolution comes from the local copy and the descriptor cache, and a
+    // typo is still a typo (not "registry unreachable").
+    let err = resolve(&directory, "calculator/Nope").await.unwrap_err();
+    assert!(err.to_string().contains("no method `Nope`"), "{err}");
     let target = resolve(&directory, "calculator.v1.Calculator/Multiply")
         .await
         .unwrap();
