@@ -12,7 +12,7 @@
 //! No arguments means the default (empty) message. Errors name the field and
 //! list what would have been valid.
 
-use crate::describe::{field_list, field_type};
+use crate::describe::{field_list, field_type, kind_name};
 use crate::resolve::suggest;
 use prost_reflect::{
     DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value,
@@ -269,11 +269,6 @@ fn scalar(
             });
         }
     })
-}
-
-/// The name of a kind as written in a .proto file.
-fn kind_name(kind: &Kind) -> String {
-    crate::describe::kind_name(kind)
 }
 
 /// "a double", "an int32", "an enum x.Y".
