@@ -33,6 +33,8 @@
 
 pub mod config;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lease;
 pub mod server;
 pub mod service;

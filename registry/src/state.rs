@@ -13,7 +13,7 @@
 //! of `Arc<[u8]>`), so a hundred thousand instances of one service share one
 //! copy; the copy goes when its last instance does.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,8 +66,11 @@ pub struct State {
     deadlines: Deadlines,
     /// Revision of the last change; 0 before the first.
     revision: u64,
-    /// Interned descriptor sets: one copy per distinct content.
-    descriptors: HashSet<Arc<[u8]>>,
+    /// Interned descriptor sets: one copy per distinct content, with how
+    /// many stored instances use it. Counted explicitly rather than read
+    /// off `Arc::strong_count`: a GetDescriptors answer still holding a
+    /// clone must not keep a set alive once its last instance is gone.
+    descriptors: HashMap<Arc<[u8]>, usize>,
     /// Total size of `descriptors`.
     descriptor_bytes: usize,
     /// How many instances are stored, all services together.
@@ -91,7 +94,7 @@ impl State {
             leases: HashMap::new(),
             deadlines: Deadlines::default(),
             revision: 0,
-            descriptors: HashSet::new(),
+            descriptors: HashMap::new(),
             descriptor_bytes: 0,
             instance_count: 0,
             ttl,
@@ -262,7 +265,7 @@ impl State {
             )));
         }
         if let Some(bytes) = &descriptors
-            && !self.descriptors.contains(bytes.as_slice())
+            && !self.descriptors.contains_key(bytes.as_slice())
             && self.descriptor_bytes + bytes.len() > self.limits.descriptor_bytes
         {
             return Err(Error::Limit(format!(
@@ -289,6 +292,8 @@ impl State {
         let key = (request.service, request.instance_id);
         let old = self.owned_instance(request.lease_id, &request.lease_secret, &key)?;
         let mut new = old.clone();
+        // `new` is one more user of the descriptors until `replace` settles.
+        self.retain(&new.descriptors);
         if let Some(weight) = request.weight {
             new.instance.weight = weight;
         }
@@ -370,6 +375,7 @@ impl State {
             _ => false,
         };
         if new.instance == old.instance && same_descriptors {
+            self.release(new.descriptors);
             return None;
         }
         let revision = self.next_revision();
@@ -405,23 +411,38 @@ impl State {
         ))
     }
 
-    /// The shared copy of `bytes`.
+    /// The shared copy of `bytes`, counted as one more user.
     fn intern(&mut self, bytes: Vec<u8>) -> Arc<[u8]> {
-        if let Some(shared) = self.descriptors.get(bytes.as_slice()) {
-            return shared.clone();
+        if let Some((shared, users)) = self.descriptors.get_key_value(bytes.as_slice()) {
+            let shared = shared.clone();
+            let users = users + 1;
+            self.descriptors.insert(shared.clone(), users);
+            return shared;
         }
         let shared: Arc<[u8]> = bytes.into();
         self.descriptor_bytes += shared.len();
-        self.descriptors.insert(shared.clone());
+        self.descriptors.insert(shared.clone(), 1);
         shared
+    }
+
+    /// Counts one more user of an interned descriptor set.
+    fn retain(&mut self, descriptors: &Option<Arc<[u8]>>) {
+        if let Some(users) = descriptors
+            .as_ref()
+            .and_then(|shared| self.descriptors.get_mut(&**shared))
+        {
+            *users += 1;
+        }
     }
 
     /// Drops one user of a descriptor set; forgets it when no instance uses
     /// it any more.
     fn release(&mut self, descriptors: Option<Arc<[u8]>>) {
-        if let Some(shared) = descriptors {
-            // Two references left: this one and the interning set's.
-            if Arc::strong_count(&shared) <= 2 && self.descriptors.remove(&*shared) {
+        let Some(shared) = descriptors else { return };
+        if let Some(users) = self.descriptors.get_mut(&*shared) {
+            *users = users.saturating_sub(1);
+            if *users == 0 {
+                self.descriptors.remove(&*shared);
                 self.descriptor_bytes -= shared.len();
             }
         }
@@ -673,6 +694,37 @@ mod tests {
             s.descriptors("calc"),
             Err(Error::ServiceNotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_descriptor_answer_in_flight_does_not_keep_the_set() {
+        // Found by the registry_requests fuzz target: a GetDescriptors
+        // answer still holding the bytes when the last instance went made
+        // the set (and its bytes in the budget) stay forever.
+        let now = Instant::now();
+        let mut s = State::new(Ttl::default());
+        let g = s.grant_lease(0, now).unwrap();
+        let calc = Some(registry_proto::CALCULATOR_DESCRIPTORS);
+        s.register(register(&g, instance("calc", "1", 1), calc))
+            .unwrap();
+        s.register(register(&g, instance("calc", "2", 1), calc))
+            .unwrap();
+        let (_, in_flight) = s.descriptors("calc").unwrap();
+        s.update(validate::Update {
+            lease_id: g.lease_id,
+            lease_secret: g.lease_secret.clone(),
+            service: "calc".into(),
+            instance_id: "1".into(),
+            weight: Some(1),
+            metadata: None,
+        })
+        .unwrap();
+        s.deregister(deregister(&g, "calc", "1")).unwrap();
+        assert_eq!(s.descriptor_count(), 1, "instance 2 still uses it");
+        s.deregister(deregister(&g, "calc", "2")).unwrap();
+        assert_eq!(s.descriptor_count(), 0);
+        assert_eq!(s.descriptor_bytes, 0);
+        drop(in_flight);
     }
 
     #[test]
