@@ -246,10 +246,12 @@ impl Caller {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let channel = self
+            .directory
+            .connector()
+            .endpoint(addr)
             .map_err(|e| Status::invalid_argument(format!("bad instance address {addr}: {e}")))?
             .connect_timeout(self.options.connect_timeout)
-            .tcp_nodelay(true)
             .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)

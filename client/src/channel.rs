@@ -22,8 +22,8 @@ use crate::call::address;
 use crate::directory::Directory;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tonic::transport::Channel;
 use tonic::transport::channel::Change;
-use tonic::transport::{Channel, Endpoint};
 
 /// A channel balancing over the instances of `service`, kept up to date
 /// from `directory` for as long as the channel lives. Must be called within
@@ -51,13 +51,13 @@ pub fn balanced_channel(directory: &Directory, service: &str) -> Channel {
                 }
             }
             for new in wanted.difference(&active) {
-                let Ok(endpoint) = Endpoint::from_shared(format!("http://{new}")) else {
-                    tracing::warn!(address = %new, "skipping an instance with an invalid address");
-                    continue;
+                let endpoint = match directory.connector().endpoint(new) {
+                    Ok(endpoint) => endpoint.connect_timeout(Duration::from_secs(1)),
+                    Err(e) => {
+                        tracing::warn!(address = %new, "skipping an instance: {e}");
+                        continue;
+                    }
                 };
-                let endpoint = endpoint
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true);
                 if tx
                     .send(Change::Insert(new.clone(), endpoint))
                     .await

@@ -9,7 +9,7 @@ use prost::Message;
 use prost_reflect::{DescriptorPool, ServiceDescriptor};
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
 use registry_proto::registry::v1::GetDescriptorsRequest;
-use registry_proto::registry::v1::registry_client::RegistryClient;
+use registry_proto::security::RegistryConn;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use thiserror::Error;
@@ -42,7 +42,7 @@ pub enum DescriptorError {
 
 /// Asks the registry. `Ok(None)` when it has none for the service.
 pub async fn from_registry(
-    registry: &mut RegistryClient<Channel>,
+    registry: &mut RegistryConn,
     service: &str,
     timeout: Duration,
 ) -> Result<Option<(String, DescriptorPool)>, String> {

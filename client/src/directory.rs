@@ -17,12 +17,13 @@
 //! Descriptors are cached per service, so calls keep working while the
 //! registry is down once a service has been called or described.
 
+use crate::connect::Connector;
 use crate::descriptors::{self, DescriptorError};
 use prost_reflect::ServiceDescriptor;
 use rand::Rng;
 use registry_proto::registry::v1::event::Kind as EventKindPb;
-use registry_proto::registry::v1::registry_client::RegistryClient;
 use registry_proto::registry::v1::{Instance, RemovalReason, WatchRequest, WatchResponse};
+use registry_proto::security::{RegistryConn, SecurityError};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -30,7 +31,6 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 /// How long instances of a restarted registry's predecessor are kept.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -49,6 +49,18 @@ pub enum DirectoryError {
         /// As given.
         addr: String,
         /// Why.
+        reason: String,
+    },
+    /// TLS files or the token are unusable.
+    #[error(transparent)]
+    Security(SecurityError),
+    /// The registry answered, but refused this client (UNAUTHENTICATED or
+    /// PERMISSION_DENIED): retrying will not help.
+    #[error("the registry at {addr} refused this client: {reason}")]
+    Refused {
+        /// As given.
+        addr: String,
+        /// The registry's message (it names the token it expects).
         reason: String,
     },
     /// No snapshot arrived in time.
@@ -211,7 +223,14 @@ struct Shared {
     /// The registry address as given, for messages.
     addr: String,
     /// A lazily connected client; clones share one HTTP/2 connection.
-    registry: RegistryClient<Channel>,
+    registry: RegistryConn,
+    /// TLS and token, for every connection this directory's users open.
+    connector: Connector,
+    /// Why the registry refused the last watch (a token problem), if it did;
+    /// cleared once a watch is accepted. Not under `state`: `wait_synced`
+    /// reads it while holding the snapshot channel's lock, which `publish`
+    /// takes while holding `state`.
+    refused: Mutex<Option<String>>,
     /// The working copy; a std mutex because it is never held across await.
     state: Mutex<State>,
     /// The latest snapshot, for lookups and for followers (balanced channels).
@@ -245,25 +264,38 @@ impl Directory {
     /// Like [`connect`](Self::connect) with a chosen grace period for stale
     /// instances after a registry restart.
     pub fn with_grace(addr: &str, grace: Duration) -> Result<Directory, DirectoryError> {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|e| DirectoryError::BadAddress {
+        Directory::start(addr, grace, Connector::plaintext())
+    }
+
+    /// Like [`connect`](Self::connect) with TLS and/or a token: `connector`
+    /// is used for the registry and for every instance this directory's
+    /// users call.
+    pub fn connect_with(addr: &str, connector: Connector) -> Result<Directory, DirectoryError> {
+        Directory::start(addr, DEFAULT_GRACE, connector)
+    }
+
+    fn start(
+        addr: &str,
+        grace: Duration,
+        connector: Connector,
+    ) -> Result<Directory, DirectoryError> {
+        let endpoint = connector.endpoint(addr).map_err(|e| match e {
+            SecurityError::Address { reason, .. } => DirectoryError::BadAddress {
                 addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
+                reason,
+            },
+            other => DirectoryError::Security(other),
+        })?;
+        let endpoint = endpoint
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
             // Notice a registry that vanished without closing the connection.
             .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true);
+            .keep_alive_timeout(Duration::from_secs(2));
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
-            registry: RegistryClient::new(endpoint.connect_lazy()),
+            registry: connector.registry(endpoint.connect_lazy()),
+            connector,
+            refused: Mutex::new(None),
             state: Mutex::new(State {
                 snapshot: Snapshot::default(),
                 last_error: "not connected yet".to_string(),
@@ -284,9 +316,17 @@ impl Directory {
     /// Waits until the first snapshot has arrived.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), DirectoryError> {
         let mut rx = self.shared.snapshots.subscribe();
-        let synced = tokio::time::timeout(timeout, rx.wait_for(|s| s.synced)).await;
+        let synced = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|s| s.synced || self.shared.refused().is_some()),
+        )
+        .await;
         match synced {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(s)) if s.synced => Ok(()),
+            _ if self.shared.refused().is_some() => Err(DirectoryError::Refused {
+                addr: self.shared.addr.clone(),
+                reason: self.shared.refused().unwrap_or_default(),
+            }),
             _ => Err(DirectoryError::Unreachable {
                 addr: self.shared.addr.clone(),
                 reason: self.shared.lock().last_error.clone(),
@@ -322,9 +362,16 @@ impl Directory {
         (self.snapshot(), self.shared.changes.subscribe())
     }
 
-    /// A client for the registry itself (shares the directory's connection).
-    pub fn registry(&self) -> RegistryClient<Channel> {
+    /// A client for the registry itself (shares the directory's connection
+    /// and sends its token).
+    pub fn registry(&self) -> RegistryConn {
         self.shared.registry.clone()
+    }
+
+    /// How this directory connects (TLS, token): for connections to
+    /// instances too.
+    pub fn connector(&self) -> &Connector {
+        &self.shared.connector
     }
 
     /// Descriptors of `service` if already fetched.
@@ -372,8 +419,7 @@ impl Directory {
         }
         if found.is_none() {
             for instance in self.instances(service) {
-                let url = format!("http://{}", crate::call::address(&instance));
-                let channel = match Endpoint::from_shared(url) {
+                let channel = match self.connector().endpoint(&crate::call::address(&instance)) {
                     Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect_lazy(),
                     Err(e) => {
                         problems.push(format!("{}: {e}", crate::call::address(&instance)));
@@ -411,6 +457,18 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why the registry refused the last watch, if it did.
+    fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
     /// Publishes the working copy and the changes, under the lock.
     fn publish(&self, state: &State, changes: Vec<Change>) {
         let snapshot = Arc::new(state.snapshot.clone());
@@ -426,8 +484,16 @@ impl Shared {
 async fn run(shared: Arc<Shared>) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        let (received, error) = watch_once(&shared).await;
+        let (received, error, code) = watch_once(&shared).await;
         tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
+        if matches!(
+            code,
+            Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+        ) {
+            shared.set_refused(Some(error.clone()));
+        } else if received {
+            shared.set_refused(None);
+        }
         {
             let mut state = shared.lock();
             state.last_error = error;
@@ -445,8 +511,8 @@ async fn run(shared: Arc<Shared>) {
 }
 
 /// One watch stream, until it fails. Returns whether anything was received,
-/// and why it ended.
-async fn watch_once(shared: &Arc<Shared>) -> (bool, String) {
+/// why it ended, and the status code if the registry sent one.
+async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>) {
     let mut registry = shared.registry.clone();
     let mut stream = match registry
         .watch(WatchRequest {
@@ -455,7 +521,7 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String) {
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(s) => return (false, crate::call::status_text(&s)),
+        Err(s) => return (false, crate::call::status_text(&s), Some(s.code())),
     };
     let mut received = false;
     loop {
@@ -464,8 +530,8 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String) {
                 received = true;
                 apply_and_publish(shared, msg);
             }
-            Ok(None) => return (received, "the registry closed the watch".to_string()),
-            Err(s) => return (received, crate::call::status_text(&s)),
+            Ok(None) => return (received, "the registry closed the watch".to_string(), None),
+            Err(s) => return (received, crate::call::status_text(&s), Some(s.code())),
         }
     }
 }
@@ -857,9 +923,11 @@ mod tests {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
         let shared = Arc::new(Shared {
             addr: "test".into(),
-            registry: RegistryClient::new(
-                Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            registry: Connector::plaintext().registry(
+                tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
             ),
+            connector: Connector::plaintext(),
+            refused: Mutex::new(None),
             state: Mutex::new(State {
                 snapshot: Snapshot::default(),
                 last_error: String::new(),

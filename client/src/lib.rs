@@ -20,6 +20,8 @@
 //! - [`describe`]: how services, methods and fields are printed.
 //! - [`channel`]: a balanced tonic `Channel` fed by the directory, for
 //!   programs with generated stubs that only want discovery.
+//! - [`connect`]: TLS and the registry token ([`Connector`]), for the
+//!   registry and every instance.
 //! - `src/bin/client.rs`: the `client` command line (list, describe, call,
 //!   watch, interactive prompt).
 //!
@@ -48,6 +50,7 @@
 pub mod args;
 pub mod call;
 pub mod channel;
+pub mod connect;
 pub mod describe;
 pub mod descriptors;
 pub mod directory;
@@ -56,6 +59,7 @@ pub mod lb;
 pub mod resolve;
 
 pub use channel::balanced_channel;
+pub use connect::Connector;
 pub use directory::Directory;
 
 #[cfg(test)]

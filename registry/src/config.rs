@@ -1,9 +1,11 @@
-//! What an operator can tune: lease TTLs, access tokens, TLS.
+//! What an operator can tune: lease TTLs, access tokens, TLS, limits.
 
 use std::time::Duration;
 
 use registry_proto::security::TokenPolicy;
 use tonic::transport::ServerTlsConfig;
+
+use crate::limits::{PeerConfig, Quotas};
 
 /// Settings of one registry server.
 #[derive(Debug, Clone, Default)]
@@ -15,6 +17,11 @@ pub struct Config {
     pub tokens: TokenPolicy,
     /// TLS for the listener; `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
+    /// Instances per lease and per service.
+    pub quotas: Quotas,
+    /// Per-peer limits: registrations per second, Watch streams per
+    /// connection.
+    pub peers: PeerConfig,
 }
 
 /// Lease TTL bounds.

@@ -23,10 +23,14 @@
 //! - [`watch`]: the fan-out of changes to watchers (snapshot, events, reset).
 //! - [`validate`]: every request field checked, and every limit (sizes,
 //!   counts) as a documented constant.
+//! - [`limits`]: the limits an operator tunes by flag: instances per lease
+//!   and per service, Watch streams per connection, registrations per
+//!   second per peer IP.
 //! - [`error`]: every failure, and its gRPC status code.
 //! - [`service`]: the gRPC service: validate, apply, answer.
 //! - [`server`]: serving it with health and reflection, and shutting down.
-//! - [`config`]: what an operator can tune: TTLs, tokens, TLS.
+//! - [`tokens`]: access tokens from flags or a `--token-file`.
+//! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
 //! - `bin/registry.rs`: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -36,10 +40,12 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lease;
+pub mod limits;
 pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod tokens;
 pub mod validate;
 pub mod watch;
 

@@ -14,6 +14,7 @@ use tower::util::MapResponseLayer;
 
 use crate::config::Config;
 use crate::lease::spawn_sweeper;
+use crate::limits::PeerLimits;
 use crate::service::RegistryService;
 use crate::store::Store;
 
@@ -71,7 +72,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = Store::new(config.ttl);
+    let store = Store::with_quotas(config.ttl, config.quotas);
     let _sweeper = spawn_sweeper(store.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -87,9 +88,13 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let registry = RegistryServer::new(RegistryService::new(store.clone(), stop_rx.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let registry = RegistryServer::new(RegistryService::with_peer_limits(
+        store.clone(),
+        stop_rx.clone(),
+        PeerLimits::new(config.peers),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_SIZE)
+    .max_encoding_message_size(MAX_MESSAGE_SIZE);
 
     tracing::info!(registry_id = store.registry_id(), "registry serving");
     let signal = async move {

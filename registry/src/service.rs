@@ -8,11 +8,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::registry_server::Registry;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
+use crate::limits::PeerLimits;
 use crate::store::Store;
 use crate::{validate, watch};
 
@@ -28,12 +29,28 @@ pub struct RegistryService {
     /// Turns true when the server shuts down: long-lived streams (Watch,
     /// KeepAlive) end then, or graceful shutdown would wait for them forever.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Per-peer limits: registration rate, Watch streams per connection.
+    peers: PeerLimits,
 }
 
 impl RegistryService {
-    /// Serves `store`; streams end when `shutdown` turns true.
+    /// Serves `store` with the default per-peer limits; streams end when
+    /// `shutdown` turns true.
     pub fn new(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> RegistryService {
-        RegistryService { store, shutdown }
+        RegistryService::with_peer_limits(store, shutdown, PeerLimits::default())
+    }
+
+    /// Like [`new`](Self::new), enforcing `peers`.
+    pub fn with_peer_limits(
+        store: Store,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        peers: PeerLimits,
+    ) -> RegistryService {
+        RegistryService {
+            store,
+            shutdown,
+            peers,
+        }
     }
 }
 
@@ -88,6 +105,8 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        // Before validation: a flood is refused as cheaply as possible.
+        self.peers.check_register(request.remote_addr())?;
         let request = validate::register(request.into_inner())?;
         let (instance, revision) = self.store.register(request)?;
         tracing::info!(
@@ -178,8 +197,15 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let guard = self.peers.open_watch(request.remote_addr())?;
         let services = validate::watch(request.into_inner())?;
         let stream = watch::stream(self.store.clone(), services, self.shutdown.clone());
+        // The guard lives as long as the stream: dropping the stream (the
+        // client went away) uncounts it.
+        let stream = stream.map(move |item| {
+            let _counted = &guard;
+            item
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 }

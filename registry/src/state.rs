@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::config::Ttl;
 use crate::error::{Error, Result};
 use crate::lease::{Deadlines, Lease};
+use crate::limits::Quotas;
 use crate::validate::{self, Limits};
 
 pub use registry_proto::registry::v1::Event;
@@ -79,6 +80,8 @@ pub struct State {
     ttl: Ttl,
     /// Registry-wide limits.
     limits: Limits,
+    /// Instances per lease and per service.
+    quotas: Quotas,
 }
 
 impl State {
@@ -99,7 +102,14 @@ impl State {
             instance_count: 0,
             ttl,
             limits,
+            quotas: Quotas::default(),
         }
+    }
+
+    /// Sets the instance quotas (per lease, per service) for later
+    /// registrations.
+    pub fn set_quotas(&mut self, quotas: Quotas) {
+        self.quotas = quotas;
     }
 
     /// The revision of the last change.
@@ -257,6 +267,15 @@ impl State {
                 service: instance.service,
                 instance_id: instance.instance_id,
             });
+        }
+        if existing.is_none() {
+            let held = self.leases.get(&lease_id).map_or(0, |l| l.instances.len());
+            self.quotas.check_lease(lease_id, held)?;
+            let count = self
+                .services
+                .get(&instance.service)
+                .map_or(0, BTreeMap::len);
+            self.quotas.check_service(&instance.service, count)?;
         }
         if existing.is_none() && self.instance_count >= self.limits.instances {
             return Err(Error::Limit(format!(

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::Ttl;
 use crate::error::Result;
+use crate::limits::Quotas;
 use crate::state::{Event, Granted, State};
 use crate::validate;
 use crate::watch::{Batch, Hub};
@@ -52,9 +53,17 @@ impl Store {
     /// An empty registry. Leases only expire once
     /// [`crate::lease::spawn_sweeper`] runs for it.
     pub fn new(ttl: Ttl) -> Store {
+        Store::with_quotas(ttl, Quotas::default())
+    }
+
+    /// An empty registry enforcing `quotas` (instances per lease and per
+    /// service).
+    pub fn with_quotas(ttl: Ttl, quotas: Quotas) -> Store {
+        let mut state = State::new(ttl);
+        state.set_quotas(quotas);
         Store {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::new(ttl)),
+                state: Mutex::new(state),
                 hub: Hub::new(),
                 sweeper: Notify::new(),
                 sweeper_stopped: AtomicBool::new(false),

@@ -13,13 +13,15 @@ use registry_client::describe::describe_service;
 use registry_client::directory::{Change, ChangeKind, Snapshot};
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::{find_service, resolve, split_target};
-use registry_client::{Directory, args};
+use registry_client::{Connector, Directory, args};
+use registry_proto::security::TlsArgs;
 use rustyline::completion::{Completer, Pair};
 use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
 use rustyline::validate::Validator;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -40,6 +42,7 @@ use tokio::sync::broadcast::error::RecvError;
 ///   client call echo/EchoStream message=hi count=3
 ///   client call calculator/Add a=1 b=1 --repeat 100 --lb weighted-random
 ///   client watch
+///   client --tls-ca ca.pem --token R list   # TLS, registry requiring a read token
 #[derive(Debug, Parser)]
 #[command(name = "client", version, verbatim_doc_comment)]
 struct Cli {
@@ -55,6 +58,44 @@ struct Cli {
     /// How long to wait for the registry's first answer, in milliseconds.
     #[arg(long, default_value_t = 3000, global = true)]
     wait_ms: u64,
+
+    /// The registry's read token (its write token works too), when it
+    /// requires one. Default: none.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "REGISTRY_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    token: Option<String>,
+
+    /// PEM CA certificate: connect to the registry AND to every instance
+    /// with TLS, trusting only servers this CA signed, whose certificate
+    /// must name the host dialed (IP or DNS name). Default: plaintext.
+    #[arg(long, value_name = "PEM", env = "TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+
+    /// PEM client certificate, for servers that require mutual TLS (with
+    /// --tls-key and --tls-ca).
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "TLS_CERT",
+        global = true,
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "PEM",
+        env = "TLS_KEY",
+        global = true,
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -151,9 +192,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // The same flags as the other binaries' TlsArgs, declared here to be
+    // global (`client list --tls-ca ca.pem` as well as before the command).
+    let tls = TlsArgs {
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
+        tls_ca: cli.tls_ca.clone(),
+        tls_require_client_cert: false,
+    };
+    if tls.tls_cert.is_some() && tls.tls_ca.is_none() {
+        bail!("--tls-cert is a client certificate for TLS: it needs --tls-ca too");
+    }
+    let connector = Connector::new(tls, cli.token.as_deref())?;
     let directory = {
         let _guard = runtime.enter();
-        Directory::connect(&cli.registry)?
+        Directory::connect_with(&cli.registry, connector)?
     };
     let wait = Duration::from_millis(cli.wait_ms);
     match cli.command {

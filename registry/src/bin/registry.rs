@@ -2,13 +2,15 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use registry::Config;
 use registry::config::Ttl;
-use registry_proto::security::{TlsArgs, TokenPolicy};
+use registry::limits::{self, PeerConfig, Quotas};
+use registry_proto::security::TlsArgs;
 
 /// The service registry: nodes register their service instances here under
 /// leases kept alive by heartbeats; clients list, resolve and watch them.
@@ -50,6 +52,29 @@ struct Args {
         hide_env_values = true
     )]
     read_token: Option<String>,
+    /// TOML file with the tokens (`write = "..."`, `read = "..."`, both
+    /// optional), kept out of `ps` and shell history. --write-token and
+    /// --read-token (or their environment variables) win over it.
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Most instances one lease may hold; more is RESOURCE_EXHAUSTED. 0: no
+    /// limit.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_INSTANCES_PER_LEASE)]
+    max_instances_per_lease: usize,
+    /// Most instances one service may have; more is RESOURCE_EXHAUSTED. 0:
+    /// no limit.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_INSTANCES_PER_SERVICE)]
+    max_instances_per_service: usize,
+    /// Most Watch streams open at once on one connection; more is
+    /// RESOURCE_EXHAUSTED. 0: no limit.
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_WATCHES_PER_CONNECTION)]
+    max_watches_per_connection: usize,
+    /// Register calls per second accepted from one peer IP address (a token
+    /// bucket holding one second's worth); more is RESOURCE_EXHAUSTED, so a
+    /// flood from one machine cannot starve the others. 0: no limit (load
+    /// tests from one machine).
+    #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_REGISTRATIONS_PER_SEC)]
+    max_registrations_per_sec_per_ip: u32,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -59,6 +84,8 @@ const EXAMPLES: &str = "Examples:
   registry --listen 127.0.0.1:0             # a free port, printed on stdout
   registry --default-ttl-ms 3000            # slower networks: longer leases
   REGISTRY_WRITE_TOKEN=s3cret registry      # only nodes with the token may register
+  registry --token-file tokens.toml         # write = \"...\", read = \"...\"
+  registry --max-registrations-per-sec-per-ip 0   # benchmarks from one machine
   registry --tls-cert reg.pem --tls-key reg-key.pem
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
@@ -79,18 +106,26 @@ async fn main() -> anyhow::Result<()> {
         args.min_ttl_ms,
         args.max_ttl_ms
     );
-    let token = |t: Option<String>| t.map(|t| t.trim().to_string()).filter(|t| !t.is_empty());
     let config = Config {
         ttl: Ttl {
             default: Duration::from_millis(args.default_ttl_ms),
             min: Duration::from_millis(args.min_ttl_ms),
             max: Duration::from_millis(args.max_ttl_ms),
         },
-        tokens: TokenPolicy {
-            write: token(args.write_token),
-            read: token(args.read_token),
-        },
+        tokens: registry::tokens::policy(
+            args.write_token,
+            args.read_token,
+            args.token_file.as_deref(),
+        )?,
         tls: args.tls.server_config()?,
+        quotas: Quotas {
+            instances_per_lease: args.max_instances_per_lease,
+            instances_per_service: args.max_instances_per_service,
+        },
+        peers: PeerConfig {
+            watches_per_connection: args.max_watches_per_connection,
+            registrations_per_sec: args.max_registrations_per_sec_per_ip,
+        },
     };
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -100,6 +135,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         ttl = ?config.ttl,
         tls = config.tls.is_some(),
+        quotas = ?config.quotas,
+        peers = ?config.peers,
         mutual_tls = args.tls.tls_require_client_cert,
         "configuration"
     );
