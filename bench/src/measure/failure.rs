@@ -22,6 +22,9 @@ use crate::procs::NodeHostProc;
 use crate::report::{Better, Figure};
 use crate::stats::{Summary, ms};
 
+/// How long a node host runs after its instance appears before it is killed.
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// Reads `stream` until `want` returns true for a change; returns when.
 async fn wait_for(
     stream: &mut (impl Stream<Item = Result<WatchBatch>> + Unpin),
@@ -67,6 +70,10 @@ async fn kill_ours(ctx: &Ctx) -> Result<Duration> {
     let Change::Put(id) = added else {
         bail!("unexpected change")
     };
+    // A node that has been up for a moment: its KeepAlive stream is attached
+    // by now (killing it within a millisecond of registering can beat the
+    // attachment, and then only the TTL removes it).
+    tokio::time::sleep(SETTLE).await;
     let t0 = Instant::now();
     node.process.kill9();
     let (at, _) = wait_for(&mut stream, Duration::from_secs(30), |c| {
@@ -188,6 +195,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             etcd_ttl = ttl;
         }
     }
+    let runs = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.1}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let each = format!("ours, each run (ms): {}", runs(&ours));
     let ours_s = summary_of(&mut ours);
     let etcd_s = summary_of(&mut etcd);
     figures.push(
@@ -199,10 +213,19 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours_s.map(|s| s.p50_ms),
         )
         .vs("etcd", etcd_s.map(|s| s.p50_ms))
-        .note(format!(
-            "{repeats} runs; etcd holder lease TTL {} s (keepalive every TTL/3)",
-            etcd_ttl.as_secs()
-        )),
+        .note(if ctx.etcd.is_some() {
+            format!(
+                "{repeats} runs, killed {} ms after ADDED; etcd holder lease TTL {} s \
+                 (keepalive every TTL/3)",
+                SETTLE.as_millis(),
+                etcd_ttl.as_secs()
+            )
+        } else {
+            format!(
+                "{repeats} runs, killed {} ms after ADDED",
+                SETTLE.as_millis()
+            )
+        }),
     );
     figures.push(
         Figure::new(
@@ -213,7 +236,8 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours_s.map(|s| s.max_ms),
         )
         .vs("etcd", etcd_s.map(|s| s.max_ms))
-        .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0)),
+        .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
+        .note(each),
     );
 
     // lease expiry

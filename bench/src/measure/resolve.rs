@@ -183,9 +183,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             figures.push(Figure::new(
                 "resolve",
                 "local copy latency p99",
-                "ms",
+                "µs",
                 Better::Lower,
-                lat.map(|s| s.p99_ms),
+                lat.map(|s| s.p99_ms * 1000.0),
             ));
         }
         Err(e) => figures.push(
