@@ -28,6 +28,8 @@
 pub mod addr;
 pub mod config;
 pub mod diff;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gate;
 pub mod node;
 pub mod plugin;
