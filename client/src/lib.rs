@@ -55,6 +55,8 @@ pub mod describe;
 pub mod descriptors;
 pub mod directory;
 pub mod dynamic;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lb;
 pub mod resolve;
 
