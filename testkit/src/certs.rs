@@ -53,12 +53,35 @@ impl TestCa {
         self.issue(file_stem, &[file_stem], ExtendedKeyUsagePurpose::ClientAuth)
     }
 
+    /// A certificate valid both as a server for `names` and as a client: a
+    /// node host presents one certificate on its listener and to a registry
+    /// that requires mutual TLS.
+    pub fn server_and_client(&self, file_stem: &str, names: &[&str]) -> CertFiles {
+        self.issue_for(
+            file_stem,
+            names,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
     fn issue(&self, stem: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> CertFiles {
+        self.issue_for(stem, names, vec![usage])
+    }
+
+    fn issue_for(
+        &self,
+        stem: &str,
+        names: &[&str],
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> CertFiles {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
         params.distinguished_name.push(DnType::CommonName, stem);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let files = CertFiles {

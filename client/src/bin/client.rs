@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use registry_client::call::{CallOptions, Caller, Reply, address};
 use registry_client::describe::describe_service;
-use registry_client::directory::{Change, ChangeKind, Snapshot};
+use registry_client::directory::{Change, ChangeKind, DirectoryError, Snapshot};
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::{find_service, resolve, split_target};
 use registry_client::{Connector, Directory, args};
@@ -209,13 +209,23 @@ fn run(cli: Cli) -> Result<()> {
         Directory::connect_with(&cli.registry, connector)?
     };
     let wait = Duration::from_millis(cli.wait_ms);
+    let (tls, client_cert) = (cli.tls_ca.is_some(), cli.tls_cert.is_some());
+    let synced = |directory: &Directory| {
+        let directory = directory.clone();
+        async move {
+            directory
+                .wait_synced(wait)
+                .await
+                .map_err(|e| with_hint(e, tls, client_cert))
+        }
+    };
     match cli.command {
         Some(command) => runtime.block_on(async {
-            directory.wait_synced(wait).await?;
+            synced(&directory).await?;
             execute(&directory, command).await
         }),
         None => {
-            runtime.block_on(directory.wait_synced(wait))?;
+            runtime.block_on(synced(&directory))?;
             print!("{}", list_text(&directory.snapshot()));
             if std::io::stdin().is_terminal() {
                 repl(&runtime, &directory)
@@ -224,6 +234,28 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
     }
+}
+
+/// Adds what to try when the registry could not be reached for a reason
+/// that is not "nothing listens there": a TLS registry drops a plaintext
+/// client without a word, and a TLS client gets nowhere with a plaintext one.
+fn with_hint(error: DirectoryError, tls: bool, client_cert: bool) -> anyhow::Error {
+    let DirectoryError::Unreachable { reason, .. } = &error else {
+        return error.into();
+    };
+    let lower = reason.to_lowercase();
+    let nobody_listens = lower.contains("connection refused") || lower.contains("timed out");
+    if nobody_listens || lower.contains("certificate") {
+        return error.into();
+    }
+    let hint = if tls && !client_cert {
+        "if the registry requires mutual TLS, pass a client certificate with --tls-cert and --tls-key"
+    } else if tls {
+        "is the registry serving TLS, and does it accept this client certificate?"
+    } else {
+        "if the registry serves TLS, pass its CA with --tls-ca (or TLS_CA)"
+    };
+    anyhow::anyhow!("{error}\nhint: {hint}")
 }
 
 async fn execute(directory: &Directory, command: Command) -> Result<()> {
