@@ -120,7 +120,21 @@ impl RegistryProc {
     pub fn start() -> Result<RegistryProc> {
         let mut cmd = testkit::command("registry");
         quiet(&mut cmd);
-        cmd.args(["--listen", "127.0.0.1:0"]);
+        // The registry's protective limits (registrations per second from one
+        // IP, instances per lease and per service) exist to stop one machine
+        // starving others; the bench is one machine measuring raw capacity,
+        // so it lifts them (0 = no limit), as the registry's --help advises
+        // for load tests.
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--max-registrations-per-sec-per-ip",
+            "0",
+            "--max-instances-per-lease",
+            "0",
+            "--max-instances-per-service",
+            "0",
+        ]);
         let process = Process::spawn("registry", cmd);
         let line = process.wait_for_line("registry listening on", testkit::READY_TIMEOUT);
         let addr = testkit::addr_from_line(&line).to_string();
