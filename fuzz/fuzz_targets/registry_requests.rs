@@ -1,0 +1,8 @@
+//! See `registry::fuzzing` for the input format and the invariants checked.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    registry::fuzzing::requests(data);
+});
