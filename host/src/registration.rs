@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use registry_proto::registry::v1::{
     DeregisterRequest, GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
-    RevokeLeaseRequest,
+    RegisterResponse, RevokeLeaseRequest,
 };
 use registry_proto::security::{BearerToken, RegistryConn, TlsArgs, registry_client};
 use tokio::sync::{mpsc, watch};
@@ -529,7 +529,7 @@ async fn reconcile(
             file_descriptor_set: plugin.descriptors().to_vec(),
         };
         let updating = held.contains_key(name);
-        match call("Register", client.register(request)).await {
+        match register_paced(client, request).await {
             Ok(resp) => {
                 let instance_id = resp
                     .instance
@@ -567,6 +567,41 @@ async fn reconcile(
         }
     }
     Ok(())
+}
+
+/// How often a Register refused by the registry's per-peer rate limit is
+/// tried again within the session, and the pause before the first retry
+/// (doubled each time): the limit refills every second.
+const RATE_LIMIT_RETRIES: u32 = 5;
+const RATE_LIMIT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Register, retried after a pause when the registry's per-peer rate limit
+/// refused it: unlike the other RESOURCE_EXHAUSTED refusals (a quota), that
+/// one passes by itself (another process on this machine registering fast,
+/// say), and giving up on the plugin until its settings change would be
+/// wrong.
+async fn register_paced(
+    client: &mut RegistryConn,
+    request: RegisterRequest,
+) -> Result<RegisterResponse, SessionError> {
+    let mut pause = RATE_LIMIT_PAUSE;
+    let mut attempt = 0;
+    loop {
+        let result = call("Register", client.register(request.clone())).await;
+        match &result {
+            Err(SessionError::Rpc { status, .. })
+                if status.code() == Code::ResourceExhausted
+                    && status.message().contains("per second")
+                    && attempt < RATE_LIMIT_RETRIES =>
+            {
+                attempt += 1;
+                warn!("the registry asked to slow down; retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            _ => return result,
+        }
+    }
 }
 
 /// Revokes the lease; returns how many instances went with it (0 when the

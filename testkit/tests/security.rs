@@ -487,3 +487,15 @@ async fn a_flood_from_one_peer_does_not_starve_another() {
 
 /// The address a rogue or flooding client connects from.
 const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_slowed_down_by_the_rate_limit_registers_everything_anyway() {
+    // One registration per second from any one address: the node's second
+    // plugin is refused at first, and retried, not given up.
+    let registry = Registry::start(&["--max-registrations-per-sec-per-ip", "1"]);
+    let node = Node::start(&registry.addr.to_string(), BOTH, &[], &[]);
+    let mut viewer = conn(registry.addr, None, None).await;
+    wait_for_count(&mut viewer, 2).await;
+    node.process
+        .wait_for_line("the registry asked to slow down", CHANGE);
+}
