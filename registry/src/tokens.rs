@@ -168,6 +168,9 @@ mod tests {
         );
         let (path, _rm3) = file("read = \"tab\\there\"\n");
         let err = policy(None, None, Some(&path)).unwrap_err().to_string();
-        assert!(err.contains("read token") && !err.contains("there"), "{err}");
+        assert!(
+            err.contains("read token") && !err.contains("there"),
+            "{err}"
+        );
     }
 }
