@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::config::Ttl;
 use crate::error::Error;
+use crate::limits::Quotas;
 use crate::state::{Event, Granted, State};
 use crate::validate::{self, Limits};
 
@@ -47,6 +48,12 @@ fn limits() -> Limits {
             + registry_proto::ECHO_DESCRIPTORS.len() / 2,
     }
 }
+
+/// Quotas low enough for the fuzzer to reach them.
+const QUOTAS: Quotas = Quotas {
+    instances_per_lease: 6,
+    instances_per_service: 10,
+};
 
 /// The harness: the state, what was granted, and a replica built only from
 /// the events, which must always equal the state's snapshot.
@@ -64,8 +71,10 @@ struct Harness {
 /// Runs `data` as a sequence of requests; panics on a broken invariant.
 pub fn requests(data: &[u8]) {
     let start = Instant::now();
+    let mut state = State::with_limits(Ttl::default(), limits());
+    state.set_quotas(QUOTAS);
     let mut h = Harness {
-        state: State::with_limits(Ttl::default(), limits()),
+        state,
         start,
         now_ms: 0,
         granted: Vec::new(),
@@ -402,6 +411,20 @@ impl Harness {
             total += resolved.len();
         }
         assert!(listed.windows(2).all(|w| w[0].name < w[1].name));
+        assert!(
+            listed
+                .iter()
+                .all(|s| s.instance_count as usize <= QUOTAS.instances_per_service),
+            "service quota exceeded"
+        );
+        let mut per_lease: BTreeMap<u64, usize> = BTreeMap::new();
+        for i in snapshot.values() {
+            *per_lease.entry(i.lease_id).or_default() += 1;
+        }
+        assert!(
+            per_lease.values().all(|&n| n <= QUOTAS.instances_per_lease),
+            "lease quota exceeded"
+        );
         assert_eq!(total, self.state.instance_count(), "list vs instance count");
 
         let limits = limits();
