@@ -8,8 +8,8 @@ use std::time::Duration;
 use registry_proto::registry::v1::registry_server::RegistryServer;
 use registry_proto::security::AuthLayer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tower::util::MapResponseLayer;
 
 use crate::config::Config;
@@ -121,14 +121,19 @@ pub async fn run(
         .layer(MapResponseLayer::new(
             too_large_is_resource_exhausted as fn(_) -> _,
         ))
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(registry)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            // The builder's tcp_nodelay applies only to listeners it binds
+            // itself: set it here, or Nagle holds small replies for the
+            // peer's delayed ACK (~40 ms per Resolve).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        );
     let mut stopped = stop_rx;
     let grace = async move {
         let _ = stopped.wait_for(|stop| *stop).await;
