@@ -394,9 +394,19 @@ async fn session(
         "registry {}: lease {} granted (ttl {:?})",
         settings.registry, lease.id, lease.ttl
     );
-    let heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone()));
+    let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
+    let heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone(), attached_tx));
     let _stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
     let mut heartbeat = heartbeat;
+    // Register only once the registry has attached the lease to our
+    // KeepAlive stream: a crash right after registering is then noticed at
+    // once (the stream breaks), not only when the TTL runs out.
+    if attached_rx.await.is_err() {
+        return Err(match (&mut heartbeat).await {
+            Ok(e) => e,
+            Err(_) => SessionError::KeepAliveEnded,
+        });
+    }
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
     // Settings the registry refused for a reason retrying cannot fix
@@ -626,7 +636,14 @@ async fn revoke(client: &mut RegistryConn, lease: &Lease) -> u32 {
 }
 
 /// Heartbeats `lease` every TTL/3 until the stream fails; returns why.
-async fn keep_alive(mut client: RegistryConn, lease: Lease) -> SessionError {
+/// `attached` fires at the first answer: the lease is then bound to this
+/// stream.
+async fn keep_alive(
+    mut client: RegistryConn,
+    lease: Lease,
+    attached: tokio::sync::oneshot::Sender<()>,
+) -> SessionError {
+    let mut attached = Some(attached);
     let (tx, rx) = mpsc::channel(4);
     let beat = KeepAliveRequest {
         lease_id: lease.id,
@@ -651,7 +668,12 @@ async fn keep_alive(mut client: RegistryConn, lease: Lease) -> SessionError {
                 }
             }
             msg = stream.message() => match msg {
-                Ok(Some(_)) => last_answer = Instant::now(),
+                Ok(Some(_)) => {
+                    last_answer = Instant::now();
+                    if let Some(attached) = attached.take() {
+                        let _ = attached.send(());
+                    }
+                }
                 Ok(None) => return SessionError::KeepAliveEnded,
                 Err(status) => return SessionError::Rpc { what: "KeepAlive", status: Box::new(status) },
             },
