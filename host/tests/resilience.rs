@@ -113,3 +113,45 @@ async fn q_lets_in_flight_calls_finish() {
     assert!(rest.iter().all(|r| r.is_ok()), "{rest:?}");
     assert!(node.process.wait_exit(Duration::from_secs(20)).success());
 }
+
+/// A node killed right after its instance appears is removed because its
+/// KeepAlive stream broke, not because its lease ran out: the node
+/// registers only once the lease is attached to that stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_right_after_registering_is_noticed_by_the_stream_not_the_ttl() {
+    use registry_proto::registry::v1::{RemovalReason, WatchRequest, event::Kind};
+
+    // A TTL far longer than the wait below: expiry cannot be the cause.
+    let registry = Registry::start(&["--default-ttl-ms", "60000"]);
+    let mut client = registry.client().await;
+    let mut watch = client
+        .watch(WatchRequest {
+            services: vec!["calculator".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut node = Node::start(registry.addr, "[plugins.calculator]\nweight = 2\n");
+    let mut seen_added = false;
+    let removed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let batch = watch.next().await.unwrap().unwrap();
+            for event in batch.events {
+                match Kind::try_from(event.kind).unwrap() {
+                    Kind::Added if !batch.reset => {
+                        seen_added = true;
+                        node.process.kill9();
+                    }
+                    Kind::Removed if seen_added => return event,
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await
+    .expect("the killed node's instance was not removed within 20 s (TTL is 60 s)");
+    assert_eq!(
+        RemovalReason::try_from(removed.reason).unwrap(),
+        RemovalReason::KeepaliveClosed
+    );
+}
