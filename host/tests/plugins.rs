@@ -269,7 +269,7 @@ async fn reflection_v1_and_v1alpha_list_the_mounted_plugins() {
 async fn tls_listener_serves_the_plugins() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let registry = Registry::start(&[]);
-    let dir = common::TempDir::new();
+    let dir = common::TempDir::new("node-host-test");
     let ca = testkit::certs::TestCa::new(&dir.0, "test");
     let server = ca.server("node", &["127.0.0.1", "localhost"]);
     let node = Node::start_with(

@@ -185,7 +185,7 @@ fn bad_flags_and_bad_files_are_clear_errors() {
     assert!(stderr.contains("70000"), "{stderr}");
     assert!(stderr.contains("--port"), "{stderr}");
 
-    let dir = common::TempDir::new();
+    let dir = common::TempDir::new("node-host-test");
     let path = dir.0.join("services.toml");
     std::fs::write(
         &path,
@@ -211,7 +211,7 @@ fn bad_flags_and_bad_files_are_clear_errors() {
 async fn file_values_apply_and_flags_override_them() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
-    let dir = common::TempDir::new();
+    let dir = common::TempDir::new("node-host-test");
     let path = dir.0.join("services.toml");
 
     // The file alone names registry, advertise and port.

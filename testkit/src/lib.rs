@@ -266,6 +266,36 @@ pub fn addr_from_line(line: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("no address at the end of {line:?}: {e}"))
 }
 
+/// A scratch directory (config files, certificates), removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/<what>-<pid>-<n>`: unique across the tests of one
+    /// process and across processes.
+    pub fn new(what: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "{what}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// How long tests wait for a process to become ready. Generous: CI machines
 /// are small and may be busy compiling.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -557,7 +557,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
     count += 1;
 
     // Bad files and arguments given to each binary: a clear error, exit non-zero.
-    let dir = TempDir::new();
+    let dir = TempDir::new("security-test");
     let file = |name: &str, text: &str| {
         let path = dir.0.join(name);
         std::fs::write(&path, text).unwrap();

@@ -25,14 +25,14 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use registry_proto::registry::v1::registry_client::RegistryClient;
 use registry_proto::registry::v1::{Instance, WatchRequest, event};
 use testkit::netns::{Host, Lan, lan_or_skip};
-use testkit::{Process, READY_TIMEOUT};
+use testkit::{Process, READY_TIMEOUT, TempDir};
 
 const PROBE_PORT: u16 = 7000;
 
@@ -326,29 +326,6 @@ impl Drop for Watcher {
     }
 }
 
-/// A directory for config files, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "testkit-lan-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Registry on host 0 (A), node hosts on 1 (B) and 2 (C), host 3 (D) for
 /// the client. Fields drop in order: processes first, the LAN last.
 struct Cluster {
@@ -370,7 +347,7 @@ impl Cluster {
     /// instances; `None` when no LAN can be built here.
     async fn start() -> Option<Cluster> {
         let lan = lan_or_skip(4)?;
-        let dir = TempDir::new();
+        let dir = TempDir::new("testkit-lan");
         let registry = start_registry(lan.host(0));
         let registry_addr = format!("{}:{REGISTRY_PORT}", lan.host(0).ip());
         std::fs::write(dir.0.join("b.toml"), B_CONFIG).unwrap();

@@ -233,7 +233,7 @@ async fn with_tokens_each_missing_or_wrong_token_is_refused_and_named_never_show
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_a_file() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("security-test");
     let file = dir.0.join("tokens.toml");
     std::fs::write(&file, format!("write = \"{WRITE}\"\n")).unwrap();
     let registry = Registry::start(&["--token-file", file.to_str().unwrap()]);
@@ -362,7 +362,7 @@ async fn tls_scenario(places: [Place<'_>; 3], dir: &TempDir) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_across_loopback_addresses() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("security-test");
     tls_scenario(
         [
             Place::Loopback(Ipv4Addr::new(127, 0, 0, 1)),
@@ -377,7 +377,7 @@ async fn tls_and_mutual_tls_across_loopback_addresses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_across_hosts_of_the_lan() {
     let Some(lan) = lan_or_skip(3) else { return };
-    let dir = TempDir::new();
+    let dir = TempDir::new("security-test");
     tls_scenario(
         [
             Place::Lan(lan.host(0)),

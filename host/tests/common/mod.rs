@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use registry_proto::registry::v1::registry_client::RegistryClient;
@@ -17,27 +16,7 @@ use tonic::transport::Channel;
 /// issue asks for about a second; CI machines are slow, so be generous.
 pub const CHANGE: Duration = Duration::from_secs(5);
 
-/// A private directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "node-host-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use testkit::TempDir;
 
 /// A running node-host with its configuration file.
 pub struct Node {
@@ -58,7 +37,7 @@ impl Node {
 
     /// Like [`start`](Self::start) with other extra flags.
     pub fn start_with(registry: SocketAddr, toml: &str, extra: &[&str]) -> Node {
-        let dir = TempDir::new();
+        let dir = TempDir::new("node-host-test");
         let config = dir.0.join("services.toml");
         std::fs::write(&config, toml).unwrap();
         let mut cmd = command("node-host");

@@ -4,9 +4,7 @@
 #![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::process::{Command, ExitStatus};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
@@ -40,27 +38,7 @@ fn clean(cmd: &mut Command) {
     cmd.env_remove("REGISTRY_ADDR");
 }
 
-/// A private directory, removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "security-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use testkit::TempDir;
 
 /// A running node host.
 pub struct Node {
@@ -89,7 +67,7 @@ impl Node {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Node {
-        let dir = TempDir::new();
+        let dir = TempDir::new("security-test");
         let config = dir.0.join("services.toml");
         std::fs::write(&config, toml).unwrap();
         clean(&mut cmd);
