@@ -359,3 +359,37 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Feeds every file of `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`
+/// to `check`, the same function the fuzz target calls, so `cargo test`
+/// re-checks every input the fuzzer ever kept. Panics if the corpus is empty
+/// (a moved directory must not turn the replay into a no-op).
+pub fn replay_fuzz_corpus(target: &str, check: impl Fn(&[u8])) {
+    let fuzz = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+    let files = |dir: PathBuf| -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        files
+    };
+    let corpus = files(fuzz.join("corpus").join(target));
+    assert!(
+        !corpus.is_empty(),
+        "empty fuzz corpus for {target} in {}",
+        fuzz.display()
+    );
+    for path in corpus
+        .iter()
+        .chain(&files(fuzz.join("regressions").join(target)))
+    {
+        // A panic names the input: replay it with
+        // `cargo fuzz run -s none <target> <file>` in fuzz/.
+        eprintln!("{}", path.display());
+        check(&std::fs::read(path).unwrap());
+    }
+}
