@@ -137,13 +137,12 @@ impl Caller {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = None;
         for attempt in 1..=attempts {
-            let instances: Vec<Instance> = self
-                .directory
-                .instances(&target.service)
-                .into_iter()
+            let all = self.directory.instances(&target.service);
+            let instances: Vec<&Instance> = all
+                .iter()
                 .filter(|i| !tried.contains(&address(i)))
                 .collect();
-            let keys: Vec<String> = instances.iter().map(address).collect();
+            let keys: Vec<String> = instances.iter().map(|i| address(i)).collect();
             let endpoints: Vec<Endpoint<'_>> = keys
                 .iter()
                 .zip(&instances)
@@ -155,7 +154,7 @@ impl Caller {
             let Some(pick) = policy.pick(&endpoints) else {
                 break;
             };
-            let instance = instances[pick.index].clone();
+            let instance = Instance::clone(instances[pick.index]);
             let addr = keys[pick.index].clone();
             match self.invoke(&addr, target, request.clone()).await {
                 Ok(reply) => {

@@ -119,7 +119,17 @@ pub struct Change {
     pub instance: Instance,
 }
 
-/// An immutable view of the directory at one moment.
+/// One service's instances, sorted by instance id: an immutable list shared
+/// by every snapshot (and every caller) until the service changes, when a new
+/// list is built. Looking instances up is therefore a reference-count
+/// increment, not a copy.
+pub type Instances = Arc<[Instance]>;
+
+/// Instances by service; each list sorted by instance id.
+type ByService = BTreeMap<String, Instances>;
+
+/// An immutable view of the directory at one moment. Cloning it is cheap:
+/// the per-service lists are shared.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// The registry process this view came from ("" before the first).
@@ -130,31 +140,32 @@ pub struct Snapshot {
     pub synced: bool,
     /// Whether the watch stream is currently up.
     pub connected: bool,
-    /// Live instances by service, then instance id.
-    live: BTreeMap<String, BTreeMap<String, Instance>>,
+    /// Live instances by service, each list sorted by instance id.
+    live: ByService,
     /// Instances a previous registry process knew and the current one does
     /// not (yet), kept until the grace period ends.
-    stale: BTreeMap<String, BTreeMap<String, Instance>>,
+    stale: ByService,
 }
 
 impl Snapshot {
-    /// The instances to use for `service`: the live ones, or, if it has none,
-    /// the stale ones from before a registry restart.
-    pub fn instances(&self, service: &str) -> Vec<Instance> {
+    /// The instances to use for `service`, sorted by instance id: the live
+    /// ones, or, if it has none, the stale ones from before a registry
+    /// restart. Empty if neither. The list is shared, not copied.
+    pub fn instances(&self, service: &str) -> Instances {
         match self.live.get(service) {
-            Some(m) if !m.is_empty() => m.values().cloned().collect(),
+            Some(l) if !l.is_empty() => l.clone(),
             _ => self
                 .stale
                 .get(service)
-                .map(|m| m.values().cloned().collect())
-                .unwrap_or_default(),
+                .cloned()
+                .unwrap_or_else(|| Arc::from([])),
         }
     }
 
     /// Whether `service`'s instances are stale fallbacks.
     pub fn is_stale(&self, service: &str) -> bool {
-        self.live.get(service).is_none_or(BTreeMap::is_empty)
-            && self.stale.get(service).is_some_and(|m| !m.is_empty())
+        self.live.get(service).is_none_or(|l| l.is_empty())
+            && self.stale.get(service).is_some_and(|l| !l.is_empty())
     }
 
     /// Every service with at least one usable instance, sorted.
@@ -163,7 +174,7 @@ impl Snapshot {
             .live
             .iter()
             .chain(&self.stale)
-            .filter(|(_, m)| !m.is_empty())
+            .filter(|(_, l)| !l.is_empty())
             .map(|(s, _)| s.clone())
             .collect();
         names.sort();
@@ -174,9 +185,10 @@ impl Snapshot {
     /// The protobuf service `service`'s instances serve, if they say.
     pub fn proto_service(&self, service: &str) -> Option<String> {
         self.instances(service)
-            .into_iter()
-            .map(|i| i.proto_service)
+            .iter()
+            .map(|i| &i.proto_service)
             .find(|p| !p.is_empty())
+            .cloned()
     }
 
     /// Every usable instance, as `Added` changes (the state a new watcher
@@ -184,7 +196,7 @@ impl Snapshot {
     pub fn as_changes(&self) -> Vec<Change> {
         self.services()
             .iter()
-            .flat_map(|s| self.instances(s))
+            .flat_map(|s| self.instances(s).to_vec())
             .map(|instance| Change {
                 kind: ChangeKind::Added,
                 instance,
@@ -344,8 +356,9 @@ impl Directory {
         self.shared.snapshots.borrow().clone()
     }
 
-    /// The instances to call for `service` (see [`Snapshot::instances`]).
-    pub fn instances(&self, service: &str) -> Vec<Instance> {
+    /// The instances to call for `service` (see [`Snapshot::instances`]):
+    /// a shared list, so this costs a few atomic operations, not a copy.
+    pub fn instances(&self, service: &str) -> Instances {
         self.snapshot().instances(service)
     }
 
@@ -418,11 +431,11 @@ impl Directory {
             Err(e) => problems.push(e),
         }
         if found.is_none() {
-            for instance in self.instances(service) {
-                let channel = match self.connector().endpoint(&crate::call::address(&instance)) {
+            for instance in self.instances(service).iter() {
+                let channel = match self.connector().endpoint(&crate::call::address(instance)) {
                     Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect_lazy(),
                     Err(e) => {
-                        problems.push(format!("{}: {e}", crate::call::address(&instance)));
+                        problems.push(format!("{}: {e}", crate::call::address(instance)));
                         continue;
                     }
                 };
@@ -431,7 +444,7 @@ impl Directory {
                         found = Some(pair);
                         break;
                     }
-                    Err(e) => problems.push(format!("{}: {e}", crate::call::address(&instance))),
+                    Err(e) => problems.push(format!("{}: {e}", crate::call::address(instance))),
                 }
             }
         }
@@ -562,7 +575,7 @@ fn expire_stale(shared: &Shared, generation: u64) {
     let stale = std::mem::take(&mut state.snapshot.stale);
     let changes: Vec<Change> = stale
         .into_values()
-        .flat_map(BTreeMap::into_values)
+        .flat_map(|l| l.to_vec())
         .map(|instance| Change {
             kind: ChangeKind::Removed(RemovalCause::NotReregistered),
             instance,
@@ -611,14 +624,27 @@ fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
             }
         }
         let old = std::mem::take(&mut snap.live);
+        // Edited as maps and rebuilt once: a reset can touch every instance.
+        let mut stale: BTreeMap<String, BTreeMap<String, Instance>> =
+            std::mem::take(&mut snap.stale)
+                .into_iter()
+                .map(|(service, list)| {
+                    let m = list
+                        .iter()
+                        .map(|i| (i.instance_id.clone(), i.clone()))
+                        .collect();
+                    (service, m)
+                })
+                .collect();
         // Gone: stale after a restart (maybe not re-registered yet), else removed.
         for (service, instances) in &old {
-            for (id, inst) in instances {
+            for inst in instances.iter() {
+                let id = &inst.instance_id;
                 if fresh.get(service).is_some_and(|m| m.contains_key(id)) {
                     continue;
                 }
                 if restarted {
-                    snap.stale
+                    stale
                         .entry(service.clone())
                         .or_default()
                         .insert(id.clone(), inst.clone());
@@ -633,27 +659,31 @@ fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
         }
         // New or changed.
         for (service, instances) in &fresh {
+            let mut stale_here = stale.get_mut(service);
             for (id, inst) in instances {
-                let before = old
-                    .get(service)
-                    .and_then(|m| m.get(id))
-                    .or_else(|| snap.stale.get(service).and_then(|m| m.get(id)))
-                    .cloned();
-                unstale(snap, service, id);
-                match before {
-                    Some(b) if same(&b, inst) => {}
-                    Some(_) => out.changes.push(Change {
-                        kind: ChangeKind::Updated,
+                let was_stale = stale_here.as_mut().and_then(|m| m.remove(id));
+                let changed = match find(&old, service, id).or(was_stale.as_ref()) {
+                    None => Some(ChangeKind::Added),
+                    Some(b) if same(b, inst) => None,
+                    Some(_) => Some(ChangeKind::Updated),
+                };
+                if let Some(kind) = changed {
+                    out.changes.push(Change {
+                        kind,
                         instance: inst.clone(),
-                    }),
-                    None => out.changes.push(Change {
-                        kind: ChangeKind::Added,
-                        instance: inst.clone(),
-                    }),
+                    });
                 }
             }
         }
-        snap.live = fresh;
+        snap.stale = stale
+            .into_iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(service, m)| (service, m.into_values().collect()))
+            .collect();
+        snap.live = fresh
+            .into_iter()
+            .map(|(service, m)| (service, m.into_values().collect()))
+            .collect();
         snap.registry_id = msg.registry_id;
         snap.revision = msg.revision;
         snap.synced = true;
@@ -676,17 +706,11 @@ fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
         let id = inst.instance_id.clone();
         match kind {
             EventKindPb::Added | EventKindPb::Updated => {
-                let before = snap
-                    .live
-                    .get(&service)
-                    .and_then(|m| m.get(&id))
-                    .or_else(|| snap.stale.get(&service).and_then(|m| m.get(&id)))
+                let before = find(&snap.live, &service, &id)
+                    .or_else(|| find(&snap.stale, &service, &id))
                     .cloned();
                 unstale(snap, &service, &id);
-                snap.live
-                    .entry(service)
-                    .or_default()
-                    .insert(id, inst.clone());
+                upsert(&mut snap.live, inst.clone());
                 match before {
                     Some(b) if same(&b, &inst) => {}
                     Some(_) => out.changes.push(Change {
@@ -700,11 +724,7 @@ fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
                 }
             }
             EventKindPb::Removed => {
-                let removed = snap.live.get_mut(&service).and_then(|m| m.remove(&id));
-                if snap.live.get(&service).is_some_and(BTreeMap::is_empty) {
-                    snap.live.remove(&service);
-                }
-                if let Some(before) = removed {
+                if let Some(before) = remove(&mut snap.live, &service, &id) {
                     out.changes.push(Change {
                         kind: ChangeKind::Removed(RemovalCause::Registry(reason)),
                         instance: before,
@@ -719,12 +739,48 @@ fn apply(snap: &mut Snapshot, msg: WatchResponse) -> Outcome {
 }
 
 fn unstale(snap: &mut Snapshot, service: &str, id: &str) {
-    if let Some(m) = snap.stale.get_mut(service) {
-        m.remove(id);
-        if m.is_empty() {
-            snap.stale.remove(service);
-        }
+    remove(&mut snap.stale, service, id);
+}
+
+/// Where `id` is (`Ok`) or would go (`Err`) in a list sorted by instance id.
+fn position(list: &[Instance], id: &str) -> Result<usize, usize> {
+    list.binary_search_by(|i| i.instance_id.as_str().cmp(id))
+}
+
+/// The instance `id` of `service`, if present.
+fn find<'a>(map: &'a ByService, service: &str, id: &str) -> Option<&'a Instance> {
+    let list = map.get(service)?;
+    position(list, id).ok().map(|at| &list[at])
+}
+
+/// Adds or replaces `inst` in its service's list. The list is rebuilt (the
+/// old one may be shared with published snapshots): O(instances of the
+/// service) per change, which keeps lookups, far more frequent, free.
+fn upsert(map: &mut ByService, inst: Instance) {
+    let list = map
+        .entry(inst.service.clone())
+        .or_insert_with(|| Arc::from([]));
+    let mut items = list.to_vec();
+    match position(&items, &inst.instance_id) {
+        Ok(at) => items[at] = inst,
+        Err(at) => items.insert(at, inst),
     }
+    *list = items.into();
+}
+
+/// Removes instance `id` of `service`, dropping the service when it was the
+/// last; returns it.
+fn remove(map: &mut ByService, service: &str, id: &str) -> Option<Instance> {
+    let list = map.get_mut(service)?;
+    let at = position(list, id).ok()?;
+    let mut items = list.to_vec();
+    let gone = items.remove(at);
+    if items.is_empty() {
+        map.remove(service);
+    } else {
+        *list = items.into();
+    }
+    Some(gone)
 }
 
 #[cfg(test)]
@@ -825,6 +881,32 @@ mod tests {
         );
         assert_eq!(s.services(), vec!["calc"]);
         assert_eq!(s.revision, 8);
+    }
+
+    #[test]
+    fn lookups_share_one_list_until_the_service_changes() {
+        let mut s = Snapshot::default();
+        apply(
+            &mut s,
+            reset("r1", 5, vec![inst("calc", 2, 1), inst("calc", 1, 1)]),
+        );
+        let first = s.instances("calc");
+        assert!(Arc::ptr_eq(&first, &s.instances("calc")));
+        assert_eq!(ports(&s, "calc"), vec![1, 2], "sorted by instance id");
+        // Another service changing leaves this list alone...
+        apply(
+            &mut s,
+            events("r1", vec![event(EventKindPb::Added, 6, inst("echo", 3, 1))]),
+        );
+        assert!(Arc::ptr_eq(&first, &s.instances("calc")));
+        // ...its own change makes a new one, and the old one is unchanged.
+        apply(
+            &mut s,
+            events("r1", vec![event(EventKindPb::Added, 7, inst("calc", 0, 1))]),
+        );
+        assert_eq!(ports(&s, "calc"), vec![0, 1, 2]);
+        assert_eq!(first.len(), 2);
+        assert!(s.instances("nothing").is_empty());
     }
 
     #[test]

@@ -12,8 +12,15 @@
 //! Descriptor sets are stored once per distinct content (interned in a set
 //! of `Arc<[u8]>`), so a hundred thousand instances of one service share one
 //! copy; the copy goes when its last instance does.
+//!
+//! Memory per instance matters (a registry may hold 100 000 of them), so an
+//! instance is not stored as its `pb::Instance`: the service name and the
+//! instance id are the map keys, shared (`Arc<str>`) with the lease's index
+//! rather than copied, and the rest is a compact [`Stored`] that is turned
+//! back into a `pb::Instance` when answering.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,8 +37,9 @@ use crate::validate::{self, Limits};
 pub use registry_proto::registry::v1::Event;
 pub use registry_proto::registry::v1::RemovalReason;
 
-/// Identifies an instance: `(service, instance_id)`.
-pub type InstanceKey = (String, String);
+/// Identifies an instance: `(service, instance_id)`. The strings are those
+/// of the services map, shared, not copies.
+pub type InstanceKey = (Arc<str>, Arc<str>);
 
 /// What GrantLease hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,14 +52,99 @@ pub struct Granted {
     pub ttl: Duration,
 }
 
-/// One instance as stored.
-#[derive(Debug, Clone)]
+/// One service's instances by id. Boxed because B-tree nodes are often
+/// only half full: half-empty slots of 8-byte pointers cost far less than of
+/// whole records.
+type Instances = BTreeMap<Arc<str>, Box<Stored>>;
+
+/// One instance as stored: everything of its `pb::Instance` but the service
+/// name and instance id, which are the keys it is stored under.
+#[derive(Debug, Clone, PartialEq)]
 struct Stored {
-    /// The instance as clients see it (lease_id and revision filled in).
-    instance: pb::Instance,
+    /// Address to dial.
+    host: Host,
+    /// Fully-qualified protobuf service it serves ("" if it does not say).
+    proto_service: Box<str>,
+    /// Free-form labels; `None` when there are none, because even an empty
+    /// `HashMap` takes 48 bytes inline and most instances have none.
+    #[allow(clippy::box_collection)] // on purpose: 8 bytes inline, not 48
+    metadata: Option<Box<HashMap<String, String>>>,
     /// Its descriptor set, shared with every instance that sent the same
     /// bytes.
     descriptors: Option<Arc<[u8]>>,
+    /// The lease that owns it.
+    lease_id: u64,
+    /// Revision of its last change.
+    revision: u64,
+    /// Port to dial.
+    port: u32,
+    /// Weight for balancing.
+    weight: u32,
+}
+
+impl Stored {
+    /// Stores `instance` (its service and id are dropped: they are keys).
+    fn new(instance: pb::Instance, descriptors: Option<Arc<[u8]>>) -> Stored {
+        Stored {
+            host: Host::new(instance.host),
+            proto_service: instance.proto_service.into(),
+            metadata: metadata(instance.metadata),
+            descriptors,
+            lease_id: instance.lease_id,
+            revision: instance.revision,
+            port: instance.port,
+            weight: instance.weight,
+        }
+    }
+
+    /// The instance as clients see it.
+    fn to_pb(&self, service: &str, instance_id: &str) -> pb::Instance {
+        pb::Instance {
+            service: service.to_string(),
+            instance_id: instance_id.to_string(),
+            host: self.host.to_string(),
+            port: self.port,
+            weight: self.weight,
+            metadata: self.metadata.as_deref().cloned().unwrap_or_default(),
+            proto_service: self.proto_service.to_string(),
+            lease_id: self.lease_id,
+            revision: self.revision,
+        }
+    }
+}
+
+/// A host as stored: an IP address inline (no allocation) when it reads
+/// back exactly as given, which is the usual case; otherwise the name.
+#[derive(Debug, Clone, PartialEq)]
+enum Host {
+    /// An IP address written in its canonical form.
+    Ip(IpAddr),
+    /// Anything else, as given.
+    Name(Box<str>),
+}
+
+impl Host {
+    fn new(host: String) -> Host {
+        match host.parse::<IpAddr>() {
+            Ok(ip) if ip.to_string() == host => Host::Ip(ip),
+            _ => Host::Name(host.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Host::Ip(ip) => ip.fmt(f),
+            Host::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// Labels as stored: no allocation at all when there are none.
+#[allow(clippy::box_collection)] // see `Stored::metadata`
+fn metadata(labels: HashMap<String, String>) -> Option<Box<HashMap<String, String>>> {
+    (!labels.is_empty()).then(|| Box::new(labels))
 }
 
 /// The whole registry state. See the module docs.
@@ -60,7 +153,8 @@ pub struct State {
     /// Service name -> instance id -> instance. Sorted maps, because
     /// ListServices and Resolve answer in name order. A service with no
     /// instance left is removed.
-    services: BTreeMap<String, BTreeMap<String, Stored>>,
+    /// Names are `Arc<str>` shared with the leases' [`InstanceKey`]s.
+    services: BTreeMap<Arc<str>, Instances>,
     /// Live leases by id.
     leases: HashMap<u64, Lease>,
     /// The leases' deadlines in time order, for expiry.
@@ -163,7 +257,7 @@ impl State {
                 secret: secret.clone(),
                 ttl,
                 deadline,
-                instances: BTreeSet::new(),
+                instances: Vec::new(),
                 attached: None,
             },
         );
@@ -258,10 +352,10 @@ impl State {
         self.owned_lease(lease_id, &lease_secret)?;
         let existing = self
             .services
-            .get(&instance.service)
-            .and_then(|s| s.get(&instance.instance_id));
+            .get(instance.service.as_str())
+            .and_then(|s| s.get(instance.instance_id.as_str()));
         if let Some(existing) = existing
-            && existing.instance.lease_id != lease_id
+            && existing.lease_id != lease_id
         {
             return Err(Error::NotOwner {
                 service: instance.service,
@@ -273,7 +367,7 @@ impl State {
             self.quotas.check_lease(lease_id, held)?;
             let count = self
                 .services
-                .get(&instance.service)
+                .get(instance.service.as_str())
                 .map_or(0, BTreeMap::len);
             self.quotas.check_service(&instance.service, count)?;
         }
@@ -294,30 +388,43 @@ impl State {
         }
         let descriptors = descriptors.map(|bytes| self.intern(bytes));
         instance.lease_id = lease_id;
-        let key = (instance.service.clone(), instance.instance_id.clone());
-        let stored = Stored {
-            instance,
-            descriptors,
-        };
+        let key = self.key_for(&instance.service, &instance.instance_id);
+        let stored = Stored::new(instance, descriptors);
         let event = match self.services.get(&key.0).and_then(|s| s.get(&key.1)) {
-            Some(old) => self.replace(&key, old.clone(), stored),
+            Some(old) => self.replace(&key, Stored::clone(old), stored),
             None => Some(self.insert(key.clone(), stored)),
         };
         Ok((self.instance(&key), event.into_iter().collect()))
     }
 
+    /// The key for `(service, id)`, reusing the stored names when they exist
+    /// so each name is held once however many maps refer to it.
+    fn key_for(&self, service: &str, id: &str) -> InstanceKey {
+        let Some((name, instances)) = self.services.get_key_value(service) else {
+            return (service.into(), id.into());
+        };
+        let id = instances
+            .get_key_value(id)
+            .map_or_else(|| id.into(), |(id, _)| id.clone());
+        (name.clone(), id)
+    }
+
     /// Changes weight and/or metadata of an instance in place.
     pub fn update(&mut self, request: validate::Update) -> Result<(pb::Instance, Vec<Event>)> {
-        let key = (request.service, request.instance_id);
-        let old = self.owned_instance(request.lease_id, &request.lease_secret, &key)?;
+        let (key, old) = self.owned_instance(
+            request.lease_id,
+            &request.lease_secret,
+            &request.service,
+            &request.instance_id,
+        )?;
         let mut new = old.clone();
         // `new` is one more user of the descriptors until `replace` settles.
         self.retain(&new.descriptors);
         if let Some(weight) = request.weight {
-            new.instance.weight = weight;
+            new.weight = weight;
         }
-        if let Some(metadata) = request.metadata {
-            new.instance.metadata = metadata;
+        if let Some(labels) = request.metadata {
+            new.metadata = metadata(labels);
         }
         let event = self.replace(&key, old, new);
         Ok((self.instance(&key), event.into_iter().collect()))
@@ -325,10 +432,14 @@ impl State {
 
     /// Removes one instance of its own lease.
     pub fn deregister(&mut self, request: validate::Deregister) -> Result<Vec<Event>> {
-        let key = (request.service, request.instance_id);
-        self.owned_instance(request.lease_id, &request.lease_secret, &key)?;
+        let (key, _) = self.owned_instance(
+            request.lease_id,
+            &request.lease_secret,
+            &request.service,
+            &request.instance_id,
+        )?;
         if let Some(lease) = self.leases.get_mut(&request.lease_id) {
-            lease.instances.remove(&key);
+            lease.instances.retain(|k| *k != key);
         }
         Ok(self
             .remove_instance(&key, RemovalReason::Deregistered)
@@ -336,24 +447,33 @@ impl State {
             .collect())
     }
 
-    /// The instance `key` if it belongs to lease `id` and `secret` is right.
-    fn owned_instance(&mut self, id: u64, secret: &str, key: &InstanceKey) -> Result<Stored> {
+    /// The instance `instance_id` of `service`, with its key, if it belongs
+    /// to lease `id` and `secret` is right.
+    fn owned_instance(
+        &mut self,
+        id: u64,
+        secret: &str,
+        service: &str,
+        instance_id: &str,
+    ) -> Result<(InstanceKey, Stored)> {
         self.owned_lease(id, secret)?;
-        let stored = self
-            .services
-            .get(&key.0)
-            .and_then(|s| s.get(&key.1))
-            .ok_or_else(|| Error::InstanceNotFound {
-                service: key.0.clone(),
-                instance_id: key.1.clone(),
-            })?;
-        if stored.instance.lease_id != id {
+        let found = self.services.get_key_value(service).and_then(|(name, s)| {
+            s.get_key_value(instance_id)
+                .map(|(iid, stored)| ((name.clone(), iid.clone()), stored))
+        });
+        let Some((key, stored)) = found else {
+            return Err(Error::InstanceNotFound {
+                service: service.to_string(),
+                instance_id: instance_id.to_string(),
+            });
+        };
+        if stored.lease_id != id {
             return Err(Error::NotOwner {
-                service: key.0.clone(),
-                instance_id: key.1.clone(),
+                service: service.to_string(),
+                instance_id: instance_id.to_string(),
             });
         }
-        Ok(stored.clone())
+        Ok((key, Stored::clone(stored)))
     }
 
     /// The stored instance `key` (which must exist), as clients see it.
@@ -361,7 +481,7 @@ impl State {
         self.services
             .get(&key.0)
             .and_then(|s| s.get(&key.1))
-            .map(|s| s.instance.clone())
+            .map(|s| s.to_pb(&key.0, &key.1))
             .unwrap_or_default()
     }
 
@@ -372,40 +492,37 @@ impl State {
 
     fn insert(&mut self, key: InstanceKey, mut stored: Stored) -> Event {
         let revision = self.next_revision();
-        stored.instance.revision = revision;
-        let event = event(Kind::Added, revision, stored.instance.clone(), None);
-        if let Some(lease) = self.leases.get_mut(&stored.instance.lease_id) {
-            lease.instances.insert(key.clone());
+        stored.revision = revision;
+        let event = event(Kind::Added, revision, stored.to_pb(&key.0, &key.1), None);
+        if let Some(lease) = self.leases.get_mut(&stored.lease_id) {
+            lease.instances.push(key.clone());
         }
         self.services
             .entry(key.0)
             .or_default()
-            .insert(key.1, stored);
+            .insert(key.1, Box::new(stored));
         self.instance_count += 1;
         event
     }
 
     /// Replaces `old` by `new` under `key`; no event if nothing changed.
     fn replace(&mut self, key: &InstanceKey, old: Stored, mut new: Stored) -> Option<Event> {
-        new.instance.revision = old.instance.revision;
-        let same_descriptors = match (&old.descriptors, &new.descriptors) {
-            (None, None) => true,
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
-        };
-        if new.instance == old.instance && same_descriptors {
+        new.revision = old.revision;
+        // Descriptors compare by pointer first (interned: equal bytes are
+        // one `Arc`).
+        if new == old {
             self.release(new.descriptors);
             return None;
         }
         let revision = self.next_revision();
-        new.instance.revision = revision;
-        let event = event(Kind::Updated, revision, new.instance.clone(), None);
+        new.revision = revision;
+        let event = event(Kind::Updated, revision, new.to_pb(&key.0, &key.1), None);
         if let Some(slot) = self
             .services
             .get_mut(&key.0)
             .and_then(|s| s.get_mut(&key.1))
         {
-            *slot = new;
+            **slot = new;
         }
         self.release(old.descriptors);
         Some(event)
@@ -421,13 +538,9 @@ impl State {
         }
         self.instance_count -= 1;
         let revision = self.next_revision();
+        let instance = stored.to_pb(&key.0, &key.1);
         self.release(stored.descriptors);
-        Some(event(
-            Kind::Removed,
-            revision,
-            stored.instance,
-            Some(reason),
-        ))
+        Some(event(Kind::Removed, revision, instance, Some(reason)))
     }
 
     /// The shared copy of `bytes`, counted as one more user.
@@ -473,12 +586,12 @@ impl State {
         self.services
             .iter()
             .map(|(name, instances)| pb::ServiceSummary {
-                name: name.clone(),
+                name: name.to_string(),
                 proto_service: instances
                     .values()
-                    .map(|s| &s.instance.proto_service)
+                    .map(|s| &s.proto_service)
                     .find(|p| !p.is_empty())
-                    .cloned()
+                    .map(|p| p.to_string())
                     .unwrap_or_default(),
                 instance_count: u32::try_from(instances.len()).unwrap_or(u32::MAX),
             })
@@ -489,7 +602,12 @@ impl State {
     pub fn resolve(&self, service: &str) -> Vec<pb::Instance> {
         self.services
             .get(service)
-            .map(|instances| instances.values().map(|s| s.instance.clone()).collect())
+            .map(|instances| {
+                instances
+                    .iter()
+                    .map(|(id, s)| s.to_pb(service, id))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -505,7 +623,7 @@ impl State {
             .find_map(|s| {
                 s.descriptors
                     .as_ref()
-                    .map(|d| (s.instance.proto_service.clone(), d.clone()))
+                    .map(|d| (s.proto_service.to_string(), d.clone()))
             })
             .ok_or_else(|| Error::NoDescriptors(service.to_string()))
     }
@@ -513,18 +631,18 @@ impl State {
     /// The current state as ADDED events (each with the revision its
     /// instance was last changed at), limited to `services` unless empty.
     pub fn snapshot(&self, services: &BTreeSet<String>) -> Vec<Event> {
-        let added = |instances: &BTreeMap<String, Stored>| -> Vec<Event> {
+        let added = |(name, instances): (&Arc<str>, &Instances)| {
             instances
-                .values()
-                .map(|s| event(Kind::Added, s.instance.revision, s.instance.clone(), None))
-                .collect()
+                .iter()
+                .map(|(id, s)| event(Kind::Added, s.revision, s.to_pb(name, id), None))
+                .collect::<Vec<_>>()
         };
         if services.is_empty() {
-            self.services.values().flat_map(added).collect()
+            self.services.iter().flat_map(added).collect()
         } else {
             services
                 .iter()
-                .filter_map(|name| self.services.get(name))
+                .filter_map(|name| self.services.get_key_value(name.as_str()))
                 .flat_map(added)
                 .collect()
         }
@@ -588,6 +706,35 @@ mod tests {
 
     fn kinds(events: &[Event]) -> Vec<(Kind, u64)> {
         events.iter().map(|e| (e.kind(), e.revision)).collect()
+    }
+
+    #[test]
+    fn instances_read_back_exactly_as_registered() {
+        let now = Instant::now();
+        let mut s = State::new(Ttl::default());
+        let g = s.grant_lease(0, now).unwrap();
+        // IPs are stored inline only when they print back the same; other
+        // spellings and names are kept verbatim.
+        let hosts = ["10.0.0.7", "::1", "::FFFF:1.2.3.4", "node-a.local"];
+        for (n, host) in hosts.iter().enumerate() {
+            let mut i = instance("svc", &n.to_string(), 1);
+            i.host = (*host).into();
+            if n == 0 {
+                i.metadata.insert("zone".into(), "b".into());
+                i.proto_service = "echo.v1.Echo".into();
+            }
+            s.register(register(&g, i, None)).unwrap();
+        }
+        let got = s.resolve("svc");
+        let hosts_back: Vec<&str> = got.iter().map(|i| i.host.as_str()).collect();
+        assert_eq!(hosts_back, hosts);
+        assert_eq!(got[0].metadata.get("zone").map(String::as_str), Some("b"));
+        assert_eq!(got[0].proto_service, "echo.v1.Echo");
+        assert!(got[1].metadata.is_empty());
+        assert_eq!(
+            (got[3].service.as_str(), got[3].lease_id),
+            ("svc", g.lease_id)
+        );
     }
 
     #[test]

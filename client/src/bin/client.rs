@@ -298,9 +298,9 @@ fn list_text(snapshot: &Snapshot) -> String {
             "{service}{proto}: {} instance{plural}{stale}",
             instances.len()
         );
-        for i in instances {
-            let mut line = format!("  {:<22} weight={}", address(&i), i.weight);
-            if i.instance_id != address(&i) {
+        for i in instances.iter() {
+            let mut line = format!("  {:<22} weight={}", address(i), i.weight);
+            if i.instance_id != address(i) {
                 let _ = write!(line, " id={}", i.instance_id);
             }
             let metadata: BTreeMap<_, _> = i.metadata.iter().collect();
