@@ -279,13 +279,7 @@ struct JsonReport<'a> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    registry_proto::logging::init();
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
     if let Some(Helper::HoldEtcdLease {

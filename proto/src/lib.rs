@@ -7,10 +7,12 @@
 //! sends to the registry so clients can learn its methods at run time.
 //!
 //! It also holds what every binary shares beyond the protocol:
-//! [`security`] (TLS flags, access tokens, the registry client type).
+//! [`security`] (TLS flags, access tokens, the registry client type) and
+//! [`logging`] (the `RUST_LOG` setup of every binary).
 
 #![warn(missing_docs)]
 
+pub mod logging;
 pub mod security;
 
 /// `registry.v1`: the registry service and its messages.

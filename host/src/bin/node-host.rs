@@ -69,13 +69,7 @@ Prints `node-host serving on <ip>:<port>` on stdout once serving."#;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    registry_proto::logging::init();
     let args = Args::parse();
     node_host::run::run(node_host::run::Options {
         config: args.config,

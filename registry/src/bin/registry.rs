@@ -92,13 +92,7 @@ Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    registry_proto::logging::init();
     let args = Args::parse();
     anyhow::ensure!(
         args.min_ttl_ms > 0 && args.min_ttl_ms <= args.max_ttl_ms,
