@@ -136,13 +136,14 @@ impl Caller {
         let attempts = if self.options.retry { 2 } else { 1 };
         let mut tried: Vec<String> = Vec::new();
         let mut last_error = None;
+        let mut request = Some(request);
         for attempt in 1..=attempts {
             let all = self.directory.instances(&target.service);
-            let instances: Vec<&Instance> = all
+            let (keys, instances): (Vec<String>, Vec<&Instance>) = all
                 .iter()
-                .filter(|i| !tried.contains(&address(i)))
-                .collect();
-            let keys: Vec<String> = instances.iter().map(|i| address(i)).collect();
+                .map(|i| (address(i), i))
+                .filter(|(key, _)| !tried.contains(key))
+                .unzip();
             let endpoints: Vec<Endpoint<'_>> = keys
                 .iter()
                 .zip(&instances)
@@ -156,7 +157,15 @@ impl Caller {
             };
             let instance = Instance::clone(instances[pick.index]);
             let addr = keys[pick.index].clone();
-            match self.invoke(&addr, target, request.clone()).await {
+            // The last attempt gives the request away; earlier ones keep it
+            // for the retry.
+            let message = if attempt < attempts {
+                request.clone()
+            } else {
+                request.take()
+            };
+            let Some(message) = message else { break };
+            match self.invoke(&addr, target, message).await {
                 Ok(reply) => {
                     return Ok(Called {
                         reply,
@@ -230,6 +239,10 @@ impl Caller {
 
     fn policy(&self, service: &str) -> Arc<dyn Policy> {
         let mut policies = self.policies.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up before `entry`, which would allocate the key on every call.
+        if let Some(policy) = policies.get(service) {
+            return policy.clone();
+        }
         policies
             .entry(service.to_string())
             .or_insert_with(|| self.options.policy.build())

@@ -1,11 +1,19 @@
 //! Measure 5: Generic call overhead: calculator/Add on one node host, through the
 //! client library's reflective path (a `DynamicMessage` built from the
-//! descriptors the registry holds) and through a typed tonic client. Both
-//! run one call at a time (latency) and with 16 concurrent callers
-//! (throughput), on one connection each.
+//! descriptors the registry holds) and through a typed tonic client, each on
+//! its own connection.
+//!
+//! The two sides are interleaved rather than run one after the other: on a
+//! shared machine a burst of outside load otherwise lands in one side's window
+//! and not the other's, and the p99 ratio swung from 0.5x to 1.6x between
+//! identical runs. Latency: one caller alternates a typed and a generic call
+//! (swapping which goes first each time), so both see the same moments.
+//! Throughput: 16 concurrent callers, in alternating rounds (typed, generic,
+//! generic, typed, ...) whose counts are summed per side.
 
 use anyhow::Result;
 use registry_proto::calculator::v1::{BinaryRequest, calculator_client::CalculatorClient};
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 use super::{Ctx, closed_loop, error_note};
@@ -15,33 +23,97 @@ use crate::report::{Better, Figure};
 use crate::stats::{Load, Summary};
 
 const CONCURRENCY: usize = 16;
+/// Throughput rounds per side; the run's duration is split between them.
+const ROUNDS: u32 = 4;
 
-async fn typed(url: &str, ctx: &Ctx, callers: usize) -> Result<Load> {
-    let client = CalculatorClient::connect(url.to_string()).await?;
-    let states: Vec<CalculatorClient<Channel>> = (0..callers).map(|_| client.clone()).collect();
-    Ok(
-        closed_loop(states, ctx.cfg.duration, |mut c, n| async move {
-            let r = c
-                .add(BinaryRequest {
-                    a: n as f64,
-                    b: 1.0,
-                })
-                .await
-                .map(|_| ())
-                .map_err(anyhow::Error::from);
-            (c, r)
+type Typed = CalculatorClient<Channel>;
+
+async fn typed_add(mut c: Typed, n: u64) -> (Typed, Result<()>) {
+    let r = c
+        .add(BinaryRequest {
+            a: n as f64,
+            b: 1.0,
         })
-        .await,
-    )
+        .await
+        .map(|_| ())
+        .map_err(anyhow::Error::from);
+    (c, r)
 }
 
-async fn generic(caller: &ours_client::Caller, ctx: &Ctx, callers: usize) -> Result<Load> {
-    let states: Vec<ours_client::Caller> = (0..callers).map(|_| caller.clone()).collect();
-    Ok(closed_loop(states, ctx.cfg.duration, |c, n| async move {
-        let r = ours_client::add(&c, n as f64, 1.0).await;
-        (c, r)
-    })
-    .await)
+async fn generic_add(c: ours_client::Caller, n: u64) -> (ours_client::Caller, Result<()>) {
+    let r = ours_client::add(&c, n as f64, 1.0).await;
+    (c, r)
+}
+
+/// Adds one timed call's outcome to `load`.
+fn record(load: &mut Load, started: Instant, result: Result<()>) {
+    match result {
+        Ok(()) => {
+            load.ops += 1;
+            load.latencies.push(started.elapsed());
+        }
+        Err(e) => {
+            if load.errors == 0 {
+                tracing::warn!("call failed: {e:#}");
+            }
+            load.errors += 1;
+        }
+    }
+}
+
+/// One caller, alternating typed and generic calls for `duration`.
+async fn latency(typed: Typed, generic: ours_client::Caller, duration: Duration) -> (Load, Load) {
+    let (mut t_load, mut g_load) = (Load::default(), Load::default());
+    let (mut typed, mut generic) = (typed, generic);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < duration {
+        let typed_first = n.is_multiple_of(2);
+        for typed_turn in [typed_first, !typed_first] {
+            let t = Instant::now();
+            if typed_turn {
+                let (c, r) = typed_add(typed, n).await;
+                typed = c;
+                record(&mut t_load, t, r);
+            } else {
+                let (c, r) = generic_add(generic, n).await;
+                generic = c;
+                record(&mut g_load, t, r);
+            }
+        }
+        n += 1;
+    }
+    t_load.elapsed = start.elapsed();
+    g_load.elapsed = t_load.elapsed;
+    (t_load, g_load)
+}
+
+/// Adds one throughput round to a side's total.
+fn add_round(total: &mut Load, round: Load) {
+    total.ops += round.ops;
+    total.errors += round.errors;
+    total.elapsed += round.elapsed;
+}
+
+/// `CONCURRENCY` callers per side, in `ROUNDS` alternating rounds per side.
+async fn throughput(
+    typed: &Typed,
+    generic: &ours_client::Caller,
+    duration: Duration,
+) -> (Load, Load) {
+    let round = duration / ROUNDS;
+    let (mut t_total, mut g_total) = (Load::default(), Load::default());
+    for i in 0..ROUNDS * 2 {
+        // t g g t t g g t: each side goes first as often as second.
+        if (i + 1) % 4 < 2 {
+            let callers = (0..CONCURRENCY).map(|_| typed.clone()).collect();
+            add_round(&mut t_total, closed_loop(callers, round, typed_add).await);
+        } else {
+            let callers = (0..CONCURRENCY).map(|_| generic.clone()).collect();
+            add_round(&mut g_total, closed_loop(callers, round, generic_add).await);
+        }
+    }
+    (t_total, g_total)
 }
 
 /// Runs both paths against one node host.
@@ -49,15 +121,16 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let node = NodeHostProc::start(&ctx.ours.addr)?;
     let url = format!("http://{}", node.addr);
     let caller = ours_client::caller(&ctx.ours.addr, &node.addr).await?;
+    let typed = CalculatorClient::connect(url).await?;
 
-    tracing::info!("generic: one call at a time");
     // Warm both connections (and the descriptor cache) before timing.
     ours_client::add(&caller, 1.0, 2.0).await?;
-    let mut typed_one = typed(&url, ctx, 1).await?;
-    let mut generic_one = generic(&caller, ctx, 1).await?;
-    tracing::info!("generic: {CONCURRENCY} concurrent callers");
-    let typed_many = typed(&url, ctx, CONCURRENCY).await?;
-    let generic_many = generic(&caller, ctx, CONCURRENCY).await?;
+    typed_add(typed.clone(), 1).await.1?;
+    tracing::info!("generic: one caller, typed and generic calls alternating");
+    let (mut typed_one, mut generic_one) =
+        latency(typed.clone(), caller.clone(), ctx.cfg.duration).await;
+    tracing::info!("generic: {CONCURRENCY} concurrent callers, alternating rounds");
+    let (typed_many, generic_many) = throughput(&typed, &caller, ctx.cfg.duration).await;
     drop(node);
 
     let t = Summary::of(&mut typed_one.latencies);
