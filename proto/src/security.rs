@@ -215,7 +215,9 @@ pub type RegistryConn = RegistryClient<InterceptedService<Channel, BearerToken>>
 /// Wraps a channel into a [`RegistryConn`] that sends `token` on each call.
 pub fn registry_client(channel: Channel, token: BearerToken) -> RegistryConn {
     RegistryClient::with_interceptor(channel, token)
-        // Descriptor sets may be up to 4 MiB; tonic's default limit is 4 MiB.
+        // A descriptor set may be 4 MiB by itself; with the rest of a
+        // Register or GetDescriptors message that is over tonic's default
+        // limit of 4 MiB.
         .max_decoding_message_size(16 * 1024 * 1024)
         .max_encoding_message_size(16 * 1024 * 1024)
 }
@@ -254,15 +256,15 @@ impl TokenPolicy {
         let Some(method) = path.strip_prefix("/registry.v1.Registry/") else {
             return Ok(());
         };
-        let write = WRITE_METHODS.contains(&method);
-        let (needed, kind): (Vec<&String>, &str) = if write {
-            (self.write.iter().collect(), "write")
-        } else if self.read.is_some() {
-            (self.read.iter().chain(self.write.iter()).collect(), "read")
+        // The tokens accepted; no allocation, as this runs on every call.
+        let (accepted, kind) = if WRITE_METHODS.contains(&method) {
+            ([self.write.as_ref(), None], "write")
         } else {
-            (Vec::new(), "read")
+            // The write token reads too, but only once reads need a token.
+            let read = self.read.as_ref();
+            ([read, read.and(self.write.as_ref())], "read")
         };
-        if needed.is_empty() {
+        if accepted.iter().all(Option::is_none) {
             return Ok(());
         }
         let Some(presented) = presented else {
@@ -271,7 +273,11 @@ impl TokenPolicy {
             )));
         };
         let token = presented.strip_prefix(b"Bearer ").unwrap_or(presented);
-        if needed.iter().any(|t| constant_time_eq(t.as_bytes(), token)) {
+        if accepted
+            .iter()
+            .flatten()
+            .any(|t| constant_time_eq(t.as_bytes(), token))
+        {
             Ok(())
         } else {
             Err(Status::unauthenticated(format!(
@@ -282,8 +288,9 @@ impl TokenPolicy {
 }
 
 /// Compares without stopping at the first difference, so response time does
-/// not tell an attacker how much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// not tell an attacker how much of a guessed token (or lease secret) was
+/// right.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -370,20 +377,47 @@ mod tests {
 
     #[test]
     fn write_token_guards_writes_only() {
-        let p = policy(Some("w"), None);
+        let p = policy(Some("s3cret"), None);
         let err = p.check("/registry.v1.Registry/Register", None).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(err.message().contains("write token"), "{}", err.message());
         let err = p
             .check("/registry.v1.Registry/Deregister", Some(b"Bearer x"))
             .unwrap_err();
-        assert!(err.message().contains("not it"));
-        assert!(!err.message().contains('w') || !err.message().contains("Bearer w"));
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(err.message().contains("not it"), "{}", err.message());
+        // Neither the expected token nor the one sent is echoed back.
+        assert!(!err.message().contains("s3cret"), "{}", err.message());
+        assert!(!err.message().contains("Bearer"), "{}", err.message());
         assert!(
-            p.check("/registry.v1.Registry/Register", Some(b"Bearer w"))
+            p.check("/registry.v1.Registry/Register", Some(b"Bearer s3cret"))
                 .is_ok()
         );
+        // Without a read token, reads are open even with a write token set.
         assert!(p.check("/registry.v1.Registry/Watch", None).is_ok());
+        assert!(
+            p.check("/registry.v1.Registry/Resolve", Some(b"Bearer x"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn read_token_alone_leaves_writes_open() {
+        let p = policy(None, Some("r"));
+        assert!(p.check("/registry.v1.Registry/Register", None).is_ok());
+        assert!(p.check("/registry.v1.Registry/Resolve", None).is_err());
+        assert!(
+            p.check("/registry.v1.Registry/Resolve", Some(b"Bearer r"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_compares_whole_slices() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
     }
 
     #[test]

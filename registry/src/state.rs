@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::event::Kind;
+use registry_proto::security::constant_time_eq;
 use tokio::time::Instant;
 
 use crate::config::Ttl;
@@ -661,12 +662,6 @@ fn event(
         instance: Some(instance),
         reason: reason.unwrap_or(RemovalReason::Unspecified) as i32,
     }
-}
-
-/// Compares secrets without stopping at the first difference, so timing
-/// does not tell how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
