@@ -273,8 +273,9 @@ fn truncated(s: &str) -> String {
 
 /// A descriptor set: at most 4 MiB, decodes as a `FileDescriptorSet` whose
 /// imports are all present, and defines `proto_service` when that is set.
-/// Empty bytes mean "none sent".
-pub fn descriptors(bytes: &[u8], proto_service: &str) -> Result<Option<Vec<u8>>> {
+/// Empty bytes mean "none sent". Takes the bytes by value so an accepted set
+/// (up to 4 MiB) is moved on, not copied.
+pub fn descriptors(bytes: Vec<u8>, proto_service: &str) -> Result<Option<Vec<u8>>> {
     const FIELD: &str = "file_descriptor_set";
     if bytes.is_empty() {
         if !proto_service.is_empty() {
@@ -291,7 +292,7 @@ pub fn descriptors(bytes: &[u8], proto_service: &str) -> Result<Option<Vec<u8>>>
             format!("at most {MAX_DESCRIPTOR_SET} bytes, got {}", bytes.len()),
         ));
     }
-    let pool = DescriptorPool::decode(bytes)
+    let pool = DescriptorPool::decode(bytes.as_slice())
         .map_err(|e| Error::invalid(FIELD, format!("not a valid FileDescriptorSet: {e}")))?;
     if !proto_service.is_empty() && pool.get_service_by_name(proto_service).is_none() {
         return Err(Error::invalid(
@@ -299,7 +300,7 @@ pub fn descriptors(bytes: &[u8], proto_service: &str) -> Result<Option<Vec<u8>>>
             format!("{proto_service:?} is not defined by file_descriptor_set"),
         ));
     }
-    Ok(Some(bytes.to_vec()))
+    Ok(Some(bytes))
 }
 
 /// Checks a Register request and fills in the defaults.
@@ -321,7 +322,7 @@ pub fn register(request: pb::RegisterRequest) -> Result<Register> {
     }
     instance.weight = weight("instance.weight", instance.weight)?;
     metadata("instance.metadata", &instance.metadata)?;
-    let descriptors = descriptors(&request.file_descriptor_set, &instance.proto_service)?;
+    let descriptors = descriptors(request.file_descriptor_set, &instance.proto_service)?;
     instance.lease_id = 0;
     instance.revision = 0;
     Ok(Register {
