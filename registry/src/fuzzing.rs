@@ -70,6 +70,11 @@ struct Harness {
 
 /// Runs `data` as a sequence of requests; panics on a broken invariant.
 pub fn requests(data: &[u8]) {
+    run(data);
+}
+
+/// [`requests`], returning the harness so tests can look at the outcome.
+fn run(data: &[u8]) -> Harness {
     let start = Instant::now();
     let mut state = State::with_limits(Ttl::default(), limits());
     state.set_quotas(QUOTAS);
@@ -95,6 +100,7 @@ pub fn requests(data: &[u8]) {
             break;
         }
     }
+    h
 }
 
 /// Errors the state may return for a request that passed validation: all
@@ -482,8 +488,25 @@ mod tests {
                 lease_secret: "x".into(),
             },
         ));
-        requests(&data);
-        requests(&[]);
-        requests(&[0xff; 100]);
+        let h = run(&data);
+        // Each step took effect: one lease, its instance ADDED (revision 1)
+        // with the real calculator descriptors, then REMOVED by the revoke
+        // (revision 2), leaving nothing behind.
+        assert_eq!(h.granted.len(), 1);
+        assert_eq!(h.last_revision, 2);
+        assert_eq!(h.state.revision(), 2);
+        assert!(h.replica.is_empty());
+        assert_eq!(h.state.lease_count(), 0);
+        assert_eq!(h.state.descriptor_count(), 0);
+        // The Watch step read the descriptors while the instance was there.
+        assert_eq!(
+            h.in_flight.as_deref(),
+            Some(registry_proto::CALCULATOR_DESCRIPTORS)
+        );
+
+        assert_eq!(run(&[]).state.revision(), 0);
+        // Garbage: no panic, and whatever ran left the invariants intact
+        // (checked after every step by `run` itself).
+        run(&[0xff; 100]);
     }
 }
