@@ -21,8 +21,8 @@
 //! - [`store`]: the shared handle: state behind one lock, changes published
 //!   to watchers under it.
 //! - [`watch`]: the fan-out of changes to watchers (snapshot, events, reset).
-//! - [`validate`]: every request field checked, and every limit (sizes,
-//!   counts) as a documented constant.
+//! - [`validate`]: every request field checked, and every fixed limit
+//!   (sizes, counts) as a documented constant.
 //! - [`limits`]: the limits an operator tunes by flag: instances per lease
 //!   and per service, Watch streams per connection, registrations per
 //!   second per peer IP.

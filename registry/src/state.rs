@@ -16,7 +16,7 @@
 //! Memory per instance matters (a registry may hold 100 000 of them), so an
 //! instance is not stored as its `pb::Instance`: the service name and the
 //! instance id are the map keys, shared (`Arc<str>`) with the lease's index
-//! rather than copied, and the rest is a compact [`Stored`] that is turned
+//! rather than copied, and the rest is a compact `Stored` that is turned
 //! back into a `pb::Instance` when answering.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

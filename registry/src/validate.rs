@@ -2,7 +2,9 @@
 //! leaves the registry untouched and its error names the field
 //! (`instance.port: must be 1..=65535, got 70000`).
 //!
-//! The limits live here as constants, one place to read or change them.
+//! The fixed limits live here as constants, one place to read or change
+//! them; the request size is [`crate::server::MAX_MESSAGE_SIZE`], and the
+//! limits an operator tunes by flag are in [`crate::limits`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
