@@ -328,22 +328,29 @@ impl Directory {
     /// Waits until the first snapshot has arrived.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), DirectoryError> {
         let mut rx = self.shared.snapshots.subscribe();
+        // Reduced to a bool at once: the `Ref` that `wait_for` returns holds
+        // the snapshot channel's read lock, and taking `state` below while
+        // holding it would deadlock against `publish` (`state`, then the
+        // channel's write lock).
         let synced = tokio::time::timeout(
             timeout,
             rx.wait_for(|s| s.synced || self.shared.refused().is_some()),
         )
-        .await;
-        match synced {
-            Ok(Ok(s)) if s.synced => Ok(()),
-            _ if self.shared.refused().is_some() => Err(DirectoryError::Refused {
-                addr: self.shared.addr.clone(),
-                reason: self.shared.refused().unwrap_or_default(),
-            }),
-            _ => Err(DirectoryError::Unreachable {
-                addr: self.shared.addr.clone(),
-                reason: self.shared.lock().last_error.clone(),
-            }),
+        .await
+        .is_ok_and(|r| r.is_ok_and(|s| s.synced));
+        if synced {
+            return Ok(());
         }
+        if let Some(reason) = self.shared.refused() {
+            return Err(DirectoryError::Refused {
+                addr: self.shared.addr.clone(),
+                reason,
+            });
+        }
+        Err(DirectoryError::Unreachable {
+            addr: self.shared.addr.clone(),
+            reason: self.shared.lock().last_error.clone(),
+        })
     }
 
     /// The registry address, as given.
@@ -432,10 +439,11 @@ impl Directory {
         }
         if found.is_none() {
             for instance in self.instances(service).iter() {
-                let channel = match self.connector().endpoint(&crate::call::address(instance)) {
+                let addr = crate::call::address(instance);
+                let channel = match self.connector().endpoint(&addr) {
                     Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect_lazy(),
                     Err(e) => {
-                        problems.push(format!("{}: {e}", crate::call::address(instance)));
+                        problems.push(format!("{addr}: {e}"));
                         continue;
                     }
                 };
@@ -444,7 +452,7 @@ impl Directory {
                         found = Some(pair);
                         break;
                     }
-                    Err(e) => problems.push(format!("{}: {e}", crate::call::address(instance))),
+                    Err(e) => problems.push(format!("{addr}: {e}")),
                 }
             }
         }
