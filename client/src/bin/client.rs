@@ -482,7 +482,8 @@ fn spread_table(
         weights.entry(addr.clone()).or_insert(0);
     }
     let total_calls: u32 = served.values().sum();
-    let total_weight: u32 = weights.values().map(|w| (*w).max(1)).sum();
+    // u64: the weights come from the registry, and their sum must not overflow.
+    let total_weight: u64 = weights.values().map(|w| u64::from((*w).max(1))).sum();
     let weighted = matches!(
         policy,
         PolicyKind::WeightedRandom | PolicyKind::WeightedRoundRobin
@@ -500,7 +501,7 @@ fn spread_table(
     );
     for (addr, weight) in &weights {
         let expected = if weighted {
-            f64::from((*weight).max(1)) / f64::from(total_weight.max(1))
+            f64::from((*weight).max(1)) / total_weight as f64
         } else {
             1.0 / weights.len() as f64
         };
