@@ -170,8 +170,14 @@ fn list_describe_and_the_default_listing() {
         out.contains("calculator (calculator.v1.Calculator): 1 instance"),
         "{out}"
     );
+    // The instance's own row (the address column is padded): its address
+    // with its weight.
     assert!(
-        out.contains(&format!("{} weight=3", node.addr)) || out.contains("weight=3"),
+        out.lines().any(|l| {
+            l.split_whitespace()
+                .take(2)
+                .eq([node.addr.to_string().as_str(), "weight=3"])
+        }),
         "{out}"
     );
 
@@ -240,7 +246,8 @@ fn repeated_calls_spread_over_two_nodes_by_weight() {
         assert_eq!(*calls, 100 * weight, "{out}");
     }
 
-    // Weighted random: within 5 sigma of 3:1 (sigma = sqrt(400 * 3/16) ~ 8.7).
+    // Weighted random: within 5 sigma of 3:1 (sigma = sqrt(400 * 3/16) ~ 8.7,
+    // so a false failure has probability below 1e-6).
     let out = client_ok(
         reg,
         &[
@@ -254,12 +261,18 @@ fn repeated_calls_spread_over_two_nodes_by_weight() {
             "weighted-random",
         ],
     );
-    for (_, weight, calls) in spread(&out) {
+    assert!(
+        out.contains("400 calls to calculator (weighted-random), 0 failed"),
+        "{out}"
+    );
+    let rows = spread(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for (_, weight, calls) in rows {
         let expected = 400.0 * f64::from(weight) / 4.0;
         assert!((f64::from(calls) - expected).abs() < 44.0, "{out}");
     }
 
-    // Uniform random: about half each.
+    // Uniform random: 200 each within 5 sigma (sigma = sqrt(400 / 4) = 10).
     let out = client_ok(
         reg,
         &[
@@ -273,8 +286,14 @@ fn repeated_calls_spread_over_two_nodes_by_weight() {
             "random",
         ],
     );
-    for (_, _, calls) in spread(&out) {
-        assert!((f64::from(calls) - 200.0).abs() < 50.0, "{out}");
+    assert!(
+        out.contains("400 calls to calculator (random), 0 failed"),
+        "{out}"
+    );
+    let rows = spread(&out);
+    assert_eq!(rows.len(), 2, "{out}");
+    for (_, _, calls) in rows {
+        assert!((f64::from(calls) - 200.0).abs() <= 50.0, "{out}");
     }
 }
 
