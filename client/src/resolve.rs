@@ -161,23 +161,25 @@ fn hint(suggestion: Option<&str>) -> String {
 }
 
 /// The candidate closest to `wanted`: one equal ignoring case, else the only
-/// one it is a prefix of, else the nearest by edit distance if it is close enough to be a typo (at most a
-/// third of the word's length, at least 1, none for words under 3 chars).
+/// one it is a prefix of (for words of 2 chars or more), else the nearest by
+/// edit distance if it is close enough to be a typo (at most a third of the
+/// word's length, at least 1, none for words under 3 chars).
 pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     let candidates: Vec<&str> = candidates.into_iter().collect();
     if let Some(c) = candidates.iter().find(|c| c.eq_ignore_ascii_case(wanted)) {
         return Some(c);
     }
     let lower = wanted.to_lowercase();
+    // Counted in chars, not bytes: a single `é` is one char.
+    let len = wanted.chars().count();
     // A unique prefix: `Mul` for `Multiply`.
     let mut prefixed = candidates
         .iter()
-        .filter(|c| wanted.len() >= 2 && c.to_lowercase().starts_with(&lower));
+        .filter(|c| len >= 2 && c.to_lowercase().starts_with(&lower));
     if let (Some(c), None) = (prefixed.next(), prefixed.next()) {
         return Some(c);
     }
     // Very short words are too easy to "correct" into anything.
-    let len = wanted.chars().count();
     let limit = if len < 3 { 0 } else { (len / 3).max(1) };
     candidates
         .into_iter()
@@ -261,6 +263,8 @@ mod tests {
         assert_eq!(suggest("zzz", names), None);
         assert_eq!(suggest("calc", names), Some("calculator"));
         assert_eq!(suggest("c", names), None);
+        // One char, two bytes: still too short for a prefix suggestion.
+        assert_eq!(suggest("é", ["école"]), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -110,11 +110,12 @@ impl PolicyKind {
 pub(crate) mod test_support {
     use super::*;
 
-    /// Endpoints `e0`, `e1`, ... with the given weights.
+    /// `n` endpoint keys: `e0`, `e1`, ...
     pub(crate) fn keys(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("e{i}")).collect()
     }
 
+    /// Endpoints over `keys` with the given weights.
     pub(crate) fn endpoints<'a>(keys: &'a [String], weights: &[u32]) -> Vec<Endpoint<'a>> {
         keys.iter()
             .zip(weights)

@@ -64,15 +64,11 @@ impl Policy for LeastLoaded {
                 c.load(Ordering::Acquire) > 0 || endpoints.iter().any(|e| e.key == k)
             });
         }
-        let load = |i: usize, map: &mut HashMap<String, Arc<AtomicUsize>>| {
+        let load = |i: usize, map: &HashMap<String, Arc<AtomicUsize>>| {
             map.get(endpoints[i].key)
                 .map_or(0, |c| c.load(Ordering::Acquire))
         };
-        let index = if load(b, &mut map) < load(a, &mut map) {
-            b
-        } else {
-            a
-        };
+        let index = if load(b, &map) < load(a, &map) { b } else { a };
         let counter = map
             .entry(endpoints[index].key.to_string())
             .or_default()
