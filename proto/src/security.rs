@@ -272,7 +272,12 @@ impl TokenPolicy {
                 "{method} needs the registry's {kind} token: none was sent (--token or REGISTRY_TOKEN)"
             )));
         };
-        let token = presented.strip_prefix(b"Bearer ").unwrap_or(presented);
+        // The auth scheme is case-insensitive (RFC 9110): tools such as
+        // grpcurl are often given `authorization: bearer ...`.
+        let token = match presented.split_at_checked(7) {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"Bearer ") => token,
+            _ => presented,
+        };
         if accepted
             .iter()
             .flatten()
@@ -434,6 +439,11 @@ mod tests {
         assert!(
             p.check("/registry.v1.Registry/Register", Some(b"Bearer r"))
                 .is_err()
+        );
+        assert!(
+            p.check("/registry.v1.Registry/Resolve", Some(b"bearer r"))
+                .is_ok(),
+            "the scheme is case-insensitive"
         );
         let err = p.check("/registry.v1.Registry/Resolve", None).unwrap_err();
         assert!(err.message().contains("read token"));
