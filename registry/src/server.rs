@@ -88,7 +88,7 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let registry = RegistryServer::new(RegistryService::with_peer_limits(
+    let registry = RegistryServer::new(RegistryService::new(
         store.clone(),
         stop_rx.clone(),
         PeerLimits::new(config.peers),

@@ -34,14 +34,9 @@ pub struct RegistryService {
 }
 
 impl RegistryService {
-    /// Serves `store` with the default per-peer limits; streams end when
-    /// `shutdown` turns true.
-    pub fn new(store: Store, shutdown: tokio::sync::watch::Receiver<bool>) -> RegistryService {
-        RegistryService::with_peer_limits(store, shutdown, PeerLimits::default())
-    }
-
-    /// Like [`new`](Self::new), enforcing `peers`.
-    pub fn with_peer_limits(
+    /// Serves `store`, enforcing `peers`; streams end when `shutdown` turns
+    /// true.
+    pub fn new(
         store: Store,
         shutdown: tokio::sync::watch::Receiver<bool>,
         peers: PeerLimits,
