@@ -271,9 +271,11 @@ fn scalar(
     })
 }
 
-/// "a double", "an int32", "an enum x.Y".
+/// "a double", "an int32", "an enum x.Y", "a uint32".
 fn article(ty: &str) -> String {
-    let vowel = ty.starts_with(['a', 'e', 'i', 'o', 'u']);
+    // No 'u': the only type names starting with it are uint32/uint64, said
+    // "you-int".
+    let vowel = ty.starts_with(['a', 'e', 'i', 'o']);
     format!("{} {ty}", if vowel { "an" } else { "a" })
 }
 
@@ -347,6 +349,14 @@ mod tests {
             err.starts_with("field `a` of calculator.v1.BinaryRequest expects a double, got true"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn articles_as_spoken() {
+        assert_eq!(article("double"), "a double");
+        assert_eq!(article("int32"), "an int32");
+        assert_eq!(article("enum x.Y"), "an enum x.Y");
+        assert_eq!(article("uint32"), "a uint32");
     }
 
     #[test]

@@ -216,7 +216,7 @@ impl Caller {
                 .await
                 .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
             let mut request = tonic::Request::new(request);
-            request.set_timeout(self.options.timeout);
+            request.set_timeout(header_timeout(self.options.timeout));
             if streaming {
                 grpc.server_streaming(request, path, codec)
                     .await
@@ -268,6 +268,16 @@ impl Caller {
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
+}
+
+/// The longest timeout the `grpc-timeout` header can carry (8 digits of
+/// hours): tonic panics on a longer one, and `--timeout-ms` accepts any u64.
+const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(99_999_999 * 3600);
+
+/// `timeout` as sent to the server, capped to what the header can carry (the
+/// local deadline still uses the full value).
+fn header_timeout(timeout: Duration) -> Duration {
+    timeout.min(MAX_HEADER_TIMEOUT)
 }
 
 /// Whether a failure means the instance could not be reached or its
@@ -341,6 +351,18 @@ mod tests {
         assert!(!is_unavailable(&Status::invalid_argument(
             "connection reset"
         )));
+    }
+
+    #[test]
+    fn any_timeout_fits_the_grpc_timeout_header() {
+        for timeout in [Duration::MAX, Duration::from_millis(u64::MAX)] {
+            // Would panic ("duration is unrealistically large") uncapped.
+            let mut request = tonic::Request::new(());
+            request.set_timeout(header_timeout(timeout));
+            assert_eq!(header_timeout(timeout), MAX_HEADER_TIMEOUT);
+        }
+        let ten = Duration::from_secs(10);
+        assert_eq!(header_timeout(ten), ten);
     }
 
     #[test]
