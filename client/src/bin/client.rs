@@ -745,7 +745,7 @@ impl Completer for Helper {
         _ctx: &rustyline::Context<'_>,
     ) -> rustyline::Result<(usize, Vec<Pair>)> {
         let head = &line[..pos];
-        let start = head.rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let start = word_start(head);
         let word = &head[start..];
         let before: Vec<&str> = head[..start].split_whitespace().collect();
         let pairs = self
@@ -759,6 +759,15 @@ impl Completer for Helper {
             .collect();
         Ok((start, pairs))
     }
+}
+
+/// Byte offset of the word being typed at the end of `head`: just after its
+/// last whitespace, which may be more than one byte long (U+00A0, U+3000).
+fn word_start(head: &str) -> usize {
+    head.char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map_or(0, |(i, c)| i + c.len_utf8())
 }
 
 impl Hinter for Helper {
@@ -784,6 +793,17 @@ mod tests {
         );
         assert_eq!(split_words("a ''").unwrap_or_default(), vec!["a", ""]);
         assert!(split_words("'open").is_err());
+    }
+
+    #[test]
+    fn completion_words_start_after_any_whitespace() {
+        assert_eq!(word_start("call calc"), 5);
+        assert_eq!(word_start("call"), 0);
+        assert_eq!(word_start(""), 0);
+        // Multi-byte spaces: slicing at `index + 1` would panic here.
+        for head in ["call\u{3000}calc", "call\u{a0}calc"] {
+            assert_eq!(&head[word_start(head)..], "calc", "{head:?}");
+        }
     }
 
     #[test]
