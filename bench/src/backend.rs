@@ -90,8 +90,8 @@ pub enum Change {
 /// One message from a watch stream.
 #[derive(Debug, Default)]
 pub struct WatchBatch {
-    /// True for our reset snapshot and for etcd's "watch created" reply:
-    /// the watcher is now live.
+    /// True for our snapshot (all its parts) and for etcd's "watch created"
+    /// reply: the watcher is now live.
     pub ready: bool,
     /// Changes in the message, with instance ids.
     pub changes: Vec<Change>,
@@ -270,13 +270,28 @@ impl Backend {
                     services: service.map(|s| vec![s.to_string()]).unwrap_or_default(),
                 };
                 let s = c.watch(req).await?.into_inner();
-                s.map(|m| {
-                    let m = m?;
-                    Ok(WatchBatch {
-                        ready: m.reset,
-                        changes: m.events.into_iter().filter_map(our_change).collect(),
-                    })
+                // A large snapshot comes in parts (`more`): it is handed on
+                // as one ready batch once whole, so the scale measure times
+                // the complete state.
+                s.scan((false, Vec::new()), |(in_snapshot, parts), m| {
+                    let batch = m.map_err(anyhow::Error::from).map(|m| {
+                        let changes = m.events.into_iter().filter_map(our_change);
+                        if !(m.reset || *in_snapshot) {
+                            return Some(WatchBatch {
+                                ready: false,
+                                changes: changes.collect(),
+                            });
+                        }
+                        parts.extend(changes);
+                        *in_snapshot = m.more;
+                        (!m.more).then(|| WatchBatch {
+                            ready: true,
+                            changes: std::mem::take(parts),
+                        })
+                    });
+                    futures::future::ready(Some(batch.transpose()))
                 })
+                .filter_map(futures::future::ready)
                 .boxed()
             }
             Backend::Etcd { watch, .. } => {

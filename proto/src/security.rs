@@ -217,8 +217,9 @@ pub fn registry_client(channel: Channel, token: BearerToken) -> RegistryConn {
     RegistryClient::with_interceptor(channel, token)
         // A descriptor set may be 4 MiB by itself; with the rest of a
         // Register or GetDescriptors message that is over tonic's default
-        // limit of 4 MiB.
-        .max_decoding_message_size(16 * 1024 * 1024)
+        // limit of 4 MiB. A Resolve of a very large service may be up to the
+        // registry's 64 MiB reply limit.
+        .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(16 * 1024 * 1024)
 }
 

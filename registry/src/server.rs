@@ -22,6 +22,11 @@ use crate::store::Store;
 /// Register fits; anything larger is refused before it is decoded.
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
 
+/// Largest reply: a Resolve of a service at its default quota (100 000
+/// instances) is over 10 MiB. Watch snapshots do not need it: they are cut
+/// into messages of about 1 MiB (see `watch::SNAPSHOT_CHUNK_BYTES`).
+pub const MAX_RESPONSE_SIZE: usize = 64 * 1024 * 1024;
+
 /// How often an idle HTTP/2 connection is pinged, so a peer that vanished
 /// without closing (cut cable, frozen host) is noticed and its KeepAlive
 /// streams end.
@@ -94,7 +99,7 @@ pub async fn run(
         PeerLimits::new(config.peers),
     ))
     .max_decoding_message_size(MAX_MESSAGE_SIZE)
-    .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    .max_encoding_message_size(MAX_RESPONSE_SIZE);
 
     tracing::info!(registry_id = store.registry_id(), "registry serving");
     let signal = async move {

@@ -10,6 +10,10 @@
 //! reads too slowly) gets `Lagged` from the channel; it then starts over
 //! with a fresh snapshot (a `reset` message) instead of the batches it
 //! missed.
+//!
+//! A snapshot larger than [`SNAPSHOT_CHUNK_BYTES`] is cut into several
+//! messages (`more` set on all but the last): one message holding 100 000
+//! instances is over 10 MiB, more than gRPC clients accept by default.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -24,6 +28,11 @@ use crate::store::Store;
 
 /// How many batches a watcher may fall behind before it is reset.
 pub const CAPACITY: usize = 4096;
+
+/// About the largest snapshot message, in encoded bytes. Small enough for
+/// any client's default limit (4 MiB in tonic and grpc-go), large enough
+/// that the per-message overhead does not matter.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1024 * 1024;
 
 /// The events of one mutation.
 #[derive(Debug)]
@@ -82,6 +91,43 @@ fn wanted(services: &BTreeSet<String>, event: &Event) -> bool {
             .is_some_and(|i| services.contains(&i.service))
 }
 
+/// The messages of one snapshot: `events` in messages of at most about
+/// `chunk_bytes` each, the first with `reset`, all but the last with
+/// `more`. An empty state is one empty message.
+fn snapshot(
+    events: Vec<Event>,
+    revision: u64,
+    registry_id: &str,
+    chunk_bytes: usize,
+) -> Vec<pb::WatchResponse> {
+    let mut chunks: Vec<Vec<Event>> = vec![Vec::new()];
+    let mut size = 0;
+    for event in events {
+        // The event plus its field tag and length prefix.
+        let len = prost::Message::encoded_len(&event) + 6;
+        if size + len > chunk_bytes && chunks.last().is_some_and(|c| !c.is_empty()) {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        if let Some(chunk) = chunks.last_mut() {
+            chunk.push(event);
+        }
+    }
+    let last = chunks.len() - 1;
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, events)| pb::WatchResponse {
+            reset: i == 0,
+            revision,
+            events,
+            registry_id: registry_id.to_string(),
+            more: i < last,
+        })
+        .collect()
+}
+
 /// The response stream of one Watch call: a reset with the current state of
 /// `services` (all when empty), then every change to them. It ends when the
 /// client goes away or `shutdown` turns true.
@@ -97,20 +143,19 @@ pub fn stream(
         let registry_id = store.registry_id().to_string();
         let reset = |store: &Store| {
             let (events, revision, receiver) = store.subscribe(&services);
-            let response = pb::WatchResponse {
-                reset: true,
-                revision,
-                events,
-                registry_id: registry_id.clone(),
-            };
-            (response, receiver)
+            let messages = snapshot(events, revision, &registry_id, SNAPSHOT_CHUNK_BYTES);
+            (messages, receiver)
         };
-        let (first, mut receiver) = reset(&store);
-        if tx.send(Ok(first)).await.is_err() {
-            return;
-        }
+        let (mut messages, mut receiver) = reset(&store);
         loop {
-            let response = tokio::select! {
+            // A client that stops reading must not hold up shutdown.
+            for message in messages {
+                tokio::select! {
+                    sent = tx.send(Ok(message)) => if sent.is_err() { return },
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+            }
+            messages = tokio::select! {
                 _ = tx.closed() => return,
                 _ = shutdown.wait_for(|stop| *stop) => return,
                 received = receiver.recv() => match received {
@@ -122,29 +167,26 @@ pub fn stream(
                             .cloned()
                             .collect();
                         if events.is_empty() {
-                            continue;
-                        }
-                        pb::WatchResponse {
-                            reset: false,
-                            revision: batch.revision,
-                            events,
-                            registry_id: registry_id.clone(),
+                            Vec::new()
+                        } else {
+                            vec![pb::WatchResponse {
+                                reset: false,
+                                revision: batch.revision,
+                                events,
+                                registry_id: registry_id.clone(),
+                                more: false,
+                            }]
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "a watcher fell behind; sending it a fresh snapshot");
-                        let (response, fresh) = reset(&store);
-                        receiver = fresh;
-                        response
+                        let (fresh, fresh_receiver) = reset(&store);
+                        receiver = fresh_receiver;
+                        fresh
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
-            // A client that stops reading must not hold up shutdown.
-            tokio::select! {
-                sent = tx.send(Ok(response)) => if sent.is_err() { return },
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
         }
     });
     ReceiverStream::new(rx)
@@ -209,6 +251,54 @@ mod tests {
         }
         assert!(resets >= 1, "the lagging watcher was reset");
         assert_eq!(copy.into_values().collect::<Vec<_>>(), truth);
+    }
+
+    fn added(n: usize) -> Event {
+        pb::Event {
+            kind: pb::event::Kind::Added.into(),
+            revision: n as u64 + 1,
+            instance: Some(pb::Instance {
+                service: "svc".into(),
+                instance_id: format!("i{n:04}"),
+                host: "10.0.0.1".into(),
+                port: 1,
+                weight: 1,
+                ..Default::default()
+            }),
+            reason: 0,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_cut_into_messages_that_together_hold_it_in_order() {
+        let events: Vec<Event> = (0..1000).map(added).collect();
+        let messages = snapshot(events.clone(), 1000, "reg", 4096);
+        assert!(messages.len() > 5, "{} messages", messages.len());
+        for (n, m) in messages.iter().enumerate() {
+            assert_eq!(m.reset, n == 0, "only the first resets");
+            assert_eq!(m.more, n + 1 < messages.len(), "all but the last say more");
+            assert_eq!(m.revision, 1000);
+            assert_eq!(m.registry_id, "reg");
+            assert!(!m.events.is_empty());
+            let size = prost::Message::encoded_len(m);
+            assert!(size <= 4096 + 64, "message {n} is {size} B");
+        }
+        let joined: Vec<Event> = messages.into_iter().flat_map(|m| m.events).collect();
+        assert_eq!(joined, events);
+    }
+
+    #[test]
+    fn small_and_empty_snapshots_are_one_message_and_big_events_are_not_dropped() {
+        let empty = snapshot(Vec::new(), 7, "reg", 4096);
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].reset && !empty[0].more && empty[0].events.is_empty());
+        let small = snapshot((0..3).map(added).collect(), 7, "reg", 4096);
+        assert_eq!(small.len(), 1);
+        assert_eq!(small[0].events.len(), 3);
+        // An event larger than the chunk still goes out, alone.
+        let huge = snapshot((0..3).map(added).collect(), 7, "reg", 10);
+        assert_eq!(huge.len(), 3);
+        assert!(huge.iter().all(|m| m.events.len() == 1));
     }
 
     #[tokio::test]

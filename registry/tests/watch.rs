@@ -135,3 +135,59 @@ async fn registry_id_differs_between_registries() {
     };
     assert_ne!(first(a).await, first(b).await);
 }
+
+#[tokio::test]
+async fn a_snapshot_larger_than_one_message_arrives_in_parts_then_changes_follow() {
+    // About 2.8 MB of state, where the registry puts at most about 1 MiB in
+    // one message. No rate limit, for this burst from one address.
+    const INSTANCES: usize = 6000;
+    let registry = Registry::start(&["--max-registrations-per-sec-per-ip", "0"]);
+    let mut client = registry.client().await;
+    let lease = grant(&mut client, 60_000).await;
+    let label = "x".repeat(400);
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (mut client, lease, label) = (client.clone(), lease.clone(), label.clone());
+            tokio::spawn(async move {
+                for n in (w..INSTANCES).step_by(8) {
+                    let mut i = instance("big", &format!("i{n:05}"), 1000 + n as u32);
+                    i.metadata.insert("label".into(), label.clone());
+                    register(&mut client, &lease, i).await;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let truth = resolved(&mut client, &["big"]).await;
+    assert_eq!(truth.len(), INSTANCES);
+
+    let mut stream = watch(&mut client, &[]).await;
+    let mut replica = Replica::default();
+    let mut messages = 0;
+    loop {
+        let message = stream.message().await.unwrap().unwrap();
+        let size = prost::Message::encoded_len(&message);
+        assert!(size <= 1024 * 1024 + 1024, "a snapshot message of {size} B");
+        messages += 1;
+        let more = message.more;
+        replica.apply(message);
+        if !more {
+            break;
+        }
+    }
+    assert!(messages >= 3, "2.8 MB in {messages} messages");
+    assert_eq!(replica.resets, 1);
+    assert_eq!(replica.continuations, messages - 1);
+    assert_eq!(replica.instances, truth);
+
+    // The next change follows the last part, with the next revision.
+    let revision = replica.revision;
+    deregister(&mut client, &lease, "big", "i00000")
+        .await
+        .unwrap();
+    follow_until(&mut stream, &mut replica, |r| r.revision > revision).await;
+    assert_eq!(replica.instances.len(), INSTANCES - 1);
+    assert_eq!(replica.log.last().unwrap().revision, revision + 1);
+}

@@ -132,6 +132,10 @@ pub struct Replica {
     pub revision: u64,
     pub registry_id: String,
     pub resets: usize,
+    /// Messages that continued a snapshot (`more` on the one before).
+    pub continuations: usize,
+    /// Whether the last message said the snapshot continues.
+    pub more: bool,
     /// Every event applied, in order.
     pub log: Vec<pb::Event>,
 }
@@ -148,23 +152,38 @@ impl Replica {
             );
         }
         self.registry_id = response.registry_id.clone();
-        if response.reset {
-            self.resets += 1;
-            self.instances.clear();
+        if response.reset || self.more {
+            if response.reset {
+                assert!(!self.more, "a new snapshot before the last one ended");
+                self.resets += 1;
+                self.instances.clear();
+                assert!(
+                    response.revision >= self.revision,
+                    "reset went back in time"
+                );
+            } else {
+                self.continuations += 1;
+                assert_eq!(
+                    response.revision, self.revision,
+                    "a snapshot's messages share its revision"
+                );
+                assert!(!response.events.is_empty(), "empty continuation");
+            }
             for e in response.events {
-                assert_eq!(e.kind(), Kind::Added, "reset events are all ADDED");
+                assert_eq!(e.kind(), Kind::Added, "snapshot events are all ADDED");
                 assert!(e.revision <= response.revision);
                 let i = e.instance.unwrap();
-                self.instances
-                    .insert((i.service.clone(), i.instance_id.clone()), i);
+                let key = (i.service.clone(), i.instance_id.clone());
+                assert!(
+                    self.instances.insert(key.clone(), i).is_none(),
+                    "{key:?} twice in one snapshot"
+                );
             }
-            assert!(
-                response.revision >= self.revision,
-                "reset went back in time"
-            );
             self.revision = response.revision;
+            self.more = response.more;
             return;
         }
+        assert!(!response.more, "`more` on a change message");
         assert!(!response.events.is_empty(), "empty change message");
         for e in &response.events {
             assert!(
