@@ -74,6 +74,9 @@ pub enum RunError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// The gRPC server task panicked.
+    #[error("gRPC server task: {0}")]
+    ServerTask(tokio::task::JoinError),
 }
 
 /// Runs the node host until `q`, SIGINT or SIGTERM.
@@ -139,7 +142,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     // The file may have changed between the first read and the start of the
     // watch: read it once more (a no-op when unchanged).
     reload::reload(&opts.config, &node, &known).await;
-    println!("node-host serving on {advertised}");
+    stdin::say(format_args!("node-host serving on {advertised}"));
     info!("registering with the registry at {registry}; type `help` for commands");
     let mut commands = stdin::read_commands();
     let mut stdin_open = true;
@@ -153,11 +156,14 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
             _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
             result = &mut server => {
-                // The server only ends by itself on an error.
+                // The server only ends by itself on an error or a panic: stop
+                // being listed, then fail (a supervisor restarting on failure
+                // must see a non-zero exit).
+                node.registrar().shutdown(REVOKE_WAIT).await;
                 return match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.into()),
-                    Err(e) => { warn!("server task: {e}"); Ok(()) }
+                    Err(e) => Err(RunError::ServerTask(e)),
                 };
             }
         }
@@ -165,13 +171,15 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
 
     drop(watcher);
     let removed = node.registrar().shutdown(REVOKE_WAIT).await;
-    println!("deregistered {removed} services; shutting down");
+    stdin::say(format_args!(
+        "deregistered {removed} services; shutting down"
+    ));
     let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => return Err(e.into()),
         Ok(_) => {}
         Err(_) => warn!("in-flight calls still running after {DRAIN_WAIT:?}; exiting anyway"),
     }
-    println!("node-host stopped");
+    stdin::say(format_args!("node-host stopped"));
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! `/dev/null`, detached) the reader just stops: the node keeps running
 //! until SIGINT or SIGTERM.
 
-use std::io::BufRead;
+use std::fmt;
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,13 +49,23 @@ impl Command {
     }
 }
 
+/// Prints one line on stdout. Unlike `println!`, a closed stdout
+/// (`node-host | head -1`, a detached terminal) is ignored instead of
+/// panicking: losing a confirmation line must not kill a serving node.
+pub(crate) fn say(line: fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 /// Reads stdin on a thread; returns a channel of the commands typed (unknown
 /// input is answered with the command list right away).
 pub fn read_commands() -> mpsc::UnboundedReceiver<Command> {
     let (tx, rx) = mpsc::unbounded_channel();
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
+        // Bytes, not `lines()`: a line that is not UTF-8 is an unknown
+        // command, not the end of stdin.
+        for line in std::io::stdin().lock().split(b'\n') {
             let Ok(line) = line else { break };
+            let line = String::from_utf8_lossy(&line);
             match Command::parse(&line) {
                 Some(Some(cmd)) => {
                     if tx.send(cmd).is_err() {
@@ -62,7 +73,7 @@ pub fn read_commands() -> mpsc::UnboundedReceiver<Command> {
                     }
                 }
                 Some(None) => {}
-                None => println!("unknown command {:?}; {HELP}", line.trim()),
+                None => say(format_args!("unknown command {:?}; {HELP}", line.trim())),
             }
         }
         tracing::debug!("stdin closed: running until SIGINT or SIGTERM");
@@ -79,28 +90,28 @@ pub async fn execute(cmd: Command, node: &Arc<Node>) {
     match cmd {
         Command::Unregister => {
             if registrar.pause(COMMAND_WAIT).await {
-                println!(
+                say(format_args!(
                     "unregistered {} services ({list}); still serving, r registers them again",
                     names.len()
-                );
+                ));
             } else {
-                println!(
+                say(format_args!(
                     "unregistering {} services ({list}): the registry did not confirm in time",
                     names.len()
-                );
+                ));
             }
         }
         Command::Register => {
             if registrar.resume(COMMAND_WAIT).await {
-                println!("registered {} services ({list})", names.len());
+                say(format_args!("registered {} services ({list})", names.len()));
             } else {
-                println!(
+                say(format_args!(
                     "registering {} services ({list}): the registry is not reachable yet, retrying in the background",
                     names.len()
-                );
+                ));
             }
         }
-        Command::Help => println!("{HELP}"),
+        Command::Help => say(format_args!("{HELP}")),
         Command::Quit => {}
     }
 }
