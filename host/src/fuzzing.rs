@@ -157,6 +157,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn known_is_this_builds_plugin_list() {
+        assert_eq!(KNOWN, crate::plugins::names());
+    }
+
+    #[test]
     fn samples_run() {
         services_toml(b"");
         services_toml(b"[plugins.echo]\nweight = 3\n\0[plugins.calculator]\n");

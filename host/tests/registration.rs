@@ -134,7 +134,10 @@ async fn u_unregisters_r_registers_q_deregisters_and_exits_zero() {
     node.process.send_line("q");
     let status = node.process.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
-    // Gone at once (revoked), not after a TTL.
+    // Gone because the lease was revoked (the registry reported removing
+    // both), not merely because the exit broke the KeepAlive stream.
+    node.process
+        .wait_for_line("deregistered 2 services", CHANGE);
     assert!(resolve(&mut client, "calculator").await.is_empty());
     assert!(resolve(&mut client, "echo").await.is_empty());
 }
@@ -154,7 +157,10 @@ async fn closed_stdin_keeps_running_and_sigterm_acts_like_q() {
     node.process.signal(15);
     let status = node.process.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
+    node.process
+        .wait_for_line("deregistered 2 services", CHANGE);
     assert!(resolve(&mut client, "calculator").await.is_empty());
+    assert!(resolve(&mut client, "echo").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
