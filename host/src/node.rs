@@ -6,7 +6,9 @@
 //! [actions](crate::diff::Action) and applies them in an order that never
 //! lists a service the node does not serve:
 //! - removed: deregister, THEN close the gate (the registry stops sending
-//!   clients before the node stops answering);
+//!   clients before the node stops answering; if the registry does not
+//!   confirm within [`DEREGISTER_WAIT`], the gate closes anyway and the
+//!   deregistration is retried);
 //! - added: open the gate, THEN register;
 //! - changed weight or metadata: register again under the same lease (an
 //!   in-place update: the instance never disappears).
