@@ -12,7 +12,7 @@ use crate::directory::Directory;
 use crate::dynamic::{DynamicCodec, method_path};
 use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
 use crate::resolve::Target;
-use prost_reflect::DynamicMessage;
+use prost_reflect::{DynamicMessage, MethodDescriptor};
 use registry_proto::registry::v1::Instance;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,10 @@ pub struct CallOptions {
     pub retry: bool,
     /// How long to wait for a TCP connection to an instance (default: 1 s).
     pub connect_timeout: Duration,
-    /// Deadline of a unary call, or of a stream's first response (default: 10 s).
+    /// Deadline of a unary call, or of opening a stream (its response
+    /// headers), not of the whole stream (default: 10 s). It is also sent as
+    /// `grpc-timeout`, which a server may apply to the whole stream (tonic's
+    /// does not).
     pub timeout: Duration,
 }
 
@@ -182,11 +185,7 @@ impl Caller {
                     }
                     tracing::debug!(instance = %addr, status = %status_text(&status), "call failed");
                     last_error = Some(CallError::Status {
-                        method: format!(
-                            "{}/{}",
-                            target.method.parent_service().full_name(),
-                            target.method.name()
-                        ),
+                        method: method_name(&target.method),
                         instance: addr.clone(),
                         status,
                     });
@@ -304,6 +303,11 @@ pub fn is_unavailable(status: &Status) -> bool {
         }
         _ => false,
     }
+}
+
+/// A method as errors name it: `calculator.v1.Calculator/Divide`.
+pub fn method_name(method: &MethodDescriptor) -> String {
+    format!("{}/{}", method.parent_service().full_name(), method.name())
 }
 
 /// `host:port` of an instance, with brackets around an IPv6 host.

@@ -2,8 +2,9 @@
 //!
 //! First the registry (`GetDescriptors`: what the instances registered). If
 //! the registry has none, the instance itself through gRPC server reflection
-//! (v1): `FileContainingSymbol` returns only the file defining the service,
-//! so each of its imports is then fetched with `FileByFilename`.
+//! (v1): `FileContainingSymbol` may return only the file defining the
+//! service (tonic's does), so each import still missing is then fetched
+//! with `FileByFilename`.
 
 use prost::Message;
 use prost_reflect::{DescriptorPool, ServiceDescriptor};

@@ -8,7 +8,7 @@
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use registry_client::call::{CallOptions, Caller, Reply, address};
+use registry_client::call::{CallOptions, Caller, Reply, address, method_name};
 use registry_client::describe::describe_service;
 use registry_client::directory::{Change, ChangeKind, DirectoryError, Snapshot};
 use registry_client::lb::PolicyKind;
@@ -388,12 +388,12 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
     let mut printed = false;
     let one_call = |_| {
         let (caller, target, request) = (&caller, &target, request.clone());
-        let method = a.target.clone();
         async move {
             let called = caller.call(target, request).await?;
             let replies = collect_replies(called.reply).await.map_err(|status| {
                 registry_client::call::CallError::Status {
-                    method,
+                    // As the Caller names it in its own errors.
+                    method: method_name(&target.method),
                     instance: address(&called.instance),
                     status,
                 }
