@@ -817,24 +817,26 @@ mod tests {
     }
 
     fn reset(id: &str, revision: u64, instances: Vec<Instance>) -> WatchResponse {
+        let added = instances
+            .into_iter()
+            .map(|i| event(EventKindPb::Added, revision, i))
+            .collect();
         WatchResponse {
             reset: true,
             revision,
-            registry_id: id.into(),
-            events: instances
-                .into_iter()
-                .map(|i| event(EventKindPb::Added, revision, i))
-                .collect(),
+            ..events(id, added)
         }
     }
 
+    /// Fields not named here keep their defaults, so a field added to the
+    /// message does not break these helpers.
     fn events(id: &str, events: Vec<Event>) -> WatchResponse {
         let revision = events.iter().map(|e| e.revision).max().unwrap_or(0);
         WatchResponse {
-            reset: false,
             revision,
             registry_id: id.into(),
             events,
+            ..WatchResponse::default()
         }
     }
 
