@@ -69,10 +69,12 @@ impl Policy for LeastLoaded {
                 .map_or(0, |c| c.load(Ordering::Acquire))
         };
         let index = if load(b, &map) < load(a, &map) { b } else { a };
-        let counter = map
-            .entry(endpoints[index].key.to_string())
-            .or_default()
-            .clone();
+        let key = endpoints[index].key;
+        // Looked up before `entry`, which would allocate the key on every pick.
+        let counter = match map.get(key) {
+            Some(counter) => counter.clone(),
+            None => map.entry(key.to_string()).or_default().clone(),
+        };
         counter.fetch_add(1, Ordering::AcqRel);
         Some(Pick {
             index,

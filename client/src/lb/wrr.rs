@@ -38,11 +38,21 @@ impl Policy for WeightedRoundRobin {
                 let mean = scores.values().sum::<i64>() / n;
                 scores.values_mut().for_each(|s| *s -= mean);
             }
+            // Newcomers start at zero. Done here, on a change only, so a
+            // pick over an unchanged set allocates no key.
+            for e in endpoints {
+                if !scores.contains_key(e.key) {
+                    scores.insert(e.key.to_string(), 0);
+                }
+            }
         }
         let total: i64 = endpoints.iter().map(|e| e.effective_weight() as i64).sum();
         let mut best: Option<(usize, i64)> = None;
         for (i, ep) in endpoints.iter().enumerate() {
-            let score = scores.entry(ep.key.to_string()).or_insert(0);
+            // Every key was inserted above.
+            let Some(score) = scores.get_mut(ep.key) else {
+                continue;
+            };
             *score += ep.effective_weight() as i64;
             if best.is_none_or(|(_, b)| *score > b) {
                 best = Some((i, *score));
