@@ -67,7 +67,16 @@ pub fn spawn(
     // it, and the debounce below collapses bursts.
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
+        // A watch error or a rescan request (e.g. the inotify queue
+        // overflowed) names no path but may hide a change to the file: read
+        // it again (a no-op when unchanged).
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            _ => {
+                let _ = tx.send(());
+                return;
+            }
+        };
         if matches!(event.kind, EventKind::Access(_)) {
             return;
         }
