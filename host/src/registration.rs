@@ -395,17 +395,14 @@ async fn session(
         settings.registry, lease.id, lease.ttl
     );
     let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
-    let heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone(), attached_tx));
+    let mut heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone(), attached_tx));
     let _stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
-    let mut heartbeat = heartbeat;
     // Register only once the registry has attached the lease to our
     // KeepAlive stream: a crash right after registering is then noticed at
     // once (the stream breaks), not only when the TTL runs out.
     if attached_rx.await.is_err() {
-        return Err(match (&mut heartbeat).await {
-            Ok(e) => e,
-            Err(_) => SessionError::KeepAliveEnded,
-        });
+        let ended = (&mut heartbeat).await;
+        return Err(ended.unwrap_or(SessionError::KeepAliveEnded));
     }
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
@@ -455,10 +452,7 @@ async fn session(
                 }
             }
             ended = &mut heartbeat => {
-                return Err(match ended {
-                    Ok(e) => e,
-                    Err(_) => SessionError::KeepAliveEnded,
-                });
+                return Err(ended.unwrap_or(SessionError::KeepAliveEnded));
             }
         }
     }
