@@ -421,6 +421,19 @@ weight = 3
         )
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(written.plugins["echo"].weight, 900);
+        assert_eq!(
+            written.plugins["echo"].weight_source,
+            WeightSource::Configured
+        );
+        let removed = Config::parse("[plugins.echo]\n", "services.toml", KNOWN, Some(&written))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let echo = &removed.plugins["echo"];
+        assert_eq!(echo.weight_source, WeightSource::Random);
+        assert!(
+            RANDOM_WEIGHT_RANGE.contains(&echo.weight),
+            "{}",
+            echo.weight
+        );
     }
 
     #[test]
