@@ -1,8 +1,9 @@
 //! A live local copy of the registry: which instances each service has.
 //!
 //! A [`Directory`] watches the registry (one `Watch` stream for all services)
-//! and applies the reset snapshot and then each event, in revision order, to
-//! a local map. Lookups read the map: no round trip per call. Duplicates and
+//! and applies the reset snapshot (joined first when the registry sends it
+//! in several messages) and then each event, in revision order, to a local
+//! map. Lookups read the map: no round trip per call. Duplicates and
 //! updates that change nothing are dropped, so subscribers only hear about
 //! real changes.
 //!
@@ -545,16 +546,42 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
         Err(s) => return (false, crate::call::status_text(&s), Some(s.code())),
     };
     let mut received = false;
+    let mut partial = None;
     loop {
         match stream.message().await {
             Ok(Some(msg)) => {
                 received = true;
-                apply_and_publish(shared, msg);
+                if let Some(msg) = join_parts(&mut partial, msg) {
+                    apply_and_publish(shared, msg);
+                }
             }
             Ok(None) => return (received, "the registry closed the watch".to_string(), None),
             Err(s) => return (received, crate::call::status_text(&s), Some(s.code())),
         }
     }
+}
+
+/// Joins the parts of a snapshot the registry sent in several messages
+/// (`more` on all but the last; the first has `reset`, the others carry only
+/// further instances): returns a message once it is complete, `None` while
+/// parts are missing. Applied part by part, the first part would replace the
+/// whole copy and the others be dropped as events of a revision already seen.
+fn join_parts(partial: &mut Option<WatchResponse>, msg: WatchResponse) -> Option<WatchResponse> {
+    let msg = match partial.take() {
+        Some(mut head) if !msg.reset => {
+            head.events.extend(msg.events);
+            head.more = msg.more;
+            head
+        }
+        // No snapshot under way, or a new one starts (the unfinished one
+        // is dropped).
+        _ => msg,
+    };
+    if msg.reset && msg.more {
+        *partial = Some(msg);
+        return None;
+    }
+    Some(msg)
 }
 
 fn apply_and_publish(shared: &Arc<Shared>, msg: WatchResponse) {
@@ -1000,6 +1027,48 @@ mod tests {
         // echo is still a stale fallback.
         assert!(s.is_stale("echo"));
         assert_eq!(ports(&s, "echo"), vec![2]);
+    }
+
+    #[test]
+    fn a_snapshot_in_several_messages_is_applied_whole() {
+        let mut s = Snapshot::default();
+        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        let mut first = reset("r1", 9, vec![inst("calc", 1, 1), inst("calc", 2, 1)]);
+        first.more = true;
+        let mut middle = events("r1", vec![event(EventKindPb::Added, 9, inst("calc", 3, 1))]);
+        middle.more = true;
+        let last = events("r1", vec![event(EventKindPb::Added, 9, inst("echo", 4, 1))]);
+        let mut partial = None;
+        assert!(join_parts(&mut partial, first).is_none());
+        assert!(join_parts(&mut partial, middle).is_none());
+        let whole = join_parts(&mut partial, last).expect("complete");
+        assert!(partial.is_none());
+        let out = apply(&mut s, whole);
+        // Nothing removed, the instances of every part added.
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (ChangeKind::Added, 2),
+                (ChangeKind::Added, 3),
+                (ChangeKind::Added, 4)
+            ]
+        );
+        assert_eq!(ports(&s, "calc"), vec![1, 2, 3]);
+        assert_eq!(ports(&s, "echo"), vec![4]);
+        assert_eq!(s.revision, 9);
+
+        // A new snapshot replaces an unfinished one; plain events pass.
+        let mut unfinished = reset("r1", 10, vec![inst("calc", 7, 1)]);
+        unfinished.more = true;
+        assert!(join_parts(&mut partial, unfinished).is_none());
+        let fresh =
+            join_parts(&mut partial, reset("r1", 11, vec![inst("calc", 8, 1)])).expect("complete");
+        assert_eq!(fresh.events.len(), 1);
+        let plain = events(
+            "r1",
+            vec![event(EventKindPb::Added, 12, inst("calc", 9, 1))],
+        );
+        assert!(join_parts(&mut partial, plain).is_some());
     }
 
     #[test]

@@ -278,3 +278,42 @@ async fn a_restarted_registry_leaves_stale_fallbacks_for_a_grace_period() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_sent_in_several_messages_arrives_whole() {
+    let registry = Registry::start(&[]);
+    let mut client = registry.client().await;
+    let lease = client
+        .grant_lease(GrantLeaseRequest { ttl_ms: 60_000 })
+        .await
+        .unwrap()
+        .into_inner();
+    // 120 instances of about 15 KiB of metadata each: a snapshot of about
+    // 1.8 MiB, which the registry sends in messages of about 1 MiB.
+    const N: u32 = 120;
+    let metadata: std::collections::HashMap<String, String> = (0..15)
+        .map(|k| (format!("k{k}"), "x".repeat(1000)))
+        .collect();
+    for n in 0..N {
+        client
+            .register(RegisterRequest {
+                lease_id: lease.lease_id,
+                lease_secret: lease.lease_secret.clone(),
+                instance: Some(Instance {
+                    service: "big".into(),
+                    instance_id: format!("i{n:03}"),
+                    host: "127.0.0.1".into(),
+                    port: 10_000 + n,
+                    weight: 1,
+                    metadata: metadata.clone(),
+                    ..Default::default()
+                }),
+                file_descriptor_set: Vec::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // A directory started now receives them all as its first snapshot.
+    let directory = synced(&registry).await;
+    assert_eq!(directory.instances("big").len(), N as usize);
+}
