@@ -168,13 +168,12 @@ async fn balanced_channel_follows_the_registry() {
     assert_eq!(f64_field(&reply, "value"), 42.0);
 
     // A second node joins: the echo channel spreads over both.
-    let b = node(registry.addr, &both(1, 1));
+    let mut b = node(registry.addr, &both(1, 1));
     wait_for(&directory, "echo", 2).await;
     let grpc = tonic::client::Grpc::new(balanced_channel(&directory, "echo"));
-    let want: BTreeSet<String> = [a.addr.to_string(), b.addr.to_string()].into();
-    let seen = eventually(READY_TIMEOUT, "calls served by both nodes", || {
+    // Polls until 40 calls in a row are served by exactly `want`.
+    let served_by = |want: BTreeSet<String>| {
         let (mut grpc, method) = (grpc.clone(), method.clone());
-        let want = want.clone();
         async move {
             let mut seen = BTreeSet::new();
             for _ in 0..40 {
@@ -193,9 +192,22 @@ async fn balanced_channel_follows_the_registry() {
             }
             (seen == want).then_some(seen)
         }
+    };
+    let a_and_b: BTreeSet<String> = [a.addr.to_string(), b.addr.to_string()].into();
+    let seen = eventually(READY_TIMEOUT, "calls served by both nodes", || {
+        served_by(a_and_b.clone())
     })
     .await;
     assert_eq!(seen.len(), 2);
+
+    // The second node dies: once the registry drops it, the channel does too.
+    b.process.kill9();
+    wait_for(&directory, "echo", 1).await;
+    let only_a: BTreeSet<String> = [a.addr.to_string()].into();
+    eventually(READY_TIMEOUT, "calls served by the survivor only", || {
+        served_by(only_a.clone())
+    })
+    .await;
     drop(grpc);
 }
 
