@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
-use tokio::time::Instant;
 
 /// How long instances of a restarted registry's predecessor are kept.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -594,7 +593,9 @@ fn apply_and_publish(shared: &Arc<Shared>, msg: WatchResponse) {
         let shared = shared.clone();
         let grace = shared.grace;
         tokio::spawn(async move {
-            tokio::time::sleep_until(Instant::now() + grace).await;
+            // `sleep`, not `sleep_until(now + grace)`: that sum panics on
+            // overflow (a caller's `with_grace(Duration::MAX)`).
+            tokio::time::sleep(grace).await;
             expire_stale(&shared, generation);
         });
     }
