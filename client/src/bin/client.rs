@@ -154,7 +154,7 @@ struct CallArgs {
     no_retry: bool,
 
     /// Deadline of each call in milliseconds (for a streaming method: until
-    /// its first reply).
+    /// the stream is open, not for all of its replies).
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     timeout_ms: u64,
 }
