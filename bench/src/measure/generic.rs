@@ -16,7 +16,7 @@ use registry_proto::calculator::v1::{BinaryRequest, calculator_client::Calculato
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-use super::{Ctx, closed_loop, error_note};
+use super::{Ctx, closed_loop, error_note, record};
 use crate::ours_client;
 use crate::procs::NodeHostProc;
 use crate::report::{Better, Figure};
@@ -43,22 +43,6 @@ async fn typed_add(mut c: Typed, n: u64) -> (Typed, Result<()>) {
 async fn generic_add(c: ours_client::Caller, n: u64) -> (ours_client::Caller, Result<()>) {
     let r = ours_client::add(&c, n as f64, 1.0).await;
     (c, r)
-}
-
-/// Adds one timed call's outcome to `load`.
-fn record(load: &mut Load, started: Instant, result: Result<()>) {
-    match result {
-        Ok(()) => {
-            load.ops += 1;
-            load.latencies.push(started.elapsed());
-        }
-        Err(e) => {
-            if load.errors == 0 {
-                tracing::warn!("call failed: {e:#}");
-            }
-            load.errors += 1;
-        }
-    }
 }
 
 /// One caller, alternating typed and generic calls for `duration`.

@@ -63,6 +63,23 @@ impl Ctx {
     }
 }
 
+/// Adds one timed operation's outcome to `load` (the first failure is
+/// logged; later ones are only counted).
+pub fn record(load: &mut Load, started: Instant, result: Result<()>) {
+    match result {
+        Ok(()) => {
+            load.ops += 1;
+            load.latencies.push(started.elapsed());
+        }
+        Err(e) => {
+            if load.errors == 0 {
+                tracing::warn!("operation failed: {e:#}");
+            }
+            load.errors += 1;
+        }
+    }
+}
+
 /// Runs one task per element of `states` for `duration`, each calling `op`
 /// back to back (a closed loop: a client sends its next request when the
 /// previous one is answered), and adds up what they did. `op` takes the
@@ -88,18 +105,7 @@ where
                 let (s, r) = op(state, n).await;
                 state = s;
                 n += 1;
-                match r {
-                    Ok(()) => {
-                        load.ops += 1;
-                        load.latencies.push(t.elapsed());
-                    }
-                    Err(e) => {
-                        if load.errors == 0 {
-                            tracing::warn!("operation failed: {e:#}");
-                        }
-                        load.errors += 1;
-                    }
-                }
+                record(&mut load, t, r);
             }
             load
         });
