@@ -14,7 +14,7 @@ use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
 use crate::resolve::Target;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use registry_proto::registry::v1::Instance;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
@@ -264,10 +264,32 @@ impl Caller {
             .map_err(|e| Status::invalid_argument(format!("bad instance address {addr}: {e}")))?
             .connect_timeout(self.options.connect_timeout)
             .connect_lazy();
+        if channels.len() >= CHANNELS_BEFORE_PRUNING {
+            // Instances come and go: keep only the channels of those still
+            // registered, or a long-lived caller collects one per departed
+            // instance. Runs only when a new address is first called.
+            let snapshot = self.directory.snapshot();
+            let live: HashSet<String> = snapshot
+                .services()
+                .iter()
+                .flat_map(|s| {
+                    snapshot
+                        .instances(s)
+                        .iter()
+                        .map(address)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            channels.retain(|a, _| live.contains(a));
+        }
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
 }
+
+/// How many cached channels a [`Caller`] holds before it drops those of
+/// instances that are no longer registered.
+const CHANNELS_BEFORE_PRUNING: usize = 64;
 
 /// The longest timeout the `grpc-timeout` header can carry (8 digits of
 /// hours): tonic panics on a longer one, and `--timeout-ms` accepts any u64.
@@ -331,6 +353,22 @@ pub fn status_text(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn channels_of_departed_instances_are_dropped_once_many_are_cached() {
+        // Nothing listens there: the directory stays empty, so no address
+        // the caller has used is registered any more.
+        let directory = Directory::connect("127.0.0.1:1").expect("valid address");
+        let caller = Caller::new(directory, CallOptions::default());
+        for port in 1..=200u16 {
+            caller
+                .channel(&format!("127.0.0.1:{port}"))
+                .expect("valid address");
+            assert!(caller.lock_channels().len() <= CHANNELS_BEFORE_PRUNING);
+        }
+        // The newest is kept: it is about to be called.
+        assert!(caller.lock_channels().contains_key("127.0.0.1:200"));
+    }
 
     #[test]
     fn addresses() {

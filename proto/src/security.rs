@@ -133,6 +133,17 @@ impl TlsArgs {
     /// connection in this system wants: a dead peer must be noticed in
     /// about a second, not after TCP's minutes.
     pub fn endpoint(&self, addr: &str) -> Result<Endpoint, SecurityError> {
+        let bad = |reason: String| SecurityError::Address {
+            addr: addr.to_string(),
+            reason,
+        };
+        // Asked for TLS without saying whom to trust: refuse rather than
+        // quietly connect in plaintext.
+        if addr.starts_with("https://") && !self.client_uses_tls() {
+            return Err(bad(
+                "https:// needs --tls-ca (the CA that signed the server's certificate)".into(),
+            ));
+        }
         let bare = addr
             .strip_prefix("http://")
             .or_else(|| addr.strip_prefix("https://"))
@@ -141,10 +152,6 @@ impl TlsArgs {
             "https"
         } else {
             "http"
-        };
-        let bad = |reason: String| SecurityError::Address {
-            addr: addr.to_string(),
-            reason,
         };
         let uri: http::Uri = format!("{scheme}://{bare}")
             .parse()
@@ -471,6 +478,8 @@ mod tests {
         let e = tls.endpoint("127.0.0.1:50051").unwrap();
         assert_eq!(e.uri().to_string(), "http://127.0.0.1:50051/");
         assert!(tls.endpoint("http://10.0.0.1:1").is_ok());
+        let err = tls.endpoint("https://10.0.0.1:1").expect_err("no CA");
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
         assert!(matches!(
             tls.endpoint("nohost"),
             Err(SecurityError::Address { .. })

@@ -182,4 +182,21 @@ async fn a_busy_port_or_bad_flags_fail_with_a_clear_message() {
     let (status, _, stderr) = testkit::run(cmd, Duration::from_secs(10));
     assert!(!status.success());
     assert!(stderr.contains("--min-ttl-ms"), "{stderr}");
+
+    // A TTL beyond a week (here u64::MAX, which would overflow the clock)
+    // is refused by name, with the range.
+    let mut cmd = testkit::command("registry");
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--max-ttl-ms",
+        &u64::MAX.to_string(),
+    ]);
+    let (status, stdout, stderr) = testkit::run(cmd, Duration::from_secs(10));
+    assert!(!status.success());
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("--max-ttl-ms") && stderr.contains("1..=604800000"),
+        "{stderr}"
+    );
 }

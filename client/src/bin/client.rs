@@ -571,6 +571,7 @@ commands:
   list [--json]                       services and instances
   describe SERVICE                    methods with request and response fields
   call SERVICE/METHOD [ARGS...] [--lb POLICY] [--repeat N] [--concurrency N] [--no-retry]
+                      [--timeout-ms MS]
                                       e.g. call calculator/Add a=2 b=3
                                            call echo/Echo '{\"message\": \"hi\"}'
   watch                               follow changes (Ctrl-C stops)

@@ -24,13 +24,13 @@ struct Args {
     /// TTL, in milliseconds, of a lease whose GrantLease asks for 0. Nodes
     /// heartbeat every TTL/3; a node whose heartbeats stop for this long
     /// loses its instances.
-    #[arg(long, default_value_t = 1500, value_name = "MS")]
+    #[arg(long, default_value_t = 1500, value_name = "MS", value_parser = ttl_ms())]
     default_ttl_ms: u64,
     /// Shortest TTL granted, in milliseconds; shorter requests are raised.
-    #[arg(long, default_value_t = 100, value_name = "MS")]
+    #[arg(long, default_value_t = 100, value_name = "MS", value_parser = ttl_ms())]
     min_ttl_ms: u64,
     /// Longest TTL granted, in milliseconds; longer requests are lowered.
-    #[arg(long, default_value_t = 300_000, value_name = "MS")]
+    #[arg(long, default_value_t = 300_000, value_name = "MS", value_parser = ttl_ms())]
     max_ttl_ms: u64,
     /// Token that calls changing state (leases, register, update,
     /// deregister) must carry as `authorization: Bearer <token>`. Default:
@@ -89,6 +89,12 @@ const EXAMPLES: &str = "Examples:
   registry --tls-cert reg.pem --tls-key reg-key.pem
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
+
+/// TTL flags take 1 ms to 7 days: a lease meant to outlive a week is not a
+/// lease, and the bound keeps `now + TTL` far from the clock's limits.
+fn ttl_ms() -> clap::builder::RangedU64ValueParser {
+    clap::value_parser!(u64).range(1..=7 * 24 * 3600 * 1000)
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
