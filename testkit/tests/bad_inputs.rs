@@ -641,7 +641,20 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
             "registry: --min-ttl-ms 0",
             "registry",
             vec!["--listen", "127.0.0.1:0", "--min-ttl-ms", "0"],
-            "need 0 < --min-ttl-ms",
+            "invalid value '0' for '--min-ttl-ms <MS>': 0 is not in 1..=604800000",
+        ),
+        (
+            "registry: --min-ttl-ms above --max-ttl-ms",
+            "registry",
+            vec![
+                "--listen",
+                "127.0.0.1:0",
+                "--min-ttl-ms",
+                "5000",
+                "--max-ttl-ms",
+                "1000",
+            ],
+            "need --min-ttl-ms <= --max-ttl-ms (got 5000 and 1000)",
         ),
         (
             "registry: --listen not an address",

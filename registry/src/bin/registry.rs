@@ -101,8 +101,8 @@ async fn main() -> anyhow::Result<()> {
     registry_proto::logging::init();
     let args = Args::parse();
     anyhow::ensure!(
-        args.min_ttl_ms > 0 && args.min_ttl_ms <= args.max_ttl_ms,
-        "need 0 < --min-ttl-ms <= --max-ttl-ms (got {} and {})",
+        args.min_ttl_ms <= args.max_ttl_ms,
+        "need --min-ttl-ms <= --max-ttl-ms (got {} and {})",
         args.min_ttl_ms,
         args.max_ttl_ms
     );
