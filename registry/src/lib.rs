@@ -25,7 +25,7 @@
 //!   (sizes, counts) as a documented constant.
 //! - [`limits`]: the limits an operator tunes by flag: instances per lease
 //!   and per service, Watch streams per connection, registrations per
-//!   second per peer IP.
+//!   second per peer (an IPv4 address or an IPv6 /64).
 //! - [`error`]: every failure, and its gRPC status code.
 //! - [`service`]: the gRPC service: validate, apply, answer.
 //! - [`server`]: serving it with health and reflection, and shutting down.

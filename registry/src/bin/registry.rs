@@ -69,10 +69,12 @@ struct Args {
     /// RESOURCE_EXHAUSTED. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_WATCHES_PER_CONNECTION)]
     max_watches_per_connection: usize,
-    /// Register calls per second accepted from one peer IP address (a token
-    /// bucket holding one second's worth); more is RESOURCE_EXHAUSTED, so a
-    /// flood from one machine cannot starve the others. 0: no limit (load
-    /// tests from one machine).
+    /// Register calls per second accepted from one peer (a token bucket
+    /// holding one second's worth); more is RESOURCE_EXHAUSTED, so a flood
+    /// from one machine cannot starve the others. A peer is an IPv4 address
+    /// or an IPv6 /64. 4096 peers are tracked; while all of them are active,
+    /// further peers share one bucket of this size. 0: no limit (load tests
+    /// from one machine).
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_REGISTRATIONS_PER_SEC)]
     max_registrations_per_sec_per_ip: u32,
     #[command(flatten)]
