@@ -14,11 +14,13 @@ use registry_proto::registry::v1 as pb;
 
 use crate::error::{Error, Result};
 
-/// Longest service name, in characters.
+/// Longest service name, in bytes (a valid name is ASCII, so also in
+/// characters).
 pub const MAX_SERVICE_NAME: usize = 128;
-/// Longest instance id, in characters.
+/// Longest instance id, in bytes (a valid id is ASCII, so also in
+/// characters).
 pub const MAX_INSTANCE_ID: usize = 128;
-/// Longest host name (the DNS limit).
+/// Longest host, in bytes (the DNS limit; a valid host is ASCII).
 pub const MAX_HOST: usize = 253;
 /// Largest weight; 0 in a request means [`DEFAULT_WEIGHT`].
 pub const MAX_WEIGHT: u32 = 1000;
@@ -26,13 +28,13 @@ pub const MAX_WEIGHT: u32 = 1000;
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Most metadata entries per instance.
 pub const MAX_METADATA_ENTRIES: usize = 64;
-/// Longest metadata key, in bytes.
+/// Longest metadata key, in bytes of UTF-8 (not characters).
 pub const MAX_METADATA_KEY: usize = 128;
-/// Longest metadata value, in bytes.
+/// Longest metadata value, in bytes of UTF-8 (not characters).
 pub const MAX_METADATA_VALUE: usize = 1024;
 /// Most metadata bytes per instance, keys and values together.
 pub const MAX_METADATA_TOTAL: usize = 16 * 1024;
-/// Largest encoded `FileDescriptorSet` accepted by Register.
+/// Largest encoded `FileDescriptorSet` accepted by Register, in bytes.
 pub const MAX_DESCRIPTOR_SET: usize = 4 * 1024 * 1024;
 /// Most services one Watch may name.
 pub const MAX_WATCHED_SERVICES: usize = 1024;
@@ -123,7 +125,8 @@ pub fn lease(lease_id: u64, lease_secret: &str) -> Result<()> {
 }
 
 /// A service name: 1 to 128 characters from `[A-Za-z0-9._-]`, starting with
-/// a letter or digit.
+/// a letter or digit. The length is checked first, in bytes (cheap; equal to
+/// characters for any name that passes).
 pub fn service_name(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid(field, "required"));
@@ -131,7 +134,10 @@ pub fn service_name(field: &str, name: &str) -> Result<()> {
     if name.len() > MAX_SERVICE_NAME {
         return Err(Error::invalid(
             field,
-            format!("at most {MAX_SERVICE_NAME} characters, got {}", name.len()),
+            format!(
+                "at most {MAX_SERVICE_NAME} bytes (ASCII characters), got {}",
+                name.len()
+            ),
         ));
     }
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
@@ -152,13 +158,16 @@ pub fn service_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// An instance id: at most 128 printable ASCII characters (empty is allowed
-/// in Register, where it defaults to `host:port`).
+/// An instance id: at most 128 printable ASCII characters, so 128 bytes
+/// (empty is allowed in Register, where it defaults to `host:port`).
 pub fn instance_id(field: &str, id: &str) -> Result<()> {
     if id.len() > MAX_INSTANCE_ID {
         return Err(Error::invalid(
             field,
-            format!("at most {MAX_INSTANCE_ID} characters, got {}", id.len()),
+            format!(
+                "at most {MAX_INSTANCE_ID} bytes (printable ASCII characters), got {}",
+                id.len()
+            ),
         ));
     }
     if let Some(bad) = id.chars().find(|c| !(' '..='~').contains(c)) {
@@ -170,7 +179,8 @@ pub fn instance_id(field: &str, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// A host: an IPv4/IPv6 address or a DNS name, at most 253 characters.
+/// A host: an IPv4/IPv6 address or a DNS name, at most 253 ASCII
+/// characters (so bytes).
 pub fn host(field: &str, host: &str) -> Result<()> {
     if host.is_empty() {
         return Err(Error::invalid(field, "required"));
@@ -178,7 +188,10 @@ pub fn host(field: &str, host: &str) -> Result<()> {
     if host.len() > MAX_HOST {
         return Err(Error::invalid(
             field,
-            format!("at most {MAX_HOST} characters, got {}", host.len()),
+            format!(
+                "at most {MAX_HOST} bytes (ASCII characters), got {}",
+                host.len()
+            ),
         ));
     }
     if host.parse::<IpAddr>().is_ok() {
@@ -225,7 +238,8 @@ pub fn weight(field: &str, weight: u32) -> Result<u32> {
 }
 
 /// Metadata: at most 64 entries, keys of 1 to 128 bytes, values of at most
-/// 1024, 16 KiB in all.
+/// 1024 bytes, 16 KiB of keys and values in all. Bytes of UTF-8, not
+/// characters: the bound is on memory and on the wire.
 pub fn metadata(field: &str, metadata: &HashMap<String, String>) -> Result<()> {
     if metadata.len() > MAX_METADATA_ENTRIES {
         return Err(Error::invalid(
@@ -544,6 +558,62 @@ mod tests {
         for bad in ["", "-a", "a-", "a b", ".", "a..b", "[::1]"] {
             assert!(host("h", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn metadata_limits_count_bytes_of_utf8_not_characters() {
+        let with = |key: String, value: String| {
+            register_with(|r| {
+                r.instance.as_mut().unwrap().metadata.insert(key, value);
+            })
+        };
+        // 'é' is two bytes: 64 of them make a 128-byte key, the most allowed.
+        assert!(with("é".repeat(64), "v".into()).is_ok());
+        let err = with("é".repeat(65), "v".into()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("keys must be 1..=128 bytes, got 130"),
+            "{err}"
+        );
+        // 513 characters is under 1024, but 1026 bytes is over.
+        assert!(with("k".into(), "é".repeat(512)).is_ok());
+        let err = with("k".into(), "é".repeat(513)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("values must be at most 1024 bytes, got 1026"),
+            "{err}"
+        );
+        // The total counts bytes too: 16 values of 512 'é' are 8192
+        // characters but 16 KiB + the keys' bytes.
+        let err = register_with(|r| {
+            let m = &mut r.instance.as_mut().unwrap().metadata;
+            for k in 0..16 {
+                m.insert(format!("k{k:02}"), "é".repeat(512));
+            }
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("at most 16384 bytes of keys and values in all, got 16432"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn length_messages_say_bytes() {
+        // 100 characters, 200 bytes: the message must not call them
+        // 200 characters.
+        let err = register_with(|r| r.instance.as_mut().unwrap().instance_id = "é".repeat(100))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "instance.instance_id: at most 128 bytes (printable ASCII characters), got 200"
+        );
+        let err = service_name("service", &"é".repeat(100)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service: at most 128 bytes (ASCII characters), got 200"
+        );
     }
 
     #[test]
