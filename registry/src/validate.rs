@@ -22,6 +22,10 @@ pub const MAX_SERVICE_NAME: usize = 128;
 pub const MAX_INSTANCE_ID: usize = 128;
 /// Longest host, in bytes (the DNS limit; a valid host is ASCII).
 pub const MAX_HOST: usize = 253;
+/// Longest `proto_service`, in bytes. Each instance stores its own copy and
+/// every Resolve and Watch sends it, so without a bound a name taken from a
+/// 4 MiB descriptor set would cost megabytes per instance.
+pub const MAX_PROTO_SERVICE: usize = 512;
 /// Largest weight; 0 in a request means [`DEFAULT_WEIGHT`].
 pub const MAX_WEIGHT: u32 = 1000;
 /// Weight stored when a request leaves it at 0.
@@ -282,6 +286,22 @@ pub fn metadata(field: &str, metadata: &HashMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// A `proto_service`: at most 512 bytes (empty means none; whether the
+/// descriptors define it is [`descriptors`]' check).
+pub fn proto_service(field: &str, name: &str) -> Result<()> {
+    if name.len() > MAX_PROTO_SERVICE {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "at most {MAX_PROTO_SERVICE} bytes, got {} for {:?}...",
+                name.len(),
+                truncated(name)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The start of a long string, for error messages.
 fn truncated(s: &str) -> String {
     s.chars().take(32).collect()
@@ -338,6 +358,7 @@ pub fn register(request: pb::RegisterRequest) -> Result<Register> {
     }
     instance.weight = weight("instance.weight", instance.weight)?;
     metadata("instance.metadata", &instance.metadata)?;
+    proto_service("instance.proto_service", &instance.proto_service)?;
     let descriptors = descriptors(request.file_descriptor_set, &instance.proto_service)?;
     instance.lease_id = 0;
     instance.revision = 0;
@@ -614,6 +635,55 @@ mod tests {
             err.to_string(),
             "service: at most 128 bytes (ASCII characters), got 200"
         );
+    }
+
+    /// An encoded descriptor set of package `p` defining one service,
+    /// `name`, without methods.
+    fn descriptors_defining(name: &str) -> Vec<u8> {
+        use prost::Message;
+        use prost_reflect::prost_types::{
+            FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto,
+        };
+        FileDescriptorSet {
+            file: vec![FileDescriptorProto {
+                name: Some("p.proto".into()),
+                package: Some("p".into()),
+                syntax: Some("proto3".into()),
+                service: vec![ServiceDescriptorProto {
+                    name: Some(name.into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn proto_service_is_at_most_512_bytes_even_when_the_descriptors_define_it() {
+        let with = |short: &str| {
+            register_with(|r| {
+                r.instance.as_mut().unwrap().proto_service = format!("p.{short}");
+                r.file_descriptor_set = descriptors_defining(short);
+            })
+        };
+        // "p." and 510 bytes: 512, the most allowed.
+        let ok = with(&"S".repeat(510)).unwrap();
+        assert_eq!(ok.instance.proto_service.len(), MAX_PROTO_SERVICE);
+        // A name the descriptors define, but one byte too long: every
+        // instance would store and send it.
+        let err = with(&"S".repeat(511)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            matches!(&err, Error::Invalid { field, .. } if field == "instance.proto_service"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("at most 512 bytes, got 513"),
+            "{err}"
+        );
+        let err = with(&"S".repeat(4_000_000)).unwrap_err();
+        assert!(err.to_string().len() < 200, "the message stays short");
     }
 
     #[test]

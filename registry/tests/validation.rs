@@ -114,6 +114,15 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
                 ..with(&|i| i.proto_service = "echo.v1.Echo".into())
             },
         ),
+        // Defined by its descriptors, but 513 bytes: every instance would
+        // store it and every Resolve send it.
+        (
+            "instance.proto_service",
+            pb::RegisterRequest {
+                file_descriptor_set: descriptors_defining(&"S".repeat(511)),
+                ..with(&|i| i.proto_service = format!("p.{}", "S".repeat(511)))
+            },
+        ),
     ];
     for (field, request) in cases {
         let err = client.register(request).await.unwrap_err();
@@ -225,4 +234,26 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
     assert!(err.message().starts_with("lease_secret:"));
 
     assert_eq!(everything(&mut client).await, before, "state untouched");
+}
+
+/// An encoded descriptor set of package `p` defining one service, `name`,
+/// without methods.
+fn descriptors_defining(name: &str) -> Vec<u8> {
+    use prost::Message;
+    use prost_reflect::prost_types::{
+        FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto,
+    };
+    FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("p.proto".into()),
+            package: Some("p".into()),
+            syntax: Some("proto3".into()),
+            service: vec![ServiceDescriptorProto {
+                name: Some(name.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
 }
