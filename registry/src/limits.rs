@@ -13,7 +13,10 @@
 //! /64, so counting IPv6 addresses one by one would give it billions of
 //! budgets); an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a
 //! dual-stack listener reports for an IPv4 client) counts as that IPv4
-//! address. Each peer has a token bucket holding one second's worth.
+//! address. Each peer has a token bucket holding one second's worth, which
+//! both Register and GrantLease draw from: a node takes one lease per
+//! session, so this costs it nothing, and a peer cannot fill the
+//! registry-wide lease cap faster than it could register.
 //!
 //! At most [`MAX_TRACKED_PEERS`] peers have a bucket of their own. When the
 //! table is full, peers idle long enough to have a full bucket again are
@@ -275,7 +278,7 @@ impl PeerLimits {
         }
     }
 
-    /// Takes one registration from the bucket of `peer` (see the module
+    /// Takes one registration (a Register or a GrantLease) from the bucket of `peer` (see the module
     /// docs for what a peer is), or refuses. A call whose peer is unknown
     /// (not over TCP) is not limited.
     pub fn check_register(&self, peer: Option<SocketAddr>) -> Result<(), Error> {
@@ -305,7 +308,8 @@ impl PeerLimits {
             )
         } else {
             format!(
-                "registrations per second per peer: {peer} sent more than {rate}/s \
+                "registrations per second per peer (Register and GrantLease calls): \
+                 {peer} sent more than {rate}/s \
                  (--max-registrations-per-sec-per-ip, counted per IPv4 address or IPv6 /64; \
                  0 disables it); slow down and retry"
             )
@@ -577,7 +581,7 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("per peer: 2001:db8:1:2::/64 sent more than 2/s"),
+                .contains("calls): 2001:db8:1:2::/64 sent more than 2/s"),
             "{err}"
         );
         // The next /64 is another peer.
@@ -590,10 +594,7 @@ mod tests {
             .check_register_at(addr("::ffff:192.0.2.1"), t0)
             .unwrap();
         let err = limits.check_register_at(addr("192.0.2.1"), t0).unwrap_err();
-        assert!(
-            err.to_string().contains("per peer: 192.0.2.1 sent"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("calls): 192.0.2.1 sent"), "{err}");
         // Three peers: the /64s and the IPv4 address.
         assert_eq!(tracked(&limits), 3);
     }

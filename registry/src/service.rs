@@ -57,6 +57,9 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::GrantLeaseRequest>,
     ) -> Result<Response<pb::GrantLeaseResponse>, Status> {
+        // A lease is a write too: without this, one peer could fill the
+        // registry-wide lease cap with long leases and lock every node out.
+        self.peers.check_register(request.remote_addr())?;
         let granted = self.store.grant_lease(request.into_inner().ttl_ms)?;
         tracing::debug!(lease = granted.lease_id, ttl = ?granted.ttl, "lease granted");
         Ok(Response::new(pb::GrantLeaseResponse {

@@ -489,6 +489,48 @@ async fn a_flood_from_one_peer_does_not_starve_another() {
 const ROGUE_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_flood_from_one_peer_is_limited_and_others_still_get_leases() {
+    // Leases count against the same per-peer budget as registrations:
+    // otherwise one peer could fill the registry-wide lease cap.
+    const RATE: u32 = 20;
+    let registry = Registry::start(&["--max-registrations-per-sec-per-ip", &RATE.to_string()]);
+    let mut rogue = conn(registry.addr, Some(ROGUE_IP), None).await;
+    let mut granted = 0u32;
+    let mut refusal = None;
+    // Three seconds' worth, as fast as one caller can ask.
+    for _ in 0..RATE * 3 {
+        match rogue
+            .grant_lease(pb::GrantLeaseRequest { ttl_ms: 300_000 })
+            .await
+        {
+            Ok(_) => granted += 1,
+            Err(e) => {
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refusal.expect("a burst of leases beyond the rate was never refused");
+    println!("lease flood: {granted} granted, then {err:?}");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("per second") && err.message().contains("127.0.0.2"),
+        "{err:?}"
+    );
+    // The bucket holds one second's worth, plus what refilled meanwhile.
+    assert!((RATE..RATE * 2).contains(&granted), "{granted} granted");
+
+    // Another peer is not charged for the flood.
+    let mut other = conn(registry.addr, Some(Ipv4Addr::LOCALHOST), None).await;
+    let lease = other
+        .grant_lease(pb::GrantLeaseRequest { ttl_ms: 10_000 })
+        .await
+        .expect("a lease for a peer that did not flood")
+        .into_inner();
+    assert!(lease.lease_id != 0 && !lease.lease_secret.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_slowed_down_by_the_rate_limit_registers_everything_anyway() {
     // One registration per second from any one address: the node's second
     // plugin is refused at first, and retried, not given up.

@@ -69,7 +69,7 @@ struct Args {
     /// RESOURCE_EXHAUSTED. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_WATCHES_PER_CONNECTION)]
     max_watches_per_connection: usize,
-    /// Register calls per second accepted from one peer (a token bucket
+    /// Register and GrantLease calls per second accepted from one peer (a token bucket
     /// holding one second's worth); more is RESOURCE_EXHAUSTED, so a flood
     /// from one machine cannot starve the others. A peer is an IPv4 address
     /// or an IPv6 /64. 4096 peers are tracked; while all of them are active,
