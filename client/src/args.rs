@@ -11,11 +11,22 @@
 //!
 //! No arguments means the default (empty) message. Errors name the field and
 //! list what would have been valid.
+//!
+//! A client-streaming or bidirectional method takes a *sequence* of requests
+//! ([`parse_sequence`]), read the way grpcurl reads `-d`: JSON objects one
+//! after another, whitespace between them optional
+//! (`'{"message": "a"}' '{"message": "b"}'`, or `{...}{...}` in one
+//! argument), each one message, sent in order. Not a JSON array: an array is
+//! one JSON value, and grpcurl users expect the concatenated form, so `[`
+//! is refused with a hint. `key=value` pairs still give one flat message,
+//! and no arguments send no message at all. An error in the sequence names
+//! the message's position: `message 3: no field `x` ...`.
 
 use crate::describe::{field_list, field_type, kind_name};
 use crate::resolve::suggest;
 use prost_reflect::{
-    DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions, Value,
+    DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor, SerializeOptions,
+    Value,
 };
 use thiserror::Error;
 
@@ -91,6 +102,19 @@ pub enum ArgsError {
         /// What prost-reflect said.
         error: String,
     },
+    /// A JSON array where a sequence of request messages was expected.
+    #[error(
+        "expected JSON objects one after another, one per request message ('{{...}} {{...}}'), got an array: drop the [ ] and the commas between the objects"
+    )]
+    ArrayNotSequence,
+    /// One message of a sequence is wrong.
+    #[error("message {index}: {error}")]
+    InMessage {
+        /// Its position, from 1.
+        index: usize,
+        /// What is wrong with it.
+        error: Box<ArgsError>,
+    },
 }
 
 /// Builds a request of type `desc` from command-line arguments.
@@ -109,11 +133,77 @@ pub fn parse_args<S: AsRef<str>>(
     }
 }
 
+/// Builds the requests of a call to `method`: exactly one for a unary or
+/// server-streaming method ([`parse_args`]), a sequence of any length for a
+/// client-streaming or bidirectional one ([`parse_sequence`]).
+pub fn parse_requests<S: AsRef<str>>(
+    method: &MethodDescriptor,
+    args: &[S],
+) -> Result<Vec<DynamicMessage>, ArgsError> {
+    if method.is_client_streaming() {
+        parse_sequence(&method.input(), args)
+    } else {
+        parse_args(&method.input(), args).map(|m| vec![m])
+    }
+}
+
+/// Builds a sequence of messages of type `desc`: JSON objects one after
+/// another (the arguments joined by spaces), or `key=value` pairs for one
+/// flat message. No arguments, or only whitespace, give no message.
+pub fn parse_sequence<S: AsRef<str>>(
+    desc: &MessageDescriptor,
+    args: &[S],
+) -> Result<Vec<DynamicMessage>, ArgsError> {
+    let joined = args.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" ");
+    let text = joined.trim_start();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    if text.starts_with('[') {
+        return Err(ArgsError::ArrayNotSequence);
+    }
+    if !text.starts_with('{') {
+        return parse_pairs(desc, args).map(|m| vec![m]);
+    }
+    let mut messages = Vec::new();
+    let mut values = serde_json::Deserializer::from_str(text).into_iter::<serde_json::Value>();
+    loop {
+        let in_message = |error| ArgsError::InMessage {
+            index: messages.len() + 1,
+            error: Box::new(error),
+        };
+        let value = match values.next() {
+            None => return Ok(messages),
+            Some(Ok(value)) => value,
+            Some(Err(e)) => {
+                // The usual slip of someone who thought of an array.
+                let hint = if text[values.byte_offset()..].trim_start().starts_with(',') {
+                    " (separate the messages with spaces, not commas)"
+                } else {
+                    ""
+                };
+                return Err(in_message(ArgsError::MalformedJson(format!("{e}{hint}"))));
+            }
+        };
+        let message = from_json_value(desc, &value).map_err(in_message)?;
+        messages.push(message);
+    }
+}
+
 /// Parses a JSON object (proto3 JSON mapping) into a message of type `desc`.
 pub fn parse_json(desc: &MessageDescriptor, text: &str) -> Result<DynamicMessage, ArgsError> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| ArgsError::MalformedJson(e.to_string()))?;
-    let serde_json::Value::Object(object) = &value else {
+    from_json_value(desc, &value)
+}
+
+/// A parsed JSON value into a message of type `desc`, naming the field that
+/// does not fit.
+fn from_json_value(
+    desc: &MessageDescriptor,
+    value: &serde_json::Value,
+) -> Result<DynamicMessage, ArgsError> {
+    let serde_json::Value::Object(object) = value else {
         return Err(ArgsError::MalformedJson(format!(
             "expected an object like {{\"field\": value}}, got {value}"
         )));
@@ -121,7 +211,7 @@ pub fn parse_json(desc: &MessageDescriptor, text: &str) -> Result<DynamicMessage
     for key in object.keys() {
         lookup(desc, key)?;
     }
-    match DynamicMessage::deserialize(desc.clone(), &value) {
+    match DynamicMessage::deserialize(desc.clone(), value) {
         Ok(msg) => Ok(msg),
         Err(error) => {
             // Find the top-level field that does not fit, to name it.
@@ -442,6 +532,104 @@ mod tests {
         assert!(matches!(err, ArgsError::Duplicate { .. }), "{err}");
         let msg = parse_args(&order(), &[r#"{"address": {"city": "Rome"}}"#]).expect("parses");
         assert!(to_json(&msg).contains("\"city\": \"Rome\""));
+    }
+
+    fn values_of_a(msgs: &[DynamicMessage]) -> Vec<f64> {
+        msgs.iter().map(|m| f64_of(m, "a")).collect()
+    }
+
+    #[test]
+    fn sequences_of_json_objects_as_grpcurl_reads_them() {
+        let seq = parse_sequence(&binary(), &[r#"{"a": 1}"#, r#"{"a": 2}"#]).expect("parses");
+        assert_eq!(values_of_a(&seq), [1.0, 2.0]);
+        // One argument, with or without whitespace between the objects.
+        let seq = parse_sequence(&binary(), &[r#"{"a": 1}{"a": 2} {"a": 3}"#]).expect("parses");
+        assert_eq!(values_of_a(&seq), [1.0, 2.0, 3.0]);
+        // An object split over arguments, as parse_args allows.
+        let seq = parse_sequence(&binary(), &["{\"a\":", "4}", "{}"]).expect("parses");
+        assert_eq!(values_of_a(&seq), [4.0, 0.0]);
+        // Nothing sends nothing.
+        assert!(
+            parse_sequence::<&str>(&binary(), &[])
+                .expect("empty")
+                .is_empty()
+        );
+        assert!(
+            parse_sequence(&binary(), &["", "  "])
+                .expect("empty")
+                .is_empty()
+        );
+        // key=value is one flat message.
+        let seq = parse_sequence(&binary(), &["a=5", "b=6"]).expect("parses");
+        assert_eq!(values_of_a(&seq), [5.0]);
+    }
+
+    #[test]
+    fn a_bad_message_of_a_sequence_is_named_by_position() {
+        let err = parse_sequence(&binary(), &[r#"{"a": 1} {"a": 2} {"x": 3}"#]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "message 3: no field `x` in calculator.v1.BinaryRequest; fields: a (double), b (double)"
+        );
+        let err = parse_sequence(&binary(), &[r#"{"a": 1}"#, r#"{"a": "y"}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("message 2: field `a` of calculator.v1.BinaryRequest expects a double"),
+            "{err}"
+        );
+        let err = parse_sequence(&binary(), &[r#"{"a": 1} 7"#])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("message 2: malformed JSON: expected an object"),
+            "{err}"
+        );
+        let err = parse_sequence(&binary(), &[r#"{"a": 1} {"a": "#])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("message 2: malformed JSON: "), "{err}");
+        let err = parse_sequence(&binary(), &[r#"{"a": 1}, {"a": 2}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("message 2: malformed JSON: "), "{err}");
+        assert!(
+            err.ends_with("(separate the messages with spaces, not commas)"),
+            "{err}"
+        );
+        let err = parse_sequence(&binary(), &[r#"[{"a": 1}, {"a": 2}]"#]).unwrap_err();
+        assert_eq!(err, ArgsError::ArrayNotSequence);
+        assert!(err.to_string().contains("drop the [ ]"), "{err}");
+    }
+
+    #[test]
+    fn requests_by_method_kind() {
+        let pool = shop_pool();
+        let shop = pool.get_service_by_name("shop.v1.Shop").expect("defined");
+        let method = |name: &str| shop.methods().find(|m| m.name() == name).expect("defined");
+        let two = [r#"{"quantity": 1}"#, r#"{"quantity": 2}"#];
+        // Client streaming and bidi: the sequence, empty included.
+        for name in ["Upload", "Chat"] {
+            assert_eq!(
+                parse_requests(&method(name), &two).expect("parses").len(),
+                2
+            );
+            assert!(
+                parse_requests::<&str>(&method(name), &[])
+                    .expect("parses")
+                    .is_empty()
+            );
+        }
+        // Unary and server streaming: exactly one, the default when none.
+        for name in ["Place", "Watch"] {
+            assert_eq!(
+                parse_requests::<&str>(&method(name), &[])
+                    .expect("parses")
+                    .len(),
+                1
+            );
+            assert!(parse_requests(&method(name), &two).is_err());
+        }
     }
 
     #[test]

@@ -7,11 +7,22 @@
 //! is retried once on another instance, unless retries are off: by default
 //! methods are taken to be idempotent, since the caller cannot know whether
 //! a request that never arrived was processed.
+//!
+//! Every kind of method can be called. A client-streaming or bidirectional
+//! call takes all its request messages up front ([`Caller::call_messages`]),
+//! so a retry can send them again. The retry rule is the same for every
+//! kind: only while no response has been received. A unary or
+//! client-streaming call has its one response at the end; a streaming
+//! response is handed over once the stream is open, and an error after
+//! that ends the stream instead of being retried (its replies may already
+//! have been seen).
 
+use crate::describe::streaming_kind;
 use crate::directory::Directory;
 use crate::dynamic::{DynamicCodec, method_path};
 use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
 use crate::resolve::Target;
+use futures::stream::iter;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use registry_proto::registry::v1::Instance;
 use std::collections::{HashMap, HashSet};
@@ -31,10 +42,11 @@ pub struct CallOptions {
     pub retry: bool,
     /// How long to wait for a TCP connection to an instance (default: 1 s).
     pub connect_timeout: Duration,
-    /// Deadline of a unary call, or of opening a stream (its response
-    /// headers), not of the whole stream (default: 10 s). It is also sent as
-    /// `grpc-timeout`, which a server may apply to the whole stream (tonic's
-    /// does not).
+    /// Deadline of a unary or client-streaming call (until its one
+    /// response), or of opening a server-streaming or bidirectional stream
+    /// (its response headers), not of the whole stream (default: 10 s). It
+    /// is also sent as `grpc-timeout`, which a server may apply to the whole
+    /// stream (tonic's does not).
     pub timeout: Duration,
 }
 
@@ -65,6 +77,16 @@ pub enum CallError {
         /// What it said.
         status: Status,
     },
+    /// A method that takes one request was given none or several.
+    #[error("{method} is a {kind} method: it takes exactly one request message, got {count}")]
+    RequestCount {
+        /// Full method name.
+        method: String,
+        /// Its streaming kind.
+        kind: &'static str,
+        /// How many were given.
+        count: usize,
+    },
 }
 
 impl CallError {
@@ -72,7 +94,7 @@ impl CallError {
     pub fn status(&self) -> Option<&Status> {
         match self {
             CallError::Status { status, .. } => Some(status),
-            CallError::NoInstances(_) => None,
+            CallError::NoInstances(_) | CallError::RequestCount { .. } => None,
         }
     }
 }
@@ -80,10 +102,21 @@ impl CallError {
 /// What a call returned.
 #[derive(Debug)]
 pub enum Reply {
-    /// The one reply of a unary method.
+    /// The one reply of a unary or client-streaming method.
     Unary(DynamicMessage),
-    /// The replies of a server-streaming method, as they arrive.
+    /// The replies of a server-streaming or bidirectional method, as they
+    /// arrive.
     Stream(Streaming<DynamicMessage>),
+}
+
+/// The request side of a call, by the method's kind.
+#[derive(Debug, Clone)]
+enum Requests {
+    /// The one request of a unary or server-streaming method.
+    One(DynamicMessage),
+    /// The requests of a client-streaming or bidirectional method, sent in
+    /// order, then the stream is closed.
+    Many(Vec<DynamicMessage>),
 }
 
 /// A successful call.
@@ -129,12 +162,39 @@ impl Caller {
         &self.directory
     }
 
-    /// Calls `target` with `request` on an instance picked by the policy.
+    /// Calls `target` with `request` on an instance picked by the policy
+    /// (for a client-streaming or bidirectional method: a stream of this
+    /// one message).
     pub async fn call(
         &self,
         target: &Target,
         request: DynamicMessage,
     ) -> Result<Called, CallError> {
+        self.call_messages(target, vec![request]).await
+    }
+
+    /// Calls `target`, sending `requests` in order: exactly one for a unary
+    /// or server-streaming method, any number (none included) for a
+    /// client-streaming or bidirectional one, whose request stream is then
+    /// closed.
+    pub async fn call_messages(
+        &self,
+        target: &Target,
+        requests: Vec<DynamicMessage>,
+    ) -> Result<Called, CallError> {
+        let request = if target.method.is_client_streaming() {
+            Requests::Many(requests)
+        } else {
+            let count = requests.len();
+            let Ok([one]) = <[DynamicMessage; 1]>::try_from(requests) else {
+                return Err(CallError::RequestCount {
+                    method: method_name(&target.method),
+                    kind: streaming_kind(&target.method),
+                    count,
+                });
+            };
+            Requests::One(one)
+        };
         let policy = self.policy(&target.service);
         let attempts = if self.options.retry { 2 } else { 1 };
         let mut tried: Vec<String> = Vec::new();
@@ -162,13 +222,13 @@ impl Caller {
             let addr = keys[pick.index].clone();
             // The last attempt gives the request away; earlier ones keep it
             // for the retry.
-            let message = if attempt < attempts {
+            let sent = if attempt < attempts {
                 request.clone()
             } else {
                 request.take()
             };
-            let Some(message) = message else { break };
-            match self.invoke(&addr, target, message).await {
+            let Some(sent) = sent else { break };
+            match self.invoke(&addr, target, sent).await {
                 Ok(reply) => {
                     return Ok(Called {
                         reply,
@@ -203,27 +263,35 @@ impl Caller {
         &self,
         addr: &str,
         target: &Target,
-        request: DynamicMessage,
+        request: Requests,
     ) -> Result<Reply, Status> {
         let channel = self.channel(addr)?;
         let path = method_path(&target.method)?;
         let codec = DynamicCodec::new(target.method.output());
         let mut grpc = tonic::client::Grpc::new(channel);
         let streaming = target.method.is_server_streaming();
+        let timeout = self.options.timeout;
         let call = async move {
             grpc.ready()
                 .await
                 .map_err(|e| Status::unavailable(format!("not ready: {e}")))?;
-            let mut request = tonic::Request::new(request);
-            request.set_timeout(header_timeout(self.options.timeout));
-            if streaming {
-                grpc.server_streaming(request, path, codec)
+            match (request, streaming) {
+                (Requests::One(message), false) => grpc
+                    .unary(timed(message, timeout), path, codec)
                     .await
-                    .map(|r| Reply::Stream(r.into_inner()))
-            } else {
-                grpc.unary(request, path, codec)
+                    .map(|r| Reply::Unary(r.into_inner())),
+                (Requests::One(message), true) => grpc
+                    .server_streaming(timed(message, timeout), path, codec)
                     .await
-                    .map(|r| Reply::Unary(r.into_inner()))
+                    .map(|r| Reply::Stream(r.into_inner())),
+                (Requests::Many(messages), false) => grpc
+                    .client_streaming(timed(iter(messages), timeout), path, codec)
+                    .await
+                    .map(|r| Reply::Unary(r.into_inner())),
+                (Requests::Many(messages), true) => grpc
+                    .streaming(timed(iter(messages), timeout), path, codec)
+                    .await
+                    .map(|r| Reply::Stream(r.into_inner())),
             }
         };
         tokio::time::timeout(self.options.timeout, call)
@@ -294,6 +362,13 @@ const CHANNELS_BEFORE_PRUNING: usize = 64;
 /// The longest timeout the `grpc-timeout` header can carry (8 digits of
 /// hours): tonic panics on a longer one, and `--timeout-ms` accepts any u64.
 const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(99_999_999 * 3600);
+
+/// A request carrying `timeout` as its `grpc-timeout`.
+fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(header_timeout(timeout));
+    request
+}
 
 /// `timeout` as sent to the server, capped to what the header can carry (the
 /// local deadline still uses the full value).

@@ -102,9 +102,10 @@ pub fn describe_service(service: &ServiceDescriptor) -> String {
             field_list(&method.output())
         );
         if method.is_client_streaming() {
+            // How to give several requests is not obvious from the signature.
             let _ = writeln!(
                 out,
-                "      ({}: not callable from this client)",
+                "      ({}: call with the request messages as JSON objects one after another)",
                 streaming_kind(&method)
             );
         }
@@ -164,5 +165,15 @@ mod tests {
             "rpc Watch(shop.v1.Order) returns (stream shop.v1.Order)"
         );
         assert_eq!(streaming_kind(&watch), "server streaming");
+        let text = describe_service(&svc);
+        assert!(
+            text.contains("rpc Chat(stream shop.v1.Order) returns (stream shop.v1.Order)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(bidirectional streaming: call with the request messages as JSON objects one after another)"),
+            "{text}"
+        );
+        assert!(!text.contains("not callable"), "{text}");
     }
 }

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 use prost_reflect::prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, ReflectMessage, Value};
 
-use crate::args::{parse_args, parse_json, to_json};
+use crate::args::{parse_args, parse_json, parse_sequence, to_json};
 
 /// The request messages the arguments are parsed into.
 const MESSAGES: &[&str] = &["calculator.v1.BinaryRequest", "echo.v1.EchoStreamRequest"];
@@ -29,9 +29,10 @@ fn descriptors() -> &'static [MessageDescriptor] {
 }
 
 /// Splits `data` (lossy UTF-8) into arguments at NUL bytes and newlines,
-/// parses them into each request message, and checks: no panic; an error
-/// has a message; a request survives encoding and decoding, and printing
-/// as JSON and reading back. Panics on a broken invariant.
+/// parses them into each request message, and as a sequence of them (a
+/// client-streaming call's), and checks: no panic; an error has a message;
+/// every request survives encoding and decoding, and printing as JSON and
+/// reading back. Panics on a broken invariant.
 pub fn args(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     let args: Vec<&str> = if text.is_empty() {
@@ -42,6 +43,10 @@ pub fn args(data: &[u8]) {
     for desc in descriptors() {
         match parse_args(desc, &args) {
             Ok(msg) => check_round_trips(desc, &msg),
+            Err(e) => assert!(!e.to_string().trim().is_empty(), "empty error: {e:?}"),
+        }
+        match parse_sequence(desc, &args) {
+            Ok(msgs) => msgs.iter().for_each(|msg| check_round_trips(desc, msg)),
             Err(e) => assert!(!e.to_string().trim().is_empty(), "empty error: {e:?}"),
         }
     }
@@ -109,5 +114,7 @@ mod tests {
         args(b"{\"a\": \"NaN\", \"b\": -0.0}");
         args(b"a=inf\nb=-nan");
         args(b"\xff=\xfe");
+        args(b"{\"a\": 1} {\"b\": 2}{}");
+        args(b"{\"message\": \"x\"}\0{\"count\": 3}, {}");
     }
 }

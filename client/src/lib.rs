@@ -11,12 +11,15 @@
 //!   cache, reconnection, stale fallbacks after a registry restart.
 //! - [`lb`]: load-balancing policies, one per file (random, weighted random,
 //!   smooth weighted round robin, least loaded by power of two choices).
-//! - [`call`]: picks an instance, calls it, retries once on `UNAVAILABLE`.
+//! - [`call`]: picks an instance, calls it (any kind of method: unary,
+//!   server, client or bidirectional streaming), retries once on
+//!   `UNAVAILABLE` while no response has been received.
 //! - [`resolve`]: `SERVICE/METHOD` to a method descriptor, with suggestions.
 //! - [`descriptors`]: descriptors from the registry or server reflection.
 //! - [`dynamic`]: the tonic codec for [`prost_reflect::DynamicMessage`].
-//! - [`args`]: command-line arguments (JSON or `key=value`) into a request;
-//!   replies into JSON.
+//! - [`args`]: command-line arguments (JSON or `key=value`) into a request,
+//!   or a sequence of requests for client-streaming methods; replies into
+//!   JSON.
 //! - [`describe`]: how services, methods and fields are printed.
 //! - [`channel`]: a balanced tonic `Channel` fed by the directory, for
 //!   programs with generated stubs that only want discovery.
@@ -127,6 +130,7 @@ pub(crate) mod test_protos {
                   rpc Place(Order) returns (Order);
                   rpc Watch(Order) returns (stream Order);
                   rpc Upload(stream Order) returns (Order);
+                  rpc Chat(stream Order) returns (stream Order);
                 }"#,
             ),
         ])

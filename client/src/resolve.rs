@@ -4,7 +4,6 @@
 //! the gRPC service (`calculator.v1.Calculator`). METHOD is case-sensitive, as
 //! gRPC paths are; a near miss gets a "did you mean" and the list of methods.
 
-use crate::describe::streaming_kind;
 use crate::descriptors::DescriptorError;
 use crate::directory::{Directory, Snapshot};
 use prost_reflect::{MethodDescriptor, ServiceDescriptor};
@@ -46,14 +45,6 @@ pub enum ResolveError {
         hint: String,
         /// The service's methods.
         methods: String,
-    },
-    /// The method streams from the client, which this client cannot drive.
-    #[error("{method} is a {kind} method: only unary and server-streaming methods can be called")]
-    Unsupported {
-        /// Full method name.
-        method: String,
-        /// Its streaming kind.
-        kind: &'static str,
     },
     /// The service's descriptors could not be found.
     #[error(transparent)]
@@ -145,12 +136,6 @@ pub fn find_method(
             },
         });
     };
-    if method.is_client_streaming() {
-        return Err(ResolveError::Unsupported {
-            method: method.full_name().to_string(),
-            kind: streaming_kind(&method),
-        });
-    }
     Ok(method)
 }
 
@@ -235,12 +220,23 @@ mod tests {
     }
 
     #[test]
-    fn client_streaming_is_refused() {
+    fn every_kind_of_method_resolves() {
         let svc = shop_pool()
             .get_service_by_name("shop.v1.Shop")
             .expect("defined");
-        let err = find_method(&svc, "Upload").unwrap_err().to_string();
-        assert!(err.contains("client streaming"), "{err}");
+        for (name, client, server) in [
+            ("Place", false, false),
+            ("Watch", false, true),
+            ("Upload", true, false),
+            ("Chat", true, true),
+        ] {
+            let m = find_method(&svc, name).expect("callable");
+            assert_eq!(
+                (m.is_client_streaming(), m.is_server_streaming()),
+                (client, server),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -76,6 +76,99 @@ fn every_calculator_and_echo_method_with_json_and_key_value_args() {
     }
 }
 
+/// The `message` of each reply, checking every one came from `served_by`.
+fn messages(out: &str, served_by: &str) -> Vec<String> {
+    json_values(out)
+        .iter()
+        .map(|r| {
+            assert_eq!(r["served_by"], served_by, "{out}");
+            r["message"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn client_streaming_and_bidirectional_calls_send_one_message_per_json_object() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let node = node(reg, "[plugins.echo]\nweight = 1\n");
+    wait_instances(reg, "echo", 1);
+    let served_by = node.addr.to_string();
+    let call = |method: &str, args: &[&str]| {
+        let target = format!("echo/{method}");
+        client_ok(reg, &[&["call", target.as_str()], args].concat())
+    };
+    let (one, two, three) = (
+        r#"{"message": "one"}"#,
+        r#"{"message": "two"}"#,
+        r#"{"message": "three"}"#,
+    );
+
+    // Client streaming: one reply, the messages joined in the order sent,
+    // whether the objects come as separate arguments or back to back.
+    for args in [
+        vec![one, two, three],
+        vec![r#"{"message":"one"}{"message":"two"} {"message":"three"}"#],
+    ] {
+        assert_eq!(
+            messages(&call("EchoCollect", &args), &served_by),
+            ["one two three"]
+        );
+    }
+    // No argument sends no message; key=value pairs send one.
+    assert_eq!(messages(&call("EchoCollect", &[]), &served_by), [""]);
+    assert_eq!(
+        messages(&call("EchoCollect", &["message=solo"]), &served_by),
+        ["solo"]
+    );
+
+    // Bidirectional: one reply per message, in order.
+    assert_eq!(
+        messages(&call("EchoChat", &[one, two, three]), &served_by),
+        ["one", "two", "three"]
+    );
+    assert!(messages(&call("EchoChat", &[]), &served_by).is_empty());
+    let out = call("EchoChat", &[one, two, "--repeat", "3"]);
+    assert!(
+        out.contains("3 calls to echo (weighted-round-robin), 0 failed"),
+        "{out}"
+    );
+
+    // A bad message is named by its position, and nothing is called.
+    let err = client_err(
+        reg,
+        &["call", "echo/EchoCollect", one, two, r#"{"mesage": "x"}"#],
+    );
+    assert!(
+        err.contains(
+            "message 3: no field `mesage` in echo.v1.EchoRequest, did you mean `message`?"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("served by"), "{err}");
+    let err = client_err(reg, &["call", "echo/EchoChat", one, r#"{"message": 5}"#]);
+    assert!(
+        err.contains("message 2: field `message` of echo.v1.EchoRequest expects a string, got 5"),
+        "{err}"
+    );
+    let err = client_err(reg, &["call", "echo/EchoChat", &format!("[{one}, {two}]")]);
+    assert!(err.contains("got an array"), "{err}");
+    let err = client_err(reg, &["call", "echo/EchoChat", &format!("{one}, {two}")]);
+    assert!(
+        err.contains("message 2: malformed JSON") && err.contains("not commas"),
+        "{err}"
+    );
+    // The server's own limit, with its code.
+    let big = format!(r#"{{"message": "{}"}}"#, "x".repeat(40_000));
+    let err = client_err(reg, &["call", "echo/EchoCollect", &big, &big]);
+    assert!(
+        err.contains(
+            "ResourceExhausted: EchoCollect joins at most 65536 bytes; message 2 would make it 80001"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn errors_name_the_problem_and_exit_non_zero() {
     let registry = Registry::start(&[]);
@@ -192,6 +285,15 @@ fn list_describe_and_the_default_listing() {
         out.contains("message (string), count (uint32), interval_ms (uint32)"),
         "{out}"
     );
+    for signature in [
+        "rpc Echo(echo.v1.EchoRequest) returns (echo.v1.EchoResponse)",
+        "rpc EchoCollect(stream echo.v1.EchoRequest) returns (echo.v1.EchoResponse)",
+        "rpc EchoChat(stream echo.v1.EchoRequest) returns (stream echo.v1.EchoResponse)",
+        "(client streaming: call with the request messages as JSON objects one after another)",
+    ] {
+        assert!(out.contains(signature), "{signature} not in {out}");
+    }
+    assert!(!out.contains("not callable"), "{out}");
     let out = client_ok(reg, &["describe", "calculator.v1.Calculator"]);
     assert!(
         out.contains("rpc Divide(calculator.v1.BinaryRequest) returns (calculator.v1.Result)"),

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use prost_reflect::DynamicMessage;
-use registry_client::args::parse_args;
+use registry_client::args::{parse_args, parse_requests};
 use registry_client::call::{CallOptions, Caller, Reply};
 use registry_client::dynamic::{DynamicCodec, method_path};
 use registry_client::lb::PolicyKind;
@@ -138,6 +138,69 @@ async fn a_call_right_after_a_node_is_killed_succeeds_on_another() {
     }
     assert!(!failures.is_empty());
     assert!(failures[0].contains(&dead.addr.to_string()), "{failures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_calls_to_a_killed_node_are_retried_before_any_reply() {
+    let mut registry = Registry::start(&[]);
+    let mut dead = node(registry.addr, "[plugins.echo]\nweight = 1\n");
+    let alive = node(registry.addr, "[plugins.echo]\nweight = 1\n");
+    let directory = synced(&registry).await;
+    wait_for(&directory, "echo", 2).await;
+    let collect = resolve(&directory, "echo/EchoCollect").await.unwrap();
+    let chat = resolve(&directory, "echo/EchoChat").await.unwrap();
+    let requests = parse_requests(&chat.method, &[r#"{"message": "a"} {"message": "b"}"#]).unwrap();
+    // As above: the directory still lists the node about to be killed.
+    registry.process.kill9();
+    dead.process.kill9();
+    let caller = Caller::new(directory.clone(), CallOptions::default());
+    let mut retried = 0;
+    for _ in 0..4 {
+        // Client streaming: the one reply, the messages joined.
+        let called = caller
+            .call_messages(&collect, requests.clone())
+            .await
+            .unwrap();
+        assert_eq!(called.instance.port, u32::from(alive.addr.port()));
+        let reply = unary(called.reply);
+        assert_eq!(
+            reply.get_field_by_name("message").unwrap().as_str(),
+            Some("a b")
+        );
+        retried += usize::from(called.attempts == 2);
+
+        // Bidirectional: one reply per message.
+        let called = caller.call_messages(&chat, requests.clone()).await.unwrap();
+        assert_eq!(called.instance.port, u32::from(alive.addr.port()));
+        retried += usize::from(called.attempts == 2);
+        let Reply::Stream(mut replies) = called.reply else {
+            panic!("expected a stream of replies")
+        };
+        let mut got = Vec::new();
+        while let Some(reply) = replies.message().await.unwrap() {
+            got.push(
+                reply
+                    .get_field_by_name("message")
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        assert_eq!(got, ["a", "b"]);
+    }
+    assert!(
+        retried > 0,
+        "round robin must have picked the dead node at least once"
+    );
+
+    // One request message only where the method takes exactly one.
+    let echo = resolve(&directory, "echo/Echo").await.unwrap();
+    let err = caller.call_messages(&echo, requests).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "echo.v1.Echo/Echo is a unary method: it takes exactly one request message, got 2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

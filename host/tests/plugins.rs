@@ -121,6 +121,65 @@ async fn echo_answers_once_and_as_a_stream_and_says_who_served() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_collects_a_client_stream_and_chats_message_by_message() {
+    let registry = Registry::start(&[]);
+    let node = Node::start(registry.addr, "[plugins.echo]\nweight = 1\n");
+    let mut echo = EchoClient::new(node.channel().await);
+    let msg = |m: &str| EchoRequest { message: m.into() };
+
+    let joined = echo
+        .echo_collect(futures::stream::iter([
+            msg("one"),
+            msg("two"),
+            msg("three"),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(joined.message, "one two three");
+    assert_eq!(joined.served_by, node.addr.to_string());
+    let none = echo
+        .echo_collect(futures::stream::iter(Vec::new()))
+        .await
+        .unwrap();
+    assert_eq!(none.into_inner().message, "");
+
+    // Over the limits: RESOURCE_EXHAUSTED naming the limit.
+    let e = echo
+        .echo_collect(futures::stream::iter(vec![msg(""); 1001]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(e.message(), "EchoCollect takes at most 1000 messages");
+    let big = "x".repeat(40_000);
+    let e = echo
+        .echo_collect(futures::stream::iter([msg(&big), msg(&big)]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert_eq!(
+        e.message(),
+        "EchoCollect joins at most 65536 bytes; message 2 would make it 80001"
+    );
+
+    // Each reply comes before the next message is even sent.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let mut replies = echo
+        .echo_chat(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    for word in ["a", "b", "c"] {
+        tx.send(msg(word)).await.unwrap();
+        let reply = replies.message().await.unwrap().unwrap();
+        assert_eq!(reply.message, word);
+        assert_eq!(reply.served_by, node.addr.to_string());
+    }
+    drop(tx);
+    assert!(replies.message().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmounted_plugin_is_unimplemented_and_health_follows_mounting() {
     let registry = Registry::start(&[]);
     let node = Node::start(registry.addr, CALC_ONLY);

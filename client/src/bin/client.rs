@@ -40,6 +40,8 @@ use tokio::sync::broadcast::error::RecvError;
 ///   client call calculator/Add a=2 b=3
 ///   client call calculator.v1.Calculator/Divide '{"a": 1, "b": 4}'
 ///   client call echo/EchoStream message=hi count=3
+///   client call echo/EchoCollect '{"message": "a"}' '{"message": "b"}'   # client streaming
+///   client call echo/EchoChat '{"message": "a"}{"message": "b"}'        # bidirectional
 ///   client call calculator/Add a=1 b=1 --repeat 100 --lb weighted-random
 ///   client watch
 ///   client --tls-ca ca.pem --token R list   # TLS, registry requiring a read token
@@ -131,7 +133,11 @@ struct CallArgs {
 
     /// The request: one JSON object ('{"a": 2, "b": 3}', proto3 JSON
     /// mapping) or key=value pairs for flat messages (a=2 b=3; repeat a key
-    /// for a repeated field). None sends the default message.
+    /// for a repeated field). None sends the default message. For a
+    /// client-streaming or bidirectional method: the request messages, as
+    /// JSON objects one after another ('{"a": 1}' '{"a": 2}' or
+    /// '{"a": 1}{"a": 2}', as grpcurl's -d; not a JSON array), each sent as
+    /// one message; key=value pairs send one message; none sends no message.
     request: Vec<String>,
 
     /// Load-balancing policy: how an instance is picked for each call.
@@ -153,8 +159,8 @@ struct CallArgs {
     #[arg(long)]
     no_retry: bool,
 
-    /// Deadline of each call in milliseconds (for a streaming method: until
-    /// the stream is open, not for all of its replies).
+    /// Deadline of each call in milliseconds (for a method with streamed
+    /// replies: until the stream is open, not for all of its replies).
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     timeout_ms: u64,
 }
@@ -357,7 +363,7 @@ async fn describe(directory: &Directory, service: &str) -> Result<()> {
 
 async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
     let target = resolve(directory, &a.target).await?;
-    let request = args::parse_args(&target.method.input(), &a.request)?;
+    let requests = args::parse_requests(&target.method, &a.request)?;
     let caller = Caller::new(
         directory.clone(),
         CallOptions {
@@ -368,7 +374,7 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
         },
     );
     if a.repeat == 1 {
-        let called = caller.call(&target, request).await?;
+        let called = caller.call_messages(&target, requests).await?;
         eprintln!(
             "served by {}{}",
             address(&called.instance),
@@ -387,9 +393,9 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
     let mut first_error = None;
     let mut printed = false;
     let one_call = |_| {
-        let (caller, target, request) = (&caller, &target, request.clone());
+        let (caller, target, requests) = (&caller, &target, requests.clone());
         async move {
-            let called = caller.call(target, request).await?;
+            let called = caller.call_messages(target, requests).await?;
             let replies = collect_replies(called.reply).await.map_err(|status| {
                 registry_client::call::CallError::Status {
                     // As the Caller names it in its own errors.
@@ -574,6 +580,9 @@ commands:
                       [--timeout-ms MS]
                                       e.g. call calculator/Add a=2 b=3
                                            call echo/Echo '{\"message\": \"hi\"}'
+                                      client-streaming and bidirectional methods take
+                                      the request messages as JSON objects one after
+                                      another: call echo/EchoChat '{\"message\": \"a\"}' '{\"message\": \"b\"}'
   watch                               follow changes (Ctrl-C stops)
   help                                this text
   quit                                leave (also Ctrl-D)

@@ -1,14 +1,15 @@
-//! The echo plugin: `echo.v1.Echo`, returns what it is sent, once or as a
-//! stream, and says which node answered.
+//! The echo plugin: `echo.v1.Echo`, returns what it is sent, once, as a
+//! stream, joined (client streaming) or message by message (bidirectional),
+//! and says which node answered.
 
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use registry_proto::echo::v1::echo_server::{Echo, EchoServer};
 use registry_proto::echo::v1::{EchoRequest, EchoResponse, EchoStreamRequest};
 use tonic::service::RoutesBuilder;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::gate::{Gate, Switch};
 use crate::plugin::{Plugin, PluginContext};
@@ -17,6 +18,11 @@ use crate::plugin::{Plugin, PluginContext};
 pub const MAX_COUNT: u32 = 1000;
 /// Longest pause between two replies of EchoStream, in milliseconds.
 pub const MAX_INTERVAL_MS: u32 = 10_000;
+/// Most messages one EchoCollect call may send: it holds them all until the
+/// caller is done, so a caller must not be able to make it grow forever.
+pub const MAX_COLLECT_MESSAGES: usize = 1000;
+/// Most bytes of joined text one EchoCollect reply may hold.
+pub const MAX_COLLECT_BYTES: usize = 64 * 1024;
 
 /// The echo plugin.
 #[derive(Debug, Clone, Copy, Default)]
@@ -71,7 +77,45 @@ pub fn stream_plan(req: &EchoStreamRequest) -> Result<(u32, Duration), Status> {
     ))
 }
 
-/// The stream of EchoStream replies.
+/// The messages of an EchoCollect call joined so far, within the limits.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// The messages, joined by single spaces.
+    joined: String,
+    /// How many were joined.
+    count: usize,
+}
+
+impl Collected {
+    /// Adds one message, or says which limit it would break
+    /// (`RESOURCE_EXHAUSTED`, the caller may send less).
+    pub fn push(&mut self, message: &str) -> Result<(), Status> {
+        if self.count == MAX_COLLECT_MESSAGES {
+            return Err(Status::resource_exhausted(format!(
+                "EchoCollect takes at most {MAX_COLLECT_MESSAGES} messages"
+            )));
+        }
+        let separator = if self.count == 0 { "" } else { " " };
+        let len = self.joined.len() + separator.len() + message.len();
+        if len > MAX_COLLECT_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "EchoCollect joins at most {MAX_COLLECT_BYTES} bytes; message {} would make it {len}",
+                self.count + 1
+            )));
+        }
+        self.joined.push_str(separator);
+        self.joined.push_str(message);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The joined text.
+    pub fn into_text(self) -> String {
+        self.joined
+    }
+}
+
+/// A stream of replies (EchoStream, EchoChat).
 type EchoStream = Pin<Box<dyn Stream<Item = Result<EchoResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -112,6 +156,39 @@ impl Echo for EchoService {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+
+    async fn echo_collect(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoResponse>, Status> {
+        let mut requests = req.into_inner();
+        let mut collected = Collected::default();
+        while let Some(req) = requests.message().await? {
+            collected.push(&req.message)?;
+        }
+        Ok(Response::new(EchoResponse {
+            message: collected.into_text(),
+            served_by: self.served_by.clone(),
+        }))
+    }
+
+    type EchoChatStream = EchoStream;
+
+    async fn echo_chat(
+        &self,
+        req: Request<Streaming<EchoRequest>>,
+    ) -> Result<Response<EchoStream>, Status> {
+        let served_by = self.served_by.clone();
+        // One reply per message, as it comes: nothing is held, so no limit
+        // is needed. A broken request stream ends the replies with its error.
+        let replies = req.into_inner().map(move |req| {
+            req.map(|req| EchoResponse {
+                message: req.message,
+                served_by: served_by.clone(),
+            })
+        });
+        Ok(Response::new(Box::pin(replies)))
+    }
 }
 
 #[cfg(test)]
@@ -142,6 +219,40 @@ mod tests {
         assert_eq!(e.code(), Code::InvalidArgument);
         assert!(
             e.message().contains("interval_ms is 10001"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[test]
+    fn collect_joins_in_order_within_the_limits() {
+        let mut c = Collected::default();
+        assert_eq!(Collected::default().into_text(), "");
+        for m in ["a", "", "b c"] {
+            c.push(m).expect("within limits");
+        }
+        assert_eq!(c.into_text(), "a  b c");
+
+        let mut c = Collected::default();
+        for _ in 0..MAX_COLLECT_MESSAGES {
+            c.push("").expect("within the count");
+        }
+        let e = c.push("").expect_err("one too many");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(
+            e.message().contains("at most 1000 messages"),
+            "{}",
+            e.message()
+        );
+
+        let mut c = Collected::default();
+        c.push(&"x".repeat(MAX_COLLECT_BYTES))
+            .expect("exactly the limit");
+        let e = c.push("").expect_err("a separator more");
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(
+            e.message()
+                .contains("at most 65536 bytes; message 2 would make it 65537"),
             "{}",
             e.message()
         );
