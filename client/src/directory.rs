@@ -2,7 +2,8 @@
 //!
 //! A [`Directory`] watches the registry (one `Watch` stream for all services)
 //! and applies the reset snapshot (joined first when the registry sends it
-//! in several messages) and then each event, in revision order, to a local
+//! in several messages, up to a generous limit past which the watch fails
+//! and is reconnected) and then each event, in revision order, to a local
 //! map. Lookups read the map: no round trip per call. Duplicates and
 //! updates that change nothing are dropped, so subscribers only hear about
 //! real changes.
@@ -20,6 +21,7 @@
 
 use crate::connect::Connector;
 use crate::descriptors::{self, DescriptorError};
+use prost::Message as _;
 use prost_reflect::ServiceDescriptor;
 use rand::Rng;
 use registry_proto::registry::v1::event::Kind as EventKindPb;
@@ -39,6 +41,37 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// First and largest delay between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The most a snapshot sent in parts may hold before the client gives up on
+/// it. A registry that never ends one (`more` set forever) would otherwise
+/// make the client hold every part it sends. Generous: the count is the
+/// registry's own cap on instances (`MAX_INSTANCES`), and a million
+/// instances of 500 bytes each is under the byte cap, so only a registry
+/// that misbehaves meets these.
+const SNAPSHOT_LIMITS: SnapshotLimits = SnapshotLimits {
+    instances: 1_000_000,
+    bytes: 512 * 1024 * 1024,
+};
+
+/// Caps on a snapshot being joined from its parts.
+#[derive(Debug, Clone, Copy)]
+struct SnapshotLimits {
+    /// Instances, over all parts.
+    instances: usize,
+    /// Encoded (wire) size, over all parts.
+    bytes: usize,
+}
+
+/// A snapshot being joined from its parts.
+#[derive(Debug, Default)]
+struct Partial {
+    /// The parts so far, joined: the first part with the events of the others.
+    head: Option<WatchResponse>,
+    /// Their encoded size.
+    bytes: usize,
+    /// How many parts.
+    parts: usize,
+}
 
 /// Errors of the directory itself.
 #[derive(Debug, Error)]
@@ -531,7 +564,7 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
-/// One watch stream, until it fails. Returns whether anything was received,
+/// One watch stream, until it fails. Returns whether anything was applied,
 /// why it ended, and the status code if the registry sent one.
 async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>) {
     let mut registry = shared.registry.clone();
@@ -545,15 +578,22 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
         Err(s) => return (false, crate::call::status_text(&s), Some(s.code())),
     };
     let mut received = false;
-    let mut partial = None;
+    let mut partial = Partial::default();
     loop {
         match stream.message().await {
-            Ok(Some(msg)) => {
-                received = true;
-                if let Some(msg) = join_parts(&mut partial, msg) {
+            Ok(Some(msg)) => match join_parts(&mut partial, msg, SNAPSHOT_LIMITS) {
+                Ok(Some(msg)) => {
+                    // Counted only once something is applied: a registry
+                    // that never ends its snapshot must not reset the backoff.
+                    received = true;
                     apply_and_publish(shared, msg);
                 }
-            }
+                Ok(None) => {}
+                Err(too_big) => {
+                    tracing::warn!(registry = %shared.addr, "{too_big}; reconnecting");
+                    return (received, too_big, None);
+                }
+            },
             Ok(None) => return (received, "the registry closed the watch".to_string(), None),
             Err(s) => return (received, crate::call::status_text(&s), Some(s.code())),
         }
@@ -565,22 +605,49 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
 /// further instances): returns a message once it is complete, `None` while
 /// parts are missing. Applied part by part, the first part would replace the
 /// whole copy and the others be dropped as events of a revision already seen.
-fn join_parts(partial: &mut Option<WatchResponse>, msg: WatchResponse) -> Option<WatchResponse> {
-    let msg = match partial.take() {
+///
+/// Fails, dropping what was joined, when the parts so far hold more than
+/// `limits` allow: the watch then ends with that error and is reconnected.
+fn join_parts(
+    partial: &mut Partial,
+    msg: WatchResponse,
+    limits: SnapshotLimits,
+) -> Result<Option<WatchResponse>, String> {
+    let msg = match partial.head.take() {
         Some(mut head) if !msg.reset => {
+            partial.bytes = partial.bytes.saturating_add(msg.encoded_len());
+            partial.parts += 1;
             head.events.extend(msg.events);
             head.more = msg.more;
             head
         }
         // No snapshot under way, or a new one starts (the unfinished one
         // is dropped).
-        _ => msg,
+        _ => {
+            partial.bytes = msg.encoded_len();
+            partial.parts = 1;
+            msg
+        }
     };
-    if msg.reset && msg.more {
-        *partial = Some(msg);
-        return None;
+    if !(msg.reset && msg.more) {
+        return Ok(Some(msg));
     }
-    Some(msg)
+    let over = if msg.events.len() > limits.instances {
+        Some(format!("{} instances", limits.instances))
+    } else if partial.bytes > limits.bytes {
+        Some(format!("{} bytes", limits.bytes))
+    } else {
+        None
+    };
+    if let Some(limit) = over {
+        let (instances, bytes, parts) = (msg.events.len(), partial.bytes, partial.parts);
+        *partial = Partial::default();
+        return Err(format!(
+            "the registry's snapshot is still unfinished after {parts} parts ({instances} instances, {bytes} bytes), over the client's limit of {limit}"
+        ));
+    }
+    partial.head = Some(msg);
+    Ok(None)
 }
 
 fn apply_and_publish(shared: &Arc<Shared>, msg: WatchResponse) {
@@ -1039,11 +1106,11 @@ mod tests {
         let mut middle = events("r1", vec![event(EventKindPb::Added, 9, inst("calc", 3, 1))]);
         middle.more = true;
         let last = events("r1", vec![event(EventKindPb::Added, 9, inst("echo", 4, 1))]);
-        let mut partial = None;
-        assert!(join_parts(&mut partial, first).is_none());
-        assert!(join_parts(&mut partial, middle).is_none());
-        let whole = join_parts(&mut partial, last).expect("complete");
-        assert!(partial.is_none());
+        let mut partial = Partial::default();
+        let mut join = |msg| join_parts(&mut partial, msg, SNAPSHOT_LIMITS).expect("within limits");
+        assert!(join(first).is_none());
+        assert!(join(middle).is_none());
+        let whole = join(last).expect("complete");
         let out = apply(&mut s, whole);
         // Nothing removed, the instances of every part added.
         assert_eq!(
@@ -1061,15 +1128,81 @@ mod tests {
         // A new snapshot replaces an unfinished one; plain events pass.
         let mut unfinished = reset("r1", 10, vec![inst("calc", 7, 1)]);
         unfinished.more = true;
-        assert!(join_parts(&mut partial, unfinished).is_none());
-        let fresh =
-            join_parts(&mut partial, reset("r1", 11, vec![inst("calc", 8, 1)])).expect("complete");
+        assert!(join(unfinished).is_none());
+        let fresh = join(reset("r1", 11, vec![inst("calc", 8, 1)])).expect("complete");
         assert_eq!(fresh.events.len(), 1);
         let plain = events(
             "r1",
             vec![event(EventKindPb::Added, 12, inst("calc", 9, 1))],
         );
-        assert!(join_parts(&mut partial, plain).is_some());
+        assert!(join(plain).is_some());
+        assert!(partial.head.is_none());
+    }
+
+    #[test]
+    fn a_snapshot_that_never_ends_fails_at_the_limit() {
+        let limits = SnapshotLimits {
+            instances: 10,
+            bytes: 100_000,
+        };
+        let part = |n: u32| {
+            let mut msg = events("r1", vec![event(EventKindPb::Added, 9, inst("calc", n, 1))]);
+            msg.more = true;
+            msg
+        };
+        let mut partial = Partial::default();
+        let mut first = reset("r1", 9, vec![inst("calc", 0, 1)]);
+        first.more = true;
+        assert_eq!(join_parts(&mut partial, first, limits), Ok(None));
+        // `more` forever: held up to the limit, then an error naming it.
+        for n in 1..10 {
+            assert_eq!(
+                join_parts(&mut partial, part(n), limits),
+                Ok(None),
+                "part {n}"
+            );
+        }
+        let err = join_parts(&mut partial, part(10), limits).expect_err("over the count");
+        assert!(
+            err.starts_with(
+                "the registry's snapshot is still unfinished after 11 parts (11 instances, "
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with("over the client's limit of 10 instances"),
+            "{err}"
+        );
+        // What was held is dropped.
+        assert!(partial.head.is_none());
+
+        // The same by size: parts of a little over 1000 bytes against a
+        // limit of 5000, which the fifth part crosses.
+        let limits = SnapshotLimits {
+            instances: 1_000_000,
+            bytes: 5000,
+        };
+        let big = |n: u32| {
+            let mut i = inst("calc", n, 1);
+            i.metadata.insert("k".into(), "x".repeat(1000));
+            i
+        };
+        let mut first = reset("r1", 9, vec![big(0)]);
+        first.more = true;
+        let mut partial = Partial::default();
+        let mut outcomes = Vec::new();
+        outcomes.push(join_parts(&mut partial, first, limits));
+        for n in 1..5 {
+            let mut msg = events("r1", vec![event(EventKindPb::Added, 9, big(n))]);
+            msg.more = true;
+            outcomes.push(join_parts(&mut partial, msg, limits));
+        }
+        assert_eq!(outcomes[..4], [Ok(None), Ok(None), Ok(None), Ok(None)]);
+        let err = outcomes[4].clone().expect_err("over the size");
+        assert!(
+            err.ends_with("over the client's limit of 5000 bytes"),
+            "{err}"
+        );
     }
 
     #[test]
