@@ -20,8 +20,11 @@
 //! revokes the lease, which removes every instance at once; shutting down
 //! (`q`) revokes it and ends the task.
 //!
-//! What is registered right now is published on a second watch channel, so
-//! callers can wait for a change to reach the registry.
+//! What is registered right now is published on a second watch channel
+//! ([`Reached`]), with the [generation](Desired::generation) of the newest
+//! desired state the task has caught up with, so callers can wait for a
+//! change to reach the registry: a registration still in flight for an older
+//! desired state is not mistaken for "not registered".
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -62,10 +65,24 @@ pub struct Desired {
     pub paused: bool,
     /// The node is shutting down: revoke the lease and stop.
     pub shutdown: bool,
+    /// Bumped by every change through the [`Registrar`], so a waiter can
+    /// tell whether the task has acted on that change yet.
+    pub generation: u64,
 }
 
 /// What is registered right now, by plugin name, as far as this node knows.
 pub type Registered = BTreeMap<String, PluginConfig>;
+
+/// What the registration task reports.
+#[derive(Debug, Clone, Default)]
+struct Reached {
+    /// The newest desired generation the task has caught up with: nothing
+    /// it does from now on (no call in flight either) serves an older one,
+    /// and `registered` already reflects it.
+    generation: u64,
+    /// What is registered right now.
+    registered: Registered,
+}
 
 /// Fixed facts the registration task needs.
 #[derive(Clone)]
@@ -127,7 +144,7 @@ pub struct Registrar {
     /// The target state.
     desired: watch::Sender<Desired>,
     /// The state reached.
-    registered: watch::Receiver<Registered>,
+    reached: watch::Receiver<Reached>,
     /// The task, awaited on shutdown.
     task: tokio::sync::Mutex<Option<JoinHandle<u32>>>,
 }
@@ -136,11 +153,11 @@ impl Registrar {
     /// Starts the registration task with nothing to register yet.
     pub fn spawn(settings: Settings) -> Registrar {
         let (desired, desired_rx) = watch::channel(Desired::default());
-        let (registered_tx, registered) = watch::channel(Registered::new());
-        let task = tokio::spawn(run(settings, desired_rx, registered_tx));
+        let (reached_tx, reached) = watch::channel(Reached::default());
+        let task = tokio::spawn(run(settings, desired_rx, reached_tx));
         Registrar {
             desired,
-            registered,
+            reached,
             task: tokio::sync::Mutex::new(Some(task)),
         }
     }
@@ -152,38 +169,52 @@ impl Registrar {
 
     /// What is registered right now.
     pub fn registered(&self) -> Registered {
-        self.registered.borrow().clone()
+        self.reached.borrow().registered.clone()
+    }
+
+    /// Changes the target state under a new generation; returns it.
+    fn change(&self, f: impl FnOnce(&mut Desired)) -> u64 {
+        let mut generation = 0;
+        self.desired.send_modify(|d| {
+            f(d);
+            d.generation += 1;
+            generation = d.generation;
+        });
+        generation
     }
 
     /// Registers `name` with `plugin`'s settings (or updates it in place).
     pub fn upsert(&self, name: &str, plugin: PluginConfig) {
-        self.desired.send_modify(|d| {
+        self.change(|d| {
             d.plugins.insert(name.to_string(), plugin);
         });
     }
 
     /// Deregisters `name`; returns once the registry confirmed it (or no
-    /// longer holds it), or after `wait` if it cannot be reached.
+    /// longer holds it), or after `wait` if it cannot be reached. A Register
+    /// of `name` still in flight when this is called is waited for and
+    /// undone: the caller may stop serving `name` once this returns true.
     pub async fn remove(&self, name: &str, wait: Duration) -> bool {
-        self.desired.send_modify(|d| {
+        let generation = self.change(|d| {
             d.plugins.remove(name);
         });
-        self.wait_until(wait, |r| !r.contains_key(name)).await
+        self.wait_for(generation, wait, |r| !r.contains_key(name))
+            .await
     }
 
     /// Deregisters everything (`u`) and keeps it so until [`resume`](Self::resume).
     /// Returns whether the registry holds nothing of ours within `wait`.
     pub async fn pause(&self, wait: Duration) -> bool {
-        self.desired.send_modify(|d| d.paused = true);
-        self.wait_until(wait, |r| r.is_empty()).await
+        let generation = self.change(|d| d.paused = true);
+        self.wait_for(generation, wait, Registered::is_empty).await
     }
 
     /// Registers everything again (`r`). Returns whether everything desired
     /// is registered within `wait`.
     pub async fn resume(&self, wait: Duration) -> bool {
-        self.desired.send_modify(|d| d.paused = false);
+        let generation = self.change(|d| d.paused = false);
         let want = self.desired().plugins;
-        self.wait_until(wait, |r| registered_matches(r, &want))
+        self.wait_for(generation, wait, |r| registered_matches(r, &want))
             .await
     }
 
@@ -191,7 +222,7 @@ impl Registrar {
     /// Gives up waiting for the registry after `wait`. Returns how many
     /// instances the registry removed.
     pub async fn shutdown(&self, wait: Duration) -> u32 {
-        self.desired.send_modify(|d| d.shutdown = true);
+        self.change(|d| d.shutdown = true);
         let Some(mut task) = self.task.lock().await.take() else {
             return 0;
         };
@@ -207,12 +238,29 @@ impl Registrar {
         }
     }
 
-    /// Waits until `done` holds for what is registered, at most `wait`.
+    /// Waits until the task has caught up with every change made so far
+    /// and `done` holds for what is registered, at most `wait`.
     pub async fn wait_until(&self, wait: Duration, done: impl Fn(&Registered) -> bool) -> bool {
-        let mut rx = self.registered.clone();
-        timeout(wait, rx.wait_for(|r| done(r)))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let generation = self.desired.borrow().generation;
+        self.wait_for(generation, wait, done).await
+    }
+
+    /// Waits until the task has caught up with `generation` and `done`
+    /// holds, at most `wait`. The generation matters: before the task has
+    /// seen a change, what it reports says nothing about that change.
+    async fn wait_for(
+        &self,
+        generation: u64,
+        wait: Duration,
+        done: impl Fn(&Registered) -> bool,
+    ) -> bool {
+        let mut rx = self.reached.clone();
+        timeout(
+            wait,
+            rx.wait_for(|r| r.generation >= generation && done(&r.registered)),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok())
     }
 }
 
@@ -275,12 +323,23 @@ enum SessionEnd {
     Shutdown(u32),
 }
 
+/// Reports that nothing is registered and no call is in flight, so every
+/// change up to the newest desired state is trivially caught up with (a
+/// removal needs no call; the next session acts on the newest state).
+fn nothing_registered(reached: &watch::Sender<Reached>, desired: &watch::Receiver<Desired>) {
+    let generation = desired.borrow().generation;
+    reached.send_replace(Reached {
+        generation,
+        registered: Registered::new(),
+    });
+}
+
 /// The registration task. Returns how many instances the final revocation
 /// removed.
 async fn run(
     settings: Settings,
     mut desired: watch::Receiver<Desired>,
-    registered: watch::Sender<Registered>,
+    reached: watch::Sender<Reached>,
 ) -> u32 {
     let mut backoff = Backoff::default();
     loop {
@@ -289,17 +348,19 @@ async fn run(
             return 0;
         }
         if want.paused {
-            registered.send_replace(Registered::new());
+            nothing_registered(&reached, &desired);
             if desired.changed().await.is_err() {
                 return 0;
             }
             continue;
         }
-        match session(&settings, &mut desired, &registered, &mut backoff).await {
+        match session(&settings, &mut desired, &reached, &mut backoff).await {
             Ok(SessionEnd::Shutdown(removed)) => return removed,
             Ok(SessionEnd::Paused) => continue,
             Err(e) => {
-                registered.send_replace(Registered::new());
+                // The session's lease dies with its KeepAlive stream (or its
+                // TTL), taking its instances along.
+                nothing_registered(&reached, &desired);
                 let delay = backoff.next_delay();
                 let failures = backoff.failures();
                 // The first failure and then every tenth: a registry that is
@@ -312,19 +373,26 @@ async fn run(
                 } else {
                     debug!("registry {}: {e}; retrying in {delay:?}", settings.registry);
                 }
-                // Sleep, but stop at once for a shutdown or pause.
+                // Sleep, but stop at once for a shutdown or pause (checked
+                // first too: one that came while the session was starting
+                // is marked seen already).
                 let deadline = Instant::now() + delay;
                 loop {
+                    {
+                        let d = desired.borrow();
+                        if d.shutdown || d.paused {
+                            break;
+                        }
+                    }
                     tokio::select! {
                         () = sleep_until(deadline) => break,
                         changed = desired.changed() => {
                             if changed.is_err() {
                                 return 0;
                             }
-                            let d = desired.borrow();
-                            if d.shutdown || d.paused {
-                                break;
-                            }
+                            // A removal while the registry is unreachable is
+                            // done already: say so now, not after the sleep.
+                            nothing_registered(&reached, &desired);
                         }
                     }
                 }
@@ -356,14 +424,19 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// One lease's life: grant, keep alive, reconcile, until paused, shut down
-/// or broken.
-async fn session(
-    settings: &Settings,
-    desired: &mut watch::Receiver<Desired>,
-    registered: &watch::Sender<Registered>,
-    backoff: &mut Backoff,
-) -> Result<SessionEnd, SessionError> {
+/// A session ready to register: connected, lease granted and attached to
+/// its KeepAlive stream.
+struct Started {
+    client: RegistryConn,
+    lease: Lease,
+    /// The heartbeat task; ends only with the reason the stream failed.
+    heartbeat: JoinHandle<SessionError>,
+    /// Stops the heartbeat when the session ends.
+    _stop_heartbeat: AbortOnDrop,
+}
+
+/// Connects, grants the lease and attaches it to a KeepAlive stream.
+async fn start(settings: &Settings) -> Result<Started, SessionError> {
     let endpoint = settings
         .tls
         .endpoint(&settings.registry)
@@ -396,7 +469,7 @@ async fn session(
     );
     let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
     let mut heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone(), attached_tx));
-    let _stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
+    let stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
     // Register only once the registry has attached the lease to our
     // KeepAlive stream: a crash right after registering is then noticed at
     // once (the stream breaks), not only when the TTL runs out.
@@ -404,6 +477,41 @@ async fn session(
         let ended = (&mut heartbeat).await;
         return Err(ended.unwrap_or(SessionError::KeepAliveEnded));
     }
+    Ok(Started {
+        client,
+        lease,
+        heartbeat,
+        _stop_heartbeat: stop_heartbeat,
+    })
+}
+
+/// One lease's life: grant, keep alive, reconcile, until paused, shut down
+/// or broken.
+async fn session(
+    settings: &Settings,
+    desired: &mut watch::Receiver<Desired>,
+    reached: &watch::Sender<Reached>,
+    backoff: &mut Backoff,
+) -> Result<SessionEnd, SessionError> {
+    // Connecting may take seconds (and waiting for the KeepAlive answer
+    // longer): nothing is registered yet, so a removal until then is done at
+    // once. (If every handle is gone, the branch is off and the loop below
+    // notices.)
+    nothing_registered(reached, desired);
+    let starting = start(settings);
+    tokio::pin!(starting);
+    let started = loop {
+        tokio::select! {
+            started = &mut starting => break started?,
+            Ok(()) = desired.changed() => nothing_registered(reached, desired),
+        }
+    };
+    let Started {
+        mut client,
+        lease,
+        mut heartbeat,
+        _stop_heartbeat,
+    } = started;
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
     // Settings the registry refused for a reason retrying cannot fix
@@ -413,7 +521,10 @@ async fn session(
         let want = desired.borrow_and_update().clone();
         if want.shutdown || want.paused {
             let removed = revoke(&mut client, &lease).await;
-            registered.send_replace(Registered::new());
+            reached.send_replace(Reached {
+                generation: want.generation,
+                registered: Registered::new(),
+            });
             info!(
                 "registry {}: lease {} revoked, {removed} instances removed",
                 settings.registry, lease.id
@@ -431,9 +542,12 @@ async fn session(
             &want.plugins,
             &mut held,
             &mut refused,
-            registered,
+            reached,
         )
         .await?;
+        // Only now is this state fully reached: waiting for it until here
+        // covers a Register that was in flight when a removal came in.
+        reached.send_modify(|r| r.generation = want.generation);
         if backoff.failures() > 0 {
             info!(
                 "registry {}: reachable again, {} services registered",
@@ -466,15 +580,17 @@ async fn reconcile(
     want: &BTreeMap<String, PluginConfig>,
     held: &mut BTreeMap<String, Held>,
     refused: &mut BTreeMap<String, PluginConfig>,
-    registered: &watch::Sender<Registered>,
+    reached: &watch::Sender<Reached>,
 ) -> Result<(), SessionError> {
-    // Published after every call, so waiters see each step as it lands.
+    // Published after every call, so waiters see each step as it lands
+    // (under the generation reached before: this one is not reached yet).
     let publish = |held: &BTreeMap<String, Held>| {
-        registered.send_replace(
-            held.iter()
+        reached.send_modify(|r| {
+            r.registered = held
+                .iter()
                 .map(|(n, h)| (n.clone(), h.config.clone()))
-                .collect(),
-        );
+                .collect();
+        });
     };
     let gone: Vec<String> = held
         .keys()

@@ -1,0 +1,319 @@
+//! The registration task against a fake registry whose calls can be made
+//! slow, to catch what a real registry answers too fast to show:
+//! a change that arrives while a call is in flight.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use node_host::config::{PluginConfig, WeightSource};
+use node_host::registration::{Registrar, Settings};
+use registry_proto::registry::v1::registry_server::{Registry, RegistryServer};
+use registry_proto::registry::v1::{
+    DeregisterRequest, DeregisterResponse, GetDescriptorsRequest, GetDescriptorsResponse,
+    GrantLeaseRequest, GrantLeaseResponse, Instance, KeepAliveRequest, KeepAliveResponse,
+    ListServicesRequest, ListServicesResponse, RegisterRequest, RegisterResponse, ResolveRequest,
+    ResolveResponse, RevokeLeaseRequest, RevokeLeaseResponse, UpdateRequest, UpdateResponse,
+    WatchRequest, WatchResponse,
+};
+use registry_proto::security::{BearerToken, TlsArgs};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Longer than any wait below is allowed to take, shorter than the
+/// registration task's RPC timeout (2 s).
+const SLOW: Duration = Duration::from_millis(800);
+const WAIT: Duration = Duration::from_secs(3);
+
+/// What the fake registry holds and is doing.
+#[derive(Default)]
+struct State {
+    /// Services registered (one node, so one instance each).
+    held: BTreeSet<String>,
+    /// Register calls running, by service.
+    in_flight: BTreeMap<String, u32>,
+    /// Register calls received, by service.
+    registers: BTreeMap<String, u32>,
+    /// Deregister calls running.
+    deregistering: u32,
+}
+
+/// How long the fake takes to answer each kind of call.
+#[derive(Clone, Copy, Default)]
+struct Delays {
+    grant: Duration,
+    register: Duration,
+    deregister: Duration,
+}
+
+/// A registry that answers like the real one, only after its [`Delays`].
+#[derive(Clone)]
+struct Fake {
+    state: Arc<Mutex<State>>,
+    delays: Delays,
+}
+
+impl Fake {
+    async fn start(delays: Delays) -> (Fake, SocketAddr) {
+        let fake = Fake {
+            state: Arc::default(),
+            delays,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(RegistryServer::new(fake.clone()))
+            .serve_with_incoming(TcpIncoming::from(listener));
+        tokio::spawn(server);
+        (fake, addr)
+    }
+
+    fn holds(&self, service: &str) -> bool {
+        self.state.lock().unwrap().held.contains(service)
+    }
+
+    fn in_flight(&self, service: &str) -> u32 {
+        let state = self.state.lock().unwrap();
+        state.in_flight.get(service).copied().unwrap_or(0)
+    }
+
+    fn registers(&self, service: &str) -> u32 {
+        let state = self.state.lock().unwrap();
+        state.registers.get(service).copied().unwrap_or(0)
+    }
+}
+
+#[tonic::async_trait]
+impl Registry for Fake {
+    async fn grant_lease(
+        &self,
+        _: Request<GrantLeaseRequest>,
+    ) -> Result<Response<GrantLeaseResponse>, Status> {
+        tokio::time::sleep(self.delays.grant).await;
+        Ok(Response::new(GrantLeaseResponse {
+            lease_id: 1,
+            lease_secret: "secret".into(),
+            ttl_ms: 10_000,
+        }))
+    }
+
+    type KeepAliveStream = ReceiverStream<Result<KeepAliveResponse, Status>>;
+
+    async fn keep_alive(
+        &self,
+        request: Request<Streaming<KeepAliveRequest>>,
+    ) -> Result<Response<Self::KeepAliveStream>, Status> {
+        let mut beats = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(beat)) = beats.message().await {
+                let answer = KeepAliveResponse {
+                    lease_id: beat.lease_id,
+                    ttl_ms: 10_000,
+                };
+                if tx.send(Ok(answer)).await.is_err() {
+                    break;
+                }
+            }
+            // Like the real registry: the lease dies with its stream.
+            state.lock().unwrap().held.clear();
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn revoke_lease(
+        &self,
+        _: Request<RevokeLeaseRequest>,
+    ) -> Result<Response<RevokeLeaseResponse>, Status> {
+        let mut state = self.state.lock().unwrap();
+        let removed = u32::try_from(state.held.len()).unwrap();
+        state.held.clear();
+        Ok(Response::new(RevokeLeaseResponse { removed }))
+    }
+
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let instance = request.into_inner().instance.unwrap_or_default();
+        let service = instance.service.clone();
+        {
+            let mut state = self.state.lock().unwrap();
+            *state.in_flight.entry(service.clone()).or_default() += 1;
+            *state.registers.entry(service.clone()).or_default() += 1;
+        }
+        tokio::time::sleep(self.delays.register).await;
+        let mut state = self.state.lock().unwrap();
+        *state.in_flight.entry(service.clone()).or_default() -= 1;
+        state.held.insert(service);
+        Ok(Response::new(RegisterResponse {
+            instance: Some(Instance {
+                instance_id: format!("{}:{}", instance.host, instance.port),
+                ..instance
+            }),
+            revision: 1,
+        }))
+    }
+
+    async fn update(&self, _: Request<UpdateRequest>) -> Result<Response<UpdateResponse>, Status> {
+        Err(Status::unimplemented("not used by node-host"))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<DeregisterRequest>,
+    ) -> Result<Response<DeregisterResponse>, Status> {
+        let service = request.into_inner().service;
+        self.state.lock().unwrap().deregistering += 1;
+        tokio::time::sleep(self.delays.deregister).await;
+        self.state.lock().unwrap().deregistering -= 1;
+        if self.state.lock().unwrap().held.remove(&service) {
+            Ok(Response::new(DeregisterResponse { revision: 2 }))
+        } else {
+            Err(Status::not_found(service))
+        }
+    }
+
+    async fn list_services(
+        &self,
+        _: Request<ListServicesRequest>,
+    ) -> Result<Response<ListServicesResponse>, Status> {
+        Err(Status::unimplemented("not used by node-host"))
+    }
+
+    async fn resolve(
+        &self,
+        _: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        Err(Status::unimplemented("not used by node-host"))
+    }
+
+    async fn get_descriptors(
+        &self,
+        _: Request<GetDescriptorsRequest>,
+    ) -> Result<Response<GetDescriptorsResponse>, Status> {
+        Err(Status::unimplemented("not used by node-host"))
+    }
+
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(&self, _: Request<WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not used by node-host"))
+    }
+}
+
+fn registrar(registry: SocketAddr) -> Registrar {
+    Registrar::spawn(Settings {
+        registry: registry.to_string(),
+        advertised: "127.0.0.1:7000".parse().unwrap(),
+        lease_ttl_ms: None,
+        plugins: node_host::plugins::all(),
+        tls: TlsArgs::default(),
+        token: BearerToken::none(),
+    })
+}
+
+fn weight(weight: u32) -> PluginConfig {
+    PluginConfig {
+        weight,
+        weight_source: WeightSource::Configured,
+        metadata: BTreeMap::new(),
+    }
+}
+
+/// Waits until the fake is in the middle of a Register of `service`.
+async fn register_in_flight(fake: &Fake, service: &str) {
+    testkit::eventually(WAIT, &format!("a Register of {service} in flight"), || {
+        let in_flight = fake.in_flight(service);
+        async move { (in_flight > 0).then_some(()) }
+    })
+    .await;
+}
+
+/// The node's reload removes a plugin it added a moment before, while the
+/// Register is still on its way: `remove` must not return (and the node
+/// must not stop serving it) before the registry has let go of it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_during_the_register_returns_once_the_registry_let_go() {
+    let (fake, addr) = Fake::start(Delays {
+        register: SLOW,
+        ..Delays::default()
+    })
+    .await;
+    let registrar = registrar(addr);
+    registrar.upsert("echo", weight(3));
+    register_in_flight(&fake, "echo").await;
+
+    assert!(
+        registrar.remove("echo", WAIT).await,
+        "removal not confirmed"
+    );
+    assert_eq!(fake.in_flight("echo"), 0, "remove returned mid-Register");
+    assert!(
+        !fake.holds("echo"),
+        "remove returned, the registry holds echo"
+    );
+    assert!(registrar.registered().is_empty());
+    // And it stays so: nothing was left to land later.
+    tokio::time::sleep(SLOW).await;
+    assert!(!fake.holds("echo"));
+    assert_eq!(fake.registers("echo"), 1);
+}
+
+/// `u` while a Register is in flight: same race, every plugin at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_during_the_register_returns_once_nothing_is_held() {
+    let (fake, addr) = Fake::start(Delays {
+        register: SLOW,
+        ..Delays::default()
+    })
+    .await;
+    let registrar = registrar(addr);
+    registrar.upsert("echo", weight(3));
+    register_in_flight(&fake, "echo").await;
+
+    assert!(registrar.pause(WAIT).await, "pause not confirmed");
+    assert_eq!(fake.in_flight("echo"), 0, "pause returned mid-Register");
+    assert!(
+        !fake.holds("echo"),
+        "pause returned, the registry holds echo"
+    );
+
+    // `r` brings it back, and says so only once it is there.
+    assert!(registrar.resume(WAIT).await, "resume not confirmed");
+    assert!(fake.holds("echo"));
+}
+
+/// A removal while the session is still starting (here: a slow
+/// GrantLease) needs no call: it is confirmed at once, and the session
+/// then registers only what is still wanted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_before_the_lease_is_granted_is_confirmed_at_once() {
+    let (fake, addr) = Fake::start(Delays {
+        grant: Duration::from_millis(1500),
+        ..Delays::default()
+    })
+    .await;
+    let registrar = registrar(addr);
+    registrar.upsert("echo", weight(3));
+    registrar.upsert("calculator", weight(5));
+    // Well within the GrantLease delay.
+    assert!(
+        registrar.remove("echo", Duration::from_millis(700)).await,
+        "removal before any registration not confirmed"
+    );
+    assert!(
+        registrar
+            .wait_until(WAIT, |r| r.contains_key("calculator"))
+            .await,
+        "calculator never registered"
+    );
+    assert!(fake.holds("calculator"));
+    assert!(!fake.holds("echo"));
+    assert_eq!(fake.registers("echo"), 0, "a removed plugin was registered");
+}
