@@ -15,15 +15,14 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::diff::{Action, diff};
@@ -58,6 +57,18 @@ pub struct Registry {
     pub token: BearerToken,
 }
 
+/// Which restart-only settings the command line sets. The file's values for
+/// them are ignored, at start and after any edit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FixedByFlags {
+    /// `--registry` (or `REGISTRY_ADDR`).
+    pub registry: bool,
+    /// `--advertise`.
+    pub advertise: bool,
+    /// `--port`.
+    pub port: bool,
+}
+
 /// One known plugin and its gate.
 struct Mount {
     /// The plugin.
@@ -79,18 +90,24 @@ pub struct Node {
     /// The configuration in force. A tokio mutex: held across the awaits of
     /// one reload so two reloads never interleave.
     current: Mutex<Config>,
-    /// Whether a configuration was applied yet (the first one is no change).
-    applied: AtomicBool,
+    /// The first configuration applied: the file's restart-only settings
+    /// the node started with. Unset until then (the first one is no change).
+    started: OnceLock<Config>,
+    /// Restart-only settings the flags set, whose file values do nothing.
+    fixed: FixedByFlags,
 }
 
 impl Node {
     /// Builds the node and the routes to serve: every plugin behind a closed
     /// gate, gRPC health, server reflection v1 and v1alpha. Starts the
     /// registration task, with nothing to register until [`apply`](Self::apply).
+    /// `fixed` says which file settings the command line overrode, so edits
+    /// to them are not reported as needing a restart.
     pub async fn build(
         plugins: Vec<Arc<dyn Plugin>>,
         advertised: SocketAddr,
         registry: Registry,
+        fixed: FixedByFlags,
     ) -> Result<(Arc<Node>, Routes), NodeError> {
         let ctx = PluginContext {
             advertised: advertised.to_string(),
@@ -137,7 +154,8 @@ impl Node {
             reflection,
             registrar,
             current: Mutex::new(Config::default()),
-            applied: AtomicBool::new(false),
+            started: OnceLock::new(),
+            fixed,
         };
         Ok((Arc::new(node), routes.routes()))
     }
@@ -155,8 +173,12 @@ impl Node {
     /// Makes `new` the configuration in force, applying only the difference.
     pub async fn apply(&self, new: Config) {
         let mut current = self.current.lock().await;
-        if self.applied.load(Ordering::Relaxed) {
-            warn_restart_only(&current, &new);
+        match self.started.get() {
+            Some(started) => warn_restart_only(started, &current, &new, self.fixed),
+            None => {
+                // Under the lock: no other apply can have set it meanwhile.
+                let _ = self.started.set(new.clone());
+            }
         }
         let actions = diff(&current.plugins, &new.plugins);
         for action in actions {
@@ -190,7 +212,6 @@ impl Node {
             }
         }
         *current = new;
-        self.applied.store(true, Ordering::Relaxed);
     }
 
     /// Opens or closes a plugin's gate, and sets its health to match.
@@ -223,22 +244,169 @@ impl Node {
 
 /// Warns about settings a reload cannot change: the node's address and its
 /// registry link are fixed for its lifetime.
-fn warn_restart_only(current: &Config, new: &Config) {
-    let changed = [
-        ("registry", current.registry != new.registry),
-        ("advertise", current.advertise != new.advertise),
-        ("port", current.port != new.port),
-        ("lease_ttl_ms", current.lease_ttl_ms != new.lease_ttl_ms),
-    ];
-    for (what, differs) in changed {
-        if differs {
-            warn!("`{what}` changed: takes effect when node-host restarts");
+fn warn_restart_only(started: &Config, current: &Config, new: &Config, fixed: FixedByFlags) {
+    for change in restart_only_changes(started, current, new, fixed) {
+        match change {
+            RestartOnly::NeedsRestart(message) => warn!("{message}"),
+            RestartOnly::Overridden(message) => debug!("{message}"),
         }
     }
+}
+
+/// A restart-only setting the file changed.
+#[derive(Debug, PartialEq, Eq)]
+enum RestartOnly {
+    /// It takes effect when node-host restarts.
+    NeedsRestart(String),
+    /// A flag sets it: the file's value does nothing, now or after a restart.
+    Overridden(String),
+}
+
+/// The restart-only settings `current` -> `new` changes in the file. One
+/// that changed back to the value the node `started` with needs nothing: it
+/// is what runs.
+fn restart_only_changes(
+    started: &Config,
+    current: &Config,
+    new: &Config,
+    fixed: FixedByFlags,
+) -> Vec<RestartOnly> {
+    fn show<T: std::fmt::Display>(value: Option<&T>) -> String {
+        value.map_or_else(|| "unset".to_string(), |v| format!("`{v}`"))
+    }
+    type Value = fn(&Config) -> String;
+    let settings: [(&str, Option<&str>, Value); 4] = [
+        ("registry", fixed.registry.then_some("--registry"), |c| {
+            show(c.registry.as_ref())
+        }),
+        ("advertise", fixed.advertise.then_some("--advertise"), |c| {
+            show(c.advertise.as_ref())
+        }),
+        ("port", fixed.port.then_some("--port"), |c| {
+            show(c.port.as_ref())
+        }),
+        // No flag sets the lease TTL.
+        ("lease_ttl_ms", None, |c| show(c.lease_ttl_ms.as_ref())),
+    ];
+    let mut changes = Vec::new();
+    for (name, flag, value) in settings {
+        let (was, now) = (value(current), value(new));
+        if was == now {
+            continue;
+        }
+        changes.push(match flag {
+            Some(flag) => RestartOnly::Overridden(format!(
+                "`{name}` changed in the configuration file from {was} to {now}: no effect, {flag} overrides it"
+            )),
+            None if now == value(started) => continue,
+            None => RestartOnly::NeedsRestart(format!(
+                "`{name}` changed in the configuration file from {was} to {now}: it takes effect when node-host restarts"
+            )),
+        });
+    }
+    changes
 }
 
 /// The names a plugin's health is reported under: its full protobuf service
 /// name (what gRPC health checkers ask for) and its registry name.
 fn health_names(plugin: &dyn Plugin) -> [&'static str; 2] {
     [plugin.proto_service(), plugin.name()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(registry: Option<&str>, port: Option<u16>, lease_ttl_ms: Option<u64>) -> Config {
+        Config {
+            registry: registry.map(str::to_string),
+            port,
+            lease_ttl_ms,
+            ..Config::default()
+        }
+    }
+
+    fn needs_restart(changes: &[RestartOnly]) -> Vec<&str> {
+        changes
+            .iter()
+            .filter_map(|c| match c {
+                RestartOnly::NeedsRestart(m) => Some(m.as_str()),
+                RestartOnly::Overridden(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn restart_only_warns_for_file_values_no_flag_overrides() {
+        let started = config(Some("10.0.0.1:50051"), Some(7000), Some(900));
+        let edited = config(Some("10.0.0.2:50051"), Some(7001), Some(1500));
+
+        // No flags: every edited setting needs a restart, named with both
+        // values.
+        let changes = restart_only_changes(&started, &started, &edited, FixedByFlags::default());
+        assert_eq!(
+            needs_restart(&changes),
+            [
+                "`registry` changed in the configuration file from `10.0.0.1:50051` to `10.0.0.2:50051`: it takes effect when node-host restarts",
+                "`port` changed in the configuration file from `7000` to `7001`: it takes effect when node-host restarts",
+                "`lease_ttl_ms` changed in the configuration file from `900` to `1500`: it takes effect when node-host restarts",
+            ]
+        );
+
+        // --registry and --port set: their file values do nothing, before or
+        // after a restart; only the lease TTL (no flag) still needs one.
+        let fixed = FixedByFlags {
+            registry: true,
+            advertise: false,
+            port: true,
+        };
+        let changes = restart_only_changes(&started, &started, &edited, fixed);
+        assert_eq!(
+            needs_restart(&changes),
+            [
+                "`lease_ttl_ms` changed in the configuration file from `900` to `1500`: it takes effect when node-host restarts"
+            ]
+        );
+        assert_eq!(
+            changes[0],
+            RestartOnly::Overridden(
+                "`registry` changed in the configuration file from `10.0.0.1:50051` to `10.0.0.2:50051`: no effect, --registry overrides it".into()
+            )
+        );
+        assert_eq!(changes.len(), 3);
+    }
+
+    #[test]
+    fn restart_only_is_quiet_when_nothing_restart_only_changed() {
+        let started = config(None, Some(7000), None);
+        let edited = config(None, Some(7001), None);
+        // A reload that only touches plugins, after the port was edited
+        // before: no warning again for the port.
+        let mut plugins_only = edited.clone();
+        plugins_only.plugins.insert(
+            "echo".into(),
+            crate::config::PluginConfig {
+                weight: 2,
+                weight_source: crate::config::WeightSource::Configured,
+                metadata: BTreeMap::new(),
+            },
+        );
+        let none = FixedByFlags::default();
+        assert!(restart_only_changes(&started, &edited, &plugins_only, none).is_empty());
+        // Back to the value the node started with: that is what runs.
+        assert!(restart_only_changes(&started, &edited, &started, none).is_empty());
+        // Unset -> set is a change too.
+        let changes = restart_only_changes(
+            &started,
+            &started,
+            &config(Some("h:1"), Some(7000), None),
+            none,
+        );
+        assert_eq!(
+            needs_restart(&changes),
+            [
+                "`registry` changed in the configuration file from unset to `h:1`: it takes effect when node-host restarts"
+            ]
+        );
+    }
 }

@@ -12,7 +12,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::node::{Node, NodeError, Registry};
+use crate::node::{FixedByFlags, Node, NodeError, Registry};
 use crate::reload::WatchError;
 use crate::stdin::Command;
 use crate::{addr, plugins, reload, stdin};
@@ -120,6 +120,11 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             lease_ttl_ms: config.lease_ttl_ms,
             tls: opts.tls.clone(),
             token,
+        },
+        FixedByFlags {
+            registry: opts.registry.is_some(),
+            advertise: opts.advertise.is_some(),
+            port: opts.port.is_some(),
         },
     )
     .await?;
