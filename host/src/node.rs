@@ -172,7 +172,19 @@ impl Node {
 
     /// Makes `new` the configuration in force, applying only the difference.
     pub async fn apply(&self, new: Config) {
+        self.update(|_| Some(new)).await;
+    }
+
+    /// Computes the next configuration from the one in force and applies
+    /// it (`None`: keep it), all under one lock. A reload must read the file
+    /// under the lock too: two reloads that both started from the same
+    /// configuration would each draw their own random weights, and the
+    /// one that read the file first could apply last, undoing a newer edit.
+    pub async fn update(&self, next: impl FnOnce(&Config) -> Option<Config>) {
         let mut current = self.current.lock().await;
+        let Some(new) = next(&current) else {
+            return;
+        };
         match self.started.get() {
             Some(started) => warn_restart_only(started, &current, &new, self.fixed),
             None => {

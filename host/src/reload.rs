@@ -118,17 +118,23 @@ pub fn spawn(
     })
 }
 
-/// Loads `path` and applies it, or reports why not.
+/// Loads `path` and applies it, or reports why not. The file is read with
+/// the configuration in force locked, so concurrent reloads (the watcher's,
+/// and the one at start) apply one after the other, each from the last.
 pub async fn reload(path: &Path, node: &Node, known: &[&str]) {
-    let current = node.config().await;
-    match Config::load(path, known, Some(&current)) {
-        Err(e) => error!("{e}; keeping the last good configuration"),
-        Ok(new) if new == current => {
-            debug!("{} changed on disk, same configuration", path.display())
+    node.update(|current| match Config::load(path, known, Some(current)) {
+        Err(e) => {
+            error!("{e}; keeping the last good configuration");
+            None
+        }
+        Ok(new) if new == *current => {
+            debug!("{} changed on disk, same configuration", path.display());
+            None
         }
         Ok(new) => {
             info!("{} reloaded: {new}", path.display());
-            node.apply(new).await;
+            Some(new)
         }
-    }
+    })
+    .await;
 }

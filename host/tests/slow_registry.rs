@@ -1,5 +1,5 @@
-//! The registration task against a fake registry whose calls can be made
-//! slow, to catch what a real registry answers too fast to show:
+//! The registration task and reloads against a fake registry whose calls
+//! can be made slow, to catch what a real registry answers too fast to show:
 //! a change that arrives while a call is in flight.
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use node_host::config::{PluginConfig, WeightSource};
+use node_host::node::{FixedByFlags, Node};
 use node_host::registration::{Registrar, Settings};
 use registry_proto::registry::v1::registry_server::{Registry, RegistryServer};
 use registry_proto::registry::v1::{
@@ -316,4 +317,86 @@ async fn remove_before_the_lease_is_granted_is_confirmed_at_once() {
     assert!(fake.holds("calculator"));
     assert!(!fake.holds("echo"));
     assert_eq!(fake.registers("echo"), 0, "a removed plugin was registered");
+}
+
+/// Two reloads at once (the watcher's, and the one at start) while a third
+/// holds the configuration (a removal waiting for a slow Deregister): they
+/// must apply one after the other, the second from the first's result, not
+/// both from the same old one. Else each draws its own random weight for a
+/// plugin that names none, and the registry sees the weight flap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reloads_apply_one_after_the_other() {
+    let (fake, addr) = Fake::start(Delays {
+        deregister: SLOW,
+        ..Delays::default()
+    })
+    .await;
+    let (node, _routes) = Node::build(
+        node_host::plugins::all(),
+        "127.0.0.1:7000".parse().unwrap(),
+        node_host::node::Registry {
+            addr: addr.to_string(),
+            lease_ttl_ms: None,
+            tls: TlsArgs::default(),
+            token: BearerToken::none(),
+        },
+        FixedByFlags::default(),
+    )
+    .await
+    .unwrap();
+    let dir = testkit::TempDir::new("slow-registry-reload");
+    let path = Arc::new(dir.path().join("services.toml"));
+    let known = Arc::new(node_host::plugins::names());
+    let reload = |node: &Arc<Node>| {
+        let (node, path, known) = (node.clone(), path.clone(), known.clone());
+        tokio::spawn(async move { node_host::reload::reload(&path, &node, &known).await })
+    };
+
+    std::fs::write(&*path, "[plugins.echo]\nweight = 3\n").unwrap();
+    reload(&node).await.unwrap();
+    assert!(
+        node.registrar()
+            .wait_until(WAIT, |r| r.contains_key("echo"))
+            .await
+    );
+
+    // Removing echo holds the configuration while Deregister is slow.
+    std::fs::write(&*path, "").unwrap();
+    let removing = reload(&node);
+    testkit::eventually(WAIT, "a Deregister in flight", || {
+        let busy = fake.state.lock().unwrap().deregistering > 0;
+        async move { busy.then_some(()) }
+    })
+    .await;
+    let before = node.registrar().desired().generation;
+    // Meanwhile the file gains both plugins, neither with a weight, and two
+    // reloads queue up behind the first.
+    std::fs::write(&*path, "[plugins.calculator]\n[plugins.echo]\n").unwrap();
+    let first = reload(&node);
+    let second = reload(&node);
+    for handle in [removing, first, second] {
+        handle.await.unwrap();
+    }
+
+    let config = node.config().await;
+    let want = config.plugins.clone();
+    assert_eq!(want.len(), 2);
+    assert!(
+        node.registrar()
+            .wait_until(WAIT, |r| node_host::registration::registered_matches(
+                r, &want
+            ))
+            .await,
+        "the registry does not hold the configuration in force"
+    );
+    // Two changes asked of the registration task: the two additions, each
+    // with its one drawn weight. The second reload found the file as the
+    // first left it and changed nothing (not a weight drawn anew).
+    assert_eq!(node.registrar().desired().plugins, want);
+    assert_eq!(
+        node.registrar().desired().generation - before,
+        2,
+        "a reload re-weighted what the previous one added"
+    );
+    assert!(fake.registers("calculator") >= 1);
 }
