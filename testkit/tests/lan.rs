@@ -433,31 +433,19 @@ fn ms(d: Duration) -> u128 {
     d.as_millis()
 }
 
-/// `client call calculator/Add a=1 b=2 --repeat N` running on D, N sized
-/// from a short calibration run so the calls last about `duration`. One
-/// process throughout: it keeps its view of the registry, as a long-running
-/// client would.
+/// `client call calculator/Add a=1 b=2 --repeat N` running on D, N more
+/// calls than any scenario lasts: [`finish`](Self::finish) ends them with
+/// SIGINT, as Ctrl-C would, so they span the whole scenario however fast
+/// or slow this machine is at the moment. One process throughout: it keeps
+/// its view of the registry, as a long-running client would.
 struct RepeatedCalls {
     process: Process,
-    n: u32,
 }
 
 impl RepeatedCalls {
-    fn start(cl: &Cluster, duration: Duration) -> RepeatedCalls {
-        // Two runs, so process start and registry sync cancel out.
-        let timed = |n: u32| {
-            let t = Instant::now();
-            let n = n.to_string();
-            let (status, _, _) =
-                cl.client(&["call", "calculator/Add", "a=1", "b=2", "--repeat", &n]);
-            assert!(status.success(), "calibration calls failed");
-            t.elapsed()
-        };
-        const PROBE: u32 = 300;
-        let one = timed(1);
-        let many = timed(1 + PROBE);
-        let per_call = many.saturating_sub(one).max(Duration::from_micros(50)) / PROBE;
-        let n = (duration.as_secs_f64() / per_call.as_secs_f64()).clamp(200.0, 200_000.0) as u32;
+    const N: u32 = 10_000_000;
+
+    fn start(cl: &Cluster) -> RepeatedCalls {
         let mut cmd = cl.d().command("client");
         cmd.env("REGISTRY_ADDR", cl.registry_addr())
             .env("RUST_LOG", "warn");
@@ -467,25 +455,29 @@ impl RepeatedCalls {
             "a=1",
             "b=2",
             "--repeat",
-            &n.to_string(),
+            &Self::N.to_string(),
         ]);
         let process = Process::spawn("calls", cmd);
-        RepeatedCalls { process, n }
+        // The first reply is printed as soon as it arrives.
+        process.wait_for_line("\"value\"", READY_TIMEOUT);
+        RepeatedCalls { process }
     }
 
     /// Asserts the calls are still going (so they span what happens next).
     fn assert_running(&mut self, what: &str) {
         assert!(
             self.process.is_running(),
-            "the {} calls ended before {what}: the calibration was off",
-            self.n
+            "the calls ended before {what}: {:?}",
+            self.process.lines()
         );
     }
 
-    /// Waits for the end; asserts that every call succeeded and returns the
-    /// summary line.
+    /// Stops the calls (SIGINT), asserts that every call made succeeded and
+    /// returns the summary line.
     fn finish(mut self) -> String {
-        let status = self.process.wait_exit(Duration::from_secs(120));
+        self.assert_running("the end of the scenario");
+        self.process.signal(2);
+        let status = self.process.wait_exit(Duration::from_secs(30));
         let line = self
             .process
             .wait_for_line(" calls to calculator (", Duration::from_secs(1));
@@ -533,7 +525,7 @@ async fn lan_kill9_of_a_node_fails_no_call_and_its_instances_go_at_once() {
     let d_watch = Process::spawn("watch", cmd);
     d_watch.wait_for_line(&format!("+ calculator {b_addr}"), READY_TIMEOUT);
     let cursor = d_watch.line_count();
-    let mut calls = RepeatedCalls::start(&cl, Duration::from_secs(6));
+    let mut calls = RepeatedCalls::start(&cl);
     std::thread::sleep(Duration::from_millis(1000)); // calls under way, on both nodes
 
     calls.assert_running("the crash");
@@ -558,6 +550,7 @@ async fn lan_kill9_of_a_node_fails_no_call_and_its_instances_go_at_once() {
     // A crash breaks the KeepAlive connection: no need to wait for the TTL.
     assert!(gone - crash < TTL, "took {:?}", gone - crash);
     calls.assert_running("B was gone");
+    std::thread::sleep(Duration::from_millis(500)); // calls to C alone
 
     let summary = calls.finish();
     println!("calls across the crash: {summary}");
@@ -610,7 +603,7 @@ async fn lan_registry_restart_nodes_register_again_and_calls_go_on() {
     };
     let (bip, cip) = (cl.b_ip(), cl.c_ip());
     let old_id = cl.watcher.now().registry_id;
-    let mut calls = RepeatedCalls::start(&cl, Duration::from_secs(8));
+    let mut calls = RepeatedCalls::start(&cl);
     std::thread::sleep(Duration::from_millis(1000));
 
     calls.assert_running("the registry was killed");
@@ -634,6 +627,7 @@ async fn lan_registry_restart_nodes_register_again_and_calls_go_on() {
         back - restart
     );
     calls.assert_running("the nodes were back");
+    std::thread::sleep(Duration::from_millis(500)); // calls on the new registry's view
 
     let summary = calls.finish();
     println!("calls across the restart: {summary}");

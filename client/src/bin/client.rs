@@ -23,6 +23,8 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -145,7 +147,8 @@ struct CallArgs {
     lb: PolicyKind,
 
     /// Make the call N times and print how the calls spread over the
-    /// instances, next to their weights and expected shares.
+    /// instances, next to their weights and expected shares. Ctrl-C stops
+    /// early (calls in flight finish) and prints the table so far.
     #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     repeat: u32,
 
@@ -409,7 +412,21 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
             Ok::<_, registry_client::call::CallError>((address(&called.instance), replies))
         }
     };
+    // Ctrl-C or SIGTERM ends a long --repeat early, as ping does: no new
+    // call starts, those in flight finish, and the table covers what was
+    // made. A second signal leaves at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let on_signal = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop_signal().await;
+            stop.store(true, Ordering::Relaxed);
+            stop_signal().await;
+            std::process::exit(130);
+        }
+    });
     let mut calls = futures::stream::iter(0..a.repeat)
+        .take_while(|_| futures::future::ready(!stop.load(Ordering::Relaxed)))
         .map(one_call)
         .buffer_unordered(a.concurrency.max(1) as usize);
     while let Some(outcome) = calls.next().await {
@@ -429,14 +446,35 @@ async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
             }
         }
     }
+    on_signal.abort();
+    let made = served.values().sum::<u32>() + failures;
+    if made < a.repeat {
+        eprintln!("interrupted: {made} of {} calls made", a.repeat);
+    }
     print!(
         "{}",
         spread_table(directory, &target.service, a.lb, &served, failures)
     );
     if let Some(e) = first_error {
-        bail!("{failures} of {} calls failed; first error: {e}", a.repeat);
+        bail!("{failures} of {made} calls failed; first error: {e}");
     }
     Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM; never, if neither can be caught.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            r = tokio::signal::ctrl_c() => if r.is_err() { term.recv().await; },
+            _ = term.recv() => {}
+        },
+        Err(_) => {
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// Every message of a reply (one for a unary method).
