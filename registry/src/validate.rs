@@ -637,34 +637,12 @@ mod tests {
         );
     }
 
-    /// An encoded descriptor set of package `p` defining one service,
-    /// `name`, without methods.
-    fn descriptors_defining(name: &str) -> Vec<u8> {
-        use prost::Message;
-        use prost_reflect::prost_types::{
-            FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto,
-        };
-        FileDescriptorSet {
-            file: vec![FileDescriptorProto {
-                name: Some("p.proto".into()),
-                package: Some("p".into()),
-                syntax: Some("proto3".into()),
-                service: vec![ServiceDescriptorProto {
-                    name: Some(name.into()),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-        }
-        .encode_to_vec()
-    }
-
     #[test]
     fn proto_service_is_at_most_512_bytes_even_when_the_descriptors_define_it() {
         let with = |short: &str| {
             register_with(|r| {
                 r.instance.as_mut().unwrap().proto_service = format!("p.{short}");
-                r.file_descriptor_set = descriptors_defining(short);
+                r.file_descriptor_set = testkit::descriptors_defining(short);
             })
         };
         // "p." and 510 bytes: 512, the most allowed.

@@ -119,7 +119,7 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
         (
             "instance.proto_service",
             pb::RegisterRequest {
-                file_descriptor_set: descriptors_defining(&"S".repeat(511)),
+                file_descriptor_set: testkit::descriptors_defining(&"S".repeat(511)),
                 ..with(&|i| i.proto_service = format!("p.{}", "S".repeat(511)))
             },
         ),
@@ -234,26 +234,4 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
     assert!(err.message().starts_with("lease_secret:"));
 
     assert_eq!(everything(&mut client).await, before, "state untouched");
-}
-
-/// An encoded descriptor set of package `p` defining one service, `name`,
-/// without methods.
-fn descriptors_defining(name: &str) -> Vec<u8> {
-    use prost::Message;
-    use prost_reflect::prost_types::{
-        FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto,
-    };
-    FileDescriptorSet {
-        file: vec![FileDescriptorProto {
-            name: Some("p.proto".into()),
-            package: Some("p".into()),
-            syntax: Some("proto3".into()),
-            service: vec![ServiceDescriptorProto {
-                name: Some(name.into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    }
-    .encode_to_vec()
 }

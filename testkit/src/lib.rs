@@ -393,3 +393,24 @@ pub fn replay_fuzz_corpus(target: &str, check: impl Fn(&[u8])) {
         check(&std::fs::read(path).unwrap());
     }
 }
+
+/// An encoded `FileDescriptorSet` of one file in package `p` defining one
+/// service, `name`, without methods: the least a Register can carry to name
+/// its service's proto (validation tests).
+pub fn descriptors_defining(name: &str) -> Vec<u8> {
+    use prost::Message;
+    use prost_types::{FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto};
+    FileDescriptorSet {
+        file: vec![FileDescriptorProto {
+            name: Some("p.proto".into()),
+            package: Some("p".into()),
+            syntax: Some("proto3".into()),
+            service: vec![ServiceDescriptorProto {
+                name: Some(name.into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec()
+}
