@@ -12,7 +12,8 @@
 
 use prost::Message;
 use prost_reflect::{DescriptorPool, ServiceDescriptor};
-use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use prost_types::FileDescriptorProto;
+use registry_proto::descriptors::{decode_pool, pool_from_files};
 use registry_proto::registry::v1::GetDescriptorsRequest;
 use registry_proto::security::RegistryConn;
 use std::collections::{BTreeSet, HashMap};
@@ -63,7 +64,7 @@ pub async fn from_registry(
     if reply.file_descriptor_set.is_empty() {
         return Ok(None);
     }
-    let pool = DescriptorPool::decode(reply.file_descriptor_set.as_slice())
+    let pool = decode_pool(&reply.file_descriptor_set)
         .map_err(|e| format!("registry sent invalid descriptors: {e}"))?;
     Ok(Some((reply.proto_service, pool)))
 }
@@ -149,8 +150,8 @@ async fn reflect(
         .into_inner();
     let ask = ReflectionStream { tx, replies };
     let (symbol, files) = converse(symbol, ask, progress, REFLECTION_LIMITS).await?;
-    let pool = DescriptorPool::from_file_descriptor_set(FileDescriptorSet { file: files })
-        .map_err(|e| format!("reflection sent invalid descriptors: {e}"))?;
+    let pool =
+        pool_from_files(files).map_err(|e| format!("reflection sent invalid descriptors: {e}"))?;
     Ok((symbol, pool))
 }
 

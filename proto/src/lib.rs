@@ -8,10 +8,12 @@
 //!
 //! It also holds what every binary shares beyond the protocol:
 //! [`security`] (TLS flags, access tokens, the registry client type) and
-//! [`logging`] (the `RUST_LOG` setup of every binary).
+//! [`logging`] (the `RUST_LOG` setup of every binary), and [`descriptors`]
+//! (descriptor sets from the network, decoded without panicking).
 
 #![warn(missing_docs)]
 
+pub mod descriptors;
 pub mod logging;
 pub mod security;
 

@@ -9,7 +9,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use prost_reflect::DescriptorPool;
 use registry_proto::registry::v1 as pb;
 
 use crate::error::{Error, Result};
@@ -328,7 +327,7 @@ pub fn descriptors(bytes: Vec<u8>, proto_service: &str) -> Result<Option<Vec<u8>
             format!("at most {MAX_DESCRIPTOR_SET} bytes, got {}", bytes.len()),
         ));
     }
-    let pool = DescriptorPool::decode(bytes.as_slice())
+    let pool = registry_proto::descriptors::decode_pool(&bytes)
         .map_err(|e| Error::invalid(FIELD, format!("not a valid FileDescriptorSet: {e}")))?;
     if !proto_service.is_empty() && pool.get_service_by_name(proto_service).is_none() {
         return Err(Error::invalid(

@@ -114,6 +114,14 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
                 ..with(&|i| i.proto_service = "echo.v1.Echo".into())
             },
         ),
+        // A syntax prost-reflect cannot build (it used to panic on one).
+        (
+            "file_descriptor_set",
+            pb::RegisterRequest {
+                file_descriptor_set: testkit::descriptors_with_syntax("S", "editions"),
+                ..base()
+            },
+        ),
         // Defined by its descriptors, but 513 bytes: every instance would
         // store it and every Resolve send it.
         (

@@ -398,13 +398,18 @@ pub fn replay_fuzz_corpus(target: &str, check: impl Fn(&[u8])) {
 /// service, `name`, without methods: the least a Register can carry to name
 /// its service's proto (validation tests).
 pub fn descriptors_defining(name: &str) -> Vec<u8> {
+    descriptors_with_syntax(name, "proto3")
+}
+
+/// [`descriptors_defining`] with the file's `syntax` set to `syntax`.
+pub fn descriptors_with_syntax(name: &str, syntax: &str) -> Vec<u8> {
     use prost::Message;
     use prost_types::{FileDescriptorProto, FileDescriptorSet, ServiceDescriptorProto};
     FileDescriptorSet {
         file: vec![FileDescriptorProto {
             name: Some("p.proto".into()),
             package: Some("p".into()),
-            syntax: Some("proto3".into()),
+            syntax: Some(syntax.into()),
             service: vec![ServiceDescriptorProto {
                 name: Some(name.into()),
                 ..Default::default()
