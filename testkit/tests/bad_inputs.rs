@@ -270,6 +270,27 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
             "instance.proto_service: \"echo.v1.Echo\" is not defined",
         ),
         (
+            "Register descriptors of an unsupported syntax",
+            Call::Register(pb::RegisterRequest {
+                file_descriptor_set: testkit::descriptors_with_syntax("S", "editions"),
+                ..base()
+            }),
+            Invalid,
+            "unsupported syntax \"editions\"",
+        ),
+        (
+            "Register a 513-byte proto_service",
+            {
+                let long = "S".repeat(511);
+                let mut r = base();
+                r.instance.as_mut().unwrap().proto_service = format!("p.{long}");
+                r.file_descriptor_set = testkit::descriptors_defining(&long);
+                Call::Register(r)
+            },
+            Invalid,
+            "instance.proto_service: at most 512 bytes",
+        ),
+        (
             "Register request over 8 MiB",
             Call::Register(pb::RegisterRequest {
                 file_descriptor_set: vec![0; 9 * 1024 * 1024],
@@ -540,6 +561,29 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
     );
     println!(
         "BAD INPUT registration burst (refused after {n}): {}",
+        err.message()
+    );
+    limits += 1;
+    // Leases draw from the same budget: the flooding peer gets no more.
+    let mut refused = None;
+    for n in 0..(RATE * 3) {
+        if let Err(e) = flood
+            .grant_lease(pb::GrantLeaseRequest { ttl_ms: 300_000 })
+            .await
+        {
+            refused = Some((n, e));
+            break;
+        }
+    }
+    let (n, err) = refused.expect("a burst of 3x the rate in leases was never refused");
+    assert_eq!(err.code(), ResourceExhausted);
+    assert!(
+        err.message()
+            .contains("registrations per second per peer (Register and GrantLease calls)"),
+        "{err:?}"
+    );
+    println!(
+        "BAD INPUT lease burst (refused after {n}): {}",
         err.message()
     );
     limits += 1;
