@@ -188,9 +188,13 @@ impl Store {
         &self,
         services: &BTreeSet<String>,
     ) -> (Vec<Event>, u64, broadcast::Receiver<Arc<Batch>>) {
-        let state = self.lock();
-        let receiver = self.shared.hub.subscribe();
-        (state.snapshot(services), state.revision(), receiver)
+        let (copy, revision, receiver) = {
+            let state = self.lock();
+            let receiver = self.shared.hub.subscribe();
+            (state.snapshot_copy(services), state.revision(), receiver)
+        };
+        // Outside the lock: see `State::snapshot_copy`.
+        (copy.into_events(), revision, receiver)
     }
 
     /// Expires the leases that are due; returns the next deadline.

@@ -4,7 +4,10 @@
 //! channel, under the state lock, so batches arrive in revision order. A new
 //! watcher takes its snapshot and subscribes under that same lock (see
 //! [`Store::subscribe`]): the first batch it receives is the first change
-//! after its snapshot, so there is no gap and no duplicate.
+//! after its snapshot, so there is no gap and no duplicate. Under the lock
+//! the snapshot is only a cheap copy; its events are built after the lock
+//! is released (`State::snapshot_copy`), so a new watcher of 100 000
+//! instances holds up writers and heartbeats for about 10 ms, not 30-90.
 //!
 //! A watcher that falls more than [`CAPACITY`] batches behind (its client
 //! reads too slowly) gets `Lagged` from the channel; it then starts over
