@@ -453,30 +453,29 @@ mod tests {
                 Ok(reply(&[&name], |n| vec![format!("x{n}")]))
             })
         };
-        let limits = ReflectionLimits { files: 10, ..ROOMY };
-        let mut progress = Progress::default();
-        let err = converse("x.Svc", endless(), &mut progress, limits)
-            .await
-            .expect_err("never complete");
-        assert_eq!(
-            err,
-            "reflection: x.Svc needs more than 10 files (the limit), xxxxxxxxxxsvc.proto would be one more; imports still missing: none"
-        );
-        assert_eq!(progress.requests, 11);
-
-        let limits = ReflectionLimits {
-            requests: 5,
-            ..ROOMY
-        };
-        let mut progress = Progress::default();
-        let err = converse("x.Svc", endless(), &mut progress, limits)
-            .await
-            .expect_err("never complete");
-        assert_eq!(
-            err,
-            "reflection: still missing the file xxxxxsvc.proto after 5 requests (the limit)"
-        );
-        assert_eq!(progress.requests, 5);
+        let cases = [
+            (
+                ReflectionLimits { files: 10, ..ROOMY },
+                "reflection: x.Svc needs more than 10 files (the limit), xxxxxxxxxxsvc.proto would be one more; imports still missing: none",
+                11,
+            ),
+            (
+                ReflectionLimits {
+                    requests: 5,
+                    ..ROOMY
+                },
+                "reflection: still missing the file xxxxxsvc.proto after 5 requests (the limit)",
+                5,
+            ),
+        ];
+        for (limits, expected, requests) in cases {
+            let mut progress = Progress::default();
+            let err = converse("x.Svc", endless(), &mut progress, limits)
+                .await
+                .expect_err("never complete");
+            assert_eq!(err, expected);
+            assert_eq!(progress.requests, requests);
+        }
     }
 
     #[tokio::test]

@@ -236,11 +236,9 @@ async fn register_in_flight(fake: &Fake, service: &str) {
     .await;
 }
 
-/// The node's reload removes a plugin it added a moment before, while the
-/// Register is still on its way: `remove` must not return (and the node
-/// must not stop serving it) before the registry has let go of it again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remove_during_the_register_returns_once_the_registry_let_go() {
+/// A fake registry whose Register is slow, and a registrar that has just
+/// asked it to register echo: the Register is on its way.
+async fn echo_register_in_flight() -> (Fake, Registrar) {
     let (fake, addr) = Fake::start(Delays {
         register: SLOW,
         ..Delays::default()
@@ -249,6 +247,15 @@ async fn remove_during_the_register_returns_once_the_registry_let_go() {
     let registrar = registrar(addr);
     registrar.upsert("echo", weight(3));
     register_in_flight(&fake, "echo").await;
+    (fake, registrar)
+}
+
+/// The node's reload removes a plugin it added a moment before, while the
+/// Register is still on its way: `remove` must not return (and the node
+/// must not stop serving it) before the registry has let go of it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_during_the_register_returns_once_the_registry_let_go() {
+    let (fake, registrar) = echo_register_in_flight().await;
 
     assert!(
         registrar.remove("echo", WAIT).await,
@@ -269,14 +276,7 @@ async fn remove_during_the_register_returns_once_the_registry_let_go() {
 /// `u` while a Register is in flight: same race, every plugin at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_during_the_register_returns_once_nothing_is_held() {
-    let (fake, addr) = Fake::start(Delays {
-        register: SLOW,
-        ..Delays::default()
-    })
-    .await;
-    let registrar = registrar(addr);
-    registrar.upsert("echo", weight(3));
-    register_in_flight(&fake, "echo").await;
+    let (fake, registrar) = echo_register_in_flight().await;
 
     assert!(registrar.pause(WAIT).await, "pause not confirmed");
     assert_eq!(fake.in_flight("echo"), 0, "pause returned mid-Register");
