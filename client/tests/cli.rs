@@ -170,6 +170,46 @@ fn client_streaming_and_bidirectional_calls_send_one_message_per_json_object() {
 }
 
 #[test]
+fn at_reads_the_requests_from_stdin_as_grpcurl_does() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let node = node(reg, &both(1, 1));
+    wait_instances(reg, "calculator", 1);
+    wait_instances(reg, "echo", 1);
+    let served_by = node.addr.to_string();
+    let with_stdin = |target: &str, input: &str| {
+        let mut cmd = command("client");
+        cmd.env("REGISTRY_ADDR", reg.to_string())
+            .args(["call", target, "@"]);
+        testkit::run_with_stdin(cmd, Some(input.as_bytes()), Duration::from_secs(60))
+    };
+
+    // One message for a unary method, spread over lines as a file holds it.
+    let (status, out, err) = with_stdin("calculator/Add", "{\n  \"a\": 2,\n  \"b\": 3\n}\n");
+    assert!(status.success(), "{err}");
+    assert_eq!(value(&out), 5.0);
+    // key=value pairs, as on the command line.
+    let (status, out, err) = with_stdin("calculator/Multiply", "a=6\nb=7\n");
+    assert!(status.success(), "{err}");
+    assert_eq!(value(&out), 42.0);
+    // A stream of messages, one per line.
+    let (status, out, err) = with_stdin(
+        "echo/EchoCollect",
+        "{\"message\": \"one\"}\n{\"message\": \"two\"}\n",
+    );
+    assert!(status.success(), "{err}");
+    assert_eq!(messages(&out, &served_by), ["one two"]);
+    // A bad one is named by its position, and nothing is sent.
+    let (status, out, err) = with_stdin(
+        "echo/EchoChat",
+        "{\"message\": \"a\"}\n{\"mesage\": \"b\"}\n",
+    );
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(err.contains("message 2: no field `mesage`"), "{err}");
+    assert!(out.is_empty(), "{out}");
+}
+
+#[test]
 fn errors_name_the_problem_and_exit_non_zero() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;

@@ -227,13 +227,32 @@ impl Drop for Process {
 
 /// Runs a binary to completion (e.g. `client list`) and returns its exit
 /// status, stdout and stderr.
-pub fn run(mut cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = cmd
+pub fn run(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    run_with_stdin(cmd, None, timeout)
+}
+
+/// [`run`], writing `input` (if any) to the command's stdin, then closing it.
+pub fn run_with_stdin(
+    mut cmd: Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> (ExitStatus, String, String) {
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        use std::io::Write as _;
+        // A child that exits without reading it all is not this helper's
+        // failure: its status and output say what happened.
+        let _ = stdin.write_all(input);
+    }
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -140,6 +140,7 @@ struct CallArgs {
     /// JSON objects one after another ('{"a": 1}' '{"a": 2}' or
     /// '{"a": 1}{"a": 2}', as grpcurl's -d; not a JSON array), each sent as
     /// one message; key=value pairs send one message; none sends no message.
+    /// `@` alone reads the request(s) from stdin, as grpcurl's -d @.
     request: Vec<String>,
 
     /// Load-balancing policy: how an instance is picked for each call.
@@ -222,7 +223,8 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| with_hint(e, tls, client_cert))
         }
     };
-    match cli.command {
+    let command = cli.command.map(request_from_stdin).transpose()?;
+    match command {
         Some(command) => runtime.block_on(async {
             synced(&directory).await?;
             execute(&directory, command).await
@@ -259,6 +261,39 @@ fn with_hint(error: DirectoryError, tls: bool, client_cert: bool) -> anyhow::Err
         "if the registry serves TLS, pass its CA with --tls-ca (or TLS_CA)"
     };
     anyhow::anyhow!("{error}\nhint: {hint}")
+}
+
+/// Most a request read from stdin (`@`) may take.
+const MAX_STDIN_REQUEST: u64 = 64 * 1024 * 1024;
+
+/// `client call SERVICE/METHOD @`: the request (or, for a client-streaming
+/// or bidirectional method, the sequence of requests) is read from stdin,
+/// as grpcurl's `-d @` does, for messages kept in a file or made by another
+/// program. Only on the command line: at the prompt, stdin is the prompt.
+fn request_from_stdin(command: Command) -> Result<Command> {
+    let Command::Call(mut args) = command else {
+        return Ok(command);
+    };
+    if args.request != ["@"] {
+        return Ok(Command::Call(args));
+    }
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::io::stdin()
+        .take(MAX_STDIN_REQUEST + 1)
+        .read_to_string(&mut text)
+        .context("cannot read the request from stdin (`@`)")?;
+    if text.len() as u64 > MAX_STDIN_REQUEST {
+        bail!("the request on stdin (`@`) is over {MAX_STDIN_REQUEST} bytes");
+    }
+    // JSON as one text (objects may span lines); anything else is taken as
+    // whitespace-separated key=value pairs, as on the command line.
+    args.request = if text.trim_start().starts_with(['{', '[']) {
+        vec![text]
+    } else {
+        text.split_whitespace().map(str::to_string).collect()
+    };
+    Ok(Command::Call(args))
 }
 
 async fn execute(directory: &Directory, command: Command) -> Result<()> {
