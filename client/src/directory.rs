@@ -622,9 +622,14 @@ fn join_parts(
             head
         }
         // No snapshot under way, or a new one starts (the unfinished one
-        // is dropped).
+        // is dropped). Sized only when it is the first of several parts:
+        // an ordinary event message is not measured.
         _ => {
-            partial.bytes = msg.encoded_len();
+            partial.bytes = if msg.reset && msg.more {
+                msg.encoded_len()
+            } else {
+                0
+            };
             partial.parts = 1;
             msg
         }

@@ -288,8 +288,9 @@ fn request_from_stdin(command: Command) -> Result<Command> {
     }
     // JSON as one text (objects may span lines); anything else is taken as
     // whitespace-separated key=value pairs, as on the command line.
-    args.request = if text.trim_start().starts_with(['{', '[']) {
-        vec![text]
+    let text = text.trim();
+    args.request = if text.starts_with(['{', '[']) {
+        vec![text.to_string()]
     } else {
         text.split_whitespace().map(str::to_string).collect()
     };
