@@ -10,6 +10,8 @@
 //! - [`Registry`]: a `registry` process on a free loopback port.
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`netns`]: a LAN of network namespaces (one per host) for multi-host tests.
+//! - [`python3`], [`workspace_root`]: third-party programs the tests drive
+//!   (installed by `scripts/test-deps.sh`).
 //!
 //! # Contract with the binaries
 //! Each binary prints one line on stdout once it is ready, which tests wait for:
@@ -42,6 +44,29 @@ pub fn bin_path(name: &str) -> PathBuf {
     assert!(
         path.exists(),
         "binary {} not found: run `cargo build --workspace --bins` (cargo test --workspace builds it too)",
+        path.display()
+    );
+    path
+}
+
+/// The workspace's top directory (where `Cargo.toml` of the workspace is).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit sits one level below the workspace root")
+        .to_path_buf()
+}
+
+/// The Python interpreter of the test virtualenv (`.venv`, with grpcio,
+/// grpcio-health-checking, grpcio-reflection, grpcio-tools and selenium).
+///
+/// Panics with the command to run when it is missing: a test that needs it
+/// fails and says why, it never passes without running.
+pub fn python3() -> PathBuf {
+    let path = workspace_root().join(".venv/bin/python3");
+    assert!(
+        path.exists(),
+        "{} not found: run scripts/test-deps.sh first (it makes the Python virtualenv the tests use)",
         path.display()
     );
     path
