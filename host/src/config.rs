@@ -20,7 +20,10 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::{FileType, OpenOptions};
+use std::io::Read;
 use std::net::IpAddr;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 use serde::Deserialize;
@@ -31,6 +34,11 @@ pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
 /// Weights drawn for a plugin that names none. Small, like the original's
 /// dummy random weights that simulated load.
 pub const RANDOM_WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
+
+/// Largest configuration file read, in bytes. A real one is a few hundred
+/// bytes; the cap keeps a mistake (a log file, `/dev/zero` behind a symlink)
+/// from filling the node's memory.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// A problem with the configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,13 +150,8 @@ impl Config {
         known: &[&str],
         previous: Option<&Config>,
     ) -> Result<Config, ConfigError> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: file.clone(),
-            line: None,
-            problem: format!("cannot read: {e}"),
-        })?;
-        Config::parse(&text, &file, known, previous)
+        let text = read_text(path)?;
+        Config::parse(&text, &path.display().to_string(), known, previous)
     }
 
     /// Parses and checks the text of a configuration file named `file`.
@@ -271,6 +274,75 @@ impl Config {
             plugins,
         })
     }
+}
+
+/// Reads the text of a configuration file, refusing by name what is not a
+/// regular file, and anything over [`MAX_CONFIG_BYTES`]. This is a blocking
+/// call (the node runs it off the async runtime), but it never waits for a
+/// writer: opening a FIFO normally blocks until one comes, so it is opened
+/// non-blocking, and its type is checked on the opened file itself, so a
+/// file swapped in between cannot slip past.
+pub fn read_text(path: &Path) -> Result<String, ConfigError> {
+    let error = |problem: String| ConfigError {
+        file: path.display().to_string(),
+        line: None,
+        problem,
+    };
+    let cannot = |e: std::io::Error| error(format!("cannot read: {e}"));
+    // A directory opens fine for reading and then fails with EISDIR: say
+    // what it is up front, like the other kinds.
+    check_kind(std::fs::metadata(path).map_err(cannot)?.file_type()).map_err(&error)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    check_kind(meta.file_type()).map_err(&error)?;
+    let too_big = || {
+        error(format!(
+            "is larger than {MAX_CONFIG_BYTES} bytes, the most node-host reads (is this the right file?)"
+        ))
+    };
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    // The file may grow while it is read: never read past the cap.
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        error(format!(
+            "is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// Refuses, by name, a file type other than a regular file.
+fn check_kind(kind: FileType) -> Result<(), String> {
+    let what = if kind.is_file() {
+        return Ok(());
+    } else if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "an unknown kind of file"
+    };
+    Err(format!(
+        "is {what}, not a regular file: node-host reads its configuration only from a regular file"
+    ))
 }
 
 impl fmt::Display for Config {

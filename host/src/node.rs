@@ -95,6 +95,8 @@ pub struct Node {
     started: OnceLock<Config>,
     /// Restart-only settings the flags set, whose file values do nothing.
     fixed: FixedByFlags,
+    /// Numbers the configuration file's reads (see [`crate::reload`]).
+    reads: crate::reload::Reads,
 }
 
 impl Node {
@@ -156,6 +158,7 @@ impl Node {
             current: Mutex::new(Config::default()),
             started: OnceLock::new(),
             fixed,
+            reads: Default::default(),
         };
         Ok((Arc::new(node), routes.routes()))
     }
@@ -163,6 +166,11 @@ impl Node {
     /// The configuration in force.
     pub async fn config(&self) -> Config {
         self.current.lock().await.clone()
+    }
+
+    /// The numbering of the configuration file's reads.
+    pub fn reads(&self) -> &crate::reload::Reads {
+        &self.reads
     }
 
     /// The registration task's handle (for `u`, `r`, `q`).

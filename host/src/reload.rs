@@ -8,11 +8,18 @@
 //!
 //! A file that does not parse is reported (`file:line: problem`) and
 //! ignored: the last good configuration stays in force, nothing is
-//! deregistered.
+//! deregistered. So is a file that is no regular file (a FIFO, a device, a
+//! directory) or is too large ([`crate::config::read_text`]).
+//!
+//! The file is read on a blocking thread, with no lock held: whatever the
+//! file system does, heartbeats, calls, commands and SIGTERM go on. Reads
+//! are numbered, and one that finishes after a newer read was applied is
+//! dropped, so a slow read can never undo a newer edit.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
@@ -20,8 +27,18 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, read_text};
 use crate::node::Node;
+
+/// Numbers the reads of one node's configuration file, so that only the
+/// newest one is applied.
+#[derive(Debug, Default)]
+pub struct Reads {
+    /// The number the next read gets.
+    next: AtomicU64,
+    /// The newest read handled (applied or refused) so far.
+    handled: AtomicU64,
+}
 
 /// Quiet time after the last event before the file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(120);
@@ -118,22 +135,49 @@ pub fn spawn(
     })
 }
 
-/// Loads `path` and applies it, or reports why not. The file is read with
-/// the configuration in force locked, so concurrent reloads (the watcher's,
-/// and the one at start) apply one after the other, each from the last.
+/// Reads `path` on a blocking thread (see [`read_text`]).
+pub async fn read(path: &Path) -> Result<String, ConfigError> {
+    let owned = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || read_text(&owned)).await {
+        Ok(result) => result,
+        Err(e) => Err(ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            problem: format!("reading failed: {e}"),
+        }),
+    }
+}
+
+/// Loads `path` and applies it, or reports why not. The file is read first,
+/// off the runtime and with no lock held; it is then parsed with the
+/// configuration in force locked, so concurrent reloads (the watcher's, and
+/// the one at start) apply one after the other, each from the last, and a
+/// read older than one already handled is dropped.
 pub async fn reload(path: &Path, node: &Node, known: &[&str]) {
-    node.update(|current| match Config::load(path, known, Some(current)) {
-        Err(e) => {
-            error!("{e}; keeping the last good configuration");
-            None
+    let reads = node.reads();
+    let ticket = reads.next.fetch_add(1, Ordering::SeqCst) + 1;
+    let text = read(path).await;
+    let file = path.display().to_string();
+    node.update(|current| {
+        // Under the configuration lock: no other reload is between this
+        // check and the update.
+        if reads.handled.fetch_max(ticket, Ordering::SeqCst) > ticket {
+            debug!("{file}: a newer read is already handled; dropping this one");
+            return None;
         }
-        Ok(new) if new == *current => {
-            debug!("{} changed on disk, same configuration", path.display());
-            None
-        }
-        Ok(new) => {
-            info!("{} reloaded: {new}", path.display());
-            Some(new)
+        match text.and_then(|text| Config::parse(&text, &file, known, Some(current))) {
+            Err(e) => {
+                error!("{e}; keeping the last good configuration");
+                None
+            }
+            Ok(new) if new == *current => {
+                debug!("{file} changed on disk, same configuration");
+                None
+            }
+            Ok(new) => {
+                info!("{file} loaded: {new}");
+                Some(new)
+            }
         }
     })
     .await;

@@ -86,7 +86,9 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     let known = plugins::names();
-    let config = Config::load(&opts.config, &known, None)?;
+    // Off the runtime, like every later read (see `reload`).
+    let text = reload::read(&opts.config).await?;
+    let config = Config::parse(&text, &opts.config.display().to_string(), &known, None)?;
     let registry = opts
         .registry
         .clone()

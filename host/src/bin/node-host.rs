@@ -67,18 +67,22 @@ A services.toml:
 
 Prints `node-host serving on <ip>:<port>` on stdout once serving."#;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     registry_proto::logging::init();
     let args = Args::parse();
-    node_host::run::run(node_host::run::Options {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let result = runtime.block_on(node_host::run::run(node_host::run::Options {
         config: args.config,
         registry: args.registry,
         advertise: args.advertise,
         port: args.port,
         tls: args.tls,
         token: args.token,
-    })
-    .await?;
+    }));
+    // A configuration read stuck in the kernel (a hung network file
+    // system) must not keep a stopped node alive: blocking threads are
+    // not waited for past this.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    result?;
     Ok(())
 }
