@@ -55,7 +55,7 @@ pub async fn caller(registry: &str, node: &str) -> Result<Caller> {
         .call(&caller.target, request(&caller.input, 1.0, 2.0))
         .await?
         .instance;
-    let reached = registry_client::call::address(&reached);
+    let reached = registry_client::directory::address(&reached);
     if reached != node {
         bail!("the generic call reached {reached}, not the node host at {node}");
     }

@@ -17,11 +17,12 @@
 //! that ends the stream instead of being retried (its replies may already
 //! have been seen).
 
+use crate::codec::{DynamicCodec, method_path};
 use crate::describe::streaming_kind;
-use crate::directory::Directory;
-use crate::dynamic::{DynamicCodec, method_path};
+use crate::directory::{Directory, address};
 use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
 use crate::resolve::Target;
+use crate::status::status_text;
 use futures::stream::iter;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use registry_proto::registry::v1::Instance;
@@ -407,24 +408,6 @@ pub fn method_name(method: &MethodDescriptor) -> String {
     format!("{}/{}", method.parent_service().full_name(), method.name())
 }
 
-/// `host:port` of an instance, with brackets around an IPv6 host.
-pub fn address(instance: &Instance) -> String {
-    if instance.host.contains(':') && !instance.host.starts_with('[') {
-        format!("[{}]:{}", instance.host, instance.port)
-    } else {
-        format!("{}:{}", instance.host, instance.port)
-    }
-}
-
-/// A status as one readable line: `InvalidArgument: division by zero`.
-pub fn status_text(status: &Status) -> String {
-    if status.message().is_empty() {
-        format!("{:?}", status.code())
-    } else {
-        format!("{:?}: {}", status.code(), status.message())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,18 +426,6 @@ mod tests {
         }
         // The newest is kept: it is about to be called.
         assert!(caller.lock_channels().contains_key("127.0.0.1:200"));
-    }
-
-    #[test]
-    fn addresses() {
-        let mut i = Instance {
-            host: "10.0.0.1".into(),
-            port: 80,
-            ..Default::default()
-        };
-        assert_eq!(address(&i), "10.0.0.1:80");
-        i.host = "::1".into();
-        assert_eq!(address(&i), "[::1]:80");
     }
 
     #[test]
@@ -480,14 +451,5 @@ mod tests {
         }
         let ten = Duration::from_secs(10);
         assert_eq!(header_timeout(ten), ten);
-    }
-
-    #[test]
-    fn status_lines() {
-        assert_eq!(
-            status_text(&Status::invalid_argument("b is 0")),
-            "InvalidArgument: b is 0"
-        );
-        assert_eq!(status_text(&Status::unavailable("")), "Unavailable");
     }
 }

@@ -18,8 +18,7 @@
 //! # let _ = channel; Ok(()) }
 //! ```
 
-use crate::call::address;
-use crate::directory::Directory;
+use crate::directory::{Directory, address};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tonic::transport::Channel;

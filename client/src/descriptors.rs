@@ -10,6 +10,7 @@
 //! whose answers never complete the imports fails at once, naming what is
 //! missing, rather than at the timeout.
 
+use crate::status::status_text;
 use prost::Message;
 use prost_reflect::{DescriptorPool, ServiceDescriptor};
 use prost_types::FileDescriptorProto;
@@ -59,7 +60,7 @@ pub async fn from_registry(
     let reply = tokio::time::timeout(timeout, registry.get_descriptors(request))
         .await
         .map_err(|_| "registry: timed out".to_string())?
-        .map_err(|s| format!("registry: {}", crate::call::status_text(&s)))?
+        .map_err(|s| format!("registry: {}", status_text(&s)))?
         .into_inner();
     if reply.file_descriptor_set.is_empty() {
         return Ok(None);
@@ -146,7 +147,7 @@ async fn reflect(
     let replies = client
         .server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("reflection: {}", crate::call::status_text(&s)))?
+        .map_err(|s| format!("reflection: {}", status_text(&s)))?
         .into_inner();
     let ask = ReflectionStream { tx, replies };
     let (symbol, files) = converse(symbol, ask, progress, REFLECTION_LIMITS).await?;
@@ -186,7 +187,7 @@ impl Ask for ReflectionStream {
             .replies
             .message()
             .await
-            .map_err(|s| format!("reflection: {}", crate::call::status_text(&s)))?
+            .map_err(|s| format!("reflection: {}", status_text(&s)))?
             .and_then(|r| r.message_response)
             .ok_or_else(|| "reflection stream ended".to_string())?;
         match reply {

@@ -21,6 +21,7 @@
 
 use crate::connect::Connector;
 use crate::descriptors::{self, DescriptorError};
+use crate::status::status_text;
 use prost::Message as _;
 use prost_reflect::ServiceDescriptor;
 use rand::Rng;
@@ -33,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch};
+use tokio_util::task::AbortOnDropHandle;
 
 /// How long instances of a restarted registry's predecessor are kept.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -238,6 +240,15 @@ impl Snapshot {
     }
 }
 
+/// `host:port` of an instance, with brackets around an IPv6 host.
+pub fn address(instance: &Instance) -> String {
+    if instance.host.contains(':') && !instance.host.starts_with('[') {
+        format!("[{}]:{}", instance.host, instance.port)
+    } else {
+        format!("{}:{}", instance.host, instance.port)
+    }
+}
+
 /// A cheap-to-clone handle on a directory. The background watch stops when
 /// the last handle is dropped.
 #[derive(Clone)]
@@ -245,7 +256,7 @@ pub struct Directory {
     /// State shared with the watch task.
     shared: Arc<Shared>,
     /// Aborts the watch task when the last handle goes.
-    _task: Arc<AbortOnDrop>,
+    _task: Arc<AbortOnDropHandle<()>>,
 }
 
 impl fmt::Debug for Directory {
@@ -253,14 +264,6 @@ impl fmt::Debug for Directory {
         f.debug_struct("Directory")
             .field("addr", &self.shared.addr)
             .finish_non_exhaustive()
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -354,7 +357,7 @@ impl Directory {
         let task = tokio::spawn(run(shared.clone()));
         Ok(Directory {
             shared,
-            _task: Arc::new(AbortOnDrop(task)),
+            _task: Arc::new(AbortOnDropHandle::new(task)),
         })
     }
 
@@ -472,7 +475,7 @@ impl Directory {
         }
         if found.is_none() {
             for instance in self.instances(service).iter() {
-                let addr = crate::call::address(instance);
+                let addr = address(instance);
                 let channel = match self.connector().endpoint(&addr) {
                     Ok(e) => e.connect_timeout(Duration::from_secs(1)).connect_lazy(),
                     Err(e) => {
@@ -575,7 +578,7 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(s) => return (false, crate::call::status_text(&s), Some(s.code())),
+        Err(s) => return (false, status_text(&s), Some(s.code())),
     };
     let mut received = false;
     let mut partial = Partial::default();
@@ -595,7 +598,7 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
                 }
             },
             Ok(None) => return (received, "the registry closed the watch".to_string(), None),
-            Err(s) => return (received, crate::call::status_text(&s), Some(s.code())),
+            Err(s) => return (received, status_text(&s), Some(s.code())),
         }
     }
 }
@@ -949,6 +952,18 @@ mod tests {
 
     fn ports(snap: &Snapshot, service: &str) -> Vec<u32> {
         snap.instances(service).iter().map(|i| i.port).collect()
+    }
+
+    #[test]
+    fn addresses() {
+        let mut i = Instance {
+            host: "10.0.0.1".into(),
+            port: 80,
+            ..Default::default()
+        };
+        assert_eq!(address(&i), "10.0.0.1:80");
+        i.host = "::1".into();
+        assert_eq!(address(&i), "[::1]:80");
     }
 
     #[test]

@@ -16,7 +16,8 @@
 //!   `UNAVAILABLE` while no response has been received.
 //! - [`resolve`]: `SERVICE/METHOD` to a method descriptor, with suggestions.
 //! - [`descriptors`]: descriptors from the registry or server reflection.
-//! - [`dynamic`]: the tonic codec for [`prost_reflect::DynamicMessage`].
+//! - [`codec`]: the tonic codec for [`prost_reflect::DynamicMessage`].
+//! - [`status`]: a gRPC status as one readable line.
 //! - [`args`]: command-line arguments (JSON or `key=value`) into a request,
 //!   or a sequence of requests for client-streaming methods; replies into
 //!   JSON.
@@ -53,15 +54,16 @@
 pub mod args;
 pub mod call;
 pub mod channel;
+pub mod codec;
 pub mod connect;
 pub mod describe;
 pub mod descriptors;
 pub mod directory;
-pub mod dynamic;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lb;
 pub mod resolve;
+pub mod status;
 
 pub use channel::balanced_channel;
 pub use connect::Connector;

@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
-use registry_client::dynamic::DynamicCodec;
+use registry_client::codec::DynamicCodec;
 use registry_proto::registry::v1::{
     GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
 };

@@ -9,7 +9,7 @@ use common::*;
 use prost_reflect::DynamicMessage;
 use registry_client::args::{parse_args, parse_requests};
 use registry_client::call::{CallOptions, Caller, Reply};
-use registry_client::dynamic::{DynamicCodec, method_path};
+use registry_client::codec::{DynamicCodec, method_path};
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::resolve;
 use registry_client::{Directory, balanced_channel};

@@ -8,9 +8,9 @@
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
-use registry_client::call::{CallOptions, Caller, Reply, address, method_name};
+use registry_client::call::{CallOptions, Caller, Reply, method_name};
 use registry_client::describe::describe_service;
-use registry_client::directory::{Change, ChangeKind, DirectoryError, Snapshot};
+use registry_client::directory::{Change, ChangeKind, DirectoryError, Snapshot, address};
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::{find_service, resolve, split_target};
 use registry_client::{Connector, Directory, args};
@@ -534,7 +534,10 @@ async fn print_reply(reply: Reply) -> Result<()> {
         Reply::Unary(msg) => println!("{}", args::to_json(&msg)),
         Reply::Stream(mut stream) => {
             while let Some(msg) = stream.message().await.map_err(|s| {
-                anyhow::anyhow!("stream failed: {}", registry_client::call::status_text(&s))
+                anyhow::anyhow!(
+                    "stream failed: {}",
+                    registry_client::status::status_text(&s)
+                )
             })? {
                 println!("{}", args::to_json(&msg));
             }

@@ -24,15 +24,15 @@
 //! Every policy returns a [`Pick`]: hold it while the call runs, so policies
 //! that count in-flight calls see the call end when it is dropped.
 
-mod p2c;
+mod least_loaded;
 mod random;
 mod weighted_random;
-mod wrr;
+mod weighted_round_robin;
 
-pub use p2c::{InFlightGuard, LeastLoaded};
+pub use least_loaded::{InFlightGuard, LeastLoaded};
 pub use random::Random;
 pub use weighted_random::WeightedRandom;
-pub use wrr::WeightedRoundRobin;
+pub use weighted_round_robin::WeightedRoundRobin;
 
 use std::sync::Arc;
 

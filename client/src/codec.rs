@@ -8,7 +8,7 @@
 //! ```no_run
 //! # async fn demo(channel: tonic::transport::Channel, method: prost_reflect::MethodDescriptor,
 //! #               request: prost_reflect::DynamicMessage) -> Result<(), tonic::Status> {
-//! use registry_client::dynamic::{DynamicCodec, method_path};
+//! use registry_client::codec::{DynamicCodec, method_path};
 //! let mut grpc = tonic::client::Grpc::new(channel);
 //! grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
 //! let reply = grpc
