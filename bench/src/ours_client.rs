@@ -43,7 +43,8 @@ pub async fn caller(registry: &str, node: &str) -> Result<Caller> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let target = resolve(&dir, "calculator/Add").await?;
+    let descriptors = registry_client::descriptors::Descriptors::new(dir.clone());
+    let target = resolve(&descriptors, "calculator/Add").await?;
     let input = target.method.input();
     let caller = Caller {
         caller: Arc::new(LibCaller::new(dir, CallOptions::default())),

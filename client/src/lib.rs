@@ -7,15 +7,16 @@
 //! a service this crate has never seen is callable as soon as it registers.
 //!
 //! # Layout
-//! - [`directory`]: a live local copy of the registry (Watch), descriptor
-//!   cache, reconnection, stale fallbacks after a registry restart.
+//! - [`directory`]: a live local copy of the registry's instances (Watch),
+//!   reconnection, stale fallbacks after a registry restart.
 //! - [`lb`]: load-balancing policies, one per file (random, weighted random,
 //!   smooth weighted round robin, least loaded by power of two choices).
 //! - [`call`]: picks an instance, calls it (any kind of method: unary,
 //!   server, client or bidirectional streaming), retries once on
 //!   `UNAVAILABLE` while no response has been received.
 //! - [`resolve`]: `SERVICE/METHOD` to a method descriptor, with suggestions.
-//! - [`descriptors`]: descriptors from the registry or server reflection.
+//! - [`descriptors`]: the descriptor cache: from the registry or server
+//!   reflection, kept, asked for again when a method is missing.
 //! - [`codec`]: the tonic codec for [`prost_reflect::DynamicMessage`].
 //! - [`status`]: a gRPC status as one readable line.
 //! - [`args`]: command-line arguments (JSON or `key=value`) into a request,
@@ -32,10 +33,11 @@
 //! # Calling any method
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
-//! use registry_client::{args, call::{Caller, CallOptions, Reply}, resolve, Directory};
+//! use registry_client::{args, call::{Caller, CallOptions, Reply}, resolve, Descriptors, Directory};
 //! let directory = Directory::connect("127.0.0.1:50051")?;
 //! directory.wait_synced(std::time::Duration::from_secs(3)).await?;
-//! let target = resolve::resolve(&directory, "calculator/Add").await?;
+//! let descriptors = Descriptors::new(directory.clone());
+//! let target = resolve::resolve(&descriptors, "calculator/Add").await?;
 //! let request = args::parse_args(&target.method.input(), &["a=2", "b=3"])?;
 //! let caller = Caller::new(directory, CallOptions::default());
 //! let called = caller.call(&target, request).await?;
@@ -67,6 +69,7 @@ pub mod status;
 
 pub use channel::balanced_channel;
 pub use connect::Connector;
+pub use descriptors::Descriptors;
 pub use directory::Directory;
 
 #[cfg(test)]

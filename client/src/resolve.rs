@@ -4,8 +4,8 @@
 //! the gRPC service (`calculator.v1.Calculator`). METHOD is case-sensitive, as
 //! gRPC paths are; a near miss gets a "did you mean" and the list of methods.
 
-use crate::descriptors::DescriptorError;
-use crate::directory::{Directory, Snapshot};
+use crate::descriptors::{DescriptorError, Descriptors};
+use crate::directory::Snapshot;
 use prost_reflect::{MethodDescriptor, ServiceDescriptor};
 use thiserror::Error;
 
@@ -51,29 +51,16 @@ pub enum ResolveError {
     Descriptors(#[from] DescriptorError),
 }
 
-/// Resolves `SERVICE/METHOD` against the directory, fetching the service's
-/// descriptors if they are not cached yet.
-pub async fn resolve(directory: &Directory, target: &str) -> Result<Target, ResolveError> {
+/// Resolves `SERVICE/METHOD` against the directory of `descriptors`,
+/// fetching the service's descriptors if they are not cached yet (or if the
+/// cached ones lack the method: see [`Descriptors::get_fitting`]).
+pub async fn resolve(descriptors: &Descriptors, target: &str) -> Result<Target, ResolveError> {
     let (service, method) = split_target(target)?;
-    let service = find_service(&directory.snapshot(), service)?;
-    let cached = directory.cached_descriptors(&service).is_some();
-    let descriptor = directory.descriptors(&service).await?;
-    let method = match find_method(&descriptor, method) {
-        // The service may have been redeployed with new methods since its
-        // descriptors were cached: look again once.
-        Err(unknown @ ResolveError::UnknownMethod { .. }) if cached => {
-            directory.forget_descriptors(&service);
-            match directory.descriptors(&service).await {
-                Ok(fresh) => find_method(&fresh, method)?,
-                Err(_) => {
-                    // Cannot ask now (registry down?): keep what we had.
-                    directory.remember_descriptors(&service, descriptor);
-                    return Err(unknown);
-                }
-            }
-        }
-        other => other?,
-    };
+    let service = find_service(&descriptors.directory().snapshot(), service)?;
+    let descriptor = descriptors
+        .get_fitting(&service, |d| d.methods().any(|m| m.name() == method))
+        .await?;
+    let method = find_method(&descriptor, method)?;
     Ok(Target { service, method })
 }
 

@@ -10,6 +10,7 @@ use prost_reflect::DynamicMessage;
 use registry_client::args::{parse_args, parse_requests};
 use registry_client::call::{CallOptions, Caller, Reply};
 use registry_client::codec::{DynamicCodec, method_path};
+use registry_client::descriptors::Descriptors;
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::resolve;
 use registry_client::{Directory, balanced_channel};
@@ -53,11 +54,12 @@ async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
     let mut registry = Registry::start(&[]);
     let _node = node(registry.addr, &both(1, 1));
     let directory = synced(&registry).await;
+    let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "calculator", 1).await;
     wait_for(&directory, "echo", 1).await;
     let caller = Caller::new(directory.clone(), CallOptions::default());
     for target in ["calculator/Add", "echo/Echo"] {
-        let target = resolve(&directory, target).await.unwrap();
+        let target = resolve(&descriptors, target).await.unwrap();
         let request = parse_args(&target.method.input(), &[] as &[&str]).unwrap();
         caller.call(&target, request).await.unwrap();
     }
@@ -70,15 +72,15 @@ async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
 
     // Resolution comes from the local copy and the descriptor cache, and a
     // typo is still a typo (not "registry unreachable").
-    let err = resolve(&directory, "calculator/Nope").await.unwrap_err();
+    let err = resolve(&descriptors, "calculator/Nope").await.unwrap_err();
     assert!(err.to_string().contains("no method `Nope`"), "{err}");
-    let target = resolve(&directory, "calculator.v1.Calculator/Multiply")
+    let target = resolve(&descriptors, "calculator.v1.Calculator/Multiply")
         .await
         .unwrap();
     let request = parse_args(&target.method.input(), &["a=6", "b=7"]).unwrap();
     let called = caller.call(&target, request).await.unwrap();
     assert_eq!(f64_field(&unary(called.reply), "value"), 42.0);
-    let target = resolve(&directory, "echo/Echo").await.unwrap();
+    let target = resolve(&descriptors, "echo/Echo").await.unwrap();
     let request = parse_args(&target.method.input(), &["message=still here"]).unwrap();
     let reply = unary(caller.call(&target, request).await.unwrap().reply);
     assert_eq!(
@@ -93,8 +95,9 @@ async fn a_call_right_after_a_node_is_killed_succeeds_on_another() {
     let mut dead = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
     let alive = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
     let directory = synced(&registry).await;
+    let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "calculator", 2).await;
-    let target = resolve(&directory, "calculator/Add").await.unwrap();
+    let target = resolve(&descriptors, "calculator/Add").await.unwrap();
     let request = parse_args(&target.method.input(), &["a=1", "b=2"]).unwrap();
 
     // Stop the registry first, so the directory keeps listing the node we
@@ -146,9 +149,10 @@ async fn streaming_calls_to_a_killed_node_are_retried_before_any_reply() {
     let mut dead = node(registry.addr, "[plugins.echo]\nweight = 1\n");
     let alive = node(registry.addr, "[plugins.echo]\nweight = 1\n");
     let directory = synced(&registry).await;
+    let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "echo", 2).await;
-    let collect = resolve(&directory, "echo/EchoCollect").await.unwrap();
-    let chat = resolve(&directory, "echo/EchoChat").await.unwrap();
+    let collect = resolve(&descriptors, "echo/EchoCollect").await.unwrap();
+    let chat = resolve(&descriptors, "echo/EchoChat").await.unwrap();
     let requests = parse_requests(&chat.method, &[r#"{"message": "a"} {"message": "b"}"#]).unwrap();
     // As above: the directory still lists the node about to be killed.
     registry.process.kill9();
@@ -195,7 +199,7 @@ async fn streaming_calls_to_a_killed_node_are_retried_before_any_reply() {
     );
 
     // One request message only where the method takes exactly one.
-    let echo = resolve(&directory, "echo/Echo").await.unwrap();
+    let echo = resolve(&descriptors, "echo/Echo").await.unwrap();
     let err = caller.call_messages(&echo, requests).await.unwrap_err();
     assert_eq!(
         err.to_string(),
@@ -208,10 +212,11 @@ async fn balanced_channel_follows_the_registry() {
     let registry = Registry::start(&[]);
     let a = node(registry.addr, &both(1, 1));
     let directory = synced(&registry).await;
+    let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "echo", 1).await;
-    let echo = directory.descriptors("echo").await.unwrap();
+    let echo = descriptors.get("echo").await.unwrap();
     let method = echo.methods().find(|m| m.name() == "Echo").unwrap();
-    let calculator = directory.descriptors("calculator").await.unwrap();
+    let calculator = descriptors.get("calculator").await.unwrap();
     let add = calculator.methods().find(|m| m.name() == "Add").unwrap();
 
     // A few lines: a channel, a generic codec, a path.

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use futures::StreamExt;
 use registry_client::call::{CallOptions, Caller, Reply, method_name};
 use registry_client::describe::describe_service;
+use registry_client::descriptors::Descriptors;
 use registry_client::directory::{Change, ChangeKind, DirectoryError, Snapshot, address};
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::{find_service, resolve, split_target};
@@ -227,13 +228,13 @@ fn run(cli: Cli) -> Result<()> {
     match command {
         Some(command) => runtime.block_on(async {
             synced(&directory).await?;
-            execute(&directory, command).await
+            execute(&Descriptors::new(directory.clone()), command).await
         }),
         None => {
             runtime.block_on(synced(&directory))?;
             print!("{}", list_text(&directory.snapshot()));
             if std::io::stdin().is_terminal() {
-                repl(&runtime, &directory)
+                repl(&runtime, &Descriptors::new(directory.clone()))
             } else {
                 Ok(())
             }
@@ -297,7 +298,8 @@ fn request_from_stdin(command: Command) -> Result<Command> {
     Ok(Command::Call(args))
 }
 
-async fn execute(directory: &Directory, command: Command) -> Result<()> {
+async fn execute(descriptors: &Descriptors, command: Command) -> Result<()> {
+    let directory = descriptors.directory();
     match command {
         Command::List { json: true } => {
             println!("{}", serde_json::to_string_pretty(&list_json(directory))?);
@@ -307,8 +309,8 @@ async fn execute(directory: &Directory, command: Command) -> Result<()> {
             print!("{}", list_text(&directory.snapshot()));
             Ok(())
         }
-        Command::Describe { service } => describe(directory, &service).await,
-        Command::Call(args) => call(directory, args).await,
+        Command::Describe { service } => describe(descriptors, &service).await,
+        Command::Call(args) => call(descriptors, args).await,
         Command::Watch => watch(directory).await,
     }
 }
@@ -388,10 +390,10 @@ fn list_json(directory: &Directory) -> serde_json::Value {
     })
 }
 
-async fn describe(directory: &Directory, service: &str) -> Result<()> {
-    let service = find_service(&directory.snapshot(), service)?;
-    let descriptor = directory.descriptors(&service).await?;
-    let count = directory.instances(&service).len();
+async fn describe(descriptors: &Descriptors, service: &str) -> Result<()> {
+    let service = find_service(&descriptors.directory().snapshot(), service)?;
+    let descriptor = descriptors.get(&service).await?;
+    let count = descriptors.directory().instances(&service).len();
     println!(
         "{service}: {count} instance{}",
         if count == 1 { "" } else { "s" }
@@ -400,8 +402,9 @@ async fn describe(directory: &Directory, service: &str) -> Result<()> {
     Ok(())
 }
 
-async fn call(directory: &Directory, a: CallArgs) -> Result<()> {
-    let target = resolve(directory, &a.target).await?;
+async fn call(descriptors: &Descriptors, a: CallArgs) -> Result<()> {
+    let directory = descriptors.directory();
+    let target = resolve(descriptors, &a.target).await?;
     let requests = args::parse_requests(&target.method, &a.request)?;
     let caller = Caller::new(
         directory.clone(),
@@ -665,13 +668,13 @@ commands:
   quit                                leave (also Ctrl-D)
 TAB completes commands, services, SERVICE/METHOD and field names.";
 
-fn repl(runtime: &tokio::runtime::Runtime, directory: &Directory) -> Result<()> {
+fn repl(runtime: &tokio::runtime::Runtime, descriptors: &Descriptors) -> Result<()> {
     let mut editor: rustyline::Editor<Helper, rustyline::history::DefaultHistory> =
         rustyline::Editor::new().context("cannot open the terminal")?;
     editor.set_helper(Some(Helper {
-        directory: directory.clone(),
+        descriptors: descriptors.clone(),
     }));
-    prefetch_descriptors(runtime, directory);
+    prefetch_descriptors(runtime, descriptors);
     println!("type `help` for commands");
     loop {
         let line = match editor.readline("registry> ") {
@@ -704,14 +707,14 @@ fn repl(runtime: &tokio::runtime::Runtime, directory: &Directory) -> Result<()> 
             Line::Command(command) => {
                 let outcome = runtime.block_on(async {
                     tokio::select! {
-                        r = execute(directory, command) => r,
+                        r = execute(descriptors, command) => r,
                         _ = tokio::signal::ctrl_c() => Ok(()),
                     }
                 });
                 if let Err(e) = outcome {
                     eprintln!("error: {e:#}");
                 }
-                prefetch_descriptors(runtime, directory);
+                prefetch_descriptors(runtime, descriptors);
             }
         }
     }
@@ -719,12 +722,12 @@ fn repl(runtime: &tokio::runtime::Runtime, directory: &Directory) -> Result<()> 
 
 /// Fetches descriptors of every service in the background, so TAB can
 /// complete method names.
-fn prefetch_descriptors(runtime: &tokio::runtime::Runtime, directory: &Directory) {
-    for service in directory.snapshot().services() {
-        if directory.cached_descriptors(&service).is_none() {
-            let directory = directory.clone();
+fn prefetch_descriptors(runtime: &tokio::runtime::Runtime, descriptors: &Descriptors) {
+    for service in descriptors.directory().snapshot().services() {
+        if descriptors.cached(&service).is_none() {
+            let descriptors = descriptors.clone();
             runtime.spawn(async move {
-                let _ = directory.descriptors(&service).await;
+                let _ = descriptors.get(&service).await;
             });
         }
     }
@@ -763,20 +766,20 @@ fn split_words(line: &str) -> Result<Vec<String>, String> {
 /// TAB completion for the prompt.
 struct Helper {
     /// Where service names and cached descriptors come from.
-    directory: Directory,
+    descriptors: Descriptors,
 }
 
 impl Helper {
     fn candidates(&self, before: &[&str], word: &str) -> Vec<String> {
         const COMMANDS: [&str; 6] = ["call", "list", "describe", "watch", "help", "quit"];
-        let snapshot = self.directory.snapshot();
+        let snapshot = self.descriptors.directory().snapshot();
         match before {
             [] => COMMANDS.iter().map(|c| c.to_string()).collect(),
             ["describe"] => snapshot.services(),
             ["call"] => match word.split_once('/') {
                 Some((service, _)) => find_service(&snapshot, service)
                     .ok()
-                    .and_then(|s| self.directory.cached_descriptors(&s))
+                    .and_then(|s| self.descriptors.cached(&s))
                     .map(|d| {
                         d.methods()
                             .map(|m| format!("{service}/{}", m.name()))
@@ -807,7 +810,7 @@ impl Helper {
                 };
                 find_service(&snapshot, service)
                     .ok()
-                    .and_then(|s| self.directory.cached_descriptors(&s))
+                    .and_then(|s| self.descriptors.cached(&s))
                     .and_then(|d| d.methods().find(|m| m.name() == method))
                     .map(|m| {
                         m.input()

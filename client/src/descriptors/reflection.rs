@@ -1,74 +1,25 @@
-//! Where a service's protobuf descriptors come from.
+//! Descriptors from an instance itself, through gRPC server reflection (v1).
 //!
-//! First the registry (`GetDescriptors`: what the instances registered). If
-//! the registry has none, the instance itself through gRPC server reflection
-//! (v1): `FileContainingSymbol` may return only the file defining the
-//! service (tonic's does), so each import still missing is then fetched
-//! with `FileByFilename`. That exchange is bounded by work as well as by
-//! time: at most 256 requests, 256 files and 16 MiB of descriptors, and a
-//! reply that does not hold the file asked for is an error, so a server
-//! whose answers never complete the imports fails at once, naming what is
-//! missing, rather than at the timeout.
+//! `FileContainingSymbol` may return only the file defining the service
+//! (tonic's does), so each import still missing is then fetched with
+//! `FileByFilename`. That exchange is bounded by work as well as by time: at
+//! most 256 requests, 256 files and 16 MiB of descriptors, and a reply that
+//! does not hold the file asked for is an error, so a server whose answers
+//! never complete the imports fails at once, naming what is missing, rather
+//! than at the timeout.
 
 use crate::status::status_text;
 use prost::Message;
-use prost_reflect::{DescriptorPool, ServiceDescriptor};
+use prost_reflect::DescriptorPool;
 use prost_types::FileDescriptorProto;
-use registry_proto::descriptors::{decode_pool, pool_from_files};
-use registry_proto::registry::v1::GetDescriptorsRequest;
-use registry_proto::security::RegistryConn;
+use registry_proto::descriptors::pool_from_files;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
-use thiserror::Error;
 use tonic::transport::Channel;
 use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
-
-/// Why descriptors could not be obtained.
-#[derive(Debug, Error)]
-pub enum DescriptorError {
-    /// Neither the registry nor any instance could provide them.
-    #[error("no descriptors for service `{service}`: {reason}")]
-    Unavailable {
-        /// Registered service name.
-        service: String,
-        /// What went wrong at each source.
-        reason: String,
-    },
-    /// The descriptors do not hold together.
-    #[error("invalid descriptors for `{service}`: {reason}")]
-    Invalid {
-        /// Registered service name.
-        service: String,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Asks the registry. `Ok(None)` when it has none for the service.
-pub async fn from_registry(
-    registry: &mut RegistryConn,
-    service: &str,
-    timeout: Duration,
-) -> Result<Option<(String, DescriptorPool)>, String> {
-    let mut request = tonic::Request::new(GetDescriptorsRequest {
-        service: service.to_string(),
-    });
-    request.set_timeout(timeout);
-    let reply = tokio::time::timeout(timeout, registry.get_descriptors(request))
-        .await
-        .map_err(|_| "registry: timed out".to_string())?
-        .map_err(|s| format!("registry: {}", status_text(&s)))?
-        .into_inner();
-    if reply.file_descriptor_set.is_empty() {
-        return Ok(None);
-    }
-    let pool = decode_pool(&reply.file_descriptor_set)
-        .map_err(|e| format!("registry sent invalid descriptors: {e}"))?;
-    Ok(Some((reply.proto_service, pool)))
-}
 
 /// Most requests one reflection exchange may make: ListServices, the file
 /// defining the service, then one per import.
@@ -337,33 +288,6 @@ fn add_files(
         progress.files = files.len();
     }
     Ok(())
-}
-
-/// The service `proto_service` in `pool`; when `proto_service` is empty, the
-/// pool's only service.
-pub fn service_in(
-    pool: &DescriptorPool,
-    proto_service: &str,
-    service: &str,
-) -> Result<ServiceDescriptor, DescriptorError> {
-    if !proto_service.is_empty() {
-        return pool
-            .get_service_by_name(proto_service)
-            .ok_or_else(|| DescriptorError::Invalid {
-                service: service.to_string(),
-                reason: format!("they do not define {proto_service}"),
-            });
-    }
-    let mut services = pool.services();
-    match (services.next(), services.next()) {
-        (Some(one), None) => Ok(one),
-        _ => Err(DescriptorError::Invalid {
-            service: service.to_string(),
-            reason:
-                "no proto_service registered and the descriptors do not define exactly one service"
-                    .into(),
-        }),
-    }
 }
 
 #[cfg(test)]

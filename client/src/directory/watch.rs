@@ -1,0 +1,169 @@
+//! The watch task: follows the registry's `Watch` stream, reconnecting with
+//! exponential backoff, and publishes what [`apply`](super::apply) makes of
+//! each message.
+
+use super::apply::{SNAPSHOT_LIMITS, apply, join_parts};
+use super::{Change, ChangeKind, RemovalCause, Shared};
+use crate::status::status_text;
+use rand::Rng;
+use registry_proto::registry::v1::{WatchRequest, WatchResponse};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// First and largest delay between reconnection attempts.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The watch loop: runs until the directory is dropped.
+pub(super) async fn run(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let (received, error, code) = watch_once(&shared).await;
+        tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
+        if matches!(
+            code,
+            Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
+        ) {
+            shared.set_refused(Some(error.clone()));
+        } else if received {
+            shared.set_refused(None);
+        }
+        {
+            let mut state = shared.lock();
+            state.last_error = error;
+            state.snapshot.connected = false;
+            shared.publish(&state, Vec::new());
+        }
+        if received {
+            backoff = BACKOFF_MIN;
+        }
+        // Jitter so many clients do not reconnect in lockstep.
+        let jitter = rand::rng().random_range(0.5..1.0);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// One watch stream, until it fails. Returns whether anything was applied,
+/// why it ended, and the status code if the registry sent one.
+async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>) {
+    let mut registry = shared.registry.clone();
+    let mut stream = match registry
+        .watch(WatchRequest {
+            services: Vec::new(),
+        })
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => return (false, status_text(&s), Some(s.code())),
+    };
+    let mut received = false;
+    let mut partial = super::apply::Partial::default();
+    loop {
+        match stream.message().await {
+            Ok(Some(msg)) => match join_parts(&mut partial, msg, SNAPSHOT_LIMITS) {
+                Ok(Some(msg)) => {
+                    // Counted only once something is applied: a registry
+                    // that never ends its snapshot must not reset the backoff.
+                    received = true;
+                    apply_and_publish(shared, msg);
+                }
+                Ok(None) => {}
+                Err(too_big) => {
+                    tracing::warn!(registry = %shared.addr, "{too_big}; reconnecting");
+                    return (received, too_big, None);
+                }
+            },
+            Ok(None) => return (received, "the registry closed the watch".to_string(), None),
+            Err(s) => return (received, status_text(&s), Some(s.code())),
+        }
+    }
+}
+
+fn apply_and_publish(shared: &Arc<Shared>, msg: WatchResponse) {
+    let mut state = shared.lock();
+    let outcome = apply(&mut state.snapshot, msg);
+    state.snapshot.connected = true;
+    if outcome.stale_set_aside {
+        state.stale_generation += 1;
+        let generation = state.stale_generation;
+        let shared = shared.clone();
+        let grace = shared.grace;
+        tokio::spawn(async move {
+            // `sleep`, not `sleep_until(now + grace)`: that sum panics on
+            // overflow (a caller's `with_grace(Duration::MAX)`).
+            tokio::time::sleep(grace).await;
+            expire_stale(&shared, generation);
+        });
+    }
+    shared.publish(&state, outcome.changes);
+}
+
+/// Drops the stale instances set aside at `generation`, if still current.
+fn expire_stale(shared: &Shared, generation: u64) {
+    let mut state = shared.lock();
+    if state.stale_generation != generation {
+        return;
+    }
+    let stale = std::mem::take(&mut state.snapshot.stale);
+    let changes: Vec<Change> = stale
+        .into_values()
+        .flat_map(|l| l.to_vec())
+        .map(|instance| Change {
+            kind: ChangeKind::Removed(RemovalCause::NotReregistered),
+            instance,
+        })
+        .collect();
+    if !changes.is_empty() {
+        tracing::info!(
+            count = changes.len(),
+            "dropping instances not re-registered after a registry restart"
+        );
+    }
+    shared.publish(&state, changes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::apply::fixtures::{inst, reset};
+    use super::super::{Snapshot, State};
+    use super::*;
+    use crate::connect::Connector;
+    use std::sync::Mutex;
+    use tokio::sync::{broadcast, watch};
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_instances_expire_after_the_grace_period() {
+        let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
+        let shared = Arc::new(Shared {
+            addr: "test".into(),
+            registry: Connector::plaintext().registry(
+                tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
+            ),
+            connector: Connector::plaintext(),
+            refused: Mutex::new(None),
+            state: Mutex::new(State {
+                snapshot: Snapshot::default(),
+                last_error: String::new(),
+                stale_generation: 0,
+            }),
+            snapshots: tx,
+            changes: broadcast::channel(16).0,
+            grace: Duration::from_secs(5),
+        });
+        let mut changes = shared.changes.subscribe();
+        apply_and_publish(&shared, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        apply_and_publish(&shared, reset("r2", 0, vec![]));
+        assert_eq!(shared.snapshots.borrow().instances("calc").len(), 1);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(shared.snapshots.borrow().instances("calc").is_empty());
+        assert_eq!(
+            changes.recv().await.map(|c| c.kind).ok(),
+            Some(ChangeKind::Added)
+        );
+        assert_eq!(
+            changes.recv().await.map(|c| c.kind).ok(),
+            Some(ChangeKind::Removed(RemovalCause::NotReregistered))
+        );
+    }
+}
