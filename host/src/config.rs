@@ -26,11 +26,13 @@ use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use registry_proto::limits;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Weights a plugin may be given.
-pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+/// Weights a plugin may be given (the registry's range: a weight of 0 would
+/// mean its default).
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=limits::MAX_WEIGHT;
 /// Weights drawn for a plugin that names none. Small, like the original's
 /// dummy random weights that simulated load.
 pub const RANDOM_WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
@@ -123,8 +125,7 @@ struct RawPlugin {
     #[serde(default = "yes")]
     enabled: bool,
     weight: Option<Spanned<i64>>,
-    #[serde(default)]
-    metadata: BTreeMap<Spanned<String>, String>,
+    metadata: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
 }
 
 fn yes() -> bool {
@@ -212,16 +213,12 @@ impl Config {
                 ));
             }
             let name = name.into_inner();
-            let mut metadata = BTreeMap::new();
-            for (key, value) in raw_plugin.metadata {
-                if key.get_ref().is_empty() {
-                    return Err(error(
-                        Some(key.span()),
-                        format!("plugin `{name}`: metadata keys must not be empty"),
-                    ));
-                }
-                metadata.insert(key.into_inner(), value);
-            }
+            let metadata = match raw_plugin.metadata {
+                None => BTreeMap::new(),
+                Some(m) => check_metadata(m).map_err(|(span, problem)| {
+                    error(Some(span), format!("plugin `{name}`: {problem}"))
+                })?,
+            };
             let (weight, weight_source) = match raw_plugin.weight {
                 Some(w) => {
                     let value = *w.get_ref();
@@ -274,6 +271,68 @@ impl Config {
             plugins,
         })
     }
+}
+
+/// Checks metadata against the registry's limits
+/// ([`registry_proto::limits`]), so what the registry would refuse is
+/// refused here, with its line, before it is sent. The error is the span to
+/// blame and the problem.
+#[allow(clippy::type_complexity)]
+fn check_metadata(
+    raw: Spanned<BTreeMap<Spanned<String>, Spanned<String>>>,
+) -> Result<BTreeMap<String, String>, (std::ops::Range<usize>, String)> {
+    let span = raw.span();
+    let raw = raw.into_inner();
+    if raw.len() > limits::MAX_METADATA_ENTRIES {
+        return Err((
+            span,
+            format!(
+                "metadata: at most {} entries (the registry's limit), got {}",
+                limits::MAX_METADATA_ENTRIES,
+                raw.len()
+            ),
+        ));
+    }
+    let mut total = 0;
+    let mut metadata = BTreeMap::new();
+    for (key, value) in raw {
+        if key.get_ref().is_empty() {
+            return Err((key.span(), "metadata keys must not be empty".into()));
+        }
+        if key.get_ref().len() > limits::MAX_METADATA_KEY {
+            return Err((
+                key.span(),
+                format!(
+                    "metadata: keys must be at most {} bytes (the registry's limit), got {}",
+                    limits::MAX_METADATA_KEY,
+                    key.get_ref().len()
+                ),
+            ));
+        }
+        if value.get_ref().len() > limits::MAX_METADATA_VALUE {
+            return Err((
+                value.span(),
+                format!(
+                    "metadata: value of `{}` must be at most {} bytes (the registry's limit), got {}",
+                    key.get_ref(),
+                    limits::MAX_METADATA_VALUE,
+                    value.get_ref().len()
+                ),
+            ));
+        }
+        total += key.get_ref().len() + value.get_ref().len();
+        metadata.insert(key.into_inner(), value.into_inner());
+    }
+    if total > limits::MAX_METADATA_TOTAL {
+        return Err((
+            span,
+            format!(
+                "metadata: at most {} bytes of keys and values in all (the registry's limit), got {total}",
+                limits::MAX_METADATA_TOTAL
+            ),
+        ));
+    }
+    Ok(metadata)
 }
 
 /// Reads the text of a configuration file, refusing by name what is not a
@@ -505,6 +564,46 @@ weight = 3
             RANDOM_WEIGHT_RANGE.contains(&echo.weight),
             "{}",
             echo.weight
+        );
+    }
+
+    #[test]
+    fn what_the_registry_refuses_is_refused_with_its_line() {
+        let entries: String = (0..65).map(|i| format!("k{i} = \"v\"\n")).collect();
+        let e = parse_err(&format!(
+            "[plugins.echo]\nweight = 2\n\n[plugins.echo.metadata]\n{entries}"
+        ));
+        assert_eq!(
+            e,
+            "services.toml:4: plugin `echo`: metadata: at most 64 entries (the registry's limit), got 65"
+        );
+        let entries: String = (0..64).map(|i| format!("k{i} = \"v\"\n")).collect();
+        parse(&format!("[plugins.echo.metadata]\n{entries}")).unwrap_or_else(|e| panic!("{e}"));
+
+        let e = parse_err(&format!(
+            "[plugins.echo]\nmetadata = {{ {} = \"v\" }}\n",
+            "k".repeat(129)
+        ));
+        assert_eq!(
+            e,
+            "services.toml:2: plugin `echo`: metadata: keys must be at most 128 bytes (the registry's limit), got 129"
+        );
+        let e = parse_err(&format!(
+            "[plugins.echo.metadata]\na = \"v\"\nb = \"{}\"\n",
+            "é".repeat(513)
+        ));
+        assert_eq!(
+            e,
+            "services.toml:3: plugin `echo`: metadata: value of `b` must be at most 1024 bytes (the registry's limit), got 1026"
+        );
+        // 17 values of 1000 bytes: each fits, together they do not.
+        let entries: String = (0..17)
+            .map(|i| format!("k{i:02} = \"{}\"\n", "v".repeat(1000)))
+            .collect();
+        let e = parse_err(&format!("\n[plugins.echo.metadata]\n{entries}"));
+        assert!(
+            e.starts_with("services.toml:2: plugin `echo`: metadata: at most 16384 bytes of keys and values in all"),
+            "{e}"
         );
     }
 

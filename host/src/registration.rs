@@ -342,6 +342,10 @@ async fn run(
     reached: watch::Sender<Reached>,
 ) -> u32 {
     let mut backoff = Backoff::default();
+    // The last settings the registry accepted for each plugin, kept across
+    // sessions: what is registered again after a registry restart when it
+    // refuses the newer ones.
+    let mut accepted: BTreeMap<String, PluginConfig> = BTreeMap::new();
     loop {
         let want = desired.borrow_and_update().clone();
         if want.shutdown {
@@ -354,7 +358,15 @@ async fn run(
             }
             continue;
         }
-        match session(&settings, &mut desired, &reached, &mut backoff).await {
+        match session(
+            &settings,
+            &mut desired,
+            &reached,
+            &mut backoff,
+            &mut accepted,
+        )
+        .await
+        {
             Ok(SessionEnd::Shutdown(removed)) => return removed,
             Ok(SessionEnd::Paused) => continue,
             Err(e) => {
@@ -492,6 +504,7 @@ async fn session(
     desired: &mut watch::Receiver<Desired>,
     reached: &watch::Sender<Reached>,
     backoff: &mut Backoff,
+    accepted: &mut BTreeMap<String, PluginConfig>,
 ) -> Result<SessionEnd, SessionError> {
     // Connecting may take seconds (and waiting for the KeepAlive answer
     // longer): nothing is registered yet, so a removal until then is done at
@@ -515,7 +528,8 @@ async fn session(
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
     // Settings the registry refused for a reason retrying cannot fix
-    // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED): not retried until they change.
+    // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED): not retried until they change
+    // (or the next session: the registry's limits may have changed).
     let mut refused: BTreeMap<String, PluginConfig> = BTreeMap::new();
     loop {
         let want = desired.borrow_and_update().clone();
@@ -542,6 +556,7 @@ async fn session(
             &want.plugins,
             &mut held,
             &mut refused,
+            accepted,
             reached,
         )
         .await?;
@@ -572,7 +587,11 @@ async fn session(
     }
 }
 
-/// Brings the registry from `held` to `want` under `lease`.
+/// Brings the registry from `held` to `want` under `lease`. Settings the
+/// registry refuses are not retried in this session; the plugin stays (or,
+/// in a new session, is registered again) with the last settings the
+/// registry `accepted`, if any.
+#[allow(clippy::too_many_arguments)]
 async fn reconcile(
     settings: &Settings,
     client: &mut RegistryConn,
@@ -580,6 +599,7 @@ async fn reconcile(
     want: &BTreeMap<String, PluginConfig>,
     held: &mut BTreeMap<String, Held>,
     refused: &mut BTreeMap<String, PluginConfig>,
+    accepted: &mut BTreeMap<String, PluginConfig>,
     reached: &watch::Sender<Reached>,
 ) -> Result<(), SessionError> {
     // Published after every call, so waiters see each step as it lands
@@ -619,71 +639,125 @@ async fn reconcile(
         publish(held);
     }
     refused.retain(|name, config| want.get(name) == Some(config));
+    accepted.retain(|name, _| want.contains_key(name));
 
-    for (name, config) in want {
-        if held
-            .get(name)
-            .is_some_and(|h| h.config.same_registration(config))
-            || refused.get(name) == Some(config)
-        {
-            continue;
-        }
-        let Some(plugin) = settings.plugins.iter().find(|p| p.name() == name) else {
-            // Config parsing only accepts known plugins; nothing to register.
-            continue;
-        };
-        let request = RegisterRequest {
-            lease_id: lease.id,
-            lease_secret: lease.secret.clone(),
-            instance: Some(Instance {
-                service: name.clone(),
-                instance_id: String::new(),
-                host: settings.advertised.ip().to_string(),
-                port: u32::from(settings.advertised.port()),
-                weight: config.weight,
-                metadata: config.metadata.clone().into_iter().collect(),
-                proto_service: plugin.proto_service().to_string(),
-                lease_id: 0,
-                revision: 0,
-            }),
-            file_descriptor_set: plugin.descriptors().to_vec(),
-        };
-        let updating = held.contains_key(name);
-        match register_paced(client, request).await {
-            Ok(resp) => {
-                let instance_id = resp
-                    .instance
-                    .map(|i| i.instance_id)
-                    .unwrap_or_else(|| settings.advertised.to_string());
-                info!(
-                    "{} {name} ({instance_id}) weight {} metadata {:?}",
-                    if updating { "updated" } else { "registered" },
-                    config.weight,
-                    config.metadata
-                );
-                held.insert(
-                    name.clone(),
-                    Held {
-                        config: config.clone(),
-                        instance_id,
-                    },
-                );
-                publish(held);
-            }
-            Err(SessionError::Rpc { status, .. })
-                if matches!(
-                    status.code(),
-                    Code::InvalidArgument | Code::ResourceExhausted
-                ) =>
+    // A second pass registers the last accepted settings of plugins whose
+    // new ones were just refused, where the registry holds nothing of them.
+    for _pass in 0..2 {
+        let mut again = false;
+        for (name, wanted) in want {
+            // Refused settings give way to the last accepted ones (if any).
+            let falling_back = refused.get(name) == Some(wanted);
+            let target = if falling_back {
+                match accepted.get(name) {
+                    Some(last) => last.clone(),
+                    None => continue,
+                }
+            } else {
+                wanted.clone()
+            };
+            if held
+                .get(name)
+                .is_some_and(|h| h.config.same_registration(&target))
             {
-                error!(
-                    "the registry refused {name}: {}: {} (not retried until its settings change)",
-                    status.code(),
-                    status.message()
-                );
-                refused.insert(name.clone(), config.clone());
+                continue;
             }
-            Err(e) => return Err(e),
+            let Some(plugin) = settings.plugins.iter().find(|p| p.name() == name) else {
+                // Config parsing only accepts known plugins; nothing to register.
+                continue;
+            };
+            let config = &target;
+            let request = RegisterRequest {
+                lease_id: lease.id,
+                lease_secret: lease.secret.clone(),
+                instance: Some(Instance {
+                    service: name.clone(),
+                    instance_id: String::new(),
+                    host: settings.advertised.ip().to_string(),
+                    port: u32::from(settings.advertised.port()),
+                    weight: config.weight,
+                    metadata: config.metadata.clone().into_iter().collect(),
+                    proto_service: plugin.proto_service().to_string(),
+                    lease_id: 0,
+                    revision: 0,
+                }),
+                file_descriptor_set: plugin.descriptors().to_vec(),
+            };
+            let updating = held.contains_key(name);
+            match register_paced(client, request).await {
+                Ok(resp) => {
+                    let instance_id = resp
+                        .instance
+                        .map(|i| i.instance_id)
+                        .unwrap_or_else(|| settings.advertised.to_string());
+                    info!(
+                        "{} {name} ({instance_id}) weight {} metadata {:?}",
+                        if updating { "updated" } else { "registered" },
+                        config.weight,
+                        config.metadata
+                    );
+                    held.insert(
+                        name.clone(),
+                        Held {
+                            config: config.clone(),
+                            instance_id,
+                        },
+                    );
+                    accepted.insert(name.clone(), config.clone());
+                    publish(held);
+                }
+                Err(SessionError::Rpc { status, .. })
+                    if matches!(
+                        status.code(),
+                        Code::InvalidArgument | Code::ResourceExhausted
+                    ) =>
+                {
+                    let fallback = if falling_back {
+                        // The last accepted settings are refused now too (the
+                        // registry's limits changed): nothing left to offer.
+                        error!(
+                            "the registry now refuses the last settings it accepted for {name} (weight {}) too: {}: {}; not registered",
+                            config.weight,
+                            status.code(),
+                            status.message()
+                        );
+                        accepted.remove(name);
+                        None
+                    } else {
+                        refused.insert(name.clone(), config.clone());
+                        let last = accepted.get(name).cloned();
+                        let keeping = match &last {
+                            Some(last) => format!(
+                                "keeping the last settings it accepted (weight {} metadata {:?})",
+                                last.weight, last.metadata
+                            ),
+                            None => "not registered".to_string(),
+                        };
+                        error!(
+                            "the registry refused {name} with weight {} and {} metadata entries: {}: {}; {keeping}; the new settings are not in force (not retried until they change)",
+                            config.weight,
+                            config.metadata.len(),
+                            status.code(),
+                            status.message()
+                        );
+                        last
+                    };
+                    // In this session the registry still holds what it accepted
+                    // before (a refused upsert changes nothing); in a new one
+                    // it must be registered again.
+                    if let Some(last) = fallback
+                        && !held
+                            .get(name)
+                            .is_some_and(|h| h.config.same_registration(&last))
+                    {
+                        again = true;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if !again {
+            break;
         }
     }
     Ok(())

@@ -41,6 +41,11 @@ struct State {
     registers: BTreeMap<String, u32>,
     /// Deregister calls running.
     deregistering: u32,
+    /// The weight each held service was registered with.
+    weights: BTreeMap<String, u32>,
+    /// A weight Register refuses with INVALID_ARGUMENT (a registry with
+    /// tighter limits than the node knows).
+    refuse_weight: Option<u32>,
 }
 
 /// How long the fake takes to answer each kind of call.
@@ -56,6 +61,8 @@ struct Delays {
 struct Fake {
     state: Arc<Mutex<State>>,
     delays: Delays,
+    /// Ends every KeepAlive stream and forgets everything: a restart.
+    restart: Arc<tokio::sync::Notify>,
 }
 
 impl Fake {
@@ -63,6 +70,7 @@ impl Fake {
         let fake = Fake {
             state: Arc::default(),
             delays,
+            restart: Arc::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -80,6 +88,10 @@ impl Fake {
     fn in_flight(&self, service: &str) -> u32 {
         let state = self.state.lock().unwrap();
         state.in_flight.get(service).copied().unwrap_or(0)
+    }
+
+    fn weight(&self, service: &str) -> Option<u32> {
+        self.state.lock().unwrap().weights.get(service).copied()
     }
 
     fn registers(&self, service: &str) -> u32 {
@@ -111,8 +123,17 @@ impl Registry for Fake {
         let mut beats = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let state = self.state.clone();
+        let restart = self.restart.clone();
         tokio::spawn(async move {
-            while let Ok(Some(beat)) = beats.message().await {
+            loop {
+                let beat = tokio::select! {
+                    beat = beats.message() => beat,
+                    () = restart.notified() => {
+                        let _ = tx.send(Err(Status::not_found("lease 1 not found"))).await;
+                        break;
+                    }
+                };
+                let Ok(Some(beat)) = beat else { break };
                 let answer = KeepAliveResponse {
                     lease_id: beat.lease_id,
                     ttl_ms: 10_000,
@@ -122,7 +143,9 @@ impl Registry for Fake {
                 }
             }
             // Like the real registry: the lease dies with its stream.
-            state.lock().unwrap().held.clear();
+            let mut state = state.lock().unwrap();
+            state.held.clear();
+            state.weights.clear();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -151,6 +174,13 @@ impl Registry for Fake {
         tokio::time::sleep(self.delays.register).await;
         let mut state = self.state.lock().unwrap();
         *state.in_flight.entry(service.clone()).or_default() -= 1;
+        if state.refuse_weight == Some(instance.weight) {
+            return Err(Status::invalid_argument(format!(
+                "instance.weight: at most {} on this registry",
+                instance.weight - 1
+            )));
+        }
+        state.weights.insert(service.clone(), instance.weight);
         state.held.insert(service);
         Ok(Response::new(RegisterResponse {
             instance: Some(Instance {
@@ -399,4 +429,46 @@ async fn concurrent_reloads_apply_one_after_the_other() {
         "a reload re-weighted what the previous one added"
     );
     assert!(fake.registers("calculator") >= 1);
+}
+
+/// A registry with tighter limits than the node knows refuses an update:
+/// the node keeps the settings it accepted before registered, reports the
+/// new ones as not registered, and registers the accepted ones again after
+/// the registry restarts (not the refused ones, and not nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_update_keeps_the_last_accepted_settings_across_a_restart() {
+    let (fake, addr) = Fake::start(Delays::default()).await;
+    fake.state.lock().unwrap().refuse_weight = Some(3);
+    let registrar = registrar(addr);
+    registrar.upsert("calculator", weight(7));
+    assert!(
+        registrar
+            .wait_until(WAIT, |r| r.get("calculator") == Some(&weight(7)))
+            .await
+    );
+
+    registrar.upsert("calculator", weight(3));
+    let want = registrar.desired().plugins;
+    assert!(
+        !registrar
+            .wait_until(Duration::from_millis(500), |r| {
+                node_host::registration::registered_matches(r, &want)
+            })
+            .await,
+        "a refused update is not reported as registered"
+    );
+    assert_eq!(registrar.registered().get("calculator"), Some(&weight(7)));
+    assert_eq!(fake.weight("calculator"), Some(7));
+
+    // The registry restarts, losing everything: 7 comes back, 3 is tried
+    // once more (its limits may have changed) and refused again.
+    let registers = fake.registers("calculator");
+    fake.restart.notify_waiters();
+    testkit::eventually(WAIT, "calculator registered again", || {
+        let (weight, registers_now) = (fake.weight("calculator"), fake.registers("calculator"));
+        async move { (weight == Some(7) && registers_now > registers).then_some(()) }
+    })
+    .await;
+    assert_eq!(registrar.registered().get("calculator"), Some(&weight(7)));
+    registrar.shutdown(WAIT).await;
 }

@@ -8,12 +8,14 @@
 //!
 //! It also holds what every binary shares beyond the protocol:
 //! [`security`] (TLS flags, access tokens, the registry client type) and
-//! [`logging`] (the `RUST_LOG` setup of every binary), and [`descriptors`]
-//! (descriptor sets from the network, decoded without panicking).
+//! [`logging`] (the `RUST_LOG` setup of every binary), [`descriptors`]
+//! (descriptor sets from the network, decoded without panicking) and
+//! [`limits`] (the protocol's field limits, for the registry and the nodes).
 
 #![warn(missing_docs)]
 
 pub mod descriptors;
+pub mod limits;
 pub mod logging;
 pub mod security;
 

@@ -2,8 +2,9 @@
 //! leaves the registry untouched and its error names the field
 //! (`instance.port: must be 1..=65535, got 70000`).
 //!
-//! The fixed limits live here as constants, one place to read or change
-//! them; the request size is [`crate::server::MAX_MESSAGE_SIZE`], and the
+//! The fixed field limits are constants in [`registry_proto::limits`], one
+//! place to read or change them, shared with the node host; the registry-wide
+//! caps are here; the request size is [`crate::server::MAX_MESSAGE_SIZE`], and the
 //! limits an operator tunes by flag are in [`crate::limits`].
 
 use std::collections::{BTreeSet, HashMap};
@@ -13,34 +14,13 @@ use registry_proto::registry::v1 as pb;
 
 use crate::error::{Error, Result};
 
-/// Longest service name, in bytes (a valid name is ASCII, so also in
-/// characters).
-pub const MAX_SERVICE_NAME: usize = 128;
-/// Longest instance id, in bytes (a valid id is ASCII, so also in
-/// characters).
-pub const MAX_INSTANCE_ID: usize = 128;
-/// Longest host, in bytes (the DNS limit; a valid host is ASCII).
-pub const MAX_HOST: usize = 253;
-/// Longest `proto_service`, in bytes. Each instance stores its own copy and
-/// every Resolve and Watch sends it, so without a bound a name taken from a
-/// 4 MiB descriptor set would cost megabytes per instance.
-pub const MAX_PROTO_SERVICE: usize = 512;
-/// Largest weight; 0 in a request means [`DEFAULT_WEIGHT`].
-pub const MAX_WEIGHT: u32 = 1000;
-/// Weight stored when a request leaves it at 0.
-pub const DEFAULT_WEIGHT: u32 = 1;
-/// Most metadata entries per instance.
-pub const MAX_METADATA_ENTRIES: usize = 64;
-/// Longest metadata key, in bytes of UTF-8 (not characters).
-pub const MAX_METADATA_KEY: usize = 128;
-/// Longest metadata value, in bytes of UTF-8 (not characters).
-pub const MAX_METADATA_VALUE: usize = 1024;
-/// Most metadata bytes per instance, keys and values together.
-pub const MAX_METADATA_TOTAL: usize = 16 * 1024;
-/// Largest encoded `FileDescriptorSet` accepted by Register, in bytes.
-pub const MAX_DESCRIPTOR_SET: usize = 4 * 1024 * 1024;
-/// Most services one Watch may name.
-pub const MAX_WATCHED_SERVICES: usize = 1024;
+// The protocol's field limits are shared with the node host, which refuses
+// at load time what the registry would refuse here.
+pub use registry_proto::limits::{
+    DEFAULT_WEIGHT, MAX_DESCRIPTOR_SET, MAX_HOST, MAX_INSTANCE_ID, MAX_METADATA_ENTRIES,
+    MAX_METADATA_KEY, MAX_METADATA_TOTAL, MAX_METADATA_VALUE, MAX_PROTO_SERVICE, MAX_SERVICE_NAME,
+    MAX_WATCHED_SERVICES, MAX_WEIGHT,
+};
 /// Most live leases (RESOURCE_EXHAUSTED beyond): bounds the memory a
 /// misbehaving client can take by granting in a loop.
 pub const MAX_LEASES: usize = 1_000_000;
