@@ -6,6 +6,7 @@ use registry_proto::security::TokenPolicy;
 use tonic::transport::ServerTlsConfig;
 
 use crate::limits::{PeerConfig, Quotas};
+use crate::watch::WatchLimits;
 
 /// Settings of one registry server.
 #[derive(Debug, Clone, Default)]
@@ -22,6 +23,8 @@ pub struct Config {
     /// Per-peer limits: registrations per second, Watch streams per
     /// connection.
     pub peers: PeerConfig,
+    /// The watch path's memory budgets.
+    pub watch: WatchLimits,
 }
 
 /// Lease TTL bounds.

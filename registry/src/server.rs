@@ -15,8 +15,8 @@ use tower::util::MapResponseLayer;
 use crate::config::Config;
 use crate::lease::spawn_sweeper;
 use crate::limits::PeerLimits;
-use crate::service::RegistryService;
-use crate::store::Store;
+use crate::service::{RegistryService, WithWatch};
+use crate::watch::Watchers;
 
 /// Largest request accepted: a 4 MiB descriptor set plus the rest of a
 /// Register fits; anything larger is refused before it is decoded.
@@ -24,7 +24,7 @@ pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
 
 /// Largest reply: a Resolve of a service at its default quota (100 000
 /// instances) is over 10 MiB. Watch snapshots do not need it: they are cut
-/// into messages of about 1 MiB (see `watch::SNAPSHOT_CHUNK_BYTES`).
+/// into messages of about 64 KiB (see `watch::encode::MESSAGE_BYTES`).
 pub const MAX_RESPONSE_SIZE: usize = 64 * 1024 * 1024;
 
 /// How often an idle HTTP/2 connection is pinged, so a peer that vanished
@@ -77,7 +77,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = Store::with_quotas(config.ttl, config.quotas);
+    let watchers = Watchers::new(config.ttl, config.quotas, config.watch);
+    let store = watchers.store().clone();
     let _sweeper = spawn_sweeper(store.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
 
@@ -93,13 +94,11 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let registry = RegistryServer::new(RegistryService::new(
-        store.clone(),
-        stop_rx.clone(),
-        PeerLimits::new(config.peers),
-    ))
-    .max_decoding_message_size(MAX_MESSAGE_SIZE)
-    .max_encoding_message_size(MAX_RESPONSE_SIZE);
+    let service = RegistryService::new(watchers, stop_rx.clone(), PeerLimits::new(config.peers));
+    let registry = RegistryServer::new(service.clone())
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_RESPONSE_SIZE);
+    let registry = WithWatch::new(registry, service, MAX_MESSAGE_SIZE);
 
     tracing::info!(registry_id = store.registry_id(), "registry serving");
     let signal = async move {

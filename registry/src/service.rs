@@ -15,7 +15,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::error::Error;
 use crate::limits::PeerLimits;
 use crate::store::Store;
-use crate::{validate, watch};
+use crate::validate;
+use crate::watch::Watchers;
+use crate::watch::encode::{Encoded, WatchCodec};
 
 /// Numbers KeepAlive streams, so a lease knows which stream it is attached
 /// to.
@@ -26,6 +28,8 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 pub struct RegistryService {
     /// The shared registry.
     store: Store,
+    /// Its watchers.
+    watchers: Watchers,
     /// Turns true when the server shuts down: long-lived streams (Watch,
     /// KeepAlive) end then, or graceful shutdown would wait for them forever.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -34,18 +38,33 @@ pub struct RegistryService {
 }
 
 impl RegistryService {
-    /// Serves `store`, enforcing `peers`; streams end when `shutdown` turns
-    /// true.
+    /// Serves the registry of `watchers`, enforcing `peers`; streams end
+    /// when `shutdown` turns true.
     pub fn new(
-        store: Store,
+        watchers: Watchers,
         shutdown: tokio::sync::watch::Receiver<bool>,
         peers: PeerLimits,
     ) -> RegistryService {
         RegistryService {
-            store,
+            store: watchers.store().clone(),
+            watchers,
             shutdown,
             peers,
         }
+    }
+
+    /// A Watch call: its messages, already encoded.
+    fn open_watch(&self, request: Request<pb::WatchRequest>) -> Result<BoxStream<Encoded>, Status> {
+        let guard = self.peers.open_watch(request.remote_addr())?;
+        let services = validate::watch(request.into_inner())?;
+        let stream = self.watchers.open(services, self.shutdown.clone())?;
+        // The guard lives as long as the stream: dropping the stream (the
+        // client went away) uncounts it.
+        let stream = stream.map(move |item| {
+            let _counted = &guard;
+            item
+        });
+        Ok(Box::pin(stream))
     }
 }
 
@@ -195,16 +214,96 @@ impl Registry for RegistryService {
         &self,
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let guard = self.peers.open_watch(request.remote_addr())?;
-        let services = validate::watch(request.into_inner())?;
-        let stream = watch::stream(self.store.clone(), services, self.shutdown.clone());
-        // The guard lives as long as the stream: dropping the stream (the
-        // client went away) uncounts it.
-        let stream = stream.map(move |item| {
-            let _counted = &guard;
-            item
-        });
+        // Only when served without [`WithWatch`] (which sends the encoded
+        // messages as they are): decoded again, to fit the generated type.
+        let stream = self
+            .open_watch(request)?
+            .map(|item| item.and_then(|m| m.decode()));
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The path of the Watch method.
+const WATCH_PATH: &str = "/registry.v1.Registry/Watch";
+
+/// The Registry service with its Watch method served by [`WatchCodec`]:
+/// messages encoded once go to every watcher as they are, which the
+/// generated server (which encodes a `pb::WatchResponse` per watcher)
+/// cannot do. Every other method goes to the generated server.
+#[derive(Debug, Clone)]
+pub struct WithWatch<S> {
+    /// The generated server.
+    inner: S,
+    /// Opens the Watch streams.
+    service: RegistryService,
+    /// Largest WatchRequest accepted.
+    max_request: usize,
+}
+
+impl<S> WithWatch<S> {
+    /// Serves Watch with `service` and everything else with `inner`.
+    pub fn new(inner: S, service: RegistryService, max_request: usize) -> WithWatch<S> {
+        WithWatch {
+            inner,
+            service,
+            max_request,
+        }
+    }
+}
+
+impl<S> tonic::server::NamedService for WithWatch<S> {
+    const NAME: &'static str = "registry.v1.Registry";
+}
+
+/// The Watch method as tonic's server calls it.
+struct WatchMethod(RegistryService);
+
+impl tonic::server::ServerStreamingService<pb::WatchRequest> for WatchMethod {
+    type Response = Encoded;
+    type ResponseStream = BoxStream<Encoded>;
+    type Future = std::future::Ready<Result<Response<BoxStream<Encoded>>, Status>>;
+
+    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
+        std::future::ready(self.0.open_watch(request).map(Response::new))
+    }
+}
+
+type HttpRequest = http::Request<tonic::body::Body>;
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl<S> tower::Service<HttpRequest> for WithWatch<S>
+where
+    S: tower::Service<HttpRequest, Response = HttpResponse, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = HttpResponse;
+    type Error = std::convert::Infallible;
+    type Future = Pin<
+        Box<
+            dyn std::future::Future<Output = Result<HttpResponse, std::convert::Infallible>> + Send,
+        >,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: HttpRequest) -> Self::Future {
+        if request.uri().path() != WATCH_PATH {
+            return Box::pin(self.inner.call(request));
+        }
+        let method = WatchMethod(self.service.clone());
+        let max_request = self.max_request;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(WatchCodec)
+                .apply_max_message_size_config(Some(max_request), None);
+            Ok(grpc.server_streaming(method, request).await)
+        })
     }
 }
 

@@ -714,6 +714,139 @@ impl State {
 pub struct SnapshotCopy(Vec<(Arc<str>, Arc<str>, Stored)>);
 
 impl SnapshotCopy {
+    /// How many instances it holds.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds no instance.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// About how many bytes the copy itself takes (not the labels and
+    /// names it shares with the state).
+    pub fn footprint(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<(Arc<str>, Arc<str>, Stored)>()
+    }
+
+    /// Appends the ADDED events of instances `from..` to `out`, each as
+    /// field `tag` of the enclosing message (`WatchResponse.events`), until
+    /// at least `max_bytes` were appended (always at least one event when
+    /// any is left). Encoded straight from the stored form: no
+    /// `pb::Instance` is built, so no string is allocated per instance.
+    /// Returns the index after the last event appended.
+    pub fn encode_events(
+        &self,
+        from: usize,
+        max_bytes: usize,
+        tag: u32,
+        out: &mut bytes::BytesMut,
+    ) -> usize {
+        let start = out.len();
+        let mut scratch = Vec::new();
+        let mut next = from;
+        for (name, id, stored) in self.0.iter().skip(from) {
+            if next > from && out.len() - start >= max_bytes {
+                break;
+            }
+            scratch.clear();
+            stored.encode_instance(name, id, &mut scratch);
+            encode_added(tag, stored.revision, &scratch, out);
+            next += 1;
+        }
+        next
+    }
+}
+
+/// Writes, as field `tag`, an ADDED `Event` at `revision` around an already
+/// encoded `Instance`.
+fn encode_added(tag: u32, revision: u64, instance: &[u8], out: &mut impl bytes::BufMut) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let kind = Kind::Added as u64;
+    // kind (1), revision (2), instance (3); reason (4) is 0 and omitted.
+    let event_len = 1
+        + encoded_len_varint(kind)
+        + if revision == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(revision)
+        }
+        + 1
+        + encoded_len_varint(instance.len() as u64)
+        + instance.len();
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(event_len as u64, out);
+    encode_key(1, WireType::Varint, out);
+    encode_varint(kind, out);
+    if revision != 0 {
+        encode_key(2, WireType::Varint, out);
+        encode_varint(revision, out);
+    }
+    encode_key(3, WireType::LengthDelimited, out);
+    encode_varint(instance.len() as u64, out);
+    out.put_slice(instance);
+}
+
+/// Writes a string field (omitted when empty, as prost does).
+fn encode_str(tag: u32, value: &str, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    if value.is_empty() {
+        return;
+    }
+    encode_key(tag, WireType::LengthDelimited, out);
+    encode_varint(value.len() as u64, out);
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// Writes an integer field (omitted when 0, as prost does).
+fn encode_u64(tag: u32, value: u64, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    if value == 0 {
+        return;
+    }
+    encode_key(tag, WireType::Varint, out);
+    encode_varint(value, out);
+}
+
+impl Stored {
+    /// Appends the `pb::Instance` this is (field numbers of
+    /// `registry.v1.Instance`) to `out`, without building it.
+    fn encode_instance(&self, service: &str, instance_id: &str, out: &mut Vec<u8>) {
+        use std::io::Write;
+        encode_str(1, service, out);
+        encode_str(2, instance_id, out);
+        // The host as text, formatted on the stack (at most 253 bytes).
+        let mut host = [0u8; 256];
+        let mut cursor = std::io::Cursor::new(&mut host[..]);
+        let host = match write!(cursor, "{}", self.host) {
+            Ok(()) => {
+                let len = usize::try_from(cursor.position()).unwrap_or(0);
+                std::str::from_utf8(&host[..len]).unwrap_or_default()
+            }
+            Err(_) => "",
+        };
+        encode_str(3, host, out);
+        encode_u64(4, u64::from(self.port), out);
+        encode_u64(5, u64::from(self.weight), out);
+        if let Some(labels) = &self.metadata {
+            prost::encoding::hash_map::encode(
+                prost::encoding::string::encode,
+                prost::encoding::string::encoded_len,
+                prost::encoding::string::encode,
+                prost::encoding::string::encoded_len,
+                6,
+                labels,
+                out,
+            );
+        }
+        encode_str(7, self.proto_service(), out);
+        encode_u64(8, self.lease_id, out);
+        encode_u64(9, self.revision, out);
+    }
+}
+
+impl SnapshotCopy {
     /// One ADDED event per instance, in the order of [`State::snapshot`].
     pub fn into_events(self) -> Vec<Event> {
         self.0
@@ -886,6 +1019,36 @@ mod tests {
             instances.iter().map(|i| i.revision).collect::<Vec<_>>(),
             [2, 3]
         );
+    }
+
+    #[test]
+    fn snapshot_events_encode_exactly_as_prost_encodes_them() {
+        let now = Instant::now();
+        let mut s = State::new(Ttl::default());
+        let g = s.grant_lease(0, now).unwrap();
+        let hosts = ["10.0.0.7", "::1", "node-a.local", &"h".repeat(253)];
+        for (n, host) in hosts.iter().enumerate() {
+            let mut i = instance("svc", &n.to_string(), 1 + n as u32);
+            i.host = (*host).into();
+            if n % 2 == 0 {
+                i.metadata.insert("zone".into(), "b".into());
+                i.metadata.insert("k".into(), "v".repeat(1000));
+                i.proto_service = "echo.v1.Echo".into();
+            }
+            s.register(register(&g, i, None)).unwrap();
+        }
+        let copy = s.snapshot_copy(&BTreeSet::new());
+        let mut out = bytes::BytesMut::new();
+        // A budget of one byte still makes progress: one event at a time.
+        let mut at = 0;
+        while at < copy.len() {
+            let next = copy.encode_events(at, 1, 3, &mut out);
+            assert_eq!(next, at + 1);
+            at = next;
+        }
+        let decoded = <pb::WatchResponse as prost::Message>::decode(out.freeze()).unwrap();
+        assert_eq!(decoded.events, s.snapshot(&BTreeSet::new()));
+        assert_eq!(decoded.events.len(), hosts.len());
     }
 
     #[test]

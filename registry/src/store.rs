@@ -1,23 +1,24 @@
-//! The shared handle on the registry: the [`State`] behind a lock, the watch
-//! [`Hub`] its changes are published to, and the wake-up of the lease
-//! sweeper. Cheap to clone; every gRPC handler holds one.
+//! The shared handle on the registry: the [`State`] behind a lock, the
+//! [`Publish`] sink its changes go to (the watch hub, see
+//! [`crate::watch`]; this module knows nothing of watchers), and the
+//! wake-up of the lease sweeper. Cheap to clone; every gRPC handler holds
+//! one.
 //!
 //! # Why one `std::sync::Mutex`
 //! Watchers need a single total order of revisions, and a new watcher must
 //! take its snapshot and subscribe to later changes with nothing in between.
 //! So every change is made AND published while holding one lock, and a
-//! subscription happens under that same lock. Every section under the lock
+//! subscription happens under that same lock ([`Store::read`]). Every section under the lock
 //! is short and synchronous (no `.await`), which is exactly the case where a
 //! std mutex is cheaper than tokio's and cannot be held across a suspension
 //! point by mistake (its guard is not `Send`).
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::Ttl;
@@ -25,7 +26,22 @@ use crate::error::Result;
 use crate::limits::Quotas;
 use crate::state::{Event, Granted, State};
 use crate::validate;
-use crate::watch::{Batch, Hub};
+
+/// Where the store's changes go: called with the events of each mutation
+/// (and the revision after it) under the store's lock, so in revision
+/// order. Must be quick and must not call back into the store.
+pub trait Publish: Send + Sync + std::fmt::Debug {
+    /// Takes the events of one mutation (never called with none).
+    fn publish(&self, revision: u64, events: Vec<Event>);
+}
+
+/// The sink of a store nobody watches.
+#[derive(Debug)]
+struct Nobody;
+
+impl Publish for Nobody {
+    fn publish(&self, _revision: u64, _events: Vec<Event>) {}
+}
 
 /// The shared registry. See the module docs.
 #[derive(Clone, Debug)]
@@ -39,7 +55,7 @@ struct Shared {
     /// The state; see the module docs for why a std mutex.
     state: Mutex<State>,
     /// Where changes go, in revision order (published under `state`'s lock).
-    hub: Hub,
+    publisher: Arc<dyn Publish>,
     /// Wakes the lease sweeper: an earlier deadline appeared, or it must stop.
     sweeper: Notify,
     /// Set when the sweeper's guard is dropped.
@@ -59,15 +75,26 @@ impl Store {
     /// An empty registry enforcing `quotas` (instances per lease and per
     /// service).
     pub fn with_quotas(ttl: Ttl, quotas: Quotas) -> Store {
+        Store::with_publisher(ttl, quotas, |_| Arc::new(Nobody))
+    }
+
+    /// An empty registry whose changes go to the sink `make` returns
+    /// (given the registry's id).
+    pub fn with_publisher(
+        ttl: Ttl,
+        quotas: Quotas,
+        make: impl FnOnce(&str) -> Arc<dyn Publish>,
+    ) -> Store {
         let mut state = State::new(ttl);
         state.set_quotas(quotas);
+        let registry_id = format!("{:016x}", rand::random::<u64>());
         Store {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
-                hub: Hub::new(),
+                publisher: make(&registry_id),
                 sweeper: Notify::new(),
                 sweeper_stopped: AtomicBool::new(false),
-                registry_id: format!("{:016x}", rand::random::<u64>()),
+                registry_id,
             }),
         }
     }
@@ -98,7 +125,7 @@ impl Store {
             value
         });
         let revision = state.revision();
-        self.shared.hub.publish(revision, events);
+        self.publish(revision, events);
         drop(state);
         value.map(|v| (v, revision))
     }
@@ -181,20 +208,19 @@ impl Store {
         self.lock().descriptors(service)
     }
 
-    /// A snapshot of `services` (all when empty), its revision, and a
-    /// subscription to every later change: taken under one lock, so nothing
-    /// is missed and nothing is seen twice.
-    pub fn subscribe(
-        &self,
-        services: &BTreeSet<String>,
-    ) -> (Vec<Event>, u64, broadcast::Receiver<Arc<Batch>>) {
-        let (copy, revision, receiver) = {
-            let state = self.lock();
-            let receiver = self.shared.hub.subscribe();
-            (state.snapshot_copy(services), state.revision(), receiver)
-        };
-        // Outside the lock: see `State::snapshot_copy`.
-        (copy.into_events(), revision, receiver)
+    /// Runs `f` on the state under the lock: no change is made or
+    /// published meanwhile, so a watcher can copy the state and take its
+    /// place in the stream of changes with nothing in between. Keep `f`
+    /// short: writers and heartbeats wait for it.
+    pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// Hands a mutation's events to the sink (under the lock).
+    fn publish(&self, revision: u64, events: Vec<Event>) {
+        if !events.is_empty() {
+            self.shared.publisher.publish(revision, events);
+        }
     }
 
     /// Expires the leases that are due; returns the next deadline.
@@ -205,7 +231,7 @@ impl Store {
             tracing::info!(removed = events.len(), "leases expired");
         }
         let revision = state.revision();
-        self.shared.hub.publish(revision, events);
+        self.publish(revision, events);
         state.next_deadline()
     }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 use registry::Config;
 use registry::config::Ttl;
 use registry::limits::{self, PeerConfig, Quotas};
+use registry::watch::{self, WatchLimits};
 use registry_proto::security::TlsArgs;
 
 /// The service registry: nodes register their service instances here under
@@ -77,6 +78,22 @@ struct Args {
     /// from one machine).
     #[arg(long, value_name = "N", default_value_t = limits::DEFAULT_REGISTRATIONS_PER_SEC)]
     max_registrations_per_sec_per_ip: u32,
+    /// How far, in bytes of encoded changes, a Watch stream may lag behind
+    /// before it has "fallen behind": it then gets a fresh snapshot when it
+    /// reads again, and if it falls behind again while taking that
+    /// snapshot, its stream ends with RESOURCE_EXHAUSTED. Also the most the
+    /// registry keeps of recent changes, whatever the number of watchers.
+    #[arg(long, value_name = "BYTES", default_value_t = watch::DEFAULT_BUFFER_BYTES,
+          value_parser = bytes_flag(65_536))]
+    watch_buffer_bytes: usize,
+    /// Memory all Watch streams together may hold: each open stream counts
+    /// 512 KiB (what HTTP/2 may buffer for a peer that does not read), each
+    /// snapshot in progress its copy of the state. A Watch that would go
+    /// over it is refused with RESOURCE_EXHAUSTED. The default allows 4096
+    /// streams.
+    #[arg(long, value_name = "BYTES", default_value_t = watch::DEFAULT_MEMORY_BYTES,
+          value_parser = bytes_flag(1_048_576))]
+    watch_memory_bytes: usize,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -96,6 +113,11 @@ Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 /// lease, and the bound keeps `now + TTL` far from the clock's limits.
 fn ttl_ms() -> clap::builder::RangedU64ValueParser {
     clap::value_parser!(u64).range(1..=7 * 24 * 3600 * 1000)
+}
+
+/// A byte count of at least `min` (and at most 16 TiB).
+fn bytes_flag(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..=(1 << 44))
 }
 
 #[tokio::main]
@@ -128,6 +150,10 @@ async fn main() -> anyhow::Result<()> {
             watches_per_connection: args.max_watches_per_connection,
             registrations_per_sec: args.max_registrations_per_sec_per_ip,
         },
+        watch: WatchLimits {
+            buffer_bytes: args.watch_buffer_bytes,
+            memory_bytes: args.watch_memory_bytes,
+        },
     };
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -139,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         tls = config.tls.is_some(),
         quotas = ?config.quotas,
         peers = ?config.peers,
+        watch = ?config.watch,
         mutual_tls = args.tls.tls_require_client_cert,
         "configuration"
     );

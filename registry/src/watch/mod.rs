@@ -1,0 +1,274 @@
+//! The fan-out of changes to watchers: a snapshot, then every change, with
+//! memory bounded per watcher and in total, whatever the clients do.
+//!
+//! - [`encode`]: messages written straight to bytes, once for every
+//!   watcher, and the codec that sends them as they are.
+//! - [`hub`]: the log of encoded changes every watcher reads from, the
+//!   shared snapshot jobs, the memory budget.
+//! - this file: one watcher's stream, and the [`Watchers`] handle.
+//!
+//! The hub is the store's [`Publish`](crate::store::Publish) sink: the
+//! store knows nothing of watchers, and this module depends on it, not the
+//! reverse.
+//!
+//! # One watcher
+//! Its stream is polled by the transport only when HTTP/2 has room for
+//! more, and does its work then: it produces the next snapshot part, or
+//! takes the next batch from the log. A client that stops reading stops
+//! being polled and so costs what the transport already holds for it (a
+//! message or two, see [`encode::MESSAGE_BYTES`]), its share of a job, and
+//! a position in the log. A stream that is dropped (the client went away)
+//! frees all of it at once: there is no task behind it.
+//!
+//! # Falling behind
+//! A watcher whose position leaves the log (more than
+//! [`WatchLimits::buffer_bytes`] of changes arrived since) has fallen
+//! behind. The next time it is polled it gets a fresh snapshot (`reset`),
+//! as the protocol promises. If it falls behind again before it has taken
+//! that snapshot whole, it cannot keep up at all: its stream ends with
+//! RESOURCE_EXHAUSTED naming `--watch-buffer-bytes`.
+
+pub mod encode;
+pub mod hub;
+
+use std::collections::BTreeSet;
+use std::pin::pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tonic::Status;
+
+use crate::config::Ttl;
+use crate::limits::Quotas;
+use crate::store::Store;
+use encode::{Batch, Encoded};
+use hub::{Charge, Hub, Job, Read, Services};
+
+/// Default of `--watch-buffer-bytes`: how far (in encoded bytes of
+/// changes) a watcher may lag before it is reset. A few seconds of heavy
+/// churn; a client that reads at all keeps up.
+pub const DEFAULT_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+/// Default of `--watch-memory-bytes`: what all watchers together may hold
+/// (4096 open streams at [`STREAM_CHARGE`] each, or fewer with snapshots
+/// in progress).
+pub const DEFAULT_MEMORY_BYTES: usize = 2 * 1024 * 1024 * 1024;
+/// What each open Watch stream is charged against `--watch-memory-bytes`:
+/// the most HTTP/2 holds for a stream whose peer does not read (hyper's
+/// 400 KiB send buffer, and a message in hand), plus its own state.
+pub const STREAM_CHARGE: usize = 512 * 1024;
+
+/// The watch path's budgets (flags of the `registry` binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// `--watch-buffer-bytes`: changes a watcher may lag by, in bytes,
+    /// before it falls behind; also the most the log of changes holds.
+    pub buffer_bytes: usize,
+    /// `--watch-memory-bytes`: what all watchers together may hold.
+    pub memory_bytes: usize,
+}
+
+impl Default for WatchLimits {
+    fn default() -> WatchLimits {
+        WatchLimits {
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+            memory_bytes: DEFAULT_MEMORY_BYTES,
+        }
+    }
+}
+
+/// The store and the hub its changes go to. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Watchers {
+    /// The registry.
+    store: Store,
+    /// Its fan-out.
+    hub: Arc<Hub>,
+}
+
+impl Watchers {
+    /// An empty registry whose changes are published to a new hub.
+    pub fn new(ttl: Ttl, quotas: Quotas, limits: WatchLimits) -> Watchers {
+        let mut hub = None;
+        let store = Store::with_publisher(ttl, quotas, |registry_id| {
+            let made = Arc::new(Hub::new(limits, registry_id));
+            hub = Some(made.clone());
+            made
+        });
+        let hub = hub.unwrap_or_else(|| Arc::new(Hub::new(limits, store.registry_id())));
+        Watchers { store, hub }
+    }
+
+    /// The registry.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The hub (for its gauges).
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The response stream of one Watch call: a reset with the current
+    /// state of `services` (all when empty), then every change to them.
+    /// It ends when `shutdown` turns true. Refused with RESOURCE_EXHAUSTED
+    /// when the watch memory budget is used up.
+    pub fn open(
+        &self,
+        services: BTreeSet<String>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
+        let charge = self.hub.charge_stream()?;
+        let mut watcher = Watcher {
+            hub: self.hub.clone(),
+            store: self.store.clone(),
+            services: Arc::new(services),
+            shutdown,
+            cursor: 0,
+            phase: Phase::Follow { pending: None },
+            behind: false,
+            done: false,
+            _charge: charge,
+        };
+        watcher.start()?;
+        Ok(futures::stream::unfold(watcher, |mut w| async move {
+            w.next().await.map(|item| (item, w))
+        }))
+    }
+}
+
+/// Where a watcher is.
+enum Phase {
+    /// Sending part `part` of a snapshot next.
+    Snapshot { job: Arc<Job>, part: usize },
+    /// Following the log; `pending` is the rest of a batch being sent
+    /// (the batch, and the position in it).
+    Follow {
+        pending: Option<(Arc<Batch>, usize)>,
+    },
+}
+
+/// One watcher. See the module docs.
+struct Watcher {
+    hub: Arc<Hub>,
+    store: Store,
+    services: Services,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Its position in the log: the next batch it takes.
+    cursor: u64,
+    phase: Phase,
+    /// It fell behind and has not yet taken its fresh snapshot whole.
+    behind: bool,
+    /// Its stream has ended.
+    done: bool,
+    /// Its share of the memory budget.
+    _charge: Charge,
+}
+
+impl Watcher {
+    /// Starts (over) with a snapshot of the current state.
+    fn start(&mut self) -> Result<(), Status> {
+        let (job, cursor) = self
+            .store
+            .read(|state| self.hub.open_job(state, &self.services))?;
+        self.cursor = cursor;
+        self.phase = Phase::Snapshot { job, part: 0 };
+        Ok(())
+    }
+
+    /// It fell behind: a fresh snapshot, or the end if that happened
+    /// already while it was taking one.
+    fn fell_behind(&mut self) -> Result<(), Status> {
+        let limit = self.hub.limits().buffer_bytes;
+        if self.behind {
+            tracing::warn!(
+                limit,
+                "a watcher fell behind again during its fresh snapshot; ending its stream"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "this watcher fell more than {limit} bytes of changes behind \
+                 (--watch-buffer-bytes), and again while it was taking the fresh snapshot \
+                 it got for that: it reads too slowly to follow this registry"
+            )));
+        }
+        tracing::info!(
+            limit,
+            "a watcher fell behind; it gets a fresh snapshot when it reads again"
+        );
+        self.behind = true;
+        self.start()
+    }
+
+    /// The next message; `None` at the end.
+    async fn next(&mut self) -> Option<Result<Encoded, Status>> {
+        if self.done {
+            return None;
+        }
+        let item = self.produce().await;
+        if !matches!(item, Some(Ok(_))) {
+            self.done = true;
+        }
+        item
+    }
+
+    async fn produce(&mut self) -> Option<Result<Encoded, Status>> {
+        loop {
+            if *self.shutdown.borrow() {
+                return None;
+            }
+            let hub = self.hub.clone();
+            match &mut self.phase {
+                Phase::Snapshot { job, part } => {
+                    let produced = if hub.is_behind(self.cursor) {
+                        None
+                    } else {
+                        job.part(*part)
+                    };
+                    let Some((bytes, last)) = produced else {
+                        if let Err(status) = self.fell_behind() {
+                            return Some(Err(status));
+                        }
+                        continue;
+                    };
+                    if last {
+                        self.phase = Phase::Follow { pending: None };
+                        self.behind = false;
+                    } else {
+                        *part += 1;
+                    }
+                    return Some(Ok(Encoded(bytes)));
+                }
+                Phase::Follow { pending } => {
+                    if let Some((batch, at)) = pending.take() {
+                        if let Some((message, next)) = batch.next_message(&self.services, at) {
+                            *pending = Some((batch, next));
+                            return Some(Ok(message));
+                        }
+                        continue;
+                    }
+                    let mut appended = pin!(hub.appended());
+                    appended.as_mut().enable();
+                    match hub.read(self.cursor) {
+                        Read::Batch(batch) => {
+                            self.cursor += 1;
+                            *pending = Some((batch, 0));
+                        }
+                        Read::Behind => {
+                            if let Err(status) = self.fell_behind() {
+                                return Some(Err(status));
+                            }
+                        }
+                        Read::Nothing => {
+                            tokio::select! {
+                                () = appended => {}
+                                _ = self.shutdown.wait_for(|stop| *stop) => return None,
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
