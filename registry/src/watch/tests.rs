@@ -22,7 +22,7 @@ fn watchers(buffer_bytes: usize) -> Watchers {
 
 fn register(store: &Store, lease: &crate::state::Granted, id: usize, weight: u32, label: usize) {
     let mut instance = pb::Instance {
-        service: if id % 2 == 0 { "even" } else { "odd" }.into(),
+        service: if id.is_multiple_of(2) { "even" } else { "odd" }.into(),
         instance_id: format!("i{id:05}"),
         host: "127.0.0.1".into(),
         port: 1,
