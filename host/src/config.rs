@@ -13,6 +13,11 @@
 //!
 //! [plugins.echo]
 //! enabled = false                # default true
+//!
+//! [plugins.inventory]            # external: a program, in any language
+//! command = ["python3", "inventory.py"]  # run in this file's directory
+//! env = { INVENTORY_DB = "/tmp/inv.json" }  # optional
+//! service = "inventory.v1.Inventory"     # optional: which one, if it serves several
 //! ```
 //!
 //! Every problem is reported as `file:line: problem`, so a bad edit during a
@@ -24,7 +29,7 @@ use std::fs::{FileType, OpenOptions};
 use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use registry_proto::limits;
 use serde::Deserialize;
@@ -63,6 +68,15 @@ impl ConfigError {
     }
 }
 
+/// Most external plugins (programs) one node runs.
+pub const MAX_EXTERNAL_PLUGINS: usize = 16;
+/// Most arguments of one external plugin's `command`, and most entries of
+/// its `env`.
+pub const MAX_COMMAND_ARGS: usize = 256;
+/// The environment variable through which an external plugin learns where
+/// to serve; its `env` may not set it.
+pub const PLUGIN_LISTEN: &str = "PLUGIN_LISTEN";
+
 /// Where a plugin's weight came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightSource {
@@ -82,6 +96,23 @@ pub struct PluginConfig {
     pub weight_source: WeightSource,
     /// Labels registered with the instance.
     pub metadata: BTreeMap<String, String>,
+    /// `Some` for an external plugin: a program the node runs.
+    pub external: Option<ExternalSpec>,
+}
+
+/// How to run an external plugin (a table with `command`). A change to any
+/// of it restarts the program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalSpec {
+    /// argv; the program is looked up in `PATH` unless it has a `/` (then it
+    /// is relative to `dir` when not absolute).
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Which of the program's services to mount, when it serves several.
+    pub service: Option<String>,
+    /// The configuration file's directory: the program runs there.
+    pub dir: PathBuf,
 }
 
 impl PluginConfig {
@@ -126,6 +157,10 @@ struct RawPlugin {
     enabled: bool,
     weight: Option<Spanned<i64>>,
     metadata: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    command: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    env: BTreeMap<Spanned<String>, String>,
+    service: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -201,8 +236,50 @@ impl Config {
         }
 
         let mut plugins = BTreeMap::new();
-        for (name, raw_plugin) in raw.plugins {
-            if !known.contains(&name.get_ref().as_str()) {
+        let mut externals = 0;
+        for (name, mut raw_plugin) in raw.plugins {
+            let external = match raw_plugin.command.take() {
+                Some(command) => {
+                    if raw_plugin.enabled {
+                        externals += 1;
+                    }
+                    if externals > MAX_EXTERNAL_PLUGINS {
+                        return Err(error(
+                            Some(name.span()),
+                            format!(
+                                "plugin `{}`: more than {MAX_EXTERNAL_PLUGINS} external plugins (the limit)",
+                                name.get_ref()
+                            ),
+                        ));
+                    }
+                    Some(external_spec(
+                        &name,
+                        command,
+                        &mut raw_plugin,
+                        known,
+                        file,
+                        &error,
+                    )?)
+                }
+                None => {
+                    if let Some(span) = raw_plugin
+                        .service
+                        .as_ref()
+                        .map(Spanned::span)
+                        .or_else(|| raw_plugin.env.keys().next().map(Spanned::span))
+                    {
+                        return Err(error(
+                            Some(span),
+                            format!(
+                                "plugin `{}`: `service` and `env` are for external plugins (a table with `command`)",
+                                name.get_ref()
+                            ),
+                        ));
+                    }
+                    None
+                }
+            };
+            if external.is_none() && !known.contains(&name.get_ref().as_str()) {
                 return Err(error(
                     Some(name.span()),
                     format!(
@@ -258,6 +335,7 @@ impl Config {
                         weight,
                         weight_source,
                         metadata,
+                        external,
                     },
                 );
             }
@@ -402,6 +480,99 @@ fn check_kind(kind: FileType) -> Result<(), String> {
     Err(format!(
         "is {what}, not a regular file: node-host reads its configuration only from a regular file"
     ))
+}
+
+/// The checked settings of an external plugin's table.
+fn external_spec(
+    name: &Spanned<String>,
+    command: Spanned<Vec<String>>,
+    raw: &mut RawPlugin,
+    known: &[&str],
+    file: &str,
+    error: &impl Fn(Option<std::ops::Range<usize>>, String) -> ConfigError,
+) -> Result<ExternalSpec, ConfigError> {
+    let plugin = name.get_ref();
+    if known.contains(&plugin.as_str()) {
+        return Err(error(
+            Some(name.span()),
+            format!(
+                "plugin `{plugin}` is built in: an external plugin (with `command`) needs another name"
+            ),
+        ));
+    }
+    // The registry's rule for service names, checked here so a typo is
+    // reported with its line rather than as a refused registration.
+    let name_ok = plugin.len() <= 128
+        && plugin.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && plugin
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !name_ok {
+        return Err(error(
+            Some(name.span()),
+            format!(
+                "plugin `{plugin}`: an external plugin's name is registered as its service name: 1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+            ),
+        ));
+    }
+    let span = command.span();
+    let command = command.into_inner();
+    if command.first().is_none_or(|p| p.is_empty()) {
+        return Err(error(
+            Some(span),
+            format!(
+                "plugin `{plugin}`: `command` must name a program, e.g. [\"python3\", \"plugin.py\"]"
+            ),
+        ));
+    }
+    if command.len() > MAX_COMMAND_ARGS || raw.env.len() > MAX_COMMAND_ARGS {
+        return Err(error(
+            Some(span),
+            format!(
+                "plugin `{plugin}`: at most {MAX_COMMAND_ARGS} arguments and {MAX_COMMAND_ARGS} environment variables"
+            ),
+        ));
+    }
+    if command.iter().any(|a| a.contains('\0')) {
+        return Err(error(
+            Some(span),
+            format!("plugin `{plugin}`: `command` must not contain NUL characters"),
+        ));
+    }
+    let mut env = BTreeMap::new();
+    for (key, value) in std::mem::take(&mut raw.env) {
+        let k = key.get_ref();
+        if k.is_empty() || k.contains(['=', '\0']) || value.contains('\0') || k == PLUGIN_LISTEN {
+            return Err(error(
+                Some(key.span()),
+                format!(
+                    "plugin `{plugin}`: environment variable `{k}` cannot be set (empty, has `=` or NUL, or is {PLUGIN_LISTEN}, which the node sets)"
+                ),
+            ));
+        }
+        env.insert(key.into_inner(), value);
+    }
+    let service = match raw.service.take() {
+        Some(s) if s.get_ref().is_empty() => {
+            return Err(error(
+                Some(s.span()),
+                format!(
+                    "plugin `{plugin}`: `service` must be a full protobuf service name, e.g. \"pkg.v1.Name\""
+                ),
+            ));
+        }
+        s => s.map(Spanned::into_inner),
+    };
+    let dir = match Path::new(file).parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(ExternalSpec {
+        command,
+        env,
+        service,
+        dir,
+    })
 }
 
 impl fmt::Display for Config {

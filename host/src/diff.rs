@@ -36,18 +36,26 @@ pub enum Action {
 }
 
 /// The actions that turn `old` into `new` (both: enabled plugins by name).
-/// Plugins whose registration would not change produce no action.
+/// Plugins whose registration would not change produce no action. An
+/// external plugin whose program changed (command, env, service, or
+/// external/built-in itself) is removed and added again: its process
+/// restarts.
 pub fn diff(
     old: &BTreeMap<String, PluginConfig>,
     new: &BTreeMap<String, PluginConfig>,
 ) -> Vec<Action> {
+    let restarted = |name: &String| {
+        old.get(name)
+            .zip(new.get(name))
+            .is_some_and(|(before, after)| before.external != after.external)
+    };
     let removed = old
         .keys()
-        .filter(|name| !new.contains_key(*name))
+        .filter(|name| !new.contains_key(*name) || restarted(name))
         .map(|name| Action::Remove { name: name.clone() });
     let added = new
         .iter()
-        .filter(|(name, _)| !old.contains_key(*name))
+        .filter(|(name, _)| !old.contains_key(*name) || restarted(name))
         .map(|(name, plugin)| Action::Add {
             name: name.clone(),
             plugin: plugin.clone(),
@@ -55,8 +63,10 @@ pub fn diff(
     let updated = new
         .iter()
         .filter(|(name, plugin)| {
-            old.get(*name)
-                .is_some_and(|before| !before.same_registration(plugin))
+            !restarted(name)
+                && old
+                    .get(*name)
+                    .is_some_and(|before| !before.same_registration(plugin))
         })
         .map(|(name, plugin)| Action::Update {
             name: name.clone(),
@@ -78,6 +88,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            external: None,
         }
     }
 
@@ -155,6 +166,41 @@ mod tests {
         random.weight_source = WeightSource::Random;
         let new = set(&[("echo", random)]);
         assert_eq!(diff(&old, &new), vec![]);
+    }
+
+    #[test]
+    fn a_changed_program_is_removed_then_added() {
+        let external = |arg: &str| {
+            let mut p = plugin(2, &[]);
+            p.external = Some(crate::config::ExternalSpec {
+                command: vec!["python3".into(), arg.into()],
+                env: BTreeMap::new(),
+                service: None,
+                dir: ".".into(),
+            });
+            p
+        };
+        let old = set(&[("inv", external("a.py"))]);
+        let mut reweighted = external("a.py");
+        reweighted.weight = 9;
+        assert_eq!(
+            diff(&old, &set(&[("inv", reweighted.clone())])),
+            vec![Action::Update {
+                name: "inv".into(),
+                plugin: reweighted
+            }]
+        );
+        let new = set(&[("inv", external("b.py"))]);
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                Action::Remove { name: "inv".into() },
+                Action::Add {
+                    name: "inv".into(),
+                    plugin: external("b.py")
+                },
+            ]
+        );
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //! - added: open the gate, THEN register;
 //! - changed weight or metadata: register again under the same lease (an
 //!   in-place update: the instance never disappears).
+//!
+//! External plugins (a table with `command`) are handed to
+//! [`ExternalPlugins`]: added, one is started and mounted once healthy;
+//! removed, it is deregistered, then stopped; a changed program is a
+//! removal and an addition. Calls to their services reach them through the
+//! router's fallback ([`Forwarder`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -28,6 +34,8 @@ use crate::config::Config;
 use crate::diff::{Action, diff};
 use crate::gate::Switch;
 use crate::plugin::{Plugin, PluginContext};
+use crate::plugins::external::forward::{Forwarder, Table};
+use crate::plugins::external::{self, ExternalPlugins, Mounter};
 use crate::reflection::Reflection;
 use crate::registration::{Registrar, Settings};
 use registry_proto::security::{BearerToken, TlsArgs};
@@ -84,9 +92,11 @@ pub struct Node {
     /// Health statuses: one per plugin, following its gate.
     health: HealthReporter,
     /// Server reflection, listing the mounted plugins.
-    reflection: Reflection,
+    reflection: Arc<Reflection>,
     /// The registration task.
-    registrar: Registrar,
+    registrar: Arc<Registrar>,
+    /// The external plugins running.
+    external: ExternalPlugins,
     /// The configuration in force. A tokio mutex: held across the awaits of
     /// one reload so two reloads never interleave.
     current: Mutex<Config>,
@@ -111,6 +121,24 @@ impl Node {
         registry: Registry,
         fixed: FixedByFlags,
     ) -> Result<(Arc<Node>, Routes), NodeError> {
+        Node::build_with(
+            plugins,
+            advertised,
+            registry,
+            fixed,
+            external::Options::default(),
+        )
+        .await
+    }
+
+    /// [`build`](Self::build), with settings for the external plugins.
+    pub async fn build_with(
+        plugins: Vec<Arc<dyn Plugin>>,
+        advertised: SocketAddr,
+        registry: Registry,
+        fixed: FixedByFlags,
+        external_options: external::Options,
+    ) -> Result<(Arc<Node>, Routes), NodeError> {
         let ctx = PluginContext {
             advertised: advertised.to_string(),
         };
@@ -123,7 +151,7 @@ impl Node {
         let descriptors = std::iter::once(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .chain(plugins.iter().map(|p| p.descriptors()))
             .collect();
-        let reflection = Reflection::add_to(&mut routes, descriptors, &[])?;
+        let reflection = Arc::new(Reflection::add_to(&mut routes, descriptors, &[])?);
 
         let mut mounts = BTreeMap::new();
         for plugin in &plugins {
@@ -142,25 +170,44 @@ impl Node {
                 },
             );
         }
-        let registrar = Registrar::spawn(Settings {
+        let builtin = plugins
+            .iter()
+            .map(|p| p.proto_service().to_string())
+            .collect();
+        let registrar = Arc::new(Registrar::spawn(Settings {
             registry: registry.addr,
             advertised,
             lease_ttl_ms: registry.lease_ttl_ms,
             plugins,
             tls: registry.tls,
             token: registry.token,
-        });
+        }));
+        let table = Table::default();
+        let mounter = Mounter::new(
+            registrar.clone(),
+            health.clone(),
+            reflection.clone(),
+            table.clone(),
+            builtin,
+        );
         let node = Node {
             mounts,
             health,
             reflection,
             registrar,
+            external: ExternalPlugins::new(mounter, external_options),
             current: Mutex::new(Config::default()),
             started: OnceLock::new(),
             fixed,
             reads: Default::default(),
         };
-        Ok((Arc::new(node), routes.routes()))
+        // Any service no built-in route serves goes to the forwarder: an
+        // external plugin's, or UNIMPLEMENTED.
+        let router = routes
+            .routes()
+            .into_axum_router()
+            .fallback_service(Forwarder::new(table));
+        Ok((Arc::new(node), Routes::from(router)))
     }
 
     /// The configuration in force.
@@ -176,6 +223,12 @@ impl Node {
     /// The registration task's handle (for `u`, `r`, `q`).
     pub fn registrar(&self) -> &Registrar {
         &self.registrar
+    }
+
+    /// Stops every external plugin (SIGTERM, grace, SIGKILL), for shutdown:
+    /// call it after the lease is revoked.
+    pub async fn stop_external(&self) {
+        self.external.stop_all().await;
     }
 
     /// Makes `new` the configuration in force, applying only the difference.
@@ -203,6 +256,21 @@ impl Node {
         let actions = diff(&current.plugins, &new.plugins);
         for action in actions {
             match action {
+                Action::Remove { name } if self.external.has(&name) => {
+                    self.external.stop(&name).await;
+                    info!("plugin {name} removed: deregistered, then stopped");
+                }
+                Action::Add { name, plugin } if plugin.external.is_some() => {
+                    info!("plugin {name} added: starting its program");
+                    self.external.start(&name, plugin);
+                }
+                Action::Update { name, plugin } if self.external.has(&name) => {
+                    info!(
+                        "plugin {name} changed: weight {} metadata {:?}",
+                        plugin.weight, plugin.metadata
+                    );
+                    self.external.update(&name, plugin).await;
+                }
                 Action::Remove { name } => {
                     let confirmed = self.registrar.remove(&name, DEREGISTER_WAIT).await;
                     self.set_mounted(&name, false).await;
@@ -409,6 +477,7 @@ mod tests {
                 weight: 2,
                 weight_source: crate::config::WeightSource::Configured,
                 metadata: BTreeMap::new(),
+                external: None,
             },
         );
         let none = FixedByFlags::default();

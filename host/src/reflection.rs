@@ -6,13 +6,17 @@
 //! lists the mounted plugins (plus health and reflection itself) and swaps
 //! it in. Descriptors of every known plugin stay loaded, so looking up a
 //! symbol of an unmounted plugin still works; it is just not listed.
+//! Descriptors learned at run time (an external plugin's, from its own
+//! reflection) are added and listed while that plugin is mounted.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::marker::PhantomData;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
+use prost_types::FileDescriptorSet;
 use tonic::body::Body;
 use tonic::server::NamedService;
 use tonic::service::RoutesBuilder;
@@ -93,6 +97,18 @@ pub struct Reflection {
     v1: Arc<RwLock<HttpService>>,
     /// The v1alpha service in force.
     v1alpha: Arc<RwLock<HttpService>>,
+    /// What is listed now; a std mutex: held only while rebuilding, never
+    /// across an await.
+    listed: Mutex<Listed>,
+}
+
+/// What the reflection services list, besides the fixed names.
+#[derive(Default)]
+struct Listed {
+    /// Built-in services that are mounted.
+    builtin: Vec<String>,
+    /// Services learned at run time, with their descriptors.
+    runtime: BTreeMap<String, FileDescriptorSet>,
 }
 
 impl Reflection {
@@ -104,12 +120,17 @@ impl Reflection {
         listed: &[&str],
     ) -> Result<Reflection, tonic_reflection::server::Error> {
         let fixed_names = vec!["grpc.health.v1.Health", V1::NAME, V1Alpha::NAME];
-        let (v1, v1alpha) = build(&descriptors, &fixed_names, listed)?;
+        let state = Listed {
+            builtin: listed.iter().map(|s| s.to_string()).collect(),
+            runtime: BTreeMap::new(),
+        };
+        let (v1, v1alpha) = build(&descriptors, &fixed_names, &state)?;
         let reflection = Reflection {
             descriptors,
             fixed_names,
             v1: Arc::new(RwLock::new(v1)),
             v1alpha: Arc::new(RwLock::new(v1alpha)),
+            listed: Mutex::new(state),
         };
         routes.add_service(Swap::<V1> {
             current: reflection.v1.clone(),
@@ -122,9 +143,31 @@ impl Reflection {
         Ok(reflection)
     }
 
-    /// Lists exactly `listed` (plus health and reflection) from now on.
+    /// Lists exactly `listed` of the built-in services (plus health,
+    /// reflection and the run-time ones) from now on.
     pub fn list(&self, listed: &[&str]) -> Result<(), tonic_reflection::server::Error> {
-        let (v1, v1alpha) = build(&self.descriptors, &self.fixed_names, listed)?;
+        let mut state = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        state.builtin = listed.iter().map(|s| s.to_string()).collect();
+        self.rebuild(&state)
+    }
+
+    /// Lists `service`, described by `descriptors`, from now on (`Some`), or
+    /// no longer (`None`).
+    pub fn set_runtime(
+        &self,
+        service: &str,
+        descriptors: Option<FileDescriptorSet>,
+    ) -> Result<(), tonic_reflection::server::Error> {
+        let mut state = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        match descriptors {
+            Some(set) => state.runtime.insert(service.to_string(), set),
+            None => state.runtime.remove(service),
+        };
+        self.rebuild(&state)
+    }
+
+    fn rebuild(&self, state: &Listed) -> Result<(), tonic_reflection::server::Error> {
+        let (v1, v1alpha) = build(&self.descriptors, &self.fixed_names, state)?;
         for (slot, service) in [(&self.v1, v1), (&self.v1alpha, v1alpha)] {
             match slot.write() {
                 Ok(mut guard) => *guard = service,
@@ -139,7 +182,7 @@ impl Reflection {
 fn build(
     descriptors: &[&'static [u8]],
     fixed: &[&str],
-    listed: &[&str],
+    listed: &Listed,
 ) -> Result<(HttpService, HttpService), tonic_reflection::server::Error> {
     let builder = || {
         let b = descriptors
@@ -147,10 +190,16 @@ fn build(
             .fold(tonic_reflection::server::Builder::configure(), |b, d| {
                 b.register_encoded_file_descriptor_set(d)
             });
-        fixed
+        let b = listed
+            .runtime
+            .values()
+            .fold(b, |b, set| b.register_file_descriptor_set(set.clone()));
+        let names = fixed
             .iter()
-            .chain(listed)
-            .fold(b, |b, name| b.with_service_name(*name))
+            .map(|s| s.to_string())
+            .chain(listed.builtin.iter().cloned())
+            .chain(listed.runtime.keys().cloned());
+        names.fold(b, |b, name| b.with_service_name(name))
     };
     Ok((
         HttpService::new(builder().build_v1()?),

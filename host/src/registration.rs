@@ -139,6 +139,41 @@ async fn call<T>(
     }
 }
 
+/// The protobuf service and descriptors of plugins learned at run time (an
+/// external plugin's, from its server reflection), by plugin name. Shared by
+/// the [`Registrar`] handle and its task.
+#[derive(Debug, Clone, Default)]
+struct RuntimeServices(Arc<std::sync::RwLock<BTreeMap<String, Identity>>>);
+
+/// A service's full protobuf name and encoded descriptors.
+type Identity = (String, Arc<[u8]>);
+
+impl RuntimeServices {
+    fn set(&self, name: &str, proto_service: String, descriptors: Arc<[u8]>) {
+        let mut map = self.0.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(name.to_string(), (proto_service, descriptors));
+    }
+
+    fn get(&self, name: &str) -> Option<Identity> {
+        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    /// `name`'s service and descriptors: built in (`settings`), else
+    /// learned at run time.
+    fn identity(&self, settings: &Settings, name: &str) -> Option<(String, Vec<u8>)> {
+        match settings.plugins.iter().find(|p| p.name() == name) {
+            Some(plugin) => Some((
+                plugin.proto_service().to_string(),
+                plugin.descriptors().to_vec(),
+            )),
+            None => self
+                .get(name)
+                .map(|(service, descriptors)| (service, descriptors.to_vec())),
+        }
+    }
+}
+
 /// A handle on the registration task.
 pub struct Registrar {
     /// The target state.
@@ -147,6 +182,8 @@ pub struct Registrar {
     reached: watch::Receiver<Reached>,
     /// The task, awaited on shutdown.
     task: tokio::sync::Mutex<Option<JoinHandle<u32>>>,
+    /// Services of plugins the build does not know (external ones).
+    runtime: RuntimeServices,
 }
 
 impl Registrar {
@@ -154,11 +191,13 @@ impl Registrar {
     pub fn spawn(settings: Settings) -> Registrar {
         let (desired, desired_rx) = watch::channel(Desired::default());
         let (reached_tx, reached) = watch::channel(Reached::default());
-        let task = tokio::spawn(run(settings, desired_rx, reached_tx));
+        let runtime = RuntimeServices::default();
+        let task = tokio::spawn(run(settings, runtime.clone(), desired_rx, reached_tx));
         Registrar {
             desired,
             reached,
             task: tokio::sync::Mutex::new(Some(task)),
+            runtime,
         }
     }
 
@@ -187,6 +226,27 @@ impl Registrar {
     pub fn upsert(&self, name: &str, plugin: PluginConfig) {
         self.change(|d| {
             d.plugins.insert(name.to_string(), plugin);
+        });
+    }
+
+    /// Registers `name`, a plugin this build does not know (an external
+    /// one), as `proto_service` with `descriptors` (or updates it in place).
+    pub fn upsert_runtime(
+        &self,
+        name: &str,
+        plugin: PluginConfig,
+        proto_service: &str,
+        descriptors: Arc<[u8]>,
+    ) {
+        self.runtime
+            .set(name, proto_service.to_string(), descriptors);
+        self.upsert(name, plugin);
+    }
+
+    /// Deregisters `name` without waiting for the registry to confirm it.
+    pub fn forget(&self, name: &str) {
+        self.change(|d| {
+            d.plugins.remove(name);
         });
     }
 
@@ -338,6 +398,7 @@ fn nothing_registered(reached: &watch::Sender<Reached>, desired: &watch::Receive
 /// removed.
 async fn run(
     settings: Settings,
+    runtime: RuntimeServices,
     mut desired: watch::Receiver<Desired>,
     reached: watch::Sender<Reached>,
 ) -> u32 {
@@ -360,6 +421,7 @@ async fn run(
         }
         match session(
             &settings,
+            &runtime,
             &mut desired,
             &reached,
             &mut backoff,
@@ -501,6 +563,7 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
 /// or broken.
 async fn session(
     settings: &Settings,
+    runtime: &RuntimeServices,
     desired: &mut watch::Receiver<Desired>,
     reached: &watch::Sender<Reached>,
     backoff: &mut Backoff,
@@ -551,6 +614,7 @@ async fn session(
         }
         reconcile(
             settings,
+            runtime,
             &mut client,
             &lease,
             &want.plugins,
@@ -594,6 +658,7 @@ async fn session(
 #[allow(clippy::too_many_arguments)]
 async fn reconcile(
     settings: &Settings,
+    runtime: &RuntimeServices,
     client: &mut RegistryConn,
     lease: &Lease,
     want: &BTreeMap<String, PluginConfig>,
@@ -662,8 +727,9 @@ async fn reconcile(
             {
                 continue;
             }
-            let Some(plugin) = settings.plugins.iter().find(|p| p.name() == name) else {
-                // Config parsing only accepts known plugins; nothing to register.
+            let Some((proto_service, file_descriptor_set)) = runtime.identity(settings, name)
+            else {
+                // Neither built in nor learned at run time: nothing to register.
                 continue;
             };
             let config = &target;
@@ -677,11 +743,11 @@ async fn reconcile(
                     port: u32::from(settings.advertised.port()),
                     weight: config.weight,
                     metadata: config.metadata.clone().into_iter().collect(),
-                    proto_service: plugin.proto_service().to_string(),
+                    proto_service,
                     lease_id: 0,
                     revision: 0,
                 }),
-                file_descriptor_set: plugin.descriptors().to_vec(),
+                file_descriptor_set,
             };
             let updating = held.contains_key(name);
             match register_paced(client, request).await {
@@ -896,6 +962,7 @@ mod tests {
             weight: w,
             weight_source: WeightSource::Configured,
             metadata: BTreeMap::new(),
+            external: None,
         };
         let mut want = BTreeMap::new();
         want.insert("echo".to_string(), p(3));

@@ -43,6 +43,9 @@ pub struct Options {
     pub tls: TlsArgs,
     /// `--token`: the registry's write token.
     pub token: Option<String>,
+    /// `--plugin-start-timeout-ms`: how long an external plugin may take
+    /// to be SERVING.
+    pub plugin_start_timeout: Duration,
 }
 
 /// Why the node host could not run.
@@ -114,7 +117,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         .port();
     let advertised = SocketAddr::new(ip, port);
 
-    let (node, routes) = Node::build(
+    let (node, routes) = Node::build_with(
         plugins::all(),
         advertised,
         Registry {
@@ -127,6 +130,10 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             registry: opts.registry.is_some(),
             advertise: opts.advertise.is_some(),
             port: opts.port.is_some(),
+        },
+        crate::plugins::external::Options {
+            start_timeout: opts.plugin_start_timeout,
+            ..Default::default()
         },
     )
     .await?;
@@ -167,6 +174,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
                 // being listed, then fail (a supervisor restarting on failure
                 // must see a non-zero exit).
                 node.registrar().shutdown(REVOKE_WAIT).await;
+                node.stop_external().await;
                 return match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(e)) => Err(e.into()),
@@ -181,6 +189,8 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     stdin::say(format_args!(
         "deregistered {removed} services; shutting down"
     ));
+    // Deregistered already (the lease is gone): now stop the programs.
+    node.stop_external().await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => return Err(e.into()),

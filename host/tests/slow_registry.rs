@@ -254,6 +254,7 @@ fn weight(weight: u32) -> PluginConfig {
         weight,
         weight_source: WeightSource::Configured,
         metadata: BTreeMap::new(),
+        external: None,
     }
 }
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// Serves gRPC plugins (calculator, echo) and registers them with a service
-/// registry.
+/// Serves gRPC plugins (calculator, echo, and programs in any language that
+/// serve gRPC) and registers them with a service registry.
 ///
 /// The configuration file says which plugins to mount, with which weight and
 /// metadata; it is watched, and edits take effect at once (a file with an
@@ -48,6 +48,12 @@ struct Args {
     )]
     token: Option<String>,
 
+    /// How long an external plugin (a `[plugins.NAME]` table with
+    /// `command`) may take from start until its health says SERVING, in
+    /// milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    plugin_start_timeout_ms: u64,
+
     #[command(flatten)]
     tls: registry_proto::security::TlsArgs,
 }
@@ -64,6 +70,8 @@ A services.toml:
   metadata = { zone = "lab" }
   [plugins.echo]
   enabled = false                             # not mounted, not registered
+  [plugins.inventory]                         # a program in any language
+  command = ["python3", "inventory.py"]       # see README: plugins in any language
 
 Prints `node-host serving on <ip>:<port>` on stdout once serving."#;
 
@@ -78,6 +86,7 @@ fn main() -> anyhow::Result<()> {
         port: args.port,
         tls: args.tls,
         token: args.token,
+        plugin_start_timeout: std::time::Duration::from_millis(args.plugin_start_timeout_ms),
     }));
     // A configuration read stuck in the kernel (a hung network file
     // system) must not keep a stopped node alive: blocking threads are

@@ -2,7 +2,8 @@
 //!
 //! Adding a plugin: write `plugins/<name>.rs` implementing
 //! [`crate::plugin::Plugin`] (its `.proto` goes in `proto/proto/`),
-//! declare the module below and add one line to [`all`].
+//! declare the module below and add one line to [`all`]. A plugin in
+//! another language needs no code here: see [`external`].
 
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use crate::plugin::Plugin;
 
 pub mod calculator;
 pub mod echo;
+pub mod external;
 
 /// Every plugin this build knows, in a fixed order. `services.toml` may
 /// mount any of them by name.
