@@ -22,7 +22,7 @@
 //! and no arguments send no message at all. An error in the sequence names
 //! the message's position: `message 3: no field `x` ...`.
 
-use crate::describe::{field_list, field_type, kind_name};
+use crate::names::{field_list, field_type, kind_name};
 use crate::resolve::suggest;
 use prost_reflect::{
     DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, MethodDescriptor, SerializeOptions,

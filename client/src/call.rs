@@ -18,9 +18,9 @@
 //! have been seen).
 
 use crate::codec::{DynamicCodec, method_path};
-use crate::describe::streaming_kind;
 use crate::directory::{Directory, address};
 use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
+use crate::names::streaming_kind;
 use crate::resolve::Target;
 use crate::status::status_text;
 use futures::stream::iter;

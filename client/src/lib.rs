@@ -7,28 +7,41 @@
 //! a service this crate has never seen is callable as soon as it registers.
 //!
 //! # Layout
+//! In layers: each module uses only those listed before it (and `status`,
+//! `names`, `codec`, `lb`, which use nothing of this crate).
+//! - [`connect`]: TLS and the registry token ([`Connector`]), for the
+//!   registry and every instance.
+//! - [`status`]: a gRPC status as one readable line.
 //! - [`directory`]: a live local copy of the registry's instances (Watch),
-//!   reconnection, stale fallbacks after a registry restart.
-//! - [`lb`]: load-balancing policies, one per file (random, weighted random,
-//!   smooth weighted round robin, least loaded by power of two choices).
+//!   reconnection with backoff, stale fallbacks after a registry restart
+//!   (`directory/{mod,watch,apply}.rs`: types and handle, the watch task,
+//!   the pure snapshot joining and `apply`).
+//! - [`descriptors`]: the descriptor cache ([`Descriptors`]): from the
+//!   registry, else server reflection (`descriptors/reflection.rs`), kept,
+//!   asked for again when a method is missing.
+//! - [`resolve`]: `SERVICE/METHOD` to a method descriptor, with suggestions.
+//! - [`names`]: how protobuf kinds, field types and method kinds are named.
+//! - [`codec`]: the tonic codec for [`prost_reflect::DynamicMessage`].
+//! - [`lb`]: load-balancing policies, one file per policy, named as on the
+//!   command line (`random`, `weighted_random`, `weighted_round_robin`,
+//!   `least_loaded`).
 //! - [`call`]: picks an instance, calls it (any kind of method: unary,
 //!   server, client or bidirectional streaming), retries once on
 //!   `UNAVAILABLE` while no response has been received.
-//! - [`resolve`]: `SERVICE/METHOD` to a method descriptor, with suggestions.
-//! - [`descriptors`]: the descriptor cache: from the registry or server
-//!   reflection, kept, asked for again when a method is missing.
-//! - [`codec`]: the tonic codec for [`prost_reflect::DynamicMessage`].
-//! - [`status`]: a gRPC status as one readable line.
+//! - [`channel`]: a balanced tonic `Channel` fed by the directory,
+//!   for programs with generated stubs that only want discovery.
 //! - [`args`]: command-line arguments (JSON or `key=value`) into a request,
 //!   or a sequence of requests for client-streaming methods; replies into
 //!   JSON.
-//! - [`describe`]: how services, methods and fields are printed.
-//! - [`channel`]: a balanced tonic `Channel` fed by the directory, for
-//!   programs with generated stubs that only want discovery.
-//! - [`connect`]: TLS and the registry token ([`Connector`]), for the
-//!   registry and every instance.
-//! - `src/bin/client.rs`: the `client` command line (list, describe, call,
-//!   watch, interactive prompt).
+//! - [`render`]: what the `client` command prints (list, describe, the
+//!   spread table, watch lines), as strings.
+//! - [`load`]: `call --repeat`: many calls, counted per instance, stopped
+//!   early by Ctrl-C or SIGTERM.
+//! - [`commands`]: the commands (`list`, `describe`, `call`, `watch`), their
+//!   clap arguments and their errors.
+//! - [`repl`]: the interactive prompt with TAB completion.
+//! - [`session`]: one run of `client`: connect, then a command or the prompt.
+//! - `src/bin/client.rs`: the `client` flags, handed to [`session::run`].
 //!
 //! # Calling any method
 //! ```no_run
@@ -57,14 +70,19 @@ pub mod args;
 pub mod call;
 pub mod channel;
 pub mod codec;
+pub mod commands;
 pub mod connect;
-pub mod describe;
 pub mod descriptors;
 pub mod directory;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod lb;
+pub mod load;
+pub mod names;
+pub mod render;
+pub mod repl;
 pub mod resolve;
+pub mod session;
 pub mod status;
 
 pub use channel::balanced_channel;

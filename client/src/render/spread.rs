@@ -1,0 +1,68 @@
+//! The table printed after `call --repeat`: calls per instance, next to its
+//! weight and the share the policy promises.
+
+use crate::directory::address;
+use crate::lb::PolicyKind;
+use registry_proto::registry::v1::Instance;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+/// The table for calls to `service` under `policy`: `served` counts the
+/// calls each address served; `instances` are the service's instances now
+/// (an address that served calls and has left shows with weight 0).
+pub fn spread_table(
+    instances: &[Instance],
+    service: &str,
+    policy: PolicyKind,
+    served: &BTreeMap<String, u32>,
+    failures: u32,
+) -> String {
+    let mut weights: BTreeMap<String, u32> =
+        instances.iter().map(|i| (address(i), i.weight)).collect();
+    for addr in served.keys() {
+        weights.entry(addr.clone()).or_insert(0);
+    }
+    let total_calls: u32 = served.values().sum();
+    // u64: the weights come from the registry, and their sum must not overflow.
+    let total_weight: u64 = weights.values().map(|w| u64::from((*w).max(1))).sum();
+    let weighted = matches!(
+        policy,
+        PolicyKind::WeightedRandom | PolicyKind::WeightedRoundRobin
+    );
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{total_calls} calls to {service} ({}), {failures} failed",
+        policy_name(policy)
+    );
+    let _ = writeln!(
+        out,
+        "{:<24} {:>6} {:>9} {:>7} {:>7}",
+        "instance", "weight", "expected", "calls", "share"
+    );
+    for (addr, weight) in &weights {
+        let expected = if weighted {
+            f64::from((*weight).max(1)) / total_weight as f64
+        } else {
+            1.0 / weights.len() as f64
+        };
+        let calls = served.get(addr).copied().unwrap_or(0);
+        let share = f64::from(calls) / f64::from(total_calls.max(1));
+        let _ = writeln!(
+            out,
+            "{addr:<24} {weight:>6} {:>8.1}% {calls:>7} {:>6.1}%",
+            expected * 100.0,
+            share * 100.0
+        );
+    }
+    out
+}
+
+/// A policy's name as on the command line: `weighted-round-robin`.
+pub fn policy_name(policy: PolicyKind) -> String {
+    use clap::ValueEnum;
+    policy
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}

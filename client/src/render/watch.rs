@@ -1,0 +1,24 @@
+//! `watch`: one line per change to the registry.
+
+use crate::directory::{Change, ChangeKind, address};
+
+/// `+ calculator 10.0.0.1:5000 weight=5`, `~ ...` when updated, or
+/// `- ... (lease expired)` with the cause when removed.
+pub fn change_line(change: &Change) -> String {
+    let i = &change.instance;
+    match change.kind {
+        ChangeKind::Added => format!("+ {} {} weight={}", i.service, address(i), i.weight),
+        ChangeKind::Updated => format!("~ {} {} weight={}", i.service, address(i), i.weight),
+        ChangeKind::Removed(cause) => format!("- {} {} ({cause})", i.service, address(i)),
+    }
+}
+
+/// What `watch` says on stderr when the registry connection goes down or
+/// comes back.
+pub fn connection_line(connected: bool) -> &'static str {
+    if connected {
+        "! reconnected to the registry"
+    } else {
+        "! registry unreachable; retrying (keeping the last known state)"
+    }
+}
