@@ -28,7 +28,7 @@
 //! - [`call`]: picks an instance, calls it (any kind of method: unary,
 //!   server, client or bidirectional streaming), retries once on
 //!   `UNAVAILABLE` while no response has been received.
-//! - [`channel`]: a balanced tonic `Channel` fed by the directory,
+//! - [`channel`]: a balanced tonic `Channel` fed by the directory's changes,
 //!   for programs with generated stubs that only want discovery.
 //! - [`args`]: command-line arguments (JSON or `key=value`) into a request,
 //!   or a sequence of requests for client-streaming methods; replies into

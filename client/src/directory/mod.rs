@@ -172,6 +172,13 @@ impl Snapshot {
             && self.stale.get(service).is_some_and(|l| !l.is_empty())
     }
 
+    /// Whether `service` has stale instances, used or not (shadowed by live
+    /// ones): while it does, its [`instances`](Self::instances) can change
+    /// with no [`Change`] of its own.
+    pub fn has_stale(&self, service: &str) -> bool {
+        self.stale.get(service).is_some_and(|l| !l.is_empty())
+    }
+
     /// Every service with at least one usable instance, sorted.
     pub fn services(&self) -> Vec<String> {
         let mut names: Vec<String> = self
