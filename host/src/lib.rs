@@ -18,6 +18,8 @@
 //!   mounted.
 //! - [`registration`]: the lease, heartbeats, reconciliation toward the
 //!   desired registrations, retry with backoff.
+//! - [`metrics`]: the Prometheus metrics and the `--http` listener that
+//!   serves them.
 //! - [`addr`]: which IP to advertise.
 //! - [`reload`]: the file watcher behind hot reload.
 //! - [`stdin`]: the `u` / `r` / `q` terminal commands.
@@ -31,6 +33,7 @@ pub mod diff;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gate;
+pub mod metrics;
 pub mod node;
 pub mod plugin;
 pub mod plugins;

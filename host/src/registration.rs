@@ -532,6 +532,7 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         }),
     )
     .await?;
+    crate::metrics::lease_granted();
     let lease = Lease {
         id: grant.lease_id,
         secret: grant.lease_secret,

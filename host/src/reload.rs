@@ -167,6 +167,7 @@ pub async fn reload(path: &Path, node: &Node, known: &[&str]) {
         }
         match text.and_then(|text| Config::parse(&text, &file, known, Some(current))) {
             Err(e) => {
+                crate::metrics::reload_refused(&e);
                 error!("{e}; keeping the last good configuration");
                 None
             }
@@ -175,6 +176,7 @@ pub async fn reload(path: &Path, node: &Node, known: &[&str]) {
                 None
             }
             Ok(new) => {
+                crate::metrics::reload_applied();
                 info!("{file} loaded: {new}");
                 Some(new)
             }

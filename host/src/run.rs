@@ -46,6 +46,8 @@ pub struct Options {
     /// `--plugin-start-timeout-ms`: how long an external plugin may take
     /// to be SERVING.
     pub plugin_start_timeout: Duration,
+    /// `--http`: where to serve `/metrics`; `None`: nowhere.
+    pub http: Option<SocketAddr>,
 }
 
 /// Why the node host could not run.
@@ -137,7 +139,16 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         },
     )
     .await?;
-    let mut builder = tonic::transport::Server::builder();
+    let http = match opts.http {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind { addr, source })?,
+        ),
+        None => None,
+    };
+    // Outermost: every call counts, those refused by the gates too.
+    let mut builder = tonic::transport::Server::builder().layer(crate::metrics::get().grpc.layer());
     if let Some(tls) = server_tls {
         builder = builder.tls_config(tls)?;
     }
@@ -156,6 +167,20 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     // The file may have changed between the first read and the start of the
     // watch: read it once more (a no-op when unchanged).
     reload::reload(&opts.config, &node, &known).await;
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(http) = http {
+        if let Ok(addr) = http.local_addr() {
+            stdin::say(format_args!("node-host http on {addr}"));
+        }
+        let serve = crate::metrics::serve(http, node.clone(), async {
+            let _ = http_stopped.await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                warn!("HTTP listener: {e}");
+            }
+        });
+    }
     stdin::say(format_args!("node-host serving on {advertised}"));
     info!("registering with the registry at {registry}; type `help` for commands");
     let mut commands = stdin::read_commands();
@@ -197,6 +222,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         Ok(_) => {}
         Err(_) => warn!("in-flight calls still running after {DRAIN_WAIT:?}; exiting anyway"),
     }
+    let _ = http_stop.send(());
     stdin::say(format_args!("node-host stopped"));
     Ok(())
 }

@@ -7,8 +7,9 @@
 //! sends to the registry so clients can learn its methods at run time.
 //!
 //! It also holds what every binary shares beyond the protocol:
-//! [`security`] (TLS flags, access tokens, the registry client type) and
-//! [`logging`] (the `RUST_LOG` setup of every binary), [`descriptors`]
+//! [`security`] (TLS flags, access tokens, the registry client type),
+//! [`logging`] (the `RUST_LOG` setup of every binary), [`metrics`] (the
+//! gRPC metrics layer and `/metrics` serving), [`descriptors`]
 //! (descriptor sets from the network, decoded without panicking) and
 //! [`limits`] (the protocol's field limits, for the registry and the nodes).
 
@@ -17,6 +18,7 @@
 pub mod descriptors;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod security;
 
 /// `registry.v1`: the registry service and its messages.

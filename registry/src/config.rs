@@ -1,4 +1,5 @@
-//! What an operator can tune: lease TTLs, access tokens, TLS, limits.
+//! What an operator can tune: lease TTLs, access tokens, TLS, limits, the
+//! HTTP listener.
 
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub struct Config {
     pub peers: PeerConfig,
     /// The watch path's memory budgets.
     pub watch: WatchLimits,
+    /// The HTTP listener's limits (metrics and dashboard).
+    pub http: crate::http::HttpConfig,
 }
 
 /// Lease TTL bounds.

@@ -72,6 +72,7 @@ impl Error {
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
+        crate::metrics::refused(&error);
         Status::new(error.code(), error.to_string())
     }
 }

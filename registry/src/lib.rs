@@ -30,6 +30,10 @@
 //! - [`service`]: the gRPC service: validate, apply, answer.
 //! - [`server`]: serving it with health and reflection, and shutting down.
 //! - [`tokens`]: access tokens from flags or a `--token-file`.
+//! - [`metrics`]: the Prometheus metrics, one set per process.
+//! - [`http`]: the `--http` listener: `/metrics` and the live dashboard
+//!   (`http/fleet.rs`: the fleet as the dashboard sees it, from the
+//!   registry's own watch; `http/assets/`: page, script, style).
 //! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
 //! - `bin/registry.rs`: the command line.
 
@@ -39,8 +43,10 @@ pub mod config;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod http;
 pub mod lease;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod state;
@@ -50,4 +56,4 @@ pub mod validate;
 pub mod watch;
 
 pub use config::Config;
-pub use server::run;
+pub use server::{run, run_with_http};

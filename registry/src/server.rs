@@ -77,10 +77,34 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    run_with_http(listener, None, config, shutdown).await
+}
+
+/// [`run`], also serving metrics and the dashboard on `http` ([`crate::http`]).
+pub async fn run_with_http(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let watchers = Watchers::new(config.ttl, config.quotas, config.watch);
     let store = watchers.store().clone();
     let _sweeper = spawn_sweeper(store.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(http) = http {
+        let serve = crate::http::serve(
+            http,
+            watchers.clone(),
+            config.tokens.clone(),
+            config.http,
+            stop_rx.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!("HTTP listener: {e}");
+            }
+        });
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -121,6 +145,8 @@ pub async fn run(
         );
     }
     let serve = builder
+        // Outermost, so that calls the layers below refuse count too.
+        .layer(crate::metrics::get().grpc.layer())
         .layer(AuthLayer::new(config.tokens))
         .layer(MapResponseLayer::new(
             too_large_is_resource_exhausted as fn(_) -> _,

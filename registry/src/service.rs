@@ -60,8 +60,9 @@ impl RegistryService {
         let stream = self.watchers.open(services, self.shutdown.clone())?;
         // The guard lives as long as the stream: dropping the stream (the
         // client went away) uncounts it.
+        let counted = crate::metrics::watcher();
         let stream = stream.map(move |item| {
-            let _counted = &guard;
+            let _counted = (&guard, &counted);
             item
         });
         Ok(Box::pin(stream))

@@ -203,6 +203,11 @@ impl Store {
         (state.resolve(service), state.revision())
     }
 
+    /// How many leases are alive.
+    pub fn lease_count(&self) -> usize {
+        self.lock().lease_count()
+    }
+
     /// The descriptors of `service` and its proto_service.
     pub fn descriptors(&self, service: &str) -> Result<(String, Arc<[u8]>)> {
         self.lock().descriptors(service)

@@ -9,6 +9,8 @@
 //! - [`Process`]: a running child whose output is captured line by line.
 //! - [`Registry`]: a `registry` process on a free loopback port.
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
+//! - [`http`]: a minimal HTTP client (`/metrics`, Prometheus' API, event
+//!   streams).
 //! - [`netns`]: a LAN of network namespaces (one per host) for multi-host tests.
 //! - [`python3`], [`workspace_root`]: third-party programs the tests drive
 //!   (installed by `scripts/test-deps.sh`).
@@ -17,10 +19,14 @@
 //! Each binary prints one line on stdout once it is ready, which tests wait for:
 //! - `registry listening on <ip>:<port>`
 //! - `node-host serving on <advertised-ip>:<port>`
+//!
+//! With `--http`, each prints `registry http on <ip>:<port>` /
+//! `node-host http on <ip>:<port>` before that.
 
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
 pub mod certs;
+pub mod http;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Write};

@@ -54,6 +54,11 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     plugin_start_timeout_ms: u64,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics. Off by default.
+    /// The address used is printed as `node-host http on <ip>:<port>`.
+    #[arg(long, value_name = "IP:PORT")]
+    http: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     tls: registry_proto::security::TlsArgs,
 }
@@ -62,6 +67,7 @@ const EXAMPLES: &str = r#"Examples:
   node-host                                   # ./services.toml, registry 127.0.0.1:50051
   node-host --config node-a.toml --registry 192.168.1.10:50051
   node-host --advertise 192.168.1.20 --port 7001
+  node-host --http 0.0.0.0:9101                # Prometheus metrics at /metrics
 
 A services.toml:
   registry = "127.0.0.1:50051"
@@ -87,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         tls: args.tls,
         token: args.token,
         plugin_start_timeout: std::time::Duration::from_millis(args.plugin_start_timeout_ms),
+        http: args.http,
     }));
     // A configuration read stuck in the kernel (a hung network file
     // system) must not keep a stopped node alive: blocking threads are

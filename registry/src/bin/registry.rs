@@ -94,6 +94,16 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = watch::DEFAULT_MEMORY_BYTES,
           value_parser = bytes_flag(1_048_576))]
     watch_memory_bytes: usize,
+    /// Also serve HTTP on this address: Prometheus metrics at /metrics and
+    /// a live dashboard of the fleet at /. Off by default. With a read
+    /// token set, these need it too (open /?token=TOKEN once). The address
+    /// used is printed as `registry http on <ip>:<port>`.
+    #[arg(long, value_name = "IP:PORT")]
+    http: Option<SocketAddr>,
+    /// Most dashboards (event streams) open at once on --http; more are
+    /// refused with 503.
+    #[arg(long, value_name = "N", default_value_t = registry::http::DEFAULT_MAX_DASHBOARD_CLIENTS)]
+    max_dashboard_clients: usize,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -106,6 +116,7 @@ const EXAMPLES: &str = "Examples:
   registry --token-file tokens.toml         # write = \"...\", read = \"...\"
   registry --max-registrations-per-sec-per-ip 0   # benchmarks from one machine
   registry --tls-cert reg.pem --tls-key reg-key.pem
+  registry --http 0.0.0.0:8080              # metrics at /metrics, dashboard at /
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
@@ -154,6 +165,9 @@ async fn main() -> anyhow::Result<()> {
             buffer_bytes: args.watch_buffer_bytes,
             memory_bytes: args.watch_memory_bytes,
         },
+        http: registry::http::HttpConfig {
+            max_dashboard_clients: args.max_dashboard_clients,
+        },
     };
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -169,10 +183,23 @@ async fn main() -> anyhow::Result<()> {
         mutual_tls = args.tls.tls_require_client_cert,
         "configuration"
     );
+    let http = match args.http {
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (--http)"))?;
+            println!(
+                "registry http on {}",
+                http.local_addr().context("no local address")?
+            );
+            Some(http)
+        }
+        None => None,
+    };
     // The ready line: scripts and tests wait for it (on stdout, not a log).
     println!("registry listening on {local}");
     std::io::stdout().flush().context("stdout")?;
-    registry::run(listener, config, shutdown).await?;
+    registry::run_with_http(listener, http, config, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }

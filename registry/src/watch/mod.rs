@@ -195,6 +195,7 @@ impl Watcher {
             "a watcher fell behind; it gets a fresh snapshot when it reads again"
         );
         self.behind = true;
+        crate::metrics::get().watch_resets.inc();
         self.start()
     }
 

@@ -106,6 +106,7 @@ impl Supervisor {
                 }
             };
             failures += 1;
+            crate::metrics::plugin_restarted(&self.name);
             if failures >= CRASH_LOOP {
                 error!(
                     "plugin {} is crash-looping ({failures} failures in a row): {why}; next start in {delay:?}",

@@ -1,0 +1,350 @@
+//! The registry's Prometheus metrics, served at `/metrics` by [`crate::http`].
+//!
+//! One set per process ([`get`]): the hooks where things happen (a limit
+//! refuses a call, a watcher is reset, a Watch stream opens) are one line
+//! each and need no handle passed down to them. Gauges of the state
+//! (instances per service, leases) are read from the [`Store`] at each
+//! scrape; removals are counted from the registry's own watch by
+//! [`crate::http::fleet`], which sees every change with its reason.
+//!
+//! Every metric is listed in README's "Metrics" table.
+
+use std::sync::LazyLock;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use registry_proto::metrics::GrpcMetrics;
+use registry_proto::registry::v1::RemovalReason;
+
+use crate::error::Error;
+use crate::watch::Watchers;
+
+/// The registry's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// What `/metrics` renders.
+    pub registry: Registry,
+    /// `registry_grpc_*`: every call by method and status code, timed.
+    pub grpc: GrpcMetrics,
+    /// `registry_instances{service}`, set at each scrape.
+    instances: IntGaugeVec,
+    /// `registry_leases`, set at each scrape.
+    leases: IntGauge,
+    /// `registry_watchers`: open Watch streams.
+    pub watchers: IntGauge,
+    /// `registry_watch_log_bytes`: recent changes kept for watchers, set at
+    /// each scrape.
+    watch_log_bytes: IntGauge,
+    /// `registry_watch_memory_bytes`: what watchers hold against
+    /// `--watch-memory-bytes`, set at each scrape.
+    watch_memory_bytes: IntGauge,
+    /// `registry_watch_resets_total`: watchers that fell behind and were
+    /// sent a fresh snapshot.
+    pub watch_resets: IntCounter,
+    /// `registry_instance_removals_total{reason}`.
+    pub instance_removals: IntCounterVec,
+    /// `registry_lease_removals_total{reason}`: leases that went with their
+    /// instances (deregistration removes an instance, not its lease).
+    pub lease_removals: IntCounterVec,
+    /// `registry_refused_total{limit}`: calls refused by a limit.
+    pub refused: IntCounterVec,
+    /// `registry_dashboard_clients`: open dashboard event streams.
+    pub dashboard_clients: IntGauge,
+}
+
+fn build() -> prometheus::Result<Metrics> {
+    let registry = Registry::new();
+    let grpc = GrpcMetrics::new("registry", &registry)?;
+    let instances = IntGaugeVec::new(
+        Opts::new("registry_instances", "Instances registered, by service."),
+        &["service"],
+    )?;
+    let leases = IntGauge::new("registry_leases", "Live leases.")?;
+    let watchers = IntGauge::new("registry_watchers", "Open Watch streams.")?;
+    let watch_log_bytes = IntGauge::new(
+        "registry_watch_log_bytes",
+        "Bytes of encoded recent changes kept for watchers (at most --watch-buffer-bytes).",
+    )?;
+    let watch_memory_bytes = IntGauge::new(
+        "registry_watch_memory_bytes",
+        "Bytes watchers hold against --watch-memory-bytes (streams and snapshots in progress).",
+    )?;
+    let watch_resets = IntCounter::new(
+        "registry_watch_resets_total",
+        "Watchers that fell behind and were sent a fresh snapshot instead.",
+    )?;
+    let instance_removals = IntCounterVec::new(
+        Opts::new(
+            "registry_instance_removals_total",
+            "Instances removed, by reason: expired, keepalive_closed, revoked, deregistered.",
+        ),
+        &["reason"],
+    )?;
+    let lease_removals = IntCounterVec::new(
+        Opts::new(
+            "registry_lease_removals_total",
+            "Leases removed with their instances, by reason: expired, keepalive_closed, revoked.",
+        ),
+        &["reason"],
+    )?;
+    let refused = IntCounterVec::new(
+        Opts::new(
+            "registry_refused_total",
+            "Calls refused with RESOURCE_EXHAUSTED, by the limit that refused them.",
+        ),
+        &["limit"],
+    )?;
+    let dashboard_clients = IntGauge::new(
+        "registry_dashboard_clients",
+        "Open event streams of the web dashboard.",
+    )?;
+    let build_info = IntGaugeVec::new(
+        Opts::new("registry_build_info", "The registry's version; always 1."),
+        &["version"],
+    )?;
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    for reason in REASONS {
+        instance_removals.with_label_values(&[reason]).inc_by(0);
+        if reason != "deregistered" {
+            lease_removals.with_label_values(&[reason]).inc_by(0);
+        }
+    }
+    for limit in LIMITS {
+        refused.with_label_values(&[limit]).inc_by(0);
+    }
+    for metric in [
+        Box::new(instances.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(leases.clone()),
+        Box::new(watchers.clone()),
+        Box::new(watch_log_bytes.clone()),
+        Box::new(watch_memory_bytes.clone()),
+        Box::new(watch_resets.clone()),
+        Box::new(instance_removals.clone()),
+        Box::new(lease_removals.clone()),
+        Box::new(refused.clone()),
+        Box::new(dashboard_clients.clone()),
+        Box::new(build_info),
+    ] {
+        registry.register(metric)?;
+    }
+    Ok(Metrics {
+        registry,
+        grpc,
+        instances,
+        leases,
+        watchers,
+        watch_log_bytes,
+        watch_memory_bytes,
+        watch_resets,
+        instance_removals,
+        lease_removals,
+        refused,
+        dashboard_clients,
+    })
+}
+
+/// The reasons of `registry_instance_removals_total`, all exported from
+/// the start (at 0) so a rate over them needs no special case.
+pub const REASONS: [&str; 4] = ["expired", "keepalive_closed", "revoked", "deregistered"];
+
+/// The limits of `registry_refused_total`.
+pub const LIMITS: [&str; 8] = [
+    "registrations_per_sec",
+    "watches_per_connection",
+    "instances_per_lease",
+    "instances_per_service",
+    "leases",
+    "instances",
+    "descriptor_bytes",
+    "other",
+];
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    // Only a duplicate or malformed name fails, which is a bug caught by
+    // every test that scrapes.
+    #[allow(clippy::expect_used)]
+    build().expect("the registry's metrics are well-formed")
+});
+
+/// This process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+/// The label of a removal reason.
+pub fn reason_label(reason: RemovalReason) -> &'static str {
+    match reason {
+        RemovalReason::LeaseExpired => "expired",
+        RemovalReason::KeepaliveClosed => "keepalive_closed",
+        RemovalReason::LeaseRevoked => "revoked",
+        RemovalReason::Deregistered => "deregistered",
+        RemovalReason::Unspecified => "unspecified",
+    }
+}
+
+/// Which limit an [`Error::Limit`] names (its message starts with it; see
+/// `limits.rs` and `state.rs`).
+pub fn limit_label(message: &str) -> &'static str {
+    const PREFIXES: [(&str, &str); 7] = [
+        ("registrations per second", "registrations_per_sec"),
+        ("watch streams per connection", "watches_per_connection"),
+        ("instances per lease", "instances_per_lease"),
+        ("instances per service", "instances_per_service"),
+        ("live leases", "leases"),
+        ("bytes of distinct descriptor sets", "descriptor_bytes"),
+        ("instances", "instances"),
+    ];
+    // "at most N live leases" and friends: the number comes first.
+    let text = message
+        .strip_prefix("at most ")
+        .map(|rest| {
+            rest.trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+        })
+        .unwrap_or(message);
+    PREFIXES
+        .iter()
+        .find(|(prefix, _)| text.starts_with(prefix))
+        .map_or("other", |(_, label)| label)
+}
+
+/// Counts `error` if a limit refused the call.
+pub fn refused(error: &Error) {
+    if let Error::Limit(message) = error {
+        get()
+            .refused
+            .with_label_values(&[limit_label(message)])
+            .inc();
+    }
+}
+
+/// Counts an open Watch stream for as long as the guard lives.
+pub fn watcher() -> Counted {
+    Counted::new(&get().watchers)
+}
+
+/// Increments a gauge now and decrements it when dropped.
+#[derive(Debug)]
+pub struct Counted(IntGauge);
+
+impl Counted {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn new(gauge: &IntGauge) -> Counted {
+        gauge.inc();
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Sets the gauges read from the state, then renders every metric.
+pub fn render(watchers: &Watchers) -> String {
+    let metrics = get();
+    let store = watchers.store();
+    let gauge = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
+    metrics
+        .watch_log_bytes
+        .set(gauge(watchers.hub().log_bytes()));
+    metrics
+        .watch_memory_bytes
+        .set(gauge(watchers.hub().memory_used()));
+    let (services, _) = store.list_services();
+    // Reset first: a service whose last instance went must not linger.
+    metrics.instances.reset();
+    for service in services {
+        metrics
+            .instances
+            .with_label_values(&[service.name.as_str()])
+            .set(i64::from(service.instance_count));
+    }
+    metrics
+        .leases
+        .set(i64::try_from(store.lease_count()).unwrap_or(i64::MAX));
+    registry_proto::metrics::render(&metrics.registry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_message_has_its_label() {
+        for (message, label) in [
+            (
+                "instances per lease: lease 3 already holds 9 (max 9, --max-instances-per-lease)",
+                "instances_per_lease",
+            ),
+            (
+                "instances per service: \"a\" already has 1 (max 1, --max-instances-per-service)",
+                "instances_per_service",
+            ),
+            (
+                "registrations per second from untracked peers: ...",
+                "registrations_per_sec",
+            ),
+            (
+                "registrations per second from 10.0.0.1: ...",
+                "registrations_per_sec",
+            ),
+            (
+                "watch streams per connection: 4 already open",
+                "watches_per_connection",
+            ),
+            ("at most 100000 live leases", "leases"),
+            ("at most 1000000 instances", "instances"),
+            (
+                "at most 67108864 bytes of distinct descriptor sets",
+                "descriptor_bytes",
+            ),
+            ("something new", "other"),
+        ] {
+            assert_eq!(limit_label(message), label, "{message}");
+            assert!(LIMITS.contains(&label));
+        }
+    }
+
+    #[test]
+    fn the_exposition_names_every_metric() {
+        let watchers = Watchers::new(
+            crate::config::Ttl::default(),
+            crate::limits::Quotas::default(),
+            crate::watch::WatchLimits::default(),
+        );
+        let store = watchers.store();
+        let lease = store.grant_lease(0).unwrap();
+        store
+            .register(crate::validate::Register {
+                lease_id: lease.lease_id,
+                lease_secret: lease.lease_secret,
+                instance: registry_proto::registry::v1::Instance {
+                    service: "svc".into(),
+                    instance_id: "a".into(),
+                    host: "127.0.0.1".into(),
+                    port: 1,
+                    weight: 1,
+                    ..Default::default()
+                },
+                descriptors: None,
+            })
+            .unwrap();
+        let text = render(&watchers);
+        for name in [
+            "registry_instances{service=\"svc\"} 1",
+            "registry_leases 1",
+            "registry_watchers",
+            "registry_watch_resets_total",
+            "registry_instance_removals_total{reason=\"keepalive_closed\"} 0",
+            "registry_lease_removals_total{reason=\"expired\"} 0",
+            "registry_refused_total{limit=\"registrations_per_sec\"} 0",
+            "registry_build_info{version=",
+            "registry_grpc_requests_in_flight",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! A real Prometheus server scrapes a registry and two node hosts; the test
+//! makes calls, kills a node, and reads the counts back through
+//! Prometheus' HTTP query API. `promtool check metrics` checks each
+//! program's exposition.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use registry_proto::calculator::v1::BinaryRequest;
+use registry_proto::calculator::v1::calculator_client::CalculatorClient;
+use testkit::{Process, READY_TIMEOUT, TempDir, addr_from_line, http};
+
+/// How long Prometheus may take to show a value: a few 500 ms scrapes.
+const SHOW: Duration = Duration::from_secs(20);
+
+struct Node {
+    process: Process,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    dir: TempDir,
+}
+
+fn start_node(registry: SocketAddr, toml: &str) -> Node {
+    let dir = TempDir::new("prometheus-node");
+    let config = dir.path().join("services.toml");
+    std::fs::write(&config, toml).unwrap();
+    let mut cmd = testkit::command("node-host");
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("--registry")
+        .arg(registry.to_string())
+        .args(["--advertise", "127.0.0.1", "--http", "127.0.0.1:0"])
+        .env_remove("REGISTRY_TOKEN");
+    let process = Process::spawn("node-host", cmd);
+    let http = addr_from_line(&process.wait_for_line("node-host http on", READY_TIMEOUT));
+    let grpc = addr_from_line(&process.wait_for_line("node-host serving on", READY_TIMEOUT));
+    Node {
+        process,
+        grpc,
+        http,
+        dir,
+    }
+}
+
+fn start_registry() -> (Process, SocketAddr, SocketAddr) {
+    let mut cmd = testkit::command("registry");
+    cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .env_remove("REGISTRY_READ_TOKEN")
+        .env_remove("REGISTRY_WRITE_TOKEN");
+    let process = Process::spawn("registry", cmd);
+    let http = addr_from_line(&process.wait_for_line("registry http on", READY_TIMEOUT));
+    let grpc = addr_from_line(&process.wait_for_line("registry listening on", READY_TIMEOUT));
+    (process, grpc, http)
+}
+
+/// `promtool check metrics` on what `addr` serves at /metrics.
+fn promtool_accepts(addr: SocketAddr) -> String {
+    let response = http::get(addr, "/metrics", &[]);
+    assert_eq!(response.status, 200, "{}", response.body);
+    assert!(
+        response
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{:?}",
+        response.headers
+    );
+    let (status, out, err) = testkit::run_with_stdin(
+        promtool(),
+        Some(response.body.as_bytes()),
+        Duration::from_secs(30),
+    );
+    assert!(
+        status.success(),
+        "promtool check metrics rejected {addr}/metrics:\n{out}{err}\n{}",
+        response.body
+    );
+    response.body
+}
+
+fn promtool() -> Command {
+    let mut cmd = Command::new("promtool");
+    cmd.args(["check", "metrics"]);
+    cmd
+}
+
+/// A free loopback port for Prometheus (which prints no ready line with
+/// its port).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn start_prometheus(
+    dir: &Path,
+    registry: SocketAddr,
+    nodes: [SocketAddr; 2],
+) -> (Process, SocketAddr) {
+    assert!(
+        Command::new("prometheus").arg("--version").output().is_ok(),
+        "prometheus not installed: run scripts/test-deps.sh (Debian package `prometheus`)"
+    );
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 500ms\n  scrape_timeout: 400ms\n\
+             scrape_configs:\n\
+             \x20 - job_name: registry\n    static_configs:\n      - targets: ['{registry}']\n\
+             \x20 - job_name: node\n    static_configs:\n      - targets: ['{}', '{}']\n",
+            nodes[0], nodes[1]
+        ),
+    )
+    .unwrap();
+    let listen = free_port();
+    let mut cmd = Command::new("prometheus");
+    cmd.arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={listen}"))
+        .arg("--log.level=warn");
+    let process = Process::spawn("prometheus", cmd);
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let ready = std::net::TcpStream::connect(listen).is_ok()
+            && http::get(listen, "/-/ready", &[]).status == 200;
+        if ready {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "prometheus not ready on {listen}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    (process, listen)
+}
+
+/// The samples of an instant query: (labels, value).
+fn query(prometheus: SocketAddr, promql: &str) -> Vec<(serde_json::Value, f64)> {
+    let response = http::get(
+        prometheus,
+        &format!("/api/v1/query?query={}", http::encode(promql)),
+        &[],
+    );
+    assert_eq!(response.status, 200, "{promql}: {}", response.body);
+    let json: serde_json::Value = serde_json::from_str(&response.body).unwrap();
+    assert_eq!(json["status"], "success", "{promql}: {json}");
+    json["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|sample| {
+            let value = sample["value"][1].as_str().unwrap().parse().unwrap();
+            (sample["metric"].clone(), value)
+        })
+        .collect()
+}
+
+/// Waits until `promql` has exactly one sample, of value `want`.
+fn eventually_equals(prometheus: SocketAddr, promql: &str, want: f64) {
+    let deadline = Instant::now() + SHOW;
+    loop {
+        let samples = query(prometheus, promql);
+        if samples.len() == 1 && samples[0].1 == want {
+            eprintln!("prometheus: {promql} = {want}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{promql}: want one sample of {want}, got {samples:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+async fn add(node: SocketAddr, times: usize) {
+    let mut client = CalculatorClient::connect(format!("http://{node}"))
+        .await
+        .unwrap();
+    for n in 0..times {
+        let reply = client
+            .add(BinaryRequest {
+                a: n as f64,
+                b: 1.0,
+            })
+            .await
+            .unwrap();
+        assert_eq!(reply.into_inner().value, n as f64 + 1.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prometheus_scrapes_calls_instances_and_removals() {
+    let (_registry, registry, registry_http) = start_registry();
+    let mut a = start_node(registry, "[plugins.calculator]\nweight = 2\n");
+    let mut b = start_node(
+        registry,
+        "[plugins.calculator]\nweight = 1\n\n[plugins.echo]\nweight = 3\n",
+    );
+    let dir = TempDir::new("prometheus");
+    let (_prometheus, prom) = start_prometheus(dir.path(), registry_http, [a.http, b.http]);
+
+    // Calls: 5 Add on a, 3 Add and one refused Divide on b.
+    add(a.grpc, 5).await;
+    add(b.grpc, 3).await;
+    let mut client = CalculatorClient::connect(format!("http://{}", b.grpc))
+        .await
+        .unwrap();
+    let refused = client
+        .divide(BinaryRequest { a: 1.0, b: 0.0 })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    let add_ok = |node: &Node| {
+        format!(
+            "node_host_grpc_requests_total{{instance=\"{}\",service=\"calculator.v1.Calculator\",method=\"Add\",code=\"OK\"}}",
+            node.http
+        )
+    };
+    eventually_equals(prom, &add_ok(&a), 5.0);
+    eventually_equals(prom, &add_ok(&b), 3.0);
+    eventually_equals(
+        prom,
+        &format!(
+            "node_host_grpc_requests_total{{instance=\"{}\",method=\"Divide\",code=\"INVALID_ARGUMENT\"}}",
+            b.http
+        ),
+        1.0,
+    );
+    eventually_equals(
+        prom,
+        &format!(
+            "node_host_grpc_request_duration_seconds_count{{instance=\"{}\",method=\"Add\"}}",
+            a.http
+        ),
+        5.0,
+    );
+    eventually_equals(prom, "registry_instances{service=\"calculator\"}", 2.0);
+    eventually_equals(prom, "registry_instances{service=\"echo\"}", 1.0);
+    eventually_equals(prom, "registry_leases", 2.0);
+    eventually_equals(
+        prom,
+        &format!(
+            "node_host_plugin_registered{{instance=\"{}\",plugin=\"echo\"}}",
+            b.http
+        ),
+        1.0,
+    );
+    eventually_equals(
+        prom,
+        "sum(registry_grpc_requests_total{method=\"Register\",code=\"OK\"})",
+        3.0,
+    );
+
+    // Every program's exposition passes promtool, while it has data.
+    for addr in [registry_http, a.http, b.http] {
+        promtool_accepts(addr);
+    }
+
+    // b crashes: its two instances go with its KeepAlive stream.
+    b.process.kill9();
+    eventually_equals(prom, "registry_instances{service=\"calculator\"}", 1.0);
+    eventually_equals(
+        prom,
+        "registry_instance_removals_total{reason=\"keepalive_closed\"}",
+        2.0,
+    );
+    eventually_equals(
+        prom,
+        "registry_lease_removals_total{reason=\"keepalive_closed\"}",
+        1.0,
+    );
+    eventually_equals(prom, "registry_leases", 1.0);
+    // echo has no instance left: its series is gone, not stuck at 1.
+    let deadline = Instant::now() + SHOW;
+    while !query(prom, "registry_instances{service=\"echo\"}").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "registry_instances{{service=\"echo\"}} still there"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eventually_equals(prom, &format!("up{{instance=\"{}\"}}", b.http), 0.0);
+
+    // a's file: echo added, a typo refused, echo removed (deregistered).
+    let config = a.dir.path().join("services.toml");
+    let reloads = |outcome: &str, reason: &str| {
+        format!(
+            "node_host_reloads_total{{instance=\"{}\",outcome=\"{outcome}\",reason=\"{reason}\"}}",
+            a.http
+        )
+    };
+    std::fs::write(
+        &config,
+        "[plugins.calculator]\nweight = 2\n[plugins.echo]\n",
+    )
+    .unwrap();
+    eventually_equals(prom, "registry_instances{service=\"echo\"}", 1.0);
+    std::fs::write(&config, "[plugins.calcualtor]\nweight = 2\n").unwrap();
+    eventually_equals(prom, &reloads("refused", "unknown_plugin"), 1.0);
+    std::fs::write(&config, "[plugins.calculator]\nweight = 2\n").unwrap();
+    eventually_equals(
+        prom,
+        "registry_instance_removals_total{reason=\"deregistered\"}",
+        1.0,
+    );
+    eventually_equals(prom, &reloads("applied", "none"), 2.0);
+    eventually_equals(prom, "registry_instances{service=\"calculator\"}", 1.0);
+
+    // a quits: its lease is revoked with its last instance.
+    a.process.send_line("q");
+    a.process.wait_exit(Duration::from_secs(20));
+    eventually_equals(
+        prom,
+        "registry_instance_removals_total{reason=\"revoked\"}",
+        1.0,
+    );
+    eventually_equals(
+        prom,
+        "registry_lease_removals_total{reason=\"revoked\"}",
+        1.0,
+    );
+    eventually_equals(
+        prom,
+        "registry_instance_removals_total{reason=\"expired\"}",
+        0.0,
+    );
+    eventually_equals(prom, "registry_leases", 0.0);
+    promtool_accepts(registry_http);
+}
+
+#[test]
+fn promtool_refuses_a_broken_exposition() {
+    // The check above means something only if promtool rejects bad input.
+    let (status, _, _) = testkit::run_with_stdin(
+        promtool(),
+        Some(b"# TYPE x counter\nx{a=\"1\"} not-a-number\n"),
+        Duration::from_secs(30),
+    );
+    assert!(!status.success());
+}
