@@ -1,7 +1,7 @@
 //! Pure: a snapshot sent in parts joined into one message, and one watch
 //! message applied to a [`Snapshot`], with the changes it made.
 
-use super::{ByService, Change, ChangeKind, RemovalCause, Snapshot};
+use super::snapshot::{ByService, Change, ChangeKind, RemovalCause, Snapshot};
 use prost::Message as _;
 use registry_proto::registry::v1::event::Kind as EventKindPb;
 use registry_proto::registry::v1::{Instance, WatchResponse};

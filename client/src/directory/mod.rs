@@ -20,26 +20,30 @@
 //! [`crate::descriptors`]' job, one layer up.
 //!
 //! # Layout
-//! - this file: the public types ([`Snapshot`], [`Change`], ...) and the
-//!   [`Directory`] handle with the state it shares with its watch task.
-//! - `watch.rs`: the watch task: one stream at a time, reconnection with
-//!   backoff, publishing, the grace timer of stale instances.
+//! Each file uses only those listed after it.
+//! - this file: the [`Directory`] handle and its errors.
+//! - `watch.rs`: the watch task (one stream at a time, reconnection with
+//!   backoff, publishing, the grace timer of stale instances) and the state
+//!   it shares with the handles.
 //! - `apply.rs`: pure: joining a snapshot sent in parts, and applying one
 //!   watch message to a [`Snapshot`].
+//! - `snapshot.rs`: the public types: [`Snapshot`], [`Change`], ...
 
 mod apply;
+mod snapshot;
 mod watch;
 
+pub use snapshot::{Change, ChangeKind, Instances, RemovalCause, Snapshot, address};
+
 use crate::connect::Connector;
-use registry_proto::registry::v1::{Instance, RemovalReason};
 use registry_proto::security::{RegistryConn, SecurityError};
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tokio::sync::{broadcast, watch as follow};
 use tokio_util::task::AbortOnDropHandle;
+use watch::{Shared, State};
 
 /// How long instances of a restarted registry's predecessor are kept.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
@@ -77,154 +81,6 @@ pub enum DirectoryError {
     },
 }
 
-/// Why an instance left the directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemovalCause {
-    /// The registry said so, for this reason.
-    Registry(RemovalReason),
-    /// It was missing from a fresh snapshot after a reconnect.
-    Resync,
-    /// The registry restarted and it did not register again within the grace
-    /// period.
-    NotReregistered,
-}
-
-impl fmt::Display for RemovalCause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            RemovalCause::Registry(RemovalReason::Deregistered) => "deregistered",
-            RemovalCause::Registry(RemovalReason::LeaseExpired) => "lease expired",
-            RemovalCause::Registry(RemovalReason::LeaseRevoked) => "lease revoked",
-            RemovalCause::Registry(RemovalReason::KeepaliveClosed) => "node disconnected",
-            RemovalCause::Registry(RemovalReason::Unspecified) => "removed",
-            RemovalCause::Resync => "gone while disconnected",
-            RemovalCause::NotReregistered => "not re-registered after a registry restart",
-        })
-    }
-}
-
-/// What changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// A new instance.
-    Added,
-    /// Weight, address or metadata changed.
-    Updated,
-    /// Gone.
-    Removed(RemovalCause),
-}
-
-/// One change to the directory, as broadcast to subscribers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Change {
-    /// What happened.
-    pub kind: ChangeKind,
-    /// The instance after the change (before it, when removed).
-    pub instance: Instance,
-}
-
-/// One service's instances, sorted by instance id: an immutable list shared
-/// by every snapshot (and every caller) until the service changes, when a new
-/// list is built. Looking instances up is therefore a reference-count
-/// increment, not a copy.
-pub type Instances = Arc<[Instance]>;
-
-/// Instances by service; each list sorted by instance id.
-type ByService = BTreeMap<String, Instances>;
-
-/// An immutable view of the directory at one moment. Cloning it is cheap:
-/// the per-service lists are shared.
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    /// The registry process this view came from ("" before the first).
-    pub registry_id: String,
-    /// The registry revision this view reflects.
-    pub revision: u64,
-    /// Whether a first snapshot has been received.
-    pub synced: bool,
-    /// Whether the watch stream is currently up.
-    pub connected: bool,
-    /// Live instances by service, each list sorted by instance id.
-    live: ByService,
-    /// Instances a previous registry process knew and the current one does
-    /// not (yet), kept until the grace period ends.
-    stale: ByService,
-}
-
-impl Snapshot {
-    /// The instances to use for `service`, sorted by instance id: the live
-    /// ones, or, if it has none, the stale ones from before a registry
-    /// restart. Empty if neither. The list is shared, not copied.
-    pub fn instances(&self, service: &str) -> Instances {
-        match self.live.get(service) {
-            Some(l) if !l.is_empty() => l.clone(),
-            _ => self
-                .stale
-                .get(service)
-                .cloned()
-                .unwrap_or_else(|| Arc::from([])),
-        }
-    }
-
-    /// Whether `service`'s instances are stale fallbacks.
-    pub fn is_stale(&self, service: &str) -> bool {
-        self.live.get(service).is_none_or(|l| l.is_empty())
-            && self.stale.get(service).is_some_and(|l| !l.is_empty())
-    }
-
-    /// Whether `service` has stale instances, used or not (shadowed by live
-    /// ones): while it does, its [`instances`](Self::instances) can change
-    /// with no [`Change`] of its own.
-    pub fn has_stale(&self, service: &str) -> bool {
-        self.stale.get(service).is_some_and(|l| !l.is_empty())
-    }
-
-    /// Every service with at least one usable instance, sorted.
-    pub fn services(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .live
-            .iter()
-            .chain(&self.stale)
-            .filter(|(_, l)| !l.is_empty())
-            .map(|(s, _)| s.clone())
-            .collect();
-        names.sort();
-        names.dedup();
-        names
-    }
-
-    /// The protobuf service `service`'s instances serve, if they say.
-    pub fn proto_service(&self, service: &str) -> Option<String> {
-        self.instances(service)
-            .iter()
-            .map(|i| &i.proto_service)
-            .find(|p| !p.is_empty())
-            .cloned()
-    }
-
-    /// Every usable instance, as `Added` changes (the state a new watcher
-    /// starts from).
-    pub fn as_changes(&self) -> Vec<Change> {
-        self.services()
-            .iter()
-            .flat_map(|s| self.instances(s).to_vec())
-            .map(|instance| Change {
-                kind: ChangeKind::Added,
-                instance,
-            })
-            .collect()
-    }
-}
-
-/// `host:port` of an instance, with brackets around an IPv6 host.
-pub fn address(instance: &Instance) -> String {
-    if instance.host.contains(':') && !instance.host.starts_with('[') {
-        format!("[{}]:{}", instance.host, instance.port)
-    } else {
-        format!("{}:{}", instance.host, instance.port)
-    }
-}
-
 /// A cheap-to-clone handle on a directory. The background watch stops when
 /// the last handle is dropped.
 #[derive(Clone)]
@@ -241,38 +97,6 @@ impl fmt::Debug for Directory {
             .field("addr", &self.shared.addr)
             .finish_non_exhaustive()
     }
-}
-
-struct Shared {
-    /// The registry address as given, for messages.
-    addr: String,
-    /// A lazily connected client; clones share one HTTP/2 connection.
-    registry: RegistryConn,
-    /// TLS and token, for every connection this directory's users open.
-    connector: Connector,
-    /// Why the registry refused the last watch (a token problem), if it did;
-    /// cleared once a watch is accepted. Not under `state`: `wait_synced`
-    /// reads it while holding the snapshot channel's lock, which `publish`
-    /// takes while holding `state`.
-    refused: Mutex<Option<String>>,
-    /// The working copy; a std mutex because it is never held across await.
-    state: Mutex<State>,
-    /// The latest snapshot, for lookups and for followers (balanced channels).
-    snapshots: follow::Sender<Arc<Snapshot>>,
-    /// Every change, for `watch` output.
-    changes: broadcast::Sender<Change>,
-    /// How long stale instances are kept after a registry restart.
-    grace: Duration,
-}
-
-struct State {
-    /// The working copy, published as an `Arc` clone after each change.
-    snapshot: Snapshot,
-    /// Why the last connection attempt failed.
-    last_error: String,
-    /// Bumped whenever stale instances are set aside, so an old expiry timer
-    /// does not clear a newer set.
-    stale_generation: u64,
 }
 
 impl Directory {
@@ -401,50 +225,5 @@ impl Directory {
     /// instances too.
     pub fn connector(&self) -> &Connector {
         &self.shared.connector
-    }
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Why the registry refused the last watch, if it did.
-    fn refused(&self) -> Option<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_refused(&self, why: Option<String>) {
-        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
-    }
-
-    /// Publishes the working copy and the changes, under the lock.
-    fn publish(&self, state: &State, changes: Vec<Change>) {
-        let snapshot = Arc::new(state.snapshot.clone());
-        self.snapshots.send_replace(snapshot);
-        for change in changes {
-            // No subscriber is fine.
-            let _ = self.changes.send(change);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses() {
-        let mut i = Instance {
-            host: "10.0.0.1".into(),
-            port: 80,
-            ..Default::default()
-        };
-        assert_eq!(address(&i), "10.0.0.1:80");
-        i.host = "::1".into();
-        assert_eq!(address(&i), "[::1]:80");
     }
 }

@@ -1,18 +1,82 @@
 //! The watch task: follows the registry's `Watch` stream, reconnecting with
 //! exponential backoff, and publishes what [`apply`](super::apply) makes of
-//! each message.
+//! each message; and the state it shares with the [`Directory`](super::Directory)
+//! handles.
 
 use super::apply::{SNAPSHOT_LIMITS, apply, join_parts};
-use super::{Change, ChangeKind, RemovalCause, Shared};
+use super::snapshot::{Change, ChangeKind, RemovalCause, Snapshot};
+use crate::connect::Connector;
 use crate::status::status_text;
 use rand::Rng;
 use registry_proto::registry::v1::{WatchRequest, WatchResponse};
-use std::sync::Arc;
+use registry_proto::security::RegistryConn;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::{broadcast, watch};
 
 /// First and largest delay between reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+pub(super) struct Shared {
+    /// The registry address as given, for messages.
+    pub(super) addr: String,
+    /// A lazily connected client; clones share one HTTP/2 connection.
+    pub(super) registry: RegistryConn,
+    /// TLS and token, for every connection this directory's users open.
+    pub(super) connector: Connector,
+    /// Why the registry refused the last watch (a token problem), if it did;
+    /// cleared once a watch is accepted. Not under `state`: `wait_synced`
+    /// reads it while holding the snapshot channel's lock, which `publish`
+    /// takes while holding `state`.
+    pub(super) refused: Mutex<Option<String>>,
+    /// The working copy; a std mutex because it is never held across await.
+    pub(super) state: Mutex<State>,
+    /// The latest snapshot, for lookups and for followers (balanced channels).
+    pub(super) snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Every change, for `watch` output.
+    pub(super) changes: broadcast::Sender<Change>,
+    /// How long stale instances are kept after a registry restart.
+    pub(super) grace: Duration,
+}
+
+pub(super) struct State {
+    /// The working copy, published as an `Arc` clone after each change.
+    pub(super) snapshot: Snapshot,
+    /// Why the last connection attempt failed.
+    pub(super) last_error: String,
+    /// Bumped whenever stale instances are set aside, so an old expiry timer
+    /// does not clear a newer set.
+    pub(super) stale_generation: u64,
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Why the registry refused the last watch, if it did.
+    pub(super) fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_refused(&self, why: Option<String>) {
+        *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Publishes the working copy and the changes, under the lock.
+    pub(super) fn publish(&self, state: &State, changes: Vec<Change>) {
+        let snapshot = Arc::new(state.snapshot.clone());
+        self.snapshots.send_replace(snapshot);
+        for change in changes {
+            // No subscriber is fine.
+            let _ = self.changes.send(change);
+        }
+    }
+}
 
 /// The watch loop: runs until the directory is dropped.
 pub(super) async fn run(shared: Arc<Shared>) {
@@ -126,11 +190,7 @@ fn expire_stale(shared: &Shared, generation: u64) {
 #[cfg(test)]
 mod tests {
     use super::super::apply::fixtures::{inst, reset};
-    use super::super::{Snapshot, State};
     use super::*;
-    use crate::connect::Connector;
-    use std::sync::Mutex;
-    use tokio::sync::{broadcast, watch};
 
     #[tokio::test(start_paused = true)]
     async fn stale_instances_expire_after_the_grace_period() {

@@ -5,7 +5,7 @@
 //! random and taking the less loaded one is nearly as good and avoids the herd
 //! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing").
 
-use super::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, InFlightGuard, Pick, Policy};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,19 +18,6 @@ pub struct LeastLoaded {
     /// In-flight counters by endpoint key. Counters are shared with the
     /// guards, which may outlive the endpoint's presence in the set.
     in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
-}
-
-/// Counts one call in flight; decrements its endpoint's counter when dropped.
-#[derive(Debug)]
-pub struct InFlightGuard {
-    /// The endpoint's counter.
-    counter: Arc<AtomicUsize>,
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 impl LeastLoaded {
@@ -78,7 +65,7 @@ impl Policy for LeastLoaded {
         counter.fetch_add(1, Ordering::AcqRel);
         Some(Pick {
             index,
-            guard: Some(InFlightGuard { counter }),
+            guard: Some(InFlightGuard::new(counter)),
         })
     }
 

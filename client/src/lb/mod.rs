@@ -25,60 +25,20 @@
 //! that count in-flight calls see the call end when it is dropped.
 
 mod least_loaded;
+mod policy;
 mod random;
+#[cfg(test)]
+mod test_support;
 mod weighted_random;
 mod weighted_round_robin;
 
-pub use least_loaded::{InFlightGuard, LeastLoaded};
+pub use least_loaded::LeastLoaded;
+pub use policy::{Endpoint, InFlightGuard, Pick, Policy};
 pub use random::Random;
 pub use weighted_random::WeightedRandom;
 pub use weighted_round_robin::WeightedRoundRobin;
 
 use std::sync::Arc;
-
-/// One candidate for a pick: an instance, identified by a stable key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoint<'a> {
-    /// Stable identity of the instance (stateful policies key their state by
-    /// it, so it must not change while the instance lives), e.g. `host:port`.
-    pub key: &'a str,
-    /// Relative share of traffic; 0 is treated as 1, as the registry does.
-    pub weight: u32,
-}
-
-impl Endpoint<'_> {
-    /// The weight as used for balancing: at least 1.
-    pub fn effective_weight(&self) -> u64 {
-        u64::from(self.weight.max(1))
-    }
-}
-
-/// The outcome of a pick: which endpoint, plus whatever must live as long as
-/// the call (an in-flight counter for [`LeastLoaded`]).
-#[derive(Debug)]
-pub struct Pick {
-    /// Index into the endpoint slice given to [`Policy::pick`].
-    pub index: usize,
-    /// Decrements the in-flight count of the chosen endpoint when dropped.
-    pub guard: Option<InFlightGuard>,
-}
-
-impl Pick {
-    /// A pick with nothing to hold.
-    pub fn index(index: usize) -> Pick {
-        Pick { index, guard: None }
-    }
-}
-
-/// A load-balancing policy. Implementations are shared between concurrent
-/// calls, hence `Send + Sync` and `&self`.
-pub trait Policy: Send + Sync + std::fmt::Debug {
-    /// Chooses one of `endpoints`; `None` only when it is empty.
-    fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick>;
-
-    /// The policy's name as on the command line.
-    fn name(&self) -> &'static str;
-}
 
 /// The policies, by their command-line names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -102,49 +62,6 @@ impl PolicyKind {
             PolicyKind::WeightedRandom => Arc::new(WeightedRandom),
             PolicyKind::WeightedRoundRobin => Arc::new(WeightedRoundRobin::default()),
             PolicyKind::LeastLoaded => Arc::new(LeastLoaded::default()),
-        }
-    }
-}
-
-#[cfg(test)]
-pub(crate) mod test_support {
-    use super::*;
-
-    /// `n` endpoint keys: `e0`, `e1`, ...
-    pub(crate) fn keys(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("e{i}")).collect()
-    }
-
-    /// Endpoints over `keys` with the given weights.
-    pub(crate) fn endpoints<'a>(keys: &'a [String], weights: &[u32]) -> Vec<Endpoint<'a>> {
-        keys.iter()
-            .zip(weights)
-            .map(|(key, &weight)| Endpoint { key, weight })
-            .collect()
-    }
-
-    /// Counts how often each index is picked in `n` picks.
-    pub(crate) fn counts(policy: &dyn Policy, eps: &[Endpoint<'_>], n: usize) -> Vec<usize> {
-        let mut counts = vec![0; eps.len()];
-        for _ in 0..n {
-            let pick = policy.pick(eps).expect("non-empty");
-            counts[pick.index] += 1;
-        }
-        counts
-    }
-
-    /// Asserts each count is within 5 binomial standard deviations of
-    /// `n * p_i`: a false failure has probability below 1e-6 per endpoint.
-    pub(crate) fn assert_binomial(counts: &[usize], probabilities: &[f64]) {
-        let n: usize = counts.iter().sum();
-        for (i, (&c, &p)) in counts.iter().zip(probabilities).enumerate() {
-            let mean = n as f64 * p;
-            let sigma = (n as f64 * p * (1.0 - p)).sqrt();
-            assert!(
-                (c as f64 - mean).abs() <= 5.0 * sigma + 1.0,
-                "endpoint {i}: {c} picks, expected {mean:.1} ± {:.1} (counts {counts:?})",
-                5.0 * sigma
-            );
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Uniform random choice.
 
-use super::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, Pick, Policy};
 use rand::Rng;
 
 /// Picks uniformly at random; weights are ignored. Stateless.

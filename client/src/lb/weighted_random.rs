@@ -1,6 +1,6 @@
 //! Random choice proportional to weight.
 
-use super::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, Pick, Policy};
 use rand::Rng;
 
 /// Picks endpoint `i` with probability `weight_i / total`. Stateless, so

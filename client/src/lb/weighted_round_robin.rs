@@ -6,7 +6,7 @@
 //! picked exactly `weight` times, and the picks interleave: weights 5,1,1 give
 //! `a a b a c a a`, not `a a a a a b c`.
 
-use super::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, Pick, Policy};
 use std::collections::HashMap;
 use std::sync::Mutex;
 

@@ -1,0 +1,69 @@
+//! What every policy has in common: the [`Policy`] trait, the [`Endpoint`]s
+//! it picks from, and the [`Pick`] it returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// One candidate for a pick: an instance, identified by a stable key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint<'a> {
+    /// Stable identity of the instance (stateful policies key their state by
+    /// it, so it must not change while the instance lives), e.g. `host:port`.
+    pub key: &'a str,
+    /// Relative share of traffic; 0 is treated as 1, as the registry does.
+    pub weight: u32,
+}
+
+impl Endpoint<'_> {
+    /// The weight as used for balancing: at least 1.
+    pub fn effective_weight(&self) -> u64 {
+        u64::from(self.weight.max(1))
+    }
+}
+
+/// The outcome of a pick: which endpoint, plus whatever must live as long as
+/// the call (an in-flight counter for [`LeastLoaded`](super::LeastLoaded)).
+#[derive(Debug)]
+pub struct Pick {
+    /// Index into the endpoint slice given to [`Policy::pick`].
+    pub index: usize,
+    /// Decrements the in-flight count of the chosen endpoint when dropped.
+    pub guard: Option<InFlightGuard>,
+}
+
+impl Pick {
+    /// A pick with nothing to hold.
+    pub fn index(index: usize) -> Pick {
+        Pick { index, guard: None }
+    }
+}
+
+/// A load-balancing policy. Implementations are shared between concurrent
+/// calls, hence `Send + Sync` and `&self`.
+pub trait Policy: Send + Sync + std::fmt::Debug {
+    /// Chooses one of `endpoints`; `None` only when it is empty.
+    fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick>;
+
+    /// The policy's name as on the command line.
+    fn name(&self) -> &'static str;
+}
+
+/// Counts one call in flight; decrements its endpoint's counter when dropped.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    /// The endpoint's counter.
+    counter: Arc<AtomicUsize>,
+}
+
+impl InFlightGuard {
+    /// Counts against `counter`, already incremented.
+    pub(super) fn new(counter: Arc<AtomicUsize>) -> InFlightGuard {
+        InFlightGuard { counter }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::AcqRel);
+    }
+}
