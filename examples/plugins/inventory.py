@@ -90,7 +90,11 @@ class Inventory(services.InventoryServicer):
                 time.sleep(0.01)
         with self.lock:
             if request.name not in self.items:
-                context.set_trailing_metadata((("inventory-known", str(len(self.items))),))
+                # Trailing metadata with the status: how many items there
+                # are, and the caller's x-request-id if it sent one.
+                trailers = [("inventory-known", str(len(self.items)))]
+                trailers += [(k, v) for k, v in context.invocation_metadata() if k == "x-request-id"]
+                context.set_trailing_metadata(trailers)
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no item named {request.name!r}")
             return self._item(request.name)
 
