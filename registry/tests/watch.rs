@@ -191,3 +191,94 @@ async fn a_snapshot_larger_than_one_message_arrives_in_parts_then_changes_follow
     assert_eq!(replica.instances.len(), INSTANCES - 1);
     assert_eq!(replica.log.last().unwrap().revision, revision + 1);
 }
+
+#[tokio::test]
+async fn a_watch_stream_the_client_drops_is_freed_at_once() {
+    // Two streams per connection at most: had a dropped stream stayed open
+    // on the registry's side, the third open below would be refused.
+    let registry = Registry::start(&["--max-watches-per-connection", "2"]);
+    let mut client = registry.client().await;
+    let lease = grant(&mut client, LONG_TTL).await;
+    register(&mut client, &lease, instance("alpha", "a", 1)).await;
+    for round in 0..6 {
+        let mut stream = watch(&mut client, &[]).await;
+        let first = stream.message().await.unwrap().unwrap();
+        assert!(first.reset, "round {round}");
+        drop(stream);
+        // The stream's end travels to the registry as a reset.
+        testkit::eventually(
+            std::time::Duration::from_secs(10),
+            "the stream uncounted",
+            || {
+                let mut client = client.clone();
+                async move {
+                    let a = client.watch(pb::WatchRequest::default()).await.ok()?;
+                    let b = client.watch(pb::WatchRequest::default()).await.ok()?;
+                    Some((a, b))
+                }
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_slow_reader_falls_behind_then_catches_up_with_an_exact_copy() {
+    // A 64 KiB buffer per watcher, and a client that stops reading while
+    // several MB of changes go by: more than its HTTP/2 window (2 MiB in
+    // tonic) and its buffer together, so the registry drops it to "fallen
+    // behind". When it reads again it must get a fresh snapshot and end up
+    // with exactly the registry's state.
+    let registry = Registry::start(&[
+        "--max-registrations-per-sec-per-ip",
+        "0",
+        "--watch-buffer-bytes",
+        "65536",
+    ]);
+    let mut client = registry.client().await;
+    let lease = grant(&mut client, LONG_TTL).await;
+    let label = "y".repeat(1000);
+    let writer = client.clone();
+    let change = |round: u32| {
+        let (mut client, lease, label) = (writer.clone(), lease.clone(), label.clone());
+        async move {
+            for n in 0..200u32 {
+                let mut i = instance("slow", &format!("i{n:03}"), 2000 + n);
+                i.weight = 1 + round;
+                i.metadata.insert("label".into(), label.clone());
+                register(&mut client, &lease, i).await;
+            }
+        }
+    };
+    change(0).await;
+    let mut stream = watch(&mut client, &[]).await;
+    let mut replica = Replica::default();
+    follow_until(&mut stream, &mut replica, |r| r.resets == 1 && !r.more).await;
+    assert_eq!(replica.instances, resolved(&mut client, &["slow"]).await);
+
+    // Not a message read while about 6 MB of changes are made.
+    for round in 1..=30 {
+        change(round).await;
+    }
+    let truth = resolved(&mut client, &["slow"]).await;
+    let revision = truth.values().map(|i| i.revision).max().unwrap();
+    follow_until(&mut stream, &mut replica, |r| {
+        r.revision >= revision && !r.more
+    })
+    .await;
+    assert!(
+        replica.resets >= 2,
+        "it fell behind and got a fresh snapshot"
+    );
+    assert_eq!(replica.instances, truth, "an exact copy after catching up");
+    assert!(replica.instances.values().all(|i| i.weight == 31));
+
+    // And it follows the next change as usual.
+    change(31).await;
+    let truth = resolved(&mut client, &["slow"]).await;
+    let revision = truth.values().map(|i| i.revision).max().unwrap();
+    let resets = replica.resets;
+    follow_until(&mut stream, &mut replica, |r| r.revision >= revision).await;
+    assert_eq!(replica.instances, truth);
+    assert_eq!(replica.resets, resets, "no reset while it keeps up");
+}
