@@ -18,6 +18,7 @@ const state = {
 };
 
 const $ = (id) => document.getElementById(id);
+const collator = new Intl.Collator(undefined, { numeric: true });
 
 function esc(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({
@@ -48,6 +49,7 @@ class VirtualList {
     this.el = el;
     this.renderRow = renderRow;
     this.items = [];
+    this.html = "";
     this.spacer = document.createElement("div");
     this.spacer.className = "spacer";
     this.rows = document.createElement("div");
@@ -69,7 +71,12 @@ class VirtualList {
     this.rows.style.transform = `translateY(${first * ROW}px)`;
     let html = "";
     for (let n = first; n < last; n++) html += this.renderRow(this.items[n]);
-    this.rows.innerHTML = html;
+    // Rows left alone when nothing in view changed: a click in progress
+    // keeps its element.
+    if (html !== this.html) {
+      this.html = html;
+      this.rows.innerHTML = html;
+    }
   }
 }
 
@@ -97,6 +104,11 @@ $("services").addEventListener("click", (e) => {
   if (!row) return;
   state.selected = row.dataset.service;
   history.replaceState(null, "", "#" + encodeURIComponent(state.selected));
+  dirty.services = dirty.instances = true;
+  schedule();
+});
+window.addEventListener("hashchange", () => {
+  state.selected = decodeURIComponent(location.hash.slice(1)) || null;
   dirty.services = dirty.instances = true;
   schedule();
 });
@@ -154,7 +166,8 @@ function drawInstances() {
       Object.entries(i.metadata || {}).map(([k, v]) => k + "=" + v).join(" "))
       .toLowerCase().includes(filter));
   }
-  list.sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : a.port - b.port));
+  // Numbers in addresses compare as numbers: 10.0.0.9 before 10.0.0.10.
+  list.sort((a, b) => collator.compare(address(a), address(b)));
   instanceList.setItems(list);
   $("instances-shown").textContent = filter && instances
     ? `${list.length} of ${instances.size} shown` : "";
