@@ -8,8 +8,9 @@
 //!
 //! A call goes: [`service`] validates it ([`validate`]), applies it to the
 //! shared [`store::Store`], which runs it on the [`state::State`] under one
-//! lock and publishes the resulting events to watchers ([`watch`]) before
-//! releasing it; errors become gRPC statuses in one place ([`error`]).
+//! lock and hands the resulting events to its [`store::Publish`] sink (the
+//! watch hub, [`watch`]) before releasing it; errors become gRPC statuses in
+//! one place ([`error`]).
 //! Optional access tokens and TLS come from `registry_proto::security`,
 //! shared with the node host and the client.
 //!
@@ -18,16 +19,20 @@
 //!   interned descriptors. Pure and synchronous; every mutation returns its
 //!   events.
 //! - [`lease`]: leases, their deadlines, and the one task that expires them.
-//! - [`store`]: the shared handle: state behind one lock, changes published
-//!   to watchers under it.
-//! - [`watch`]: the fan-out of changes to watchers (snapshot, events, reset).
+//! - [`store`]: the shared handle: state behind one lock, changes handed to
+//!   a [`store::Publish`] sink under it (it knows nothing of watchers).
+//! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
+//!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
+//!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one
+//!   watcher's stream: snapshot, changes, falling behind).
 //! - [`validate`]: every request field checked, and every fixed limit
 //!   (sizes, counts) as a documented constant.
 //! - [`limits`]: the limits an operator tunes by flag: instances per lease
 //!   and per service, Watch streams per connection, registrations per
 //!   second per peer (an IPv4 address or an IPv6 /64).
 //! - [`error`]: every failure, and its gRPC status code.
-//! - [`service`]: the gRPC service: validate, apply, answer.
+//! - [`service`]: the gRPC service: validate, apply, answer; Watch served
+//!   with the watch codec ([`service::WithWatch`]).
 //! - [`server`]: serving it with health and reflection, and shutting down.
 //! - [`tokens`]: access tokens from flags or a `--token-file`.
 //! - [`metrics`]: the Prometheus metrics, one set per process.
