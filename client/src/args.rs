@@ -372,19 +372,15 @@ fn article(ty: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_protos::{calculator_pool, shop_pool};
+    use crate::test_protos::{calculator_pool, message, service, shop_pool};
     use proptest::prelude::*;
 
     fn binary() -> MessageDescriptor {
-        calculator_pool()
-            .get_message_by_name("calculator.v1.BinaryRequest")
-            .expect("defined")
+        message(&calculator_pool(), "calculator.v1.BinaryRequest")
     }
 
     fn order() -> MessageDescriptor {
-        shop_pool()
-            .get_message_by_name("shop.v1.Order")
-            .expect("defined")
+        message(&shop_pool(), "shop.v1.Order")
     }
 
     fn f64_of(msg: &DynamicMessage, name: &str) -> f64 {
@@ -605,7 +601,7 @@ mod tests {
     #[test]
     fn requests_by_method_kind() {
         let pool = shop_pool();
-        let shop = pool.get_service_by_name("shop.v1.Shop").expect("defined");
+        let shop = service(&pool, "shop.v1.Shop");
         let method = |name: &str| shop.methods().find(|m| m.name() == name).expect("defined");
         let two = [r#"{"quantity": 1}"#, r#"{"quantity": 2}"#];
         // Client streaming and bidi: the sequence, empty included.
@@ -634,9 +630,7 @@ mod tests {
 
     #[test]
     fn replies_print_default_fields() {
-        let result = calculator_pool()
-            .get_message_by_name("calculator.v1.Result")
-            .expect("defined");
+        let result = message(&calculator_pool(), "calculator.v1.Result");
         let json = to_json(&DynamicMessage::new(result));
         let v: serde_json::Value = serde_json::from_str(&json).expect("json");
         assert_eq!(v, serde_json::json!({"value": 0.0}));

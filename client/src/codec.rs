@@ -106,15 +106,13 @@ pub fn method_path(method: &MethodDescriptor) -> Result<http::uri::PathAndQuery,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_protos::calculator_pool;
+    use crate::test_protos::{calculator_pool, message, service};
     use prost_reflect::Value;
 
     #[test]
     fn round_trips_through_the_wire_format() {
         let pool = calculator_pool();
-        let desc = pool
-            .get_message_by_name("calculator.v1.BinaryRequest")
-            .expect("defined");
+        let desc = message(&pool, "calculator.v1.BinaryRequest");
         let mut msg = DynamicMessage::new(desc.clone());
         msg.set_field_by_name("a", Value::F64(2.5));
         msg.set_field_by_name("b", Value::F64(-4.0));
@@ -126,9 +124,7 @@ mod tests {
     #[test]
     fn path_names_the_service_and_method() {
         let pool = calculator_pool();
-        let svc = pool
-            .get_service_by_name("calculator.v1.Calculator")
-            .expect("defined");
+        let svc = service(&pool, "calculator.v1.Calculator");
         let add = svc.methods().find(|m| m.name() == "Add").expect("Add");
         assert_eq!(
             method_path(&add).expect("valid").as_str(),

@@ -70,13 +70,11 @@ pub fn streaming_kind(method: &MethodDescriptor) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_protos::shop_pool;
+    use crate::test_protos::{message, shop_pool};
 
     #[test]
     fn field_types_as_in_proto_files() {
-        let order = shop_pool()
-            .get_message_by_name("shop.v1.Order")
-            .expect("defined");
+        let order = message(&shop_pool(), "shop.v1.Order");
         let list = field_list(&order);
         assert!(list.contains("tags (repeated string)"), "{list}");
         assert!(list.contains("color (enum shop.v1.Color)"), "{list}");

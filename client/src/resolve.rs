@@ -164,12 +164,10 @@ pub fn suggest<'a>(wanted: &str, candidates: impl IntoIterator<Item = &'a str>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_protos::{calculator_pool, shop_pool};
+    use crate::test_protos::{calculator_pool, service, shop_pool};
 
     fn calculator() -> ServiceDescriptor {
-        calculator_pool()
-            .get_service_by_name("calculator.v1.Calculator")
-            .expect("defined")
+        service(&calculator_pool(), "calculator.v1.Calculator")
     }
 
     #[test]
@@ -193,9 +191,7 @@ mod tests {
 
     #[test]
     fn every_kind_of_method_resolves() {
-        let svc = shop_pool()
-            .get_service_by_name("shop.v1.Shop")
-            .expect("defined");
+        let svc = service(&shop_pool(), "shop.v1.Shop");
         for (name, client, server) in [
             ("Place", false, false),
             ("Watch", false, true),

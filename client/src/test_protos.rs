@@ -1,6 +1,6 @@
 //! Protos compiled at test time, so unit tests need no generated code.
 
-use prost_reflect::DescriptorPool;
+use prost_reflect::{DescriptorPool, MessageDescriptor, ServiceDescriptor};
 use protox::file::{File, FileResolver};
 
 struct Sources(&'static [(&'static str, &'static str)]);
@@ -63,4 +63,16 @@ pub(crate) fn shop_pool() -> DescriptorPool {
             }"#,
         ),
     ])
+}
+
+/// The service `name` of `pool`, which must define it.
+pub(crate) fn service(pool: &DescriptorPool, name: &str) -> ServiceDescriptor {
+    pool.get_service_by_name(name)
+        .unwrap_or_else(|| panic!("{name} is not defined"))
+}
+
+/// The message `name` of `pool`, which must define it.
+pub(crate) fn message(pool: &DescriptorPool, name: &str) -> MessageDescriptor {
+    pool.get_message_by_name(name)
+        .unwrap_or_else(|| panic!("{name} is not defined"))
 }

@@ -17,11 +17,8 @@ fn value(out: &str) -> f64 {
 
 #[test]
 fn every_calculator_and_echo_method_with_json_and_key_value_args() {
-    let registry = Registry::start(&[]);
+    let (registry, node) = registry_with_both(1, 1);
     let reg = registry.addr;
-    let node = node(reg, &both(1, 1));
-    wait_instances(reg, "calculator", 1);
-    wait_instances(reg, "echo", 1);
 
     for (method, expected) in [
         ("Add", 9.0),
@@ -171,11 +168,8 @@ fn client_streaming_and_bidirectional_calls_send_one_message_per_json_object() {
 
 #[test]
 fn at_reads_the_requests_from_stdin_as_grpcurl_does() {
-    let registry = Registry::start(&[]);
+    let (registry, node) = registry_with_both(1, 1);
     let reg = registry.addr;
-    let node = node(reg, &both(1, 1));
-    wait_instances(reg, "calculator", 1);
-    wait_instances(reg, "echo", 1);
     let served_by = node.addr.to_string();
     let with_stdin = |target: &str, input: &str| {
         let mut cmd = command("client");
@@ -211,11 +205,8 @@ fn at_reads_the_requests_from_stdin_as_grpcurl_does() {
 
 #[test]
 fn errors_name_the_problem_and_exit_non_zero() {
-    let registry = Registry::start(&[]);
+    let (registry, _node) = registry_with_both(1, 1);
     let reg = registry.addr;
-    let _node = node(reg, &both(1, 1));
-    wait_instances(reg, "calculator", 1);
-    wait_instances(reg, "echo", 1);
 
     let err = client_err(reg, &["call", "calculater/Add", "a=1"]);
     assert!(
@@ -278,11 +269,8 @@ fn errors_name_the_problem_and_exit_non_zero() {
 
 #[test]
 fn list_describe_and_the_default_listing() {
-    let registry = Registry::start(&[]);
+    let (registry, node) = registry_with_both(3, 1);
     let reg = registry.addr;
-    let node = node(reg, &both(3, 1));
-    wait_instances(reg, "calculator", 1);
-    wait_instances(reg, "echo", 1);
 
     let v: serde_json::Value = serde_json::from_str(&client_ok(reg, &["list", "--json"])).unwrap();
     let calc = v["services"]
@@ -374,69 +362,41 @@ fn repeated_calls_spread_over_two_nodes_by_weight() {
     wait_instances(reg, "calculator", 2);
 
     // Smooth WRR: exact over whole cycles.
-    let out = client_ok(
-        reg,
-        &["call", "calculator/Add", "a=1", "b=1", "--repeat", "400"],
-    );
-    assert!(
-        out.contains("400 calls to calculator (weighted-round-robin), 0 failed"),
-        "{out}"
-    );
-    let rows = spread(&out);
-    assert_eq!(rows.len(), 2, "{out}");
-    for (_, weight, calls) in &rows {
-        assert_eq!(*calls, 100 * weight, "{out}");
+    let (out, rows) = repeat_400(reg, None);
+    for (_, weight, calls) in rows {
+        assert_eq!(calls, 100 * weight, "{out}");
     }
 
     // Weighted random: within 5 sigma of 3:1 (sigma = sqrt(400 * 3/16) ~ 8.7,
     // so a false failure has probability below 1e-6).
-    let out = client_ok(
-        reg,
-        &[
-            "call",
-            "calculator/Add",
-            "a=1",
-            "b=1",
-            "--repeat",
-            "400",
-            "--lb",
-            "weighted-random",
-        ],
-    );
-    assert!(
-        out.contains("400 calls to calculator (weighted-random), 0 failed"),
-        "{out}"
-    );
-    let rows = spread(&out);
-    assert_eq!(rows.len(), 2, "{out}");
+    let (out, rows) = repeat_400(reg, Some("weighted-random"));
     for (_, weight, calls) in rows {
         let expected = 400.0 * f64::from(weight) / 4.0;
         assert!((f64::from(calls) - expected).abs() < 44.0, "{out}");
     }
 
     // Uniform random: 200 each within 5 sigma (sigma = sqrt(400 / 4) = 10).
-    let out = client_ok(
-        reg,
-        &[
-            "call",
-            "calculator/Add",
-            "a=1",
-            "b=1",
-            "--repeat",
-            "400",
-            "--lb",
-            "random",
-        ],
-    );
+    let (out, rows) = repeat_400(reg, Some("random"));
+    for (_, _, calls) in rows {
+        assert!((f64::from(calls) - 200.0).abs() <= 50.0, "{out}");
+    }
+}
+
+/// `call calculator/Add a=1 b=1 --repeat 400` under `lb` (default: the
+/// default policy); asserts none failed over two instances and returns the
+/// output with the rows of its spread table.
+fn repeat_400(reg: std::net::SocketAddr, lb: Option<&str>) -> (String, Vec<(String, u32, u32)>) {
+    let mut args = vec!["call", "calculator/Add", "a=1", "b=1", "--repeat", "400"];
+    args.extend(lb.iter().flat_map(|lb| ["--lb", lb]));
+    let out = client_ok(reg, &args);
+    let name = lb.unwrap_or("weighted-round-robin");
     assert!(
-        out.contains("400 calls to calculator (random), 0 failed"),
+        out.contains(&format!("400 calls to calculator ({name}), 0 failed")),
         "{out}"
     );
     let rows = spread(&out);
     assert_eq!(rows.len(), 2, "{out}");
-    for (_, _, calls) in rows {
-        assert!((f64::from(calls) - 200.0).abs() <= 50.0, "{out}");
-    }
+    (out, rows)
 }
 
 #[test]

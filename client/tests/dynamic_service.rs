@@ -11,15 +11,12 @@ mod common;
 use common::*;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use registry_client::codec::DynamicCodec;
-use registry_proto::registry::v1::{
-    GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
-};
+use registry_proto::registry::v1::Instance;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use testkit::Registry;
 
 const GREETER_PROTO: &str = r#"
@@ -136,52 +133,20 @@ async fn serve(descriptors: &[u8]) -> SocketAddr {
 
 /// Registers `service` at `addr` under a lease kept alive in the background.
 async fn register(registry: &Registry, service: &str, addr: SocketAddr, descriptors: Vec<u8>) {
-    let mut client = registry.client().await;
-    let lease = client
-        .grant_lease(GrantLeaseRequest { ttl_ms: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let heartbeat = KeepAliveRequest {
-        lease_id: lease.lease_id,
-        lease_secret: lease.lease_secret.clone(),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(heartbeat.clone()).await.unwrap();
-    let mut replies = client
-        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
     let proto_service = if descriptors.is_empty() {
         ""
     } else {
         "greeter.v1.Greeter"
     };
-    client
-        .register(RegisterRequest {
-            lease_id: lease.lease_id,
-            lease_secret: lease.lease_secret,
-            instance: Some(Instance {
-                service: service.into(),
-                host: addr.ip().to_string(),
-                port: u32::from(addr.port()),
-                weight: 1,
-                proto_service: proto_service.into(),
-                ..Default::default()
-            }),
-            file_descriptor_set: descriptors,
-        })
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while replies.message().await.is_ok_and(|m| m.is_some()) {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if tx.send(heartbeat.clone()).await.is_err() {
-                return;
-            }
-        }
-    });
+    let instance = Instance {
+        service: service.into(),
+        host: addr.ip().to_string(),
+        port: u32::from(addr.port()),
+        weight: 1,
+        proto_service: proto_service.into(),
+        ..Default::default()
+    };
+    register_by_hand(registry, 0, instance, descriptors).await;
 }
 
 /// Runs the client off the async runtime (it blocks).

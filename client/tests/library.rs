@@ -14,9 +14,7 @@ use registry_client::descriptors::Descriptors;
 use registry_client::lb::PolicyKind;
 use registry_client::resolve::resolve;
 use registry_client::{Directory, balanced_channel};
-use registry_proto::registry::v1::{
-    GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
-};
+use registry_proto::registry::v1::{GrantLeaseRequest, Instance, RegisterRequest};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use testkit::{READY_TIMEOUT, Registry, eventually};
@@ -34,6 +32,19 @@ async fn wait_for(directory: &Directory, service: &str, n: usize) {
         || async { (directory.instances(service).len() == n).then_some(()) },
     )
     .await;
+}
+
+/// A registry with two node hosts serving `plugin` (weight 1 each), and a
+/// directory that lists both.
+async fn two_nodes(plugin: &str) -> (Registry, Node, Node, Directory, Descriptors) {
+    let registry = Registry::start(&[]);
+    let config = format!("[plugins.{plugin}]\nweight = 1\n");
+    let first = node(registry.addr, &config);
+    let second = node(registry.addr, &config);
+    let directory = synced(&registry).await;
+    let descriptors = Descriptors::new(directory.clone());
+    wait_for(&directory, plugin, 2).await;
+    (registry, first, second, directory, descriptors)
 }
 
 fn unary(reply: Reply) -> DynamicMessage {
@@ -91,12 +102,7 @@ async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_right_after_a_node_is_killed_succeeds_on_another() {
-    let mut registry = Registry::start(&[]);
-    let mut dead = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
-    let alive = node(registry.addr, "[plugins.calculator]\nweight = 1\n");
-    let directory = synced(&registry).await;
-    let descriptors = Descriptors::new(directory.clone());
-    wait_for(&directory, "calculator", 2).await;
+    let (mut registry, mut dead, alive, directory, descriptors) = two_nodes("calculator").await;
     let target = resolve(&descriptors, "calculator/Add").await.unwrap();
     let request = parse_args(&target.method.input(), &["a=1", "b=2"]).unwrap();
 
@@ -145,12 +151,7 @@ async fn a_call_right_after_a_node_is_killed_succeeds_on_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_calls_to_a_killed_node_are_retried_before_any_reply() {
-    let mut registry = Registry::start(&[]);
-    let mut dead = node(registry.addr, "[plugins.echo]\nweight = 1\n");
-    let alive = node(registry.addr, "[plugins.echo]\nweight = 1\n");
-    let directory = synced(&registry).await;
-    let descriptors = Descriptors::new(directory.clone());
-    wait_for(&directory, "echo", 2).await;
+    let (mut registry, mut dead, alive, directory, descriptors) = two_nodes("echo").await;
     let collect = resolve(&descriptors, "echo/EchoCollect").await.unwrap();
     let chat = resolve(&descriptors, "echo/EchoChat").await.unwrap();
     let requests = parse_requests(&chat.method, &[r#"{"message": "a"} {"message": "b"}"#]).unwrap();
@@ -279,48 +280,6 @@ async fn balanced_channel_follows_the_registry() {
     drop(grpc);
 }
 
-/// Registers `instance` under a fresh lease and keeps the lease alive until
-/// the returned task is dropped or the registry goes away.
-async fn register_by_hand(registry: &Registry, instance: Instance) -> tokio::task::JoinHandle<()> {
-    let mut client = registry.client().await;
-    let lease = client
-        .grant_lease(GrantLeaseRequest { ttl_ms: 1500 })
-        .await
-        .unwrap()
-        .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let heartbeat = KeepAliveRequest {
-        lease_id: lease.lease_id,
-        lease_secret: lease.lease_secret.clone(),
-    };
-    tx.send(heartbeat.clone()).await.unwrap();
-    let mut replies = client
-        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    client
-        .register(RegisterRequest {
-            lease_id: lease.lease_id,
-            lease_secret: lease.lease_secret,
-            instance: Some(instance),
-            file_descriptor_set: Vec::new(),
-        })
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if tx.send(heartbeat.clone()).await.is_err() {
-                return;
-            }
-            if !matches!(replies.message().await, Ok(Some(_))) {
-                return;
-            }
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_registry_leaves_stale_fallbacks_for_a_grace_period() {
     let mut registry = Registry::start(&[]);
@@ -332,7 +291,7 @@ async fn a_restarted_registry_leaves_stale_fallbacks_for_a_grace_period() {
         weight: 2,
         ..Default::default()
     };
-    let _lease = register_by_hand(&registry, instance).await;
+    let _lease = register_by_hand(&registry, 1500, instance, Vec::new()).await;
     let directory = Directory::with_grace(&addr.to_string(), Duration::from_secs(2)).unwrap();
     directory.wait_synced(READY_TIMEOUT).await.unwrap();
     wait_for(&directory, "ghost", 1).await;

@@ -69,23 +69,13 @@ struct Cli {
 
     /// PEM client certificate, for servers that require mutual TLS (with
     /// --tls-key and --tls-ca).
-    #[arg(
-        long,
-        value_name = "PEM",
-        env = "TLS_CERT",
-        global = true,
-        requires = "tls_key"
-    )]
+    #[arg(long, value_name = "PEM", env = "TLS_CERT", global = true)]
+    #[arg(requires = "tls_key")]
     tls_cert: Option<PathBuf>,
 
     /// PEM private key of --tls-cert.
-    #[arg(
-        long,
-        value_name = "PEM",
-        env = "TLS_KEY",
-        global = true,
-        requires = "tls_cert"
-    )]
+    #[arg(long, value_name = "PEM", env = "TLS_KEY", global = true)]
+    #[arg(requires = "tls_cert")]
     tls_key: Option<PathBuf>,
 
     #[command(subcommand)]

@@ -61,13 +61,11 @@ pub fn describe_service(service: &ServiceDescriptor) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_protos::{calculator_pool, shop_pool};
+    use crate::test_protos::{calculator_pool, service, shop_pool};
 
     #[test]
     fn describes_every_method_with_its_fields() {
-        let svc = calculator_pool()
-            .get_service_by_name("calculator.v1.Calculator")
-            .expect("defined");
+        let svc = service(&calculator_pool(), "calculator.v1.Calculator");
         let text = describe_service(&svc);
         for m in ["Add", "Subtract", "Multiply", "Divide"] {
             assert!(
@@ -89,9 +87,7 @@ mod tests {
 
     #[test]
     fn streaming_signatures() {
-        let svc = shop_pool()
-            .get_service_by_name("shop.v1.Shop")
-            .expect("defined");
+        let svc = service(&shop_pool(), "shop.v1.Shop");
         let watch = svc.methods().find(|m| m.name() == "Watch").expect("Watch");
         assert_eq!(
             signature(&watch),

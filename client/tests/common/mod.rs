@@ -3,12 +3,15 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+use registry_proto::registry::v1::{
+    GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use testkit::{Process, READY_TIMEOUT, addr_from_line, command};
+use testkit::{Process, READY_TIMEOUT, Registry, addr_from_line, command};
 
 /// A node-host process serving on loopback, with its config file.
 pub struct Node {
@@ -53,6 +56,16 @@ pub fn node(registry: SocketAddr, plugins: &str) -> Node {
 /// calculator with weight `calc`, echo with weight `echo`.
 pub fn both(calc: u32, echo: u32) -> String {
     format!("[plugins.calculator]\nweight = {calc}\n[plugins.echo]\nweight = {echo}\n")
+}
+
+/// A registry and one node host serving calculator with weight `calc` and
+/// echo with weight `echo`, once both are listed.
+pub fn registry_with_both(calc: u32, echo: u32) -> (Registry, Node) {
+    let registry = Registry::start(&[]);
+    let node = node(registry.addr, &both(calc, echo));
+    wait_instances(registry.addr, "calculator", 1);
+    wait_instances(registry.addr, "echo", 1);
+    (registry, node)
 }
 
 /// Runs `client ARGS` against `registry` to completion.
@@ -109,4 +122,52 @@ pub fn wait_instances(registry: SocketAddr, service: &str, n: usize) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Registers `instance` (with `descriptors`, if any) under a fresh lease of
+/// `ttl_ms` (0: the registry's default) and keeps the lease alive until the
+/// registry goes away.
+pub async fn register_by_hand(
+    registry: &Registry,
+    ttl_ms: u64,
+    instance: Instance,
+    descriptors: Vec<u8>,
+) -> tokio::task::JoinHandle<()> {
+    let mut client = registry.client().await;
+    let lease = client
+        .grant_lease(GrantLeaseRequest { ttl_ms })
+        .await
+        .unwrap()
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let heartbeat = KeepAliveRequest {
+        lease_id: lease.lease_id,
+        lease_secret: lease.lease_secret.clone(),
+    };
+    tx.send(heartbeat.clone()).await.unwrap();
+    let mut replies = client
+        .keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    client
+        .register(RegisterRequest {
+            lease_id: lease.lease_id,
+            lease_secret: lease.lease_secret,
+            instance: Some(instance),
+            file_descriptor_set: descriptors,
+        })
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if tx.send(heartbeat.clone()).await.is_err() {
+                return;
+            }
+            if !matches!(replies.message().await, Ok(Some(_))) {
+                return;
+            }
+        }
+    })
 }
