@@ -49,7 +49,7 @@ pub const DEREGISTER_WAIT: Duration = Duration::from_secs(3);
 pub enum NodeError {
     /// A plugin's descriptors could not be loaded into server reflection.
     #[error("server reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    Reflection(#[from] registry_proto::reflection::ReflectionError),
 }
 
 /// How to reach the registry.

@@ -10,8 +10,9 @@
 //! [`security`] (TLS flags, access tokens, the registry client type),
 //! [`logging`] (the `RUST_LOG` setup of every binary), [`metrics`] (the
 //! gRPC metrics layer and `/metrics` serving), [`descriptors`]
-//! (descriptor sets from the network, decoded without panicking) and
-//! [`limits`] (the protocol's field limits, for the registry and the nodes).
+//! (descriptor sets from the network, decoded without panicking),
+//! [`limits`] (the protocol's field limits, for the registry and the nodes)
+//! and [`reflection`] (server reflection v1 and v1alpha, as grpc-go answers).
 
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod descriptors;
 pub mod limits;
 pub mod logging;
 pub mod metrics;
+pub mod reflection;
 pub mod security;
 
 /// `registry.v1`: the registry service and its messages.

@@ -63,7 +63,7 @@ fn too_large_is_resource_exhausted(
 pub enum ServeError {
     /// The reflection service rejected the embedded descriptors (a build bug).
     #[error("cannot build the reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
+    Reflection(#[from] registry_proto::reflection::ReflectionError),
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -110,13 +110,15 @@ pub async fn run_with_http(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(registry_proto::REGISTRY_DESCRIPTORS)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    // Answers like grpc-go's reflection (see registry_proto::reflection):
+    // generic tools resolve every listed service with either version.
+    let reflection = registry_proto::reflection::Reflection::new(
+        &[
+            registry_proto::REGISTRY_DESCRIPTORS,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ],
+        &["registry.v1.Registry", "grpc.health.v1.Health"],
+    )?;
 
     let service = RegistryService::new(watchers, stop_rx.clone(), PeerLimits::new(config.peers));
     let registry = RegistryServer::new(service.clone())
@@ -155,8 +157,8 @@ pub async fn run_with_http(
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
         .add_service(registry)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection.v1())
+        .add_service(reflection.v1alpha())
         .serve_with_incoming_shutdown(
             // The builder's tcp_nodelay applies only to listeners it binds
             // itself: set it here, or Nagle holds small replies for the
