@@ -58,6 +58,11 @@ pub struct Granted {
 /// whole records.
 type Instances = BTreeMap<Arc<str>, Box<Stored>>;
 
+/// A service's instances as the state holds them: shared with the Watch
+/// snapshots taken since its last change (copy on write, see
+/// [`State::snapshot_copy`]).
+type SharedInstances = Arc<Instances>;
+
 /// One instance as stored: everything of its `pb::Instance` but the service
 /// name and instance id, which are the keys it is stored under.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,23 +107,6 @@ impl Stored {
             revision: instance.revision,
             port: instance.port,
             weight: instance.weight,
-        }
-    }
-
-    /// [`to_pb`](Self::to_pb), taking the labels instead of cloning them
-    /// when this is their last holder.
-    fn into_pb(self, service: &str, instance_id: &str) -> pb::Instance {
-        let metadata = self
-            .metadata
-            .map(|m| Arc::try_unwrap(m).unwrap_or_else(|shared| HashMap::clone(&shared)))
-            .unwrap_or_default();
-        pb::Instance {
-            metadata,
-            ..Stored {
-                metadata: None,
-                ..self
-            }
-            .to_pb(service, instance_id)
         }
     }
 
@@ -191,7 +179,9 @@ pub struct State {
     /// ListServices and Resolve answer in name order. A service with no
     /// instance left is removed.
     /// Names are `Arc<str>` shared with the leases' [`InstanceKey`]s.
-    services: BTreeMap<Arc<str>, Instances>,
+    /// Each service's map is copied on write: a snapshot takes a reference
+    /// to it, and the first change after that copies that one service.
+    services: BTreeMap<Arc<str>, SharedInstances>,
     /// Live leases by id.
     leases: HashMap<u64, Lease>,
     /// The leases' deadlines in time order, for expiry.
@@ -405,7 +395,7 @@ impl State {
             let count = self
                 .services
                 .get(instance.service.as_str())
-                .map_or(0, BTreeMap::len);
+                .map_or(0, |instances| instances.len());
             self.quotas.check_service(&instance.service, count)?;
         }
         if existing.is_none() && self.instance_count >= self.limits.instances {
@@ -545,10 +535,7 @@ impl State {
         if let Some(lease) = self.leases.get_mut(&stored.lease_id) {
             lease.instances.push(key.clone());
         }
-        self.services
-            .entry(key.0)
-            .or_default()
-            .insert(key.1, Box::new(stored));
+        Arc::make_mut(self.services.entry(key.0).or_default()).insert(key.1, Box::new(stored));
         self.instance_count += 1;
         event
     }
@@ -568,7 +555,7 @@ impl State {
         if let Some(slot) = self
             .services
             .get_mut(&key.0)
-            .and_then(|s| s.get_mut(&key.1))
+            .and_then(|s| Arc::make_mut(s).get_mut(&key.1))
         {
             **slot = new;
         }
@@ -579,7 +566,7 @@ impl State {
     /// Removes `key` from the services (not from its lease's set: callers
     /// do that, or are dropping the whole lease).
     fn remove_instance(&mut self, key: &InstanceKey, reason: RemovalReason) -> Option<Event> {
-        let instances = self.services.get_mut(&key.0)?;
+        let instances = Arc::make_mut(self.services.get_mut(&key.0)?);
         let stored = instances.remove(&key.1)?;
         if instances.is_empty() {
             self.services.remove(&key.0);
@@ -680,82 +667,109 @@ impl State {
         self.snapshot_copy(services).into_events()
     }
 
-    /// What [`snapshot`](Self::snapshot) returns, as a copy that is cheap to
-    /// take (two reference counts and a small struct per instance, no
-    /// allocation for an instance without metadata or proto_service) and is
-    /// turned into events later. The store takes it under its lock and
-    /// builds the events after releasing it: building them allocates several
-    /// strings per instance (about 25 ms for 100 000 instances, measured in
-    /// a release build), which would hold up every writer and heartbeat for
-    /// as long, once per new watcher.
+    /// What [`snapshot`](Self::snapshot) returns, as a copy that is cheap
+    /// to take: a reference to each service's map (one reference count per
+    /// service, whatever its size), turned into events later. The store
+    /// takes it under its lock, so a new watcher holds writers and
+    /// heartbeats back for as long as counting its services takes, not for
+    /// copying or encoding instances. The price is paid later, by the first
+    /// change to each of those services while the copy lives: that one
+    /// service's map is copied then (see [`SharedInstances`]).
     pub fn snapshot_copy(&self, services: &BTreeSet<String>) -> SnapshotCopy {
-        let selected: Vec<(&Arc<str>, &Instances)> = if services.is_empty() {
-            self.services.iter().collect()
+        let selected: Vec<(Arc<str>, SharedInstances)> = if services.is_empty() {
+            self.services
+                .iter()
+                .map(|(name, instances)| (name.clone(), instances.clone()))
+                .collect()
         } else {
             services
                 .iter()
                 .filter_map(|name| self.services.get_key_value(name.as_str()))
+                .map(|(name, instances)| (name.clone(), instances.clone()))
                 .collect()
         };
-        let mut copy = Vec::with_capacity(selected.iter().map(|(_, i)| i.len()).sum());
-        for (name, instances) in selected {
-            copy.extend(
-                instances
-                    .iter()
-                    .map(|(id, s)| (name.clone(), id.clone(), Stored::clone(s))),
-            );
+        let len = selected.iter().map(|(_, i)| i.len()).sum();
+        SnapshotCopy {
+            services: selected,
+            len,
         }
-        SnapshotCopy(copy)
     }
 }
 
 /// A copy of some services' instances, taken by [`State::snapshot_copy`].
 #[derive(Debug)]
-pub struct SnapshotCopy(Vec<(Arc<str>, Arc<str>, Stored)>);
+pub struct SnapshotCopy {
+    /// The services, in name order, as they were.
+    services: Vec<(Arc<str>, SharedInstances)>,
+    /// How many instances they hold.
+    len: usize,
+}
+
+/// A place in a [`SnapshotCopy`]: the service, and the first instance id to
+/// include (`None`: its first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Position {
+    service: usize,
+    from: Option<Arc<str>>,
+}
 
 impl SnapshotCopy {
     /// How many instances it holds.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     /// Whether it holds no instance.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 
-    /// About how many bytes the copy itself takes (not the labels and
-    /// names it shares with the state).
+    /// The most this copy can come to cost, in bytes: nothing while the
+    /// state is unchanged, each service's map once that service changes
+    /// (a B-tree slot and a boxed record per instance; the names and labels
+    /// stay shared).
     pub fn footprint(&self) -> usize {
-        self.0.capacity() * std::mem::size_of::<(Arc<str>, Arc<str>, Stored)>()
+        self.services.len() * 64 + self.len * (std::mem::size_of::<Stored>() + 40)
     }
 
-    /// Appends the ADDED events of instances `from..` to `out`, each as
-    /// field `tag` of the enclosing message (`WatchResponse.events`), until
-    /// at least `max_bytes` were appended (always at least one event when
-    /// any is left). Encoded straight from the stored form: no
-    /// `pb::Instance` is built, so no string is allocated per instance.
-    /// Returns the index after the last event appended.
+    /// Appends the ADDED events of the instances from `from` on to `out`,
+    /// each as field `tag` of the enclosing message
+    /// (`WatchResponse.events`), until at least `max_bytes` were appended
+    /// (always at least one event when any is left). Encoded straight from
+    /// the stored form: no `pb::Instance` is built, so no string is
+    /// allocated per instance. Returns where the next part starts, or
+    /// `None` when the copy is all sent.
     pub fn encode_events(
         &self,
-        from: usize,
+        from: &Position,
         max_bytes: usize,
         tag: u32,
         out: &mut bytes::BytesMut,
-    ) -> usize {
+    ) -> Option<Position> {
+        use std::ops::Bound;
         let start = out.len();
         let mut scratch = Vec::new();
-        let mut next = from;
-        for (name, id, stored) in self.0.iter().skip(from) {
-            if next > from && out.len() - start >= max_bytes {
-                break;
+        let mut first = true;
+        for (index, (name, instances)) in self.services.iter().enumerate().skip(from.service) {
+            let lower = match (&from.from, index == from.service) {
+                (Some(id), true) => Bound::Included(&**id),
+                _ => Bound::Unbounded,
+            };
+            let range = instances.range::<str, _>((lower, Bound::Unbounded));
+            for (id, stored) in range {
+                if !first && out.len() - start >= max_bytes {
+                    return Some(Position {
+                        service: index,
+                        from: Some(id.clone()),
+                    });
+                }
+                first = false;
+                scratch.clear();
+                stored.encode_instance(name, id, &mut scratch);
+                encode_added(tag, stored.revision, &scratch, out);
             }
-            scratch.clear();
-            stored.encode_instance(name, id, &mut scratch);
-            encode_added(tag, stored.revision, &scratch, out);
-            next += 1;
         }
-        next
+        None
     }
 }
 
@@ -849,11 +863,12 @@ impl Stored {
 impl SnapshotCopy {
     /// One ADDED event per instance, in the order of [`State::snapshot`].
     pub fn into_events(self) -> Vec<Event> {
-        self.0
-            .into_iter()
-            .map(|(name, id, s)| {
-                let revision = s.revision;
-                event(Kind::Added, revision, s.into_pb(&name, &id), None)
+        self.services
+            .iter()
+            .flat_map(|(name, instances)| {
+                instances
+                    .iter()
+                    .map(|(id, s)| event(Kind::Added, s.revision, s.to_pb(name, id), None))
             })
             .collect()
     }
@@ -1040,15 +1055,46 @@ mod tests {
         let copy = s.snapshot_copy(&BTreeSet::new());
         let mut out = bytes::BytesMut::new();
         // A budget of one byte still makes progress: one event at a time.
-        let mut at = 0;
-        while at < copy.len() {
-            let next = copy.encode_events(at, 1, 3, &mut out);
-            assert_eq!(next, at + 1);
-            at = next;
+        let mut at = Position::default();
+        let mut parts = 0;
+        loop {
+            parts += 1;
+            match copy.encode_events(&at, 1, 3, &mut out) {
+                Some(next) => at = next,
+                None => break,
+            }
         }
+        assert_eq!(parts, hosts.len(), "one event per part");
         let decoded = <pb::WatchResponse as prost::Message>::decode(out.freeze()).unwrap();
         assert_eq!(decoded.events, s.snapshot(&BTreeSet::new()));
         assert_eq!(decoded.events.len(), hosts.len());
+    }
+
+    #[test]
+    fn a_snapshot_copy_shares_the_maps_and_a_change_copies_only_its_service() {
+        let now = Instant::now();
+        let mut s = State::new(Ttl::default());
+        let g = s.grant_lease(0, now).unwrap();
+        for (svc, id) in [("a", "1"), ("a", "2"), ("b", "1")] {
+            s.register(register(&g, instance(svc, id, 1), None))
+                .unwrap();
+        }
+        let copy = s.snapshot_copy(&BTreeSet::new());
+        let shared = |s: &State, name: &str| {
+            copy.services
+                .iter()
+                .any(|(n, m)| &**n == name && Arc::ptr_eq(m, &s.services[name]))
+        };
+        assert!(
+            shared(&s, "a") && shared(&s, "b"),
+            "taking it copied nothing"
+        );
+        s.register(register(&g, instance("a", "3", 1), None))
+            .unwrap();
+        assert!(!shared(&s, "a"), "a change to a copies that service");
+        assert!(shared(&s, "b"), "and no other");
+        assert_eq!(copy.len(), 3);
+        assert_eq!(s.resolve("a").len(), 3);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 use tonic::Status;
 
-use crate::state::{Event, SnapshotCopy, State};
+use crate::state::{Event, Position, SnapshotCopy, State};
 use crate::store::Publish;
 use crate::watch::encode::{Batch, EVENTS, MESSAGE_BYTES, RegistryId, finish};
 use crate::watch::{STREAM_CHARGE, WatchLimits};
@@ -297,9 +297,8 @@ pub(crate) struct Job {
 struct JobInner {
     /// The state being sent; `None` once killed.
     copy: Option<SnapshotCopy>,
-    /// Index in `copy` of the first instance of each part produced so far
-    /// (and of the next one).
-    starts: Vec<usize>,
+    /// Where each part produced so far starts in `copy` (and the next one).
+    starts: Vec<Position>,
     /// How many parts there are, once the last was produced.
     parts: Option<usize>,
     /// The last parts produced, by number.
@@ -315,7 +314,7 @@ impl Job {
             registry_id,
             inner: Mutex::new(JobInner {
                 copy: Some(copy),
-                starts: vec![0],
+                starts: vec![Position::default()],
                 parts: None,
                 cache: VecDeque::new(),
                 _charge: Some(charge),
@@ -348,16 +347,16 @@ impl Job {
         if let Some((_, bytes)) = inner.cache.iter().find(|(i, _)| *i == n) {
             return Some((bytes.clone(), last(&inner)));
         }
-        let from = *inner.starts.get(n)?;
+        let from = inner.starts.get(n)?;
         let copy = inner.copy.as_ref()?;
         let mut buf = BytesMut::with_capacity(MESSAGE_BYTES + 2048);
         let next = copy.encode_events(from, MESSAGE_BYTES, EVENTS, &mut buf);
-        let is_last = next >= copy.len();
+        let is_last = next.is_none();
         let bytes = finish(&mut buf, n == 0, self.revision, &self.registry_id, !is_last);
-        if is_last {
-            inner.parts = Some(n + 1);
-        } else if inner.starts.len() == n + 1 {
-            inner.starts.push(next);
+        match next {
+            None => inner.parts = Some(n + 1),
+            Some(next) if inner.starts.len() == n + 1 => inner.starts.push(next),
+            Some(_) => {}
         }
         inner.cache.push_back((n, bytes.clone()));
         if inner.cache.len() > JOB_CACHED_PARTS {
