@@ -6,7 +6,9 @@
 //! - [`plugin`]: the [`Plugin`](plugin::Plugin) trait: name, proto service,
 //!   descriptors, and how to add its tonic service to the router.
 //! - [`plugins`]: the one list of plugins ([`plugins::all`]); one file each
-//!   ([`plugins::calculator`], [`plugins::echo`]).
+//!   ([`plugins::calculator`], [`plugins::echo`]); [`plugins::external`]:
+//!   programs in any language named in `services.toml`, run, supervised,
+//!   and their calls forwarded.
 //! - [`gate`]: the on/off gate in front of each plugin, which lets a plugin
 //!   be mounted and unmounted while the server runs.
 //! - [`config`]: `services.toml` parsing and checking, errors as

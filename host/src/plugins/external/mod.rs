@@ -268,6 +268,9 @@ impl ExternalPlugins {
             *next += 1;
             *next
         };
+        if id == 1 {
+            remove_stale_dirs(self.dir.parent());
+        }
         let socket_dir = self.dir.join(id.to_string());
         if let Err(e) = make_private_dir(&self.dir).and_then(|()| make_private_dir(&socket_dir)) {
             tracing::error!(
@@ -340,6 +343,28 @@ async fn stop(handle: Handle, deregistered: bool) {
         let _ = stopped.await;
     }
     let _ = handle.task.await;
+}
+
+/// Removes the socket directories of node hosts that are gone (killed with
+/// SIGKILL, they could not clean up): `node-host-PID-plugins` whose PID
+/// is not running.
+fn remove_stale_dirs(tmp: Option<&std::path::Path>) {
+    let Some(entries) = tmp.and_then(|t| std::fs::read_dir(t).ok()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("node-host-"))
+            .and_then(|n| n.strip_suffix("-plugins"))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Creates `dir` (if missing) readable only by this user: the sockets in it

@@ -32,6 +32,8 @@ use crate::config::{ExternalSpec, PLUGIN_LISTEN};
 
 /// Lines of a plugin's stderr kept for error messages (the last ones).
 pub const STDERR_TAIL_LINES: usize = 20;
+/// How long an exited plugin's last stderr lines are waited for.
+pub const STDERR_DRAIN: Duration = Duration::from_millis(250);
 /// Bytes of one output line copied to the log and kept; the rest of a
 /// longer line is dropped (a plugin cannot make the node buffer a line
 /// without end).
@@ -77,7 +79,9 @@ pub struct Running {
     /// The end of its stdin: dropped, the plugin sees end-of-file.
     stdin: Option<ChildStdin>,
     /// Its recent stderr.
-    pub tail: Tail,
+    tail: Tail,
+    /// The task copying its stderr, which ends at end-of-file.
+    stderr: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Whether `setpriv --pdeathsig` can be used here (checked once).
@@ -147,15 +151,27 @@ impl Running {
         if let Some(out) = child.stdout.take() {
             tokio::spawn(copy_lines(name.to_string(), out, None));
         }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(copy_lines(name.to_string(), err, Some(tail.clone())));
-        }
+        let stderr = child
+            .stderr
+            .take()
+            .map(|err| tokio::spawn(copy_lines(name.to_string(), err, Some(tail.clone()))));
         Ok(Running {
             stdin: child.stdin.take(),
             child,
             pid,
             tail,
+            stderr,
         })
+    }
+
+    /// Once it exited: `; its last stderr lines: ...`, after reading what
+    /// is still in the pipe (at most [`STDERR_DRAIN`]: a child of the
+    /// plugin may hold the pipe open).
+    pub async fn last_stderr(&mut self) -> String {
+        if let Some(task) = self.stderr.take() {
+            let _ = tokio::time::timeout(STDERR_DRAIN, task).await;
+        }
+        self.tail.describe()
     }
 
     /// Waits for the process to exit (cancel safe).

@@ -39,6 +39,9 @@ pub const RESTART_MAX: Duration = Duration::from_secs(30);
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// Failures in a row from which a plugin is reported as crash-looping.
 pub const CRASH_LOOP: u32 = 3;
+/// How long a broken health stream waits for the process to exit, so that
+/// a death is reported as one.
+const EXIT_GRACE: Duration = Duration::from_millis(50);
 /// Pause between attempts to reach a starting plugin's reflection.
 const POLL: Duration = Duration::from_millis(50);
 
@@ -174,13 +177,13 @@ impl Supervisor {
         let grace = self.options.stop_grace;
         let end = match end {
             Ended::Exited(why, up) => End::Failed {
-                why: format!("{why}{}", process.tail.describe()),
+                why: format!("{why}{}", process.last_stderr().await),
                 up,
             },
             Ended::Failed(why) => {
                 let how = process.stop(grace).await;
                 End::Failed {
-                    why: format!("{why} (stopped: it {how}){}", process.tail.describe()),
+                    why: format!("{why} (stopped: it {how}){}", process.last_stderr().await),
                     up: Duration::ZERO,
                 }
             }
@@ -281,16 +284,8 @@ impl Supervisor {
             self.name, self.config.weight
         );
         loop {
-            tokio::select! {
-                status = process.wait() => {
-                    // Out of the registry first: its callers go elsewhere.
-                    self.mounter.down(&self.name, &service).await;
-                    let how = match status {
-                        Ok(s) => describe_exit(s),
-                        Err(e) => format!("cannot be waited for: {e}"),
-                    };
-                    return Ended::Exited(format!("it {how}"), up_since.elapsed());
-                }
+            let exited = tokio::select! {
+                status = process.wait() => Some(status),
                 changed = health.changed() => {
                     if changed.is_err() {
                         continue;
@@ -303,13 +298,22 @@ impl Supervisor {
                                 .register(&self.name, &self.config, &service, descriptors.clone())
                                 .await;
                             info!("plugin {} is SERVING again: registered", self.name);
+                            None
                         }
                         (Health::NotServing(why), true) => {
-                            registered = false;
-                            self.mounter.deregister(&self.name, &service).await;
-                            warn!("plugin {}: {why}: deregistered until it is SERVING again", self.name);
+                            // A broken health stream is most often the
+                            // process dying: report that, if it is.
+                            match tokio::time::timeout(EXIT_GRACE, process.wait()).await {
+                                Ok(status) => Some(status),
+                                Err(_) => {
+                                    registered = false;
+                                    self.mounter.deregister(&self.name, &service).await;
+                                    warn!("plugin {}: {why}: deregistered until it is SERVING again", self.name);
+                                    None
+                                }
+                            }
                         }
-                        _ => {}
+                        _ => None,
                     }
                 }
                 control = self.control.recv() => match control {
@@ -320,6 +324,7 @@ impl Supervisor {
                                 .register(&self.name, &self.config, &service, descriptors.clone())
                                 .await;
                         }
+                        None
                     }
                     Some(Control::Stop { deregistered, done }) => {
                         if !deregistered {
@@ -330,6 +335,15 @@ impl Supervisor {
                     }
                     None => return Ended::Stop(oneshot::channel().0),
                 },
+            };
+            if let Some(status) = exited {
+                // Out of the registry first: its callers go elsewhere.
+                self.mounter.down(&self.name, &service).await;
+                let how = match status {
+                    Ok(s) => describe_exit(s),
+                    Err(e) => format!("cannot be waited for: {e}"),
+                };
+                return Ended::Exited(format!("it {how}"), up_since.elapsed());
             }
         }
     }
