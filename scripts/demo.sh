@@ -24,7 +24,7 @@ trap stop INT TERM EXIT
 cargo build --quiet --workspace --bins
 bin=target/debug
 
-"$bin/registry" --listen "$REGISTRY" >"$logs/registry.log" 2>&1 &
+"$bin/registry" --listen "$REGISTRY" --http "${DASHBOARD:-127.0.0.1:8080}" >"$logs/registry.log" 2>&1 &
 pids+=($!)
 until grep -q "listening on" "$logs/registry.log"; do sleep 0.1; done
 
@@ -66,6 +66,7 @@ echo "  $bin/client call calculator/Divide '{\"a\": 1, \"b\": 4}' --lb weighted-
 echo "  $bin/client call echo/Echo message=hello"
 echo "  $bin/client watch            # then edit $logs/node-b.toml"
 echo "  $bin/client                  # interactive prompt"
+echo "  open http://${DASHBOARD:-127.0.0.1:8080}/   # live dashboard; Prometheus metrics at /metrics"
 if [ $plugin = yes ]; then
   echo "  $bin/client call inventory/Put name=apple count=3      # the Python plugin"
   echo "  $bin/client call inventory/List                        # a stream of items"

@@ -6,6 +6,7 @@
 //! advertise = "192.168.1.20"     # optional; --advertise wins
 //! port = 0                       # optional; --port wins; 0 = any free port
 //! lease_ttl_ms = 1500            # optional; the registry's default otherwise
+//! http = "0.0.0.0:9101"          # optional; --http wins; Prometheus /metrics
 //!
 //! [plugins.calculator]
 //! weight = 5                     # 1..=1000; missing = random 1..=10
@@ -134,6 +135,8 @@ pub struct Config {
     pub port: Option<u16>,
     /// The lease TTL to ask the registry for.
     pub lease_ttl_ms: Option<u64>,
+    /// Where to serve `/metrics`.
+    pub http: Option<std::net::SocketAddr>,
     /// The ENABLED plugins, by name. Disabled ones are left out: to the node
     /// a disabled plugin and an absent one are the same.
     pub plugins: BTreeMap<String, PluginConfig>,
@@ -146,6 +149,7 @@ struct RawConfig {
     advertise: Option<Spanned<String>>,
     port: Option<u16>,
     lease_ttl_ms: Option<Spanned<u64>>,
+    http: Option<Spanned<String>>,
     #[serde(default)]
     plugins: BTreeMap<Spanned<String>, RawPlugin>,
 }
@@ -223,6 +227,15 @@ impl Config {
                 error(
                     Some(a.span()),
                     format!("advertise `{}` is not an IP address", a.get_ref()),
+                )
+            })?),
+        };
+        let http = match &raw.http {
+            None => None,
+            Some(h) => Some(h.get_ref().parse::<std::net::SocketAddr>().map_err(|_| {
+                error(
+                    Some(h.span()),
+                    format!("http `{}` is not IP:PORT", h.get_ref()),
                 )
             })?),
         };
@@ -346,6 +359,7 @@ impl Config {
             advertise,
             port: raw.port,
             lease_ttl_ms: raw.lease_ttl_ms.map(Spanned::into_inner),
+            http,
             plugins,
         })
     }

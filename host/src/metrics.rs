@@ -201,6 +201,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_file_may_set_the_http_address() {
+        let known = ["calculator"];
+        let c =
+            crate::config::Config::parse("http = \"127.0.0.1:9101\"\n", "f", &known, None).unwrap();
+        assert_eq!(c.http, Some("127.0.0.1:9101".parse().unwrap()));
+        let e = crate::config::Config::parse("\nhttp = \"9101\"\n", "f", &known, None).unwrap_err();
+        assert_eq!(e.to_string(), "f:2: http `9101` is not IP:PORT");
+        assert_eq!(refusal_reason(&e), "invalid");
+    }
+
+    #[test]
     fn refusals_have_a_reason_from_the_fixed_set() {
         let error = |problem: &str| ConfigError {
             file: "services.toml".into(),

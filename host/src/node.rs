@@ -75,6 +75,8 @@ pub struct FixedByFlags {
     pub advertise: bool,
     /// `--port`.
     pub port: bool,
+    /// `--http`.
+    pub http: bool,
 }
 
 /// One known plugin and its gate.
@@ -363,7 +365,7 @@ fn restart_only_changes(
         value.map_or_else(|| "unset".to_string(), |v| format!("`{v}`"))
     }
     type Value = fn(&Config) -> String;
-    let settings: [(&str, Option<&str>, Value); 4] = [
+    let settings: [(&str, Option<&str>, Value); 5] = [
         ("registry", fixed.registry.then_some("--registry"), |c| {
             show(c.registry.as_ref())
         }),
@@ -372,6 +374,9 @@ fn restart_only_changes(
         }),
         ("port", fixed.port.then_some("--port"), |c| {
             show(c.port.as_ref())
+        }),
+        ("http", fixed.http.then_some("--http"), |c| {
+            show(c.http.as_ref())
         }),
         // No flag sets the lease TTL.
         ("lease_ttl_ms", None, |c| show(c.lease_ttl_ms.as_ref())),
@@ -447,6 +452,7 @@ mod tests {
             registry: true,
             advertise: false,
             port: true,
+            http: false,
         };
         let changes = restart_only_changes(&started, &started, &edited, fixed);
         assert_eq!(

@@ -132,6 +132,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
             registry: opts.registry.is_some(),
             advertise: opts.advertise.is_some(),
             port: opts.port.is_some(),
+            http: opts.http.is_some(),
         },
         crate::plugins::external::Options {
             start_timeout: opts.plugin_start_timeout,
@@ -139,7 +140,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         },
     )
     .await?;
-    let http = match opts.http {
+    let http = match opts.http.or(config.http) {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await

@@ -23,6 +23,8 @@ struct Node {
     dir: TempDir,
 }
 
+/// A node host serving /metrics on a free port, set by `--http` or, when
+/// `toml` names it, by the file's `http`.
 fn start_node(registry: SocketAddr, toml: &str) -> Node {
     let dir = TempDir::new("prometheus-node");
     let config = dir.path().join("services.toml");
@@ -32,8 +34,11 @@ fn start_node(registry: SocketAddr, toml: &str) -> Node {
         .arg(&config)
         .arg("--registry")
         .arg(registry.to_string())
-        .args(["--advertise", "127.0.0.1", "--http", "127.0.0.1:0"])
+        .args(["--advertise", "127.0.0.1"])
         .env_remove("REGISTRY_TOKEN");
+    if !toml.contains("http =") {
+        cmd.args(["--http", "127.0.0.1:0"]);
+    }
     let process = Process::spawn("node-host", cmd);
     let http = addr_from_line(&process.wait_for_line("node-host http on", READY_TIMEOUT));
     let grpc = addr_from_line(&process.wait_for_line("node-host serving on", READY_TIMEOUT));
@@ -202,7 +207,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
     let mut a = start_node(registry, "[plugins.calculator]\nweight = 2\n");
     let mut b = start_node(
         registry,
-        "[plugins.calculator]\nweight = 1\n\n[plugins.echo]\nweight = 3\n",
+        "http = \"127.0.0.1:0\"\n[plugins.calculator]\nweight = 1\n\n[plugins.echo]\nweight = 3\n",
     );
     let dir = TempDir::new("prometheus");
     let (_prometheus, prom) = start_prometheus(dir.path(), registry_http, [a.http, b.http]);

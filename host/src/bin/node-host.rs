@@ -54,7 +54,8 @@ struct Args {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     plugin_start_timeout_ms: u64,
 
-    /// Serve Prometheus metrics at http://ADDR/metrics. Off by default.
+    /// Serve Prometheus metrics at http://ADDR/metrics. Overrides the
+    /// file's `http`; off by default.
     /// The address used is printed as `node-host http on <ip>:<port>`.
     #[arg(long, value_name = "IP:PORT")]
     http: Option<std::net::SocketAddr>,
