@@ -39,6 +39,8 @@
 //! - [`http`]: the `--http` listener: `/metrics` and the live dashboard
 //!   (`http/fleet.rs`: the fleet as the dashboard sees it, from the
 //!   registry's own watch; `http/assets/`: page, script, style).
+//! - [`xds`]: the registry as an xDS control plane (ADS) for proxyless
+//!   gRPC clients dialing `xds:///SERVICE`.
 //! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
 //! - `bin/registry.rs`: the command line.
 
@@ -59,6 +61,7 @@ pub mod store;
 pub mod tokens;
 pub mod validate;
 pub mod watch;
+pub mod xds;
 
 pub use config::Config;
 pub use server::{run, run_with_http};

@@ -1,6 +1,7 @@
 //! Serving the registry on a listener: the Registry service, the standard
-//! gRPC health service, and server reflection (v1 and v1alpha, since some
-//! tools speak only the older one), until a shutdown future resolves.
+//! gRPC health service, server reflection (v1 and v1alpha, since some
+//! tools speak only the older one) and xDS (ADS, see [`crate::xds`]), until
+//! a shutdown future resolves.
 
 use std::future::Future;
 use std::time::Duration;
@@ -17,6 +18,7 @@ use crate::lease::spawn_sweeper;
 use crate::limits::PeerLimits;
 use crate::service::{RegistryService, WithWatch};
 use crate::watch::Watchers;
+use crate::xds::XdsService;
 
 /// Largest request accepted: a 4 MiB descriptor set plus the rest of a
 /// Register fits; anything larger is refused before it is decoded.
@@ -120,7 +122,10 @@ pub async fn run_with_http(
         &["registry.v1.Registry", "grpc.health.v1.Health"],
     )?;
 
-    let service = RegistryService::new(watchers, stop_rx.clone(), PeerLimits::new(config.peers));
+    let peers = PeerLimits::new(config.peers);
+    let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop_rx.clone());
+    let xds = XdsService::new(snapshots, peers.clone(), stop_rx.clone()).into_server();
+    let service = RegistryService::new(watchers, stop_rx.clone(), peers);
     let registry = RegistryServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_RESPONSE_SIZE);
@@ -159,6 +164,7 @@ pub async fn run_with_http(
         .add_service(health_service)
         .add_service(reflection.v1())
         .add_service(reflection.v1alpha())
+        .add_service(xds)
         .serve_with_incoming_shutdown(
             // The builder's tcp_nodelay applies only to listeners it binds
             // itself: set it here, or Nagle holds small replies for the
