@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 declare -A apt_pkgs=(
   [ip]=iproute2 [etcd]=etcd-server [dig]=dnsutils [promtool]=prometheus
   [chromium]=chromium [chromedriver]=chromium-driver [node]=nodejs [npm]=npm
+  [tmux]=tmux
 )
 need=()
 for cmd in "${!apt_pkgs[@]}"; do

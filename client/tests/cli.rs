@@ -491,15 +491,15 @@ fn watch_prints_changes_as_they_happen() {
 
 #[test]
 fn interactive_prompt_on_a_terminal() {
-    // `script` gives the client a pseudo-terminal; skip where it is missing.
-    if std::process::Command::new("script")
+    // `script` (util-linux) gives the client a pseudo-terminal. Missing, the
+    // test fails: skipping would pass without testing anything.
+    let script = std::process::Command::new("script")
         .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipping: no `script` command");
-        return;
-    }
+        .output();
+    assert!(
+        script.is_ok_and(|o| o.status.success()),
+        "this test needs `script` (Debian package bsdutils, util-linux)"
+    );
     let registry = Registry::start(&[]);
     let reg = registry.addr;
     let _node = node(reg, &both(1, 1));
@@ -520,4 +520,119 @@ fn interactive_prompt_on_a_terminal() {
     repl.wait_for_line("did you mean `Multiply`?", READY_TIMEOUT);
     repl.send_line("quit");
     assert!(repl.wait_exit(READY_TIMEOUT).success());
+}
+
+/// A terminal in tmux (its own server, on its own socket), read back as the
+/// screen shows it.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("this test needs tmux (Debian package tmux)");
+        assert!(out.status.success(), "tmux {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "repl"])
+    }
+
+    /// Waits until the screen's last prompt line is `line` exactly.
+    fn wait_prompt(&self, line: &str) {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let screen = self.screen();
+            let last = screen.lines().rev().find(|l| l.starts_with("registry> "));
+            if last.map(str::trim_end) == Some(line) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no prompt line {line:?}; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_screen(&self, text: &str) {
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            let screen = self.screen();
+            if screen.contains(text) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {text:?} on the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        // Only this test's own tmux server, by its socket.
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .output();
+    }
+}
+
+#[test]
+fn tab_completes_commands_services_methods_and_fields() {
+    let registry = Registry::start(&[]);
+    let reg = registry.addr;
+    let _node = node(reg, &both(1, 1));
+    wait_instances(reg, "calculator", 1);
+
+    let tmux = Tmux {
+        socket: format!("client-test-{}", std::process::id()),
+    };
+    let client = testkit::bin_path("client").display().to_string();
+    let env = format!("REGISTRY_ADDR={reg}");
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "repl",
+        "-x",
+        "150",
+        "-y",
+        "40",
+        "-e",
+        &env,
+        "-e",
+        "TERM=xterm",
+        &client,
+    ]);
+    tmux.wait_screen("type `help` for commands");
+    let keys = |keys: &[&str]| {
+        let mut args = vec!["send-keys", "-t", "repl"];
+        args.extend(keys);
+        tmux.run(&args);
+    };
+
+    // A command, then a service (from the directory).
+    keys(&["ca", "Tab"]);
+    tmux.wait_prompt("registry> call");
+    keys(&[" calc", "Tab"]);
+    tmux.wait_prompt("registry> call calculator/");
+    // Methods and fields come from the service's descriptors.
+    keys(&["Mul", "Tab"]);
+    tmux.wait_prompt("registry> call calculator/Multiply");
+    keys(&[" a", "Tab"]);
+    tmux.wait_prompt("registry> call calculator/Multiply a=");
+    keys(&["6 b", "Tab"]);
+    tmux.wait_prompt("registry> call calculator/Multiply a=6 b=");
+    keys(&["7", "Enter"]);
+    tmux.wait_screen("\"value\": 42.0");
+    keys(&["quit", "Enter"]);
 }

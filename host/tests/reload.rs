@@ -166,12 +166,32 @@ async fn random_weight_is_kept_across_reloads() {
         async move { resolve(&mut client, "echo").await.first().map(|i| i.weight) }
     })
     .await;
-    // Adding calculator reloads the file; echo keeps its drawn weight.
-    node.write_config("[plugins.echo]\n[plugins.calculator]\nweight = 2\n");
-    wait_for_weights(
-        &mut client,
-        node.addr,
-        &[("echo", weight), ("calculator", 2)],
-    )
-    .await;
+    let revision = resolve(&mut client, "echo").await[0].revision;
+    // Five reloads (each changes calculator); echo keeps its drawn weight
+    // through all of them. A re-draw from 1..=10 could land on the same
+    // weight by chance, so the node's own word is checked too: it draws
+    // once, and echo is never registered again.
+    for calc in 2..7 {
+        node.write_config(&format!(
+            "[plugins.echo]\n[plugins.calculator]\nweight = {calc}\n"
+        ));
+        wait_for_weights(
+            &mut client,
+            node.addr,
+            &[("echo", weight), ("calculator", calc)],
+        )
+        .await;
+    }
+    let draws = node
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("plugin `echo` names no weight: using random weight"))
+        .count();
+    assert_eq!(draws, 1, "the weight was drawn again on a reload");
+    assert_eq!(
+        resolve(&mut client, "echo").await[0].revision,
+        revision,
+        "echo was registered again"
+    );
 }
