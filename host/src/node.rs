@@ -209,7 +209,9 @@ impl Node {
             .routes()
             .into_axum_router()
             .fallback_service(Forwarder::new(table));
-        Ok((Arc::new(node), Routes::from(router)))
+        let node = Arc::new(node);
+        Node::follow_plugin_health(&node);
+        Ok((node, Routes::from(router)))
     }
 
     /// The configuration in force.
@@ -286,22 +288,77 @@ impl Node {
                 }
                 Action::Add { name, plugin } => {
                     self.set_mounted(&name, true).await;
-                    info!(
-                        "plugin {name} added: mounted, registering with weight {}",
-                        plugin.weight
-                    );
-                    self.registrar.upsert(&name, plugin);
+                    if self.plugin_serving(&name) {
+                        info!(
+                            "plugin {name} added: mounted, registering with weight {}",
+                            plugin.weight
+                        );
+                        self.registrar.upsert(&name, plugin);
+                    } else {
+                        self.set_health(&name, ServingStatus::NotServing).await;
+                        info!("plugin {name} added: mounted, NOT_SERVING: registered once it is");
+                    }
                 }
                 Action::Update { name, plugin } => {
                     info!(
                         "plugin {name} changed: updating in place to weight {} metadata {:?}",
                         plugin.weight, plugin.metadata
                     );
-                    self.registrar.upsert(&name, plugin);
+                    if self.plugin_serving(&name) {
+                        self.registrar.upsert(&name, plugin);
+                    }
                 }
             }
         }
         *current = new;
+    }
+
+    /// Whether built-in plugin `name` says it can serve (one without its own
+    /// health always can).
+    fn plugin_serving(&self, name: &str) -> bool {
+        self.mounts
+            .get(name)
+            .and_then(|m| m.plugin.health())
+            .is_none_or(|h| *h.borrow())
+    }
+
+    async fn set_health(&self, name: &str, status: ServingStatus) {
+        if let Some(mount) = self.mounts.get(name) {
+            for health_name in health_names(mount.plugin.as_ref()) {
+                self.health.set_service_status(health_name, status).await;
+            }
+        }
+    }
+
+    /// Follows the health of the built-in plugins that report one: NOT_SERVING
+    /// deregisters a mounted one (it stays mounted), SERVING registers it
+    /// again with the settings in force.
+    fn follow_plugin_health(node: &Arc<Node>) {
+        for (name, mount) in &node.mounts {
+            let Some(mut health) = mount.plugin.health() else {
+                continue;
+            };
+            let (name, node) = (*name, Arc::downgrade(node));
+            tokio::spawn(async move {
+                while health.changed().await.is_ok() {
+                    let serving = *health.borrow_and_update();
+                    let Some(node) = node.upgrade() else { return };
+                    let current = node.current.lock().await;
+                    let Some(config) = current.plugins.get(name) else {
+                        continue;
+                    };
+                    if serving {
+                        node.set_health(name, ServingStatus::Serving).await;
+                        node.registrar.upsert(name, config.clone());
+                        info!("plugin {name} is SERVING again: registered");
+                    } else {
+                        node.registrar.forget(name);
+                        node.set_health(name, ServingStatus::NotServing).await;
+                        warn!("plugin {name} is NOT_SERVING: deregistered, still mounted");
+                    }
+                }
+            });
+        }
     }
 
     /// Opens or closes a plugin's gate, and sets its health to match.
