@@ -389,6 +389,16 @@ mod tests {
             .expect("double")
     }
 
+    /// Asserts `text` starts with `prefix`, showing it whole if not.
+    fn assert_starts(text: &str, prefix: &str) {
+        assert!(text.starts_with(prefix), "{text}");
+    }
+
+    /// The message of the error `result` must be.
+    fn error_of<T: std::fmt::Debug>(result: Result<T, ArgsError>) -> String {
+        result.expect_err("an error").to_string()
+    }
+
     #[test]
     fn key_value_pairs() {
         let msg = parse_args(&binary(), &["a=2", "b=-3.5"]).expect("parses");
@@ -423,17 +433,15 @@ mod tests {
 
     #[test]
     fn wrong_type_names_field_type_and_value() {
-        let err = parse_args(&binary(), &["a=x"]).unwrap_err().to_string();
-        assert!(
-            err.starts_with("field `a` of calculator.v1.BinaryRequest expects a double, got `x`"),
-            "{err}"
+        let err = error_of(parse_args(&binary(), &["a=x"]));
+        assert_starts(
+            &err,
+            "field `a` of calculator.v1.BinaryRequest expects a double, got `x`",
         );
-        let err = parse_args(&binary(), &[r#"{"a": true}"#])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("field `a` of calculator.v1.BinaryRequest expects a double, got true"),
-            "{err}"
+        let err = error_of(parse_args(&binary(), &[r#"{"a": true}"#]));
+        assert_starts(
+            &err,
+            "field `a` of calculator.v1.BinaryRequest expects a double, got true",
         );
     }
 
@@ -454,7 +462,7 @@ mod tests {
 
     #[test]
     fn not_a_pair() {
-        let err = parse_args(&binary(), &["a"]).unwrap_err().to_string();
+        let err = error_of(parse_args(&binary(), &["a"]));
         assert!(err.contains("expected key=value"), "{err}");
         assert!(err.contains("a (double), b (double)"), "{err}");
     }
@@ -508,9 +516,7 @@ mod tests {
 
     #[test]
     fn enum_errors_list_values() {
-        let err = parse_args(&order(), &["color=GREN"])
-            .unwrap_err()
-            .to_string();
+        let err = error_of(parse_args(&order(), &["color=GREN"]));
         assert!(err.contains("did you mean `GREEN`?"), "{err}");
         assert!(
             err.contains("values: COLOR_UNSPECIFIED, RED, GREEN"),
@@ -520,9 +526,7 @@ mod tests {
 
     #[test]
     fn nested_and_duplicate() {
-        let err = parse_args(&order(), &["address=x"])
-            .unwrap_err()
-            .to_string();
+        let err = error_of(parse_args(&order(), &["address=x"]));
         assert!(err.contains("give the whole request as JSON"), "{err}");
         let err = parse_args(&order(), &["quantity=1", "quantity=2"]).unwrap_err();
         assert!(matches!(err, ArgsError::Duplicate { .. }), "{err}");
@@ -567,28 +571,17 @@ mod tests {
             err.to_string(),
             "message 3: no field `x` in calculator.v1.BinaryRequest; fields: a (double), b (double)"
         );
-        let err = parse_sequence(&binary(), &[r#"{"a": 1}"#, r#"{"a": "y"}"#])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("message 2: field `a` of calculator.v1.BinaryRequest expects a double"),
-            "{err}"
+        let err = error_of(parse_sequence(&binary(), &[r#"{"a": 1}"#, r#"{"a": "y"}"#]));
+        assert_starts(
+            &err,
+            "message 2: field `a` of calculator.v1.BinaryRequest expects a double",
         );
-        let err = parse_sequence(&binary(), &[r#"{"a": 1} 7"#])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("message 2: malformed JSON: expected an object"),
-            "{err}"
-        );
-        let err = parse_sequence(&binary(), &[r#"{"a": 1} {"a": "#])
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("message 2: malformed JSON: "), "{err}");
-        let err = parse_sequence(&binary(), &[r#"{"a": 1}, {"a": 2}"#])
-            .unwrap_err()
-            .to_string();
-        assert!(err.starts_with("message 2: malformed JSON: "), "{err}");
+        let err = error_of(parse_sequence(&binary(), &[r#"{"a": 1} 7"#]));
+        assert_starts(&err, "message 2: malformed JSON: expected an object");
+        let err = error_of(parse_sequence(&binary(), &[r#"{"a": 1} {"a": "#]));
+        assert_starts(&err, "message 2: malformed JSON: ");
+        let err = error_of(parse_sequence(&binary(), &[r#"{"a": 1}, {"a": 2}"#]));
+        assert_starts(&err, "message 2: malformed JSON: ");
         assert!(
             err.ends_with("(separate the messages with spaces, not commas)"),
             "{err}"

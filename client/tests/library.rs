@@ -34,6 +34,24 @@ async fn wait_for(directory: &Directory, service: &str, n: usize) {
     .await;
 }
 
+/// A unary call of `method` with `args` over `grpc`, as any generic client
+/// makes it: a path, a codec for `DynamicMessage`.
+async fn unary_call(
+    grpc: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    method: &prost_reflect::MethodDescriptor,
+    args: &[&str],
+) -> Result<DynamicMessage, tonic::Status> {
+    let request = parse_args(&method.input(), args).unwrap();
+    let reply = grpc
+        .unary(
+            tonic::Request::new(request),
+            method_path(method).unwrap(),
+            DynamicCodec::new(method.output()),
+        )
+        .await?;
+    Ok(reply.into_inner())
+}
+
 /// A registry with two node hosts serving `plugin` (weight 1 each), and a
 /// directory that lists both.
 async fn two_nodes(plugin: &str) -> (Registry, Node, Node, Directory, Descriptors) {
@@ -224,16 +242,7 @@ async fn balanced_channel_follows_the_registry() {
     let channel = balanced_channel(&directory, "calculator");
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let request = parse_args(&add.input(), &["a=2", "b=40"]).unwrap();
-    let reply = grpc
-        .unary(
-            tonic::Request::new(request),
-            method_path(&add).unwrap(),
-            DynamicCodec::new(add.output()),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    let reply = unary_call(&mut grpc, &add, &["a=2", "b=40"]).await.unwrap();
     assert_eq!(f64_field(&reply, "value"), 42.0);
 
     // A second node joins: the echo channel spreads over both.
@@ -247,16 +256,7 @@ async fn balanced_channel_follows_the_registry() {
             let mut seen = BTreeSet::new();
             for _ in 0..40 {
                 grpc.ready().await.ok()?;
-                let request = parse_args(&method.input(), &["message=hi"]).unwrap();
-                let reply = grpc
-                    .unary(
-                        tonic::Request::new(request),
-                        method_path(&method).unwrap(),
-                        DynamicCodec::new(method.output()),
-                    )
-                    .await
-                    .ok()?
-                    .into_inner();
+                let reply = unary_call(&mut grpc, &method, &["message=hi"]).await.ok()?;
                 seen.insert(reply.get_field_by_name("served_by")?.as_str()?.to_string());
             }
             (seen == want).then_some(seen)

@@ -346,6 +346,18 @@ pub(super) mod fixtures {
 #[cfg(test)]
 mod tests {
     use super::fixtures::{event, events, inst, reset};
+
+    /// A snapshot after registry `r1`'s reset at revision 5 with `instances`.
+    fn synced(instances: Vec<Instance>) -> Snapshot {
+        let mut s = Snapshot::default();
+        apply(&mut s, reset("r1", 5, instances));
+        s
+    }
+
+    /// One event from registry `r1`.
+    fn one(kind: EventKindPb, revision: u64, instance: Instance) -> WatchResponse {
+        events("r1", vec![event(kind, revision, instance)])
+    }
     use super::*;
     use registry_proto::registry::v1::RemovalReason;
 
@@ -404,25 +416,15 @@ mod tests {
 
     #[test]
     fn lookups_share_one_list_until_the_service_changes() {
-        let mut s = Snapshot::default();
-        apply(
-            &mut s,
-            reset("r1", 5, vec![inst("calc", 2, 1), inst("calc", 1, 1)]),
-        );
+        let mut s = synced(vec![inst("calc", 2, 1), inst("calc", 1, 1)]);
         let first = s.instances("calc");
         assert!(Arc::ptr_eq(&first, &s.instances("calc")));
         assert_eq!(ports(&s, "calc"), vec![1, 2], "sorted by instance id");
         // Another service changing leaves this list alone...
-        apply(
-            &mut s,
-            events("r1", vec![event(EventKindPb::Added, 6, inst("echo", 3, 1))]),
-        );
+        apply(&mut s, one(EventKindPb::Added, 6, inst("echo", 3, 1)));
         assert!(Arc::ptr_eq(&first, &s.instances("calc")));
         // ...its own change makes a new one, and the old one is unchanged.
-        apply(
-            &mut s,
-            events("r1", vec![event(EventKindPb::Added, 7, inst("calc", 0, 1))]),
-        );
+        apply(&mut s, one(EventKindPb::Added, 7, inst("calc", 0, 1)));
         assert_eq!(ports(&s, "calc"), vec![0, 1, 2]);
         assert_eq!(first.len(), 2);
         assert!(s.instances("nothing").is_empty());
@@ -430,45 +432,25 @@ mod tests {
 
     #[test]
     fn duplicates_and_no_op_updates_are_dropped() {
-        let mut s = Snapshot::default();
-        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        let mut s = synced(vec![inst("calc", 1, 1)]);
         // Same revision again, and an older one: ignored.
-        let out = apply(
-            &mut s,
-            events(
-                "r1",
-                vec![event(EventKindPb::Updated, 5, inst("calc", 1, 7))],
-            ),
-        );
+        let out = apply(&mut s, one(EventKindPb::Updated, 5, inst("calc", 1, 7)));
         assert!(out.changes.is_empty());
         assert_eq!(s.instances("calc")[0].weight, 1);
         // A newer update that changes nothing a caller sees.
         let mut relabelled = inst("calc", 1, 1);
         relabelled.lease_id = 99;
-        let out = apply(
-            &mut s,
-            events("r1", vec![event(EventKindPb::Updated, 6, relabelled)]),
-        );
+        let out = apply(&mut s, one(EventKindPb::Updated, 6, relabelled));
         assert!(out.changes.is_empty());
         // Removing what is not there.
-        let out = apply(
-            &mut s,
-            events(
-                "r1",
-                vec![event(EventKindPb::Removed, 7, inst("calc", 5, 1))],
-            ),
-        );
+        let out = apply(&mut s, one(EventKindPb::Removed, 7, inst("calc", 5, 1)));
         assert!(out.changes.is_empty());
         assert_eq!(s.revision, 7);
     }
 
     #[test]
     fn reconnect_to_the_same_registry_diffs_the_snapshot() {
-        let mut s = Snapshot::default();
-        apply(
-            &mut s,
-            reset("r1", 5, vec![inst("calc", 1, 1), inst("calc", 2, 1)]),
-        );
+        let mut s = synced(vec![inst("calc", 1, 1), inst("calc", 2, 1)]);
         let out = apply(
             &mut s,
             reset("r1", 9, vec![inst("calc", 2, 4), inst("calc", 3, 1)]),
@@ -486,11 +468,7 @@ mod tests {
 
     #[test]
     fn restarted_registry_keeps_stale_fallbacks_until_reregistered() {
-        let mut s = Snapshot::default();
-        apply(
-            &mut s,
-            reset("r1", 5, vec![inst("calc", 1, 1), inst("echo", 2, 1)]),
-        );
+        let mut s = synced(vec![inst("calc", 1, 1), inst("echo", 2, 1)]);
         // The new registry knows nothing yet.
         let out = apply(&mut s, reset("r2", 0, vec![]));
         assert!(out.changes.is_empty());
@@ -513,13 +491,12 @@ mod tests {
 
     #[test]
     fn a_snapshot_in_several_messages_is_applied_whole() {
-        let mut s = Snapshot::default();
-        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        let mut s = synced(vec![inst("calc", 1, 1)]);
         let mut first = reset("r1", 9, vec![inst("calc", 1, 1), inst("calc", 2, 1)]);
         first.more = true;
-        let mut middle = events("r1", vec![event(EventKindPb::Added, 9, inst("calc", 3, 1))]);
+        let mut middle = one(EventKindPb::Added, 9, inst("calc", 3, 1));
         middle.more = true;
-        let last = events("r1", vec![event(EventKindPb::Added, 9, inst("echo", 4, 1))]);
+        let last = one(EventKindPb::Added, 9, inst("echo", 4, 1));
         let mut partial = Partial::default();
         let mut join = |msg| join_parts(&mut partial, msg, SNAPSHOT_LIMITS).expect("within limits");
         assert!(join(first).is_none());
@@ -545,10 +522,7 @@ mod tests {
         assert!(join(unfinished).is_none());
         let fresh = join(reset("r1", 11, vec![inst("calc", 8, 1)])).expect("complete");
         assert_eq!(fresh.events.len(), 1);
-        let plain = events(
-            "r1",
-            vec![event(EventKindPb::Added, 12, inst("calc", 9, 1))],
-        );
+        let plain = one(EventKindPb::Added, 12, inst("calc", 9, 1));
         assert!(join(plain).is_some());
         assert!(partial.head.is_none());
     }
@@ -560,7 +534,7 @@ mod tests {
             bytes: 100_000,
         };
         let part = |n: u32| {
-            let mut msg = events("r1", vec![event(EventKindPb::Added, 9, inst("calc", n, 1))]);
+            let mut msg = one(EventKindPb::Added, 9, inst("calc", n, 1));
             msg.more = true;
             msg
         };
@@ -607,7 +581,7 @@ mod tests {
         let mut outcomes = Vec::new();
         outcomes.push(join_parts(&mut partial, first, limits));
         for n in 1..5 {
-            let mut msg = events("r1", vec![event(EventKindPb::Added, 9, big(n))]);
+            let mut msg = one(EventKindPb::Added, 9, big(n));
             msg.more = true;
             outcomes.push(join_parts(&mut partial, msg, limits));
         }
@@ -621,8 +595,7 @@ mod tests {
 
     #[test]
     fn live_instances_shadow_stale_ones() {
-        let mut s = Snapshot::default();
-        apply(&mut s, reset("r1", 5, vec![inst("calc", 1, 1)]));
+        let mut s = synced(vec![inst("calc", 1, 1)]);
         apply(&mut s, reset("r2", 1, vec![inst("calc", 7, 1)]));
         assert_eq!(ports(&s, "calc"), vec![7]);
     }
