@@ -52,6 +52,23 @@ async fn unary_call(
     Ok(reply.into_inner())
 }
 
+/// Whether 40 calls in a row of echo's `method` over `grpc` are served by
+/// exactly the addresses `want` (`None` if not, or if one fails): polled
+/// until they are.
+async fn served_by(
+    mut grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    method: prost_reflect::MethodDescriptor,
+    want: BTreeSet<String>,
+) -> Option<BTreeSet<String>> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..40 {
+        grpc.ready().await.ok()?;
+        let reply = unary_call(&mut grpc, &method, &["message=hi"]).await.ok()?;
+        seen.insert(reply.get_field_by_name("served_by")?.as_str()?.to_string());
+    }
+    (seen == want).then_some(seen)
+}
+
 /// A registry with two node hosts serving `plugin` (weight 1 each), and a
 /// directory that lists both.
 async fn two_nodes(plugin: &str) -> (Registry, Node, Node, Directory, Descriptors) {
@@ -249,19 +266,7 @@ async fn balanced_channel_follows_the_registry() {
     let mut b = node(registry.addr, &both(1, 1));
     wait_for(&directory, "echo", 2).await;
     let grpc = tonic::client::Grpc::new(balanced_channel(&directory, "echo"));
-    // Polls until 40 calls in a row are served by exactly `want`.
-    let served_by = |want: BTreeSet<String>| {
-        let (mut grpc, method) = (grpc.clone(), method.clone());
-        async move {
-            let mut seen = BTreeSet::new();
-            for _ in 0..40 {
-                grpc.ready().await.ok()?;
-                let reply = unary_call(&mut grpc, &method, &["message=hi"]).await.ok()?;
-                seen.insert(reply.get_field_by_name("served_by")?.as_str()?.to_string());
-            }
-            (seen == want).then_some(seen)
-        }
-    };
+    let served_by = |want: BTreeSet<String>| served_by(grpc.clone(), method.clone(), want);
     let a_and_b: BTreeSet<String> = [a.addr.to_string(), b.addr.to_string()].into();
     let seen = eventually(READY_TIMEOUT, "calls served by both nodes", || {
         served_by(a_and_b.clone())
@@ -278,6 +283,55 @@ async fn balanced_channel_follows_the_registry() {
     })
     .await;
     drop(grpc);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_registry_restart_the_balanced_channel_drops_stale_instances_once_live_ones_return()
+{
+    let mut registry = Registry::start(&[]);
+    let addr = registry.addr;
+    let a = node(addr, "[plugins.echo]\nweight = 1\n");
+    let mut b = node(addr, "[plugins.echo]\nweight = 1\n");
+    // A grace period longer than the test: B must leave the channel because
+    // A is live again, not because the period ended.
+    let directory = Directory::with_grace(&addr.to_string(), Duration::from_secs(600)).unwrap();
+    directory.wait_synced(READY_TIMEOUT).await.unwrap();
+    wait_for(&directory, "echo", 2).await;
+    let descriptors = Descriptors::new(directory.clone());
+    let echo = descriptors.get("echo").await.unwrap();
+    let method = echo.methods().find(|m| m.name() == "Echo").unwrap();
+    let grpc = tonic::client::Grpc::new(balanced_channel(&directory, "echo"));
+    let a_and_b: BTreeSet<String> = [a.addr.to_string(), b.addr.to_string()].into();
+    eventually(READY_TIMEOUT, "calls served by both nodes", || {
+        served_by(grpc.clone(), method.clone(), a_and_b.clone())
+    })
+    .await;
+
+    // The registry goes, then B, unseen: the directory still lists B.
+    let old_id = directory.snapshot().registry_id.clone();
+    registry.process.kill9();
+    eventually(READY_TIMEOUT, "the directory notices", || async {
+        (!directory.snapshot().connected).then_some(())
+    })
+    .await;
+    b.process.kill9();
+    let _registry = Registry::start_on(&addr.to_string(), &[]);
+    // A registers with the new registry; B cannot, and stays as a stale
+    // fallback that the live A shadows: no change is broadcast for it.
+    eventually(READY_TIMEOUT, "A live on the new registry", || async {
+        let s = directory.snapshot();
+        (s.registry_id != old_id && !s.is_stale("echo") && s.instances("echo").len() == 1)
+            .then_some(())
+    })
+    .await;
+    assert!(directory.snapshot().has_stale("echo"));
+    let only_a: BTreeSet<String> = [a.addr.to_string()].into();
+    eventually(
+        READY_TIMEOUT,
+        "calls served by A only, none failing",
+        || served_by(grpc.clone(), method.clone(), only_a.clone()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
