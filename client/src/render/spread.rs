@@ -66,3 +66,58 @@ pub fn policy_name(policy: PolicyKind) -> String {
         .map(|v| v.get_name().to_string())
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(port: u32, weight: u32) -> Instance {
+        Instance {
+            host: "10.0.0.1".into(),
+            port,
+            weight,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn shares_next_to_the_weights_and_departed_instances_at_weight_0() {
+        let served: BTreeMap<String, u32> = [
+            ("10.0.0.1:1".to_string(), 3),
+            ("10.0.0.1:2".to_string(), 1),
+            ("10.0.0.1:9".to_string(), 4),
+        ]
+        .into();
+        let table = spread_table(
+            &[inst(1, 3), inst(2, 1)],
+            "calc",
+            PolicyKind::WeightedRoundRobin,
+            &served,
+            2,
+        );
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "8 calls to calc (weighted-round-robin), 2 failed");
+        // 10.0.0.1:9 served calls and left: weight 0, counted as 1.
+        assert_eq!(
+            lines[1..],
+            [
+                "instance                 weight  expected   calls   share",
+                "10.0.0.1:1                    3     60.0%       3   37.5%",
+                "10.0.0.1:2                    1     20.0%       1   12.5%",
+                "10.0.0.1:9                    0     20.0%       4   50.0%",
+            ]
+        );
+        // Unweighted policies expect equal shares.
+        let table = spread_table(
+            &[inst(1, 3), inst(2, 1)],
+            "calc",
+            PolicyKind::Random,
+            &BTreeMap::new(),
+            0,
+        );
+        assert!(
+            table.contains("10.0.0.1:1                    3     50.0%       0    0.0%"),
+            "{table}"
+        );
+    }
+}

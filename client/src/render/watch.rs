@@ -22,3 +22,34 @@ pub fn connection_line(connected: bool) -> &'static str {
         "! registry unreachable; retrying (keeping the last known state)"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::directory::RemovalCause;
+    use registry_proto::registry::v1::{Instance, RemovalReason};
+
+    #[test]
+    fn one_line_per_change_with_the_cause_of_a_removal() {
+        let instance = Instance {
+            service: "calc".into(),
+            host: "::1".into(),
+            port: 5,
+            weight: 2,
+            ..Default::default()
+        };
+        let line = |kind| {
+            change_line(&Change {
+                kind,
+                instance: instance.clone(),
+            })
+        };
+        assert_eq!(line(ChangeKind::Added), "+ calc [::1]:5 weight=2");
+        assert_eq!(line(ChangeKind::Updated), "~ calc [::1]:5 weight=2");
+        let expired = RemovalCause::Registry(RemovalReason::LeaseExpired);
+        assert_eq!(
+            line(ChangeKind::Removed(expired)),
+            "- calc [::1]:5 (lease expired)"
+        );
+    }
+}
