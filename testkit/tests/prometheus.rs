@@ -50,9 +50,10 @@ fn start_node(registry: SocketAddr, toml: &str) -> Node {
     }
 }
 
-fn start_registry() -> (Process, SocketAddr, SocketAddr) {
+/// A registry on `listen` with `--http` on `http` (port 0: a free one).
+fn start_registry(listen: &str, http: &str) -> (Process, SocketAddr, SocketAddr) {
     let mut cmd = testkit::command("registry");
-    cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+    cmd.args(["--listen", listen, "--http", http])
         .env_remove("REGISTRY_READ_TOKEN")
         .env_remove("REGISTRY_WRITE_TOKEN");
     let process = Process::spawn("registry", cmd);
@@ -203,7 +204,8 @@ async fn add(node: SocketAddr, times: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prometheus_scrapes_calls_instances_and_removals() {
-    let (_registry, registry, registry_http) = start_registry();
+    let (mut first_registry, registry, registry_http) =
+        start_registry("127.0.0.1:0", "127.0.0.1:0");
     let mut a = start_node(registry, "[plugins.calculator]\nweight = 2\n");
     let mut b = start_node(
         registry,
@@ -318,6 +320,24 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         1.0,
     );
     eventually_equals(prom, &reloads("applied", "none"), 2.0);
+    eventually_equals(prom, "registry_instances{service=\"calculator\"}", 1.0);
+
+    // The registry restarts, empty, on the same addresses: a is granted a
+    // new lease (a re-grant) and registers again, its only GrantLease there.
+    first_registry.kill9();
+    let (_registry, again, again_http) =
+        start_registry(&registry.to_string(), &registry_http.to_string());
+    assert_eq!((again, again_http), (registry, registry_http));
+    eventually_equals(
+        prom,
+        &format!("node_host_lease_regrants_total{{instance=\"{}\"}}", a.http),
+        1.0,
+    );
+    eventually_equals(
+        prom,
+        "registry_grpc_requests_total{method=\"GrantLease\",code=\"OK\"}",
+        1.0,
+    );
     eventually_equals(prom, "registry_instances{service=\"calculator\"}", 1.0);
 
     // a quits: its lease is revoked with its last instance.

@@ -361,6 +361,58 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_in_parts_is_applied_whole_then_changes_are_fanned_out() {
+        let fleet = Fleet {
+            view: Arc::default(),
+            updates: broadcast::channel(4).0,
+        };
+        let mut updates = fleet.updates.subscribe();
+        let part = |id: &str, more: bool, reset: bool| {
+            let mut e = event(Kind::Added, 1, RemovalReason::Unspecified);
+            if let Some(i) = e.instance.as_mut() {
+                i.instance_id = id.into();
+            }
+            pb::WatchResponse {
+                reset,
+                revision: 5,
+                events: vec![e],
+                more,
+                ..Default::default()
+            }
+        };
+        fleet.apply(part("a", true, true));
+        assert!(
+            fleet.lock().instances.is_empty(),
+            "half a snapshot is not applied"
+        );
+        fleet.apply(part("b", false, false));
+        assert_eq!(fleet.lock().instances.len(), 2);
+        assert!(matches!(updates.try_recv(), Ok(Update::Reset)));
+
+        let mut removed = event(Kind::Removed, 1, RemovalReason::LeaseRevoked);
+        removed.revision = 6;
+        if let Some(i) = removed.instance.as_mut() {
+            i.instance_id = "a".into();
+        }
+        fleet.apply(pb::WatchResponse {
+            revision: 6,
+            events: vec![removed],
+            ..Default::default()
+        });
+        match updates.try_recv() {
+            Ok(Update::Changes(json)) => assert!(json.contains("lease revoked"), "{json}"),
+            other => panic!("{other:?}"),
+        }
+        let (snapshot, _) = fleet.subscribe();
+        let snapshot: Value = serde_json::from_str(&snapshot).unwrap();
+        assert_eq!(snapshot["revision"], 6);
+        assert_eq!(snapshot["instances"].as_array().unwrap().len(), 1);
+        assert_eq!(snapshot["feed"][0]["reason"], "lease revoked");
+        // Lease ids are strings: JavaScript numbers lose u64 precision.
+        assert_eq!(snapshot["instances"][0]["lease"], "9");
+    }
+
+    #[test]
     fn a_rebuild_keeps_what_did_not_change() {
         let mut view = View::default();
         view.change(event(Kind::Added, 3, RemovalReason::Unspecified), 1000);
