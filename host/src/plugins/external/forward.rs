@@ -136,6 +136,12 @@ where
             };
             match channel.oneshot(req.map(Body::new)).await {
                 Ok(response) => Ok(response),
+                // The channel applies the call's grpc-timeout too: that is
+                // the caller's deadline, not an unreachable plugin.
+                Err(e) if timed_out(&e) => Ok(Status::deadline_exceeded(format!(
+                    "plugin {plugin} ({service}) did not answer before the deadline"
+                ))
+                .into_http()),
                 Err(e) => Ok(Status::unavailable(format!(
                     "plugin {plugin} ({service}) cannot be reached: {e}"
                 ))
@@ -143,4 +149,16 @@ where
             }
         })
     }
+}
+
+/// Whether `error` is the call's own deadline passing.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }

@@ -192,6 +192,8 @@ impl Supervisor {
                 End::Wrong(why)
             }
             Ended::Stop(done) => {
+                // Stopped while starting, it may hold its service already.
+                self.mounter.unmount(&self.name);
                 let how = process.stop(grace).await;
                 info!("plugin {} stopped: it {how}", self.name);
                 End::Stopped(done)
