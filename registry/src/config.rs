@@ -28,6 +28,8 @@ pub struct Config {
     pub watch: WatchLimits,
     /// The HTTP listener's limits (metrics and dashboard).
     pub http: crate::http::HttpConfig,
+    /// The DNS interface (`--dns`); `None`: off.
+    pub dns: Option<crate::dns::DnsConfig>,
 }
 
 /// Lease TTL bounds.

@@ -41,12 +41,15 @@
 //!   registry's own watch; `http/assets/`: page, script, style).
 //! - [`xds`]: the registry as an xDS control plane (ADS) for proxyless
 //!   gRPC clients dialing `xds:///SERVICE`.
+//! - [`dns`]: the DNS interface (`--dns`): A, AAAA and SRV records of
+//!   `SERVICE.service.DOMAIN`, answered from xDS's view of the registry.
 //! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
 //! - `bin/registry.rs`: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod config;
+pub mod dns;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -69,6 +69,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The DNS interface could not start.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
 }
 
 /// Serves a registry with `config` on `listener` until `shutdown` resolves,
@@ -124,6 +127,10 @@ pub async fn run_with_http(
 
     let peers = PeerLimits::new(config.peers);
     let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop_rx.clone());
+    let _dns = match config.dns {
+        Some(dns) => Some(crate::dns::start(dns, snapshots.clone(), stop_rx.clone()).await?),
+        None => None,
+    };
     let xds = XdsService::new(snapshots, peers.clone(), stop_rx.clone()).into_server();
     let service = RegistryService::new(watchers, stop_rx.clone(), peers);
     let registry = RegistryServer::new(service.clone())

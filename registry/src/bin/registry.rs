@@ -104,6 +104,14 @@ struct Args {
     /// refused with 503.
     #[arg(long, value_name = "N", default_value_t = registry::http::DEFAULT_MAX_DASHBOARD_CLIENTS)]
     max_dashboard_clients: usize,
+    /// Also answer DNS on this address, UDP and TCP (e.g. 127.0.0.1:8600):
+    /// A, AAAA and SRV records of SERVICE.service.DOMAIN, TTL 2 s. Off by
+    /// default. Logged as `DNS listening addr=<ip>:<port>` once bound.
+    #[arg(long, value_name = "IP:PORT")]
+    dns: Option<SocketAddr>,
+    /// The DNS zone answered for with --dns: names are SERVICE.service.DOMAIN.
+    #[arg(long, value_name = "DOMAIN", default_value = registry::dns::DEFAULT_DOMAIN)]
+    dns_domain: String,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -117,6 +125,7 @@ const EXAMPLES: &str = "Examples:
   registry --max-registrations-per-sec-per-ip 0   # benchmarks from one machine
   registry --tls-cert reg.pem --tls-key reg-key.pem
   registry --http 0.0.0.0:8080              # metrics at /metrics, dashboard at /
+  registry --dns 127.0.0.1:8600             # dig @127.0.0.1 -p 8600 calculator.service.registry SRV
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
@@ -168,7 +177,13 @@ async fn main() -> anyhow::Result<()> {
         http: registry::http::HttpConfig {
             max_dashboard_clients: args.max_dashboard_clients,
         },
+        dns: args.dns.map(|addr| registry::dns::DnsConfig {
+            addr,
+            domain: args.dns_domain.clone(),
+        }),
     };
+    // A bad zone name is refused before anything listens.
+    registry::dns::parse_domain(&args.dns_domain)?;
     let shutdown = shutdown_signal()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

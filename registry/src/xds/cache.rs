@@ -41,6 +41,13 @@ pub struct Service {
     pub assignment: Any,
 }
 
+impl Service {
+    /// Its instances, by instance id.
+    pub fn instances(&self) -> impl Iterator<Item = &Backend> {
+        self.instances.values()
+    }
+}
+
 /// The state every ADS stream serves from.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {

@@ -75,6 +75,14 @@ pub struct Backend {
     pub weight: u32,
 }
 
+impl Backend {
+    /// The host as an IP address, `None` for a DNS name.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        host.parse().ok()
+    }
+}
+
 /// The Listener of `service`: an API listener whose only route sends every
 /// call to the cluster of the same name.
 pub fn listener(service: &str) -> Any {
@@ -154,11 +162,10 @@ pub fn assignment<'a>(
         if e.weight == 0 {
             continue;
         }
-        let host = e.host.trim_start_matches('[').trim_end_matches(']');
-        if host.parse::<std::net::IpAddr>().is_err() {
+        let Some(ip) = e.ip() else {
             named += 1;
             continue;
-        }
+        };
         localities.push(LocalityLbEndpoints {
             locality: Some(Locality {
                 region: REGION.to_string(),
@@ -169,7 +176,7 @@ pub fn assignment<'a>(
                 host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
                     address: Some(Address {
                         address: Some(AddressKind::SocketAddress(SocketAddress {
-                            address: host.to_string(),
+                            address: ip.to_string(),
                             port_specifier: Some(PortSpecifier::PortValue(e.port)),
                             ..Default::default()
                         })),
