@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use common::{CHANGE, Node, resolve};
 use registry_proto::registry::v1::WatchRequest;
 use testkit::{Process, READY_TIMEOUT, Registry, command};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -204,63 +205,61 @@ async fn an_external_plugin_is_called_through_the_client_like_a_built_in_one() {
         .wait_for_line("plugin inventory: INFO put apple = 3", CHANGE);
 }
 
+/// Bytes in, bytes out: what the node must pass through untouched.
+#[derive(Default)]
+struct Raw;
+impl Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+impl Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+impl Decoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut out = vec![0; src.remaining()];
+        src.copy_to_slice(&mut out);
+        Ok(Some(out))
+    }
+}
+/// Protobuf: field `number`, length-delimited.
+fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![(number << 3) | 2];
+    let mut len = bytes.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            out.push(byte);
+            break;
+        }
+        out.push(byte | 0x80);
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
 /// A raw gRPC call through the node: metadata both ways, trailing metadata,
 /// status, and a message over a megabyte, byte for byte.
 #[tokio::test]
 async fn forwarding_keeps_metadata_trailers_and_large_messages() {
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-
-    /// Bytes in, bytes out: what the node must pass through untouched.
-    #[derive(Default)]
-    struct Raw;
-    impl Codec for Raw {
-        type Encode = Vec<u8>;
-        type Decode = Vec<u8>;
-        type Encoder = Raw;
-        type Decoder = Raw;
-        fn encoder(&mut self) -> Raw {
-            Raw
-        }
-        fn decoder(&mut self) -> Raw {
-            Raw
-        }
-    }
-    impl Encoder for Raw {
-        type Item = Vec<u8>;
-        type Error = tonic::Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-            use bytes::BufMut;
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-    impl Decoder for Raw {
-        type Item = Vec<u8>;
-        type Error = tonic::Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-            use bytes::Buf;
-            let mut out = vec![0; src.remaining()];
-            src.copy_to_slice(&mut out);
-            Ok(Some(out))
-        }
-    }
-    /// Protobuf: field `number`, length-delimited.
-    fn field(number: u8, bytes: &[u8]) -> Vec<u8> {
-        let mut out = vec![(number << 3) | 2];
-        let mut len = bytes.len();
-        loop {
-            let byte = (len & 0x7f) as u8;
-            len >>= 7;
-            if len == 0 {
-                out.push(byte);
-                break;
-            }
-            out.push(byte | 0x80);
-        }
-        out.extend_from_slice(bytes);
-        out
-    }
-
     let registry = Registry::start(&[]);
     let node = Node::start(registry.addr, &inventory_table(1, ""));
     node.process.wait_for_line(
@@ -637,4 +636,70 @@ async fn a_plugin_never_healthy_times_out_naming_its_health() {
     let mut client = registry.client().await;
     assert!(resolve(&mut client, "inventory").await.is_empty());
     wait_instances(&registry, "calculator", 1).await;
+}
+
+#[tokio::test]
+async fn the_nodes_tls_covers_an_external_plugin() {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+    let registry = Registry::start(&[]);
+    let dir = testkit::TempDir::new("external-tls");
+    let ca = testkit::certs::TestCa::new(dir.path(), "test");
+    let server = ca.server("node", &["127.0.0.1", "localhost"]);
+    let node = Node::start_with(
+        registry.addr,
+        &inventory_table(1, ""),
+        &[
+            "--advertise",
+            "127.0.0.1",
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+        ],
+    );
+    node.process.wait_for_line(
+        "plugin inventory (inventory.v1.Inventory) is SERVING",
+        PLUGIN_READY,
+    );
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&ca.ca_pem).unwrap()))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{}", node.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let reply = grpc
+        .unary(
+            tonic::Request::new(field(1, b"over-tls")),
+            http::uri::PathAndQuery::from_static("/inventory.v1.Inventory/Put"),
+            Raw,
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reply.windows(8).any(|w| w == b"over-tls"), "{reply:?}");
+    // Plaintext is refused (at connect or at the call).
+    let plain = match Channel::from_shared(node.url()).unwrap().connect().await {
+        Ok(channel) => {
+            let mut grpc = tonic::client::Grpc::new(channel);
+            match grpc.ready().await {
+                Err(_) => true,
+                Ok(()) => grpc
+                    .unary(
+                        tonic::Request::new(field(1, b"plain")),
+                        http::uri::PathAndQuery::from_static("/inventory.v1.Inventory/Put"),
+                        Raw,
+                    )
+                    .await
+                    .is_err(),
+            }
+        }
+        Err(_) => true,
+    };
+    assert!(plain);
 }
