@@ -279,7 +279,7 @@ struct JsonReport<'a> {
 }
 
 fn main() -> Result<()> {
-    registry_proto::logging::init();
+    support::logging::init();
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
     if let Some(Helper::HoldEtcdLease {

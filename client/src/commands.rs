@@ -15,8 +15,8 @@ use crate::render;
 use crate::resolve::{ResolveError, find_service, resolve};
 use crate::status::status_text;
 use clap::{Args, Subcommand};
-use registry_proto::security::SecurityError;
 use std::time::Duration;
+use support::SecurityError;
 use thiserror::Error;
 use tokio::sync::broadcast::error::RecvError;
 

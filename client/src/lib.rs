@@ -9,8 +9,8 @@
 //! # Layout
 //! In layers: each module uses only those listed before it (and `status`,
 //! `names`, `codec`, `lb`, which use nothing of this crate).
-//! - [`connect`]: TLS and the registry token ([`Connector`]), for the
-//!   registry and every instance.
+//! - [`Connector`] (from the `registry-support` crate): TLS and the
+//!   registry token, for the registry and every instance.
 //! - [`status`]: a gRPC status as one readable line.
 //! - [`directory`]: a live local copy of the registry's instances (Watch),
 //!   reconnection with backoff, stale fallbacks after a registry restart
@@ -71,7 +71,6 @@ pub mod call;
 pub mod channel;
 pub mod codec;
 pub mod commands;
-pub mod connect;
 pub mod descriptors;
 pub mod directory;
 #[doc(hidden)]
@@ -86,9 +85,9 @@ pub mod session;
 pub mod status;
 
 pub use channel::balanced_channel;
-pub use connect::Connector;
 pub use descriptors::Descriptors;
 pub use directory::Directory;
+pub use support::Connector;
 
 #[cfg(test)]
 mod test_protos;

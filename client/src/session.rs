@@ -3,14 +3,14 @@
 //! prompt ([`repl`](crate::repl)) when none is.
 
 use crate::commands::{Command, CommandError, execute, request_from_stdin};
-use crate::connect::Connector;
 use crate::descriptors::Descriptors;
 use crate::directory::{Directory, DirectoryError};
 use crate::render;
 use crate::repl::repl;
-use registry_proto::security::TlsArgs;
 use std::io::IsTerminal;
 use std::time::Duration;
+use support::Connector;
+use support::TlsArgs;
 
 /// How to reach the registry.
 #[derive(Debug, Clone)]

@@ -4,7 +4,7 @@
 //! One set per process ([`get`]): the hooks where things happen (a reload
 //! applied or refused, a lease granted) are one line each. The calls the
 //! node serves are counted by the shared gRPC layer
-//! (`registry_proto::metrics`) around every plugin; which plugins are
+//! (`support::metrics`) around every plugin; which plugins are
 //! registered is read from the registrar at each scrape.
 //!
 //! Every metric is listed in README's "Metrics" table.
@@ -13,7 +13,7 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
-use registry_proto::metrics::GrpcMetrics;
+use support::metrics::GrpcMetrics;
 use tokio::net::TcpListener;
 
 use crate::config::ConfigError;
@@ -169,7 +169,7 @@ pub fn render(node: &Node) -> String {
             .with_label_values(&[plugin])
             .set(i64::from(registered.contains_key(plugin)));
     }
-    registry_proto::metrics::render(&metrics.registry)
+    support::metrics::render(&metrics.registry)
 }
 
 /// Serves `/metrics` on `listener` until `shutdown` resolves.
@@ -184,16 +184,13 @@ pub async fn serve(
             let text = render(&node);
             async move {
                 (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        registry_proto::metrics::TEXT_FORMAT,
-                    )],
+                    [(http::header::CONTENT_TYPE, support::metrics::TEXT_FORMAT)],
                     text,
                 )
             }
         }),
     );
-    registry_proto::metrics::serve_http(listener, router, shutdown).await
+    support::metrics::serve_http(listener, router, shutdown).await
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ use crate::plugins::external::forward::{Forwarder, Table};
 use crate::plugins::external::{self, ExternalPlugins, Mounter};
 use crate::reflection::Reflection;
 use crate::registration::{Registrar, Settings};
-use registry_proto::security::{BearerToken, TlsArgs};
+use support::Connector;
 
 /// How long a removal waits for the registry to confirm the deregistration
 /// before the plugin stops being served anyway (the registry may be down).
@@ -49,7 +49,7 @@ pub const DEREGISTER_WAIT: Duration = Duration::from_secs(3);
 pub enum NodeError {
     /// A plugin's descriptors could not be loaded into server reflection.
     #[error("server reflection: {0}")]
-    Reflection(#[from] registry_proto::reflection::ReflectionError),
+    Reflection(#[from] support::reflection::ReflectionError),
 }
 
 /// How to reach the registry.
@@ -59,10 +59,8 @@ pub struct Registry {
     pub addr: String,
     /// Lease TTL to ask for; `None` takes the registry's default.
     pub lease_ttl_ms: Option<u64>,
-    /// TLS towards it.
-    pub tls: TlsArgs,
-    /// Its write token.
-    pub token: BearerToken,
+    /// TLS towards it, and its write token.
+    pub connector: Connector,
 }
 
 /// Which restart-only settings the command line sets. The file's values for
@@ -181,8 +179,7 @@ impl Node {
             advertised,
             lease_ttl_ms: registry.lease_ttl_ms,
             plugins,
-            tls: registry.tls,
-            token: registry.token,
+            connector: registry.connector,
         }));
         let table = Table::default();
         let mounter = Mounter::new(

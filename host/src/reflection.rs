@@ -1,6 +1,6 @@
 //! Server reflection (v1 and v1alpha) that lists what is MOUNTED right now.
 //!
-//! The service itself is the shared [`registry_proto::reflection`] (it
+//! The service itself is the shared [`support::reflection`] (it
 //! answers like grpc-go's: each version describes every listed service,
 //! misses come back in the stream). Descriptors of every known plugin stay
 //! loaded, so looking up a symbol of an unmounted plugin still works; it is
@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use prost_types::FileDescriptorSet;
-use registry_proto::reflection::{self, ReflectionError};
+use support::reflection::{self, ReflectionError};
 use tonic::service::RoutesBuilder;
 
 /// Both reflection services and what they list.

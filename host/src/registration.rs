@@ -35,7 +35,7 @@ use registry_proto::registry::v1::{
     DeregisterRequest, GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
     RegisterResponse, RevokeLeaseRequest,
 };
-use registry_proto::security::{BearerToken, RegistryConn, TlsArgs, registry_client};
+use support::{AbortOnDropHandle, Backoff, Connector, RegistryConn};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -95,10 +95,9 @@ pub struct Settings {
     pub lease_ttl_ms: Option<u64>,
     /// Every plugin this node knows (for proto names and descriptors).
     pub plugins: Vec<Arc<dyn Plugin>>,
-    /// TLS towards the registry (`--tls-ca`, and a client certificate).
-    pub tls: TlsArgs,
-    /// The registry's write token, sent on every call.
-    pub token: BearerToken,
+    /// TLS towards the registry (`--tls-ca`, and a client certificate),
+    /// and its write token, sent on every call.
+    pub connector: Connector,
 }
 
 /// Why a session with the registry ended badly.
@@ -332,49 +331,6 @@ pub fn registered_matches(registered: &Registered, want: &BTreeMap<String, Plugi
             .all(|(n, p)| registered.get(n).is_some_and(|r| r.same_registration(p)))
 }
 
-/// Exponential backoff with jitter: each delay is drawn between half and
-/// all of a ceiling that doubles from [`BACKOFF_START`] to [`BACKOFF_MAX`].
-/// Jitter keeps a room full of nodes from reconnecting in lockstep after a
-/// registry restart.
-#[derive(Debug)]
-pub struct Backoff {
-    /// The current ceiling.
-    ceiling: Duration,
-    /// Failures since the last success.
-    failures: u32,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            ceiling: BACKOFF_START,
-            failures: 0,
-        }
-    }
-}
-
-impl Backoff {
-    /// Failures since the last success.
-    pub fn failures(&self) -> u32 {
-        self.failures
-    }
-
-    /// Records a failure and returns the delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let ceiling = self.ceiling;
-        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
-        let ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
-        Duration::from_millis(rand::random_range(ms / 2..=ms))
-    }
-
-    /// Back to the shortest delay, after a success.
-    pub fn reset(&mut self) {
-        self.ceiling = BACKOFF_START;
-        self.failures = 0;
-    }
-}
-
 /// How a session ended.
 enum SessionEnd {
     /// Paused: the lease was revoked; wait for `r`.
@@ -402,7 +358,7 @@ async fn run(
     mut desired: watch::Receiver<Desired>,
     reached: watch::Sender<Reached>,
 ) -> u32 {
-    let mut backoff = Backoff::default();
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     // The last settings the registry accepted for each plugin, kept across
     // sessions: what is registered again after a registry restart when it
     // refuses the newer ones.
@@ -489,30 +445,20 @@ struct Held {
     instance_id: String,
 }
 
-/// Aborts a task when dropped, so a session's heartbeat dies with it.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A session ready to register: connected, lease granted and attached to
 /// its KeepAlive stream.
 struct Started {
     client: RegistryConn,
     lease: Lease,
     /// The heartbeat task; ends only with the reason the stream failed.
-    heartbeat: JoinHandle<SessionError>,
-    /// Stops the heartbeat when the session ends.
-    _stop_heartbeat: AbortOnDrop,
+    /// Aborted when the session ends.
+    heartbeat: AbortOnDropHandle<SessionError>,
 }
 
 /// Connects, grants the lease and attaches it to a KeepAlive stream.
 async fn start(settings: &Settings) -> Result<Started, SessionError> {
     let endpoint = settings
-        .tls
+        .connector
         .endpoint(&settings.registry)
         .map_err(|e| SessionError::Address(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT);
@@ -523,7 +469,7 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
             after: CONNECT_TIMEOUT * 2,
         })?
         .map_err(SessionError::Connect)?;
-    let mut client = registry_client(channel, settings.token.clone());
+    let mut client = settings.connector.registry(channel);
 
     let grant = call(
         "GrantLease",
@@ -543,8 +489,11 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         settings.registry, lease.id, lease.ttl
     );
     let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
-    let mut heartbeat = tokio::spawn(keep_alive(client.clone(), lease.clone(), attached_tx));
-    let stop_heartbeat = AbortOnDrop(heartbeat.abort_handle());
+    let mut heartbeat = AbortOnDropHandle::new(tokio::spawn(keep_alive(
+        client.clone(),
+        lease.clone(),
+        attached_tx,
+    )));
     // Register only once the registry has attached the lease to our
     // KeepAlive stream: a crash right after registering is then noticed at
     // once (the stream breaks), not only when the TTL runs out.
@@ -556,7 +505,6 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         client,
         lease,
         heartbeat,
-        _stop_heartbeat: stop_heartbeat,
     })
 }
 
@@ -587,7 +535,6 @@ async fn session(
         mut client,
         lease,
         mut heartbeat,
-        _stop_heartbeat,
     } = started;
 
     let mut held: BTreeMap<String, Held> = BTreeMap::new();
@@ -845,20 +792,20 @@ async fn register_paced(
     client: &mut RegistryConn,
     request: RegisterRequest,
 ) -> Result<RegisterResponse, SessionError> {
-    let mut pause = RATE_LIMIT_PAUSE;
-    let mut attempt = 0;
+    // No jitter: the pause is what the registry's refill needs, and the
+    // doubling is capped only by the number of retries.
+    let mut pauses = Backoff::new(RATE_LIMIT_PAUSE, Duration::MAX).without_jitter();
     loop {
         let result = call("Register", client.register(request.clone())).await;
         match &result {
             Err(SessionError::Rpc { status, .. })
                 if status.code() == Code::ResourceExhausted
                     && status.message().contains("per second")
-                    && attempt < RATE_LIMIT_RETRIES =>
+                    && pauses.failures() < RATE_LIMIT_RETRIES =>
             {
-                attempt += 1;
+                let pause = pauses.next_delay();
                 warn!("the registry asked to slow down; retrying in {pause:?}");
                 tokio::time::sleep(pause).await;
-                pause *= 2;
             }
             _ => return result,
         }
@@ -941,21 +888,6 @@ async fn keep_alive(
 mod tests {
     use super::*;
     use crate::config::WeightSource;
-
-    #[test]
-    fn backoff_doubles_to_the_cap_with_jitter() {
-        let mut b = Backoff::default();
-        let mut ceilings = vec![];
-        for _ in 0..8 {
-            let ceiling = b.ceiling;
-            let d = b.next_delay();
-            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} vs {ceiling:?}");
-            ceilings.push(ceiling.as_millis());
-        }
-        assert_eq!(ceilings, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);
-        b.reset();
-        assert!(b.next_delay() <= BACKOFF_START);
-    }
 
     #[test]
     fn matching_ignores_weight_source_but_not_weight() {

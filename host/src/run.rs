@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
@@ -16,7 +15,7 @@ use crate::node::{FixedByFlags, Node, NodeError, Registry};
 use crate::reload::WatchError;
 use crate::stdin::Command;
 use crate::{addr, plugins, reload, stdin};
-use registry_proto::security::{BearerToken, SecurityError, TlsArgs};
+use support::{CancellationToken, Connector, SecurityError, Signals, TlsArgs};
 
 /// The registry address used when neither flags nor file name one.
 pub const DEFAULT_REGISTRY: &str = "127.0.0.1:50051";
@@ -88,8 +87,7 @@ pub enum RunError {
 pub async fn run(opts: Options) -> Result<(), RunError> {
     // First of all: a signal that arrives while starting must shut down
     // cleanly too, not kill the process.
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut signals = Signals::install().map_err(RunError::Signal)?;
     let known = plugins::names();
     // Off the runtime, like every later read (see `reload`).
     let text = reload::read(&opts.config).await?;
@@ -102,8 +100,8 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     // Check security settings before anything starts, so mistakes end the
     // process at once rather than in a retry loop.
     let server_tls = opts.tls.server_config()?;
-    opts.tls.endpoint(&registry)?;
-    let token = BearerToken::new(opts.token.as_deref())?;
+    let connector = Connector::new(opts.tls.clone(), opts.token.as_deref())?;
+    connector.endpoint(&registry)?;
     let ip = addr::advertise_ip(opts.advertise.or(config.advertise), &registry).await;
     let port = opts.port.or(config.port).unwrap_or(0);
     let bind: SocketAddr = match ip {
@@ -125,8 +123,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         Registry {
             addr: registry.clone(),
             lease_ttl_ms: config.lease_ttl_ms,
-            tls: opts.tls.clone(),
-            token,
+            connector,
         },
         FixedByFlags {
             registry: opts.registry.is_some(),
@@ -153,14 +150,12 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     if let Some(tls) = server_tls {
         builder = builder.tls_config(tls)?;
     }
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = CancellationToken::new();
     let mut server = tokio::spawn(builder.add_routes(routes).serve_with_incoming_shutdown(
         // Not the builder's tcp_nodelay: it only reaches listeners tonic
         // binds itself. Without it, Nagle delays small replies ~40 ms.
         TcpIncoming::from(listener).with_nodelay(Some(true)),
-        async {
-            let _ = stop_rx.await;
-        },
+        stop.clone().cancelled_owned(),
     ));
     info!("{}: {config}", opts.config.display());
     node.apply(config).await;
@@ -193,8 +188,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
                 Some(cmd) => stdin::execute(cmd, &node).await,
                 None => stdin_open = false,
             },
-            _ = sigterm.recv() => { info!("SIGTERM: shutting down"); break }
-            _ = sigint.recv() => { info!("SIGINT: shutting down"); break }
+            signal = signals.recv() => { info!("{signal}: shutting down"); break }
             result = &mut server => {
                 // The server only ends by itself on an error or a panic: stop
                 // being listed, then fail (a supervisor restarting on failure
@@ -217,7 +211,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     ));
     // Deregistered already (the lease is gone): now stop the programs.
     node.stop_external().await;
-    let _ = stop_tx.send(());
+    stop.cancel();
     match tokio::time::timeout(DRAIN_WAIT, &mut server).await {
         Ok(Ok(Err(e))) => return Err(e.into()),
         Ok(_) => {}

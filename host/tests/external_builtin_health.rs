@@ -15,7 +15,7 @@ use node_host::plugin::{Plugin, WithHealth};
 use node_host::plugins::{calculator::CalculatorPlugin, echo::EchoPlugin};
 use registry_proto::echo::v1::EchoRequest;
 use registry_proto::echo::v1::echo_client::EchoClient;
-use registry_proto::security::{BearerToken, TlsArgs};
+use support::Connector;
 use testkit::Registry;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::HealthCheckRequest;
@@ -44,8 +44,7 @@ async fn a_built_in_plugin_that_says_not_serving_is_deregistered_and_comes_back(
         RegistryLink {
             addr: registry.addr.to_string(),
             lease_ttl_ms: None,
-            tls: TlsArgs::default(),
-            token: BearerToken::none(),
+            connector: Connector::plaintext(),
         },
         FixedByFlags::default(),
     )

@@ -19,7 +19,7 @@ use registry_proto::registry::v1::{
     ResolveResponse, RevokeLeaseRequest, RevokeLeaseResponse, UpdateRequest, UpdateResponse,
     WatchRequest, WatchResponse,
 };
-use registry_proto::security::{BearerToken, TlsArgs};
+use support::Connector;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::TcpIncoming;
@@ -244,8 +244,7 @@ fn registrar(registry: SocketAddr) -> Registrar {
         advertised: "127.0.0.1:7000".parse().unwrap(),
         lease_ttl_ms: None,
         plugins: node_host::plugins::all(),
-        tls: TlsArgs::default(),
-        token: BearerToken::none(),
+        connector: Connector::plaintext(),
     })
 }
 
@@ -368,8 +367,7 @@ async fn concurrent_reloads_apply_one_after_the_other() {
         node_host::node::Registry {
             addr: addr.to_string(),
             lease_ttl_ms: None,
-            tls: TlsArgs::default(),
-            token: BearerToken::none(),
+            connector: Connector::plaintext(),
         },
         FixedByFlags::default(),
     )

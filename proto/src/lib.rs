@@ -6,22 +6,22 @@
 //! encoded `FileDescriptorSet` of that file and its imports: the bytes a node
 //! sends to the registry so clients can learn its methods at run time.
 //!
-//! It also holds what every binary shares beyond the protocol:
-//! [`security`] (TLS flags, access tokens, the registry client type),
-//! [`logging`] (the `RUST_LOG` setup of every binary), [`metrics`] (the
-//! gRPC metrics layer and `/metrics` serving), [`descriptors`]
-//! (descriptor sets from the network, decoded without panicking),
-//! [`limits`] (the protocol's field limits, for the registry and the nodes)
-//! and [`reflection`] (server reflection v1 and v1alpha, as grpc-go answers).
+//! Only the protocol: the generated code, the descriptors, [`descriptors`]
+//! (descriptor sets from the network, decoded without panicking) and
+//! [`limits`] (the protocol's field limits, for the registry and the
+//! nodes). What the binaries share beyond it (TLS, tokens, the registry
+//! connector, backoff, signals, logging) is the `registry-support` crate.
+//!
+//! # Layout
+//! - `proto/`: the `.proto` files, compiled by `build.rs` with protox.
+//! - [`registry`], [`calculator`], [`echo`]: the generated code.
+//! - [`descriptors`]: decoding descriptor sets received from the network.
+//! - [`limits`]: the fixed field limits of the protocol.
 
 #![warn(missing_docs)]
 
 pub mod descriptors;
 pub mod limits;
-pub mod logging;
-pub mod metrics;
-pub mod reflection;
-pub mod security;
 
 /// `registry.v1`: the registry service and its messages.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]

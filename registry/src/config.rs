@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use registry_proto::security::TokenPolicy;
+use support::TokenPolicy;
 use tonic::transport::ServerTlsConfig;
 
 use crate::limits::{PeerConfig, Quotas};

@@ -11,7 +11,7 @@
 //! lock and hands the resulting events to its [`store::Publish`] sink (the
 //! watch hub, [`watch`]) before releasing it; errors become gRPC statuses in
 //! one place ([`error`]).
-//! Optional access tokens and TLS come from `registry_proto::security`,
+//! Optional access tokens and TLS come from the `support` crate (`registry-support`),
 //! shared with the node host and the client.
 //!
 //! # Layout

@@ -25,6 +25,12 @@
 //! peer that still finds the table full of active peers is charged to one
 //! bucket shared by all such peers, so a flood from many addresses gets one
 //! peer's budget between them, and the tracked peers keep theirs.
+//!
+//! Why not `governor`: its keyed limiter grows a map entry per key until
+//! `retain_recent` is called and has no notion of a capped table whose
+//! overflow shares one bucket, which is what bounds the memory a flood from
+//! many addresses can take here; and it runs on its own clock, while these
+//! buckets run on tokio's, so the tests pause and advance time.
 
 use std::collections::HashMap;
 use std::fmt;

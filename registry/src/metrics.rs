@@ -12,8 +12,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use registry_proto::metrics::GrpcMetrics;
 use registry_proto::registry::v1::RemovalReason;
+use support::metrics::GrpcMetrics;
 
 use crate::error::Error;
 use crate::watch::Watchers;
@@ -265,7 +265,7 @@ pub fn render(watchers: &Watchers) -> String {
     metrics
         .leases
         .set(i64::try_from(store.lease_count()).unwrap_or(i64::MAX));
-    registry_proto::metrics::render(&metrics.registry)
+    support::metrics::render(&metrics.registry)
 }
 
 #[cfg(test)]

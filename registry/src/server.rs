@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use registry_proto::registry::v1::registry_server::RegistryServer;
-use registry_proto::security::AuthLayer;
+use support::AuthLayer;
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -65,7 +65,7 @@ fn too_large_is_resource_exhausted(
 pub enum ServeError {
     /// The reflection service rejected the embedded descriptors (a build bug).
     #[error("cannot build the reflection service: {0}")]
-    Reflection(#[from] registry_proto::reflection::ReflectionError),
+    Reflection(#[from] support::reflection::ReflectionError),
     /// The transport failed.
     #[error("transport error: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -115,9 +115,9 @@ pub async fn run_with_http(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
-    // Answers like grpc-go's reflection (see registry_proto::reflection):
+    // Answers like grpc-go's reflection (see support::reflection):
     // generic tools resolve every listed service with either version.
-    let reflection = registry_proto::reflection::Reflection::new(
+    let reflection = support::reflection::Reflection::new(
         &[
             registry_proto::REGISTRY_DESCRIPTORS,
             tonic_health::pb::FILE_DESCRIPTOR_SET,

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::event::Kind;
-use registry_proto::security::constant_time_eq;
+use support::constant_time_eq;
 use tokio::time::Instant;
 
 use crate::config::Ttl;

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use registry_proto::security::TokenPolicy;
 use serde::Deserialize;
+use support::TokenPolicy;
 
 /// Why the tokens are unusable.
 #[derive(Debug, thiserror::Error)]

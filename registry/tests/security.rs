@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use registry_proto::registry::v1 as pb;
-use registry_proto::security::{BearerToken, TlsArgs, registry_client};
+use support::{BearerToken, TlsArgs, registry_client};
 use testkit::Registry;
 use tonic::Code;
 

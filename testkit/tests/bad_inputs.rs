@@ -28,10 +28,7 @@ enum Call {
     Revoke(pb::RevokeLeaseRequest),
 }
 
-async fn call(
-    client: &mut registry_proto::security::RegistryConn,
-    call: Call,
-) -> Result<(), tonic::Status> {
+async fn call(client: &mut support::RegistryConn, call: Call) -> Result<(), tonic::Status> {
     match call {
         Call::Register(r) => client.register(r).await.map(drop),
         Call::Update(r) => client.update(r).await.map(drop),

@@ -10,10 +10,10 @@
 use clap::Parser;
 use registry_client::commands::Command;
 use registry_client::session::{self, Options};
-use registry_proto::security::TlsArgs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use support::TlsArgs;
 
 /// Discover, describe and call the services registered in a service registry.
 ///
@@ -84,7 +84,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    registry_proto::logging::init();
+    support::logging::init();
     // The same flags as the other binaries' TlsArgs, declared here to be
     // global (`client list --tls-ca ca.pem` as well as before the command).
     let options = Options {

@@ -19,10 +19,10 @@ use crate::status::status_text;
 use prost_reflect::{DescriptorPool, ServiceDescriptor};
 use registry_proto::descriptors::decode_pool;
 use registry_proto::registry::v1::GetDescriptorsRequest;
-use registry_proto::security::RegistryConn;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use support::RegistryConn;
 use thiserror::Error;
 
 /// Timeout of one request for descriptors (to the registry, or one

@@ -35,11 +35,11 @@ mod watch;
 
 pub use snapshot::{Change, ChangeKind, Instances, RemovalCause, Snapshot, address};
 
-use crate::connect::Connector;
-use registry_proto::security::{RegistryConn, SecurityError};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use support::Connector;
+use support::{RegistryConn, SecurityError};
 use thiserror::Error;
 use tokio::sync::{broadcast, watch as follow};
 use tokio_util::task::AbortOnDropHandle;

@@ -5,13 +5,13 @@
 
 use super::apply::{SNAPSHOT_LIMITS, apply, join_parts};
 use super::snapshot::{Change, ChangeKind, RemovalCause, Snapshot};
-use crate::connect::Connector;
 use crate::status::status_text;
 use rand::Rng;
 use registry_proto::registry::v1::{WatchRequest, WatchResponse};
-use registry_proto::security::RegistryConn;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use support::Connector;
+use support::RegistryConn;
 use tokio::sync::{broadcast, watch};
 
 /// First and largest delay between reconnection attempts.

@@ -61,7 +61,7 @@ struct Args {
     http: Option<std::net::SocketAddr>,
 
     #[command(flatten)]
-    tls: registry_proto::security::TlsArgs,
+    tls: support::TlsArgs,
 }
 
 const EXAMPLES: &str = r#"Examples:
@@ -83,7 +83,7 @@ A services.toml:
 Prints `node-host serving on <ip>:<port>` on stdout once serving."#;
 
 fn main() -> anyhow::Result<()> {
-    registry_proto::logging::init();
+    support::logging::init();
     let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(node_host::run::run(node_host::run::Options {

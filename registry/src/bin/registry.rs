@@ -11,7 +11,7 @@ use registry::Config;
 use registry::config::Ttl;
 use registry::limits::{self, PeerConfig, Quotas};
 use registry::watch::{self, WatchLimits};
-use registry_proto::security::TlsArgs;
+use support::{Signal, Signals, TlsArgs};
 
 /// The service registry: nodes register their service instances here under
 /// leases kept alive by heartbeats; clients list, resolve and watch them.
@@ -142,7 +142,7 @@ fn bytes_flag(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    registry_proto::logging::init();
+    support::logging::init();
     let args = Args::parse();
     anyhow::ensure!(
         args.min_ttl_ms <= args.max_ttl_ms,
@@ -222,27 +222,12 @@ async fn main() -> anyhow::Result<()> {
 /// A future that resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are
 /// installed right away, before the ready line is printed: a signal sent as
 /// soon as that line appears must stop the registry cleanly, not kill it.
-#[cfg(unix)]
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut signals = Signals::install().context("cannot handle SIGINT and SIGTERM")?;
     Ok(async move {
-        tokio::select! {
-            _ = interrupt.recv() => tracing::info!("Ctrl-C received"),
-            _ = terminate.recv() => tracing::info!("SIGTERM received"),
-        }
-    })
-}
-
-/// A future that resolves on Ctrl-C.
-#[cfg(not(unix))]
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    Ok(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!("Ctrl-C received");
-        } else {
-            std::future::pending::<()>().await;
+        match signals.recv().await {
+            Signal::Interrupt => tracing::info!("Ctrl-C received"),
+            Signal::Terminate => tracing::info!("SIGTERM received"),
         }
     })
 }

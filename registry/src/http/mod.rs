@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use registry_proto::security::TokenPolicy;
+use support::TokenPolicy;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::BroadcastStream;
@@ -110,7 +110,7 @@ pub async fn serve(
         .layer(middleware::from_fn_with_state(app.clone(), authorize))
         .with_state(app);
     let mut stop = shutdown;
-    registry_proto::metrics::serve_http(listener, router, async move {
+    support::metrics::serve_http(listener, router, async move {
         let _ = stop.wait_for(|s| *s).await;
     })
     .await
@@ -129,7 +129,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
 
 async fn metrics_page(State(app): State<App>) -> Response {
     (
-        [(header::CONTENT_TYPE, registry_proto::metrics::TEXT_FORMAT)],
+        [(header::CONTENT_TYPE, support::metrics::TEXT_FORMAT)],
         metrics::render(&app.watchers),
     )
         .into_response()

@@ -8,7 +8,7 @@ use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
-use registry_proto::security::{BearerToken, RegistryConn, TlsArgs, registry_client};
+use support::{BearerToken, RegistryConn, TlsArgs, registry_client};
 use testkit::netns::Host;
 use testkit::{Process, READY_TIMEOUT, Registry, addr_from_line};
 

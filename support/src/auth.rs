@@ -1,186 +1,13 @@
-//! Transport security shared by the three binaries: TLS options, connecting
-//! to a server with them, and access tokens on the registry's calls.
-//!
-//! One place, so `registry`, `node-host` and `client` take the same flags
-//! with the same meaning and a fix here reaches all of them.
+//! Access tokens: the one a client sends ([`BearerToken`]) and the policy a
+//! server enforces ([`TokenPolicy`], through [`AuthLayer`]).
 
-use std::path::{Path, PathBuf};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{
-    Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig,
-};
 use tonic::{Request, Status};
 
-use crate::registry::v1::registry_client::RegistryClient;
-
-/// What can go wrong while setting up security.
-#[derive(Debug, thiserror::Error)]
-pub enum SecurityError {
-    /// A certificate, key or token file could not be read.
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        /// Which file: "--tls-cert", "--tls-key", ...
-        what: &'static str,
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Flags that only make sense together were given alone.
-    #[error("{0}")]
-    Incomplete(&'static str),
-    /// The address to connect to does not parse.
-    #[error("invalid address {addr:?}: {reason}")]
-    Address {
-        /// The address as given.
-        addr: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// tonic refused the TLS configuration.
-    #[error("TLS setup failed: {0}")]
-    Tls(#[from] tonic::transport::Error),
-    /// A token that cannot travel in an HTTP header.
-    #[error("the access token must be printable ASCII without spaces")]
-    BadToken,
-}
-
-/// TLS flags, the same on every binary (`#[command(flatten)]`).
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct TlsArgs {
-    /// PEM certificate chain this process presents. On a listener it turns
-    /// TLS on (with --tls-key); towards a server it is the client
-    /// certificate for mutual TLS.
-    #[arg(long, value_name = "PEM", env = "TLS_CERT")]
-    pub tls_cert: Option<PathBuf>,
-    /// PEM private key of --tls-cert.
-    #[arg(long, value_name = "PEM", env = "TLS_KEY")]
-    pub tls_key: Option<PathBuf>,
-    /// PEM CA certificate(s). Towards a server: connect with TLS and trust
-    /// only servers it signed (their name or IP is checked against the
-    /// certificate). On a listener with --tls-require-client-cert: accept
-    /// only clients it signed.
-    #[arg(long, value_name = "PEM", env = "TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Mutual TLS on this process's listener: refuse clients without a
-    /// certificate signed by --tls-ca.
-    #[arg(long, requires = "tls_ca")]
-    pub tls_require_client_cert: bool,
-}
-
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, SecurityError> {
-    std::fs::read(path).map_err(|source| SecurityError::Read {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-impl TlsArgs {
-    /// The certificate and key this process presents, if any.
-    pub fn identity(&self) -> Result<Option<Identity>, SecurityError> {
-        match (&self.tls_cert, &self.tls_key) {
-            (None, None) => Ok(None),
-            (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(
-                read("--tls-cert", cert)?,
-                read("--tls-key", key)?,
-            ))),
-            (Some(_), None) => Err(SecurityError::Incomplete("--tls-cert needs --tls-key")),
-            (None, Some(_)) => Err(SecurityError::Incomplete("--tls-key needs --tls-cert")),
-        }
-    }
-
-    /// The CA to trust, if any.
-    pub fn ca(&self) -> Result<Option<Certificate>, SecurityError> {
-        self.tls_ca
-            .as_deref()
-            .map(|p| read("--tls-ca", p).map(Certificate::from_pem))
-            .transpose()
-    }
-
-    /// TLS for a listener: `None` when no certificate was given (plaintext).
-    pub fn server_config(&self) -> Result<Option<ServerTlsConfig>, SecurityError> {
-        let Some(identity) = self.identity()? else {
-            if self.tls_require_client_cert {
-                return Err(SecurityError::Incomplete(
-                    "--tls-require-client-cert needs --tls-cert and --tls-key",
-                ));
-            }
-            return Ok(None);
-        };
-        let mut config = ServerTlsConfig::new().identity(identity);
-        if self.tls_require_client_cert {
-            let ca = self.ca()?.ok_or(SecurityError::Incomplete(
-                "--tls-require-client-cert needs --tls-ca",
-            ))?;
-            config = config.client_ca_root(ca);
-        }
-        Ok(Some(config))
-    }
-
-    /// Whether connections made by this process use TLS.
-    pub fn client_uses_tls(&self) -> bool {
-        self.tls_ca.is_some()
-    }
-
-    /// An endpoint for `addr` (`host:port`, or a full `http://` /
-    /// `https://` URL), with TLS when --tls-ca is set, and the timeouts every
-    /// connection in this system wants: a dead peer must be noticed in
-    /// about a second, not after TCP's minutes.
-    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, SecurityError> {
-        let bad = |reason: String| SecurityError::Address {
-            addr: addr.to_string(),
-            reason,
-        };
-        // Asked for TLS without saying whom to trust: refuse rather than
-        // quietly connect in plaintext.
-        if addr.starts_with("https://") && !self.client_uses_tls() {
-            return Err(bad(
-                "https:// needs --tls-ca (the CA that signed the server's certificate)".into(),
-            ));
-        }
-        let bare = addr
-            .strip_prefix("http://")
-            .or_else(|| addr.strip_prefix("https://"))
-            .unwrap_or(addr);
-        let scheme = if self.client_uses_tls() {
-            "https"
-        } else {
-            "http"
-        };
-        let uri: http::Uri = format!("{scheme}://{bare}")
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| bad(e.to_string()))?;
-        let host = uri
-            .host()
-            .ok_or_else(|| bad("no host".into()))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        if uri.port_u16().is_none() {
-            return Err(bad("no port (expected HOST:PORT)".into()));
-        }
-        let mut endpoint = Endpoint::from(uri)
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_millis(500))
-            .keep_alive_timeout(Duration::from_secs(1))
-            .keep_alive_while_idle(true);
-        if let Some(ca) = self.ca()? {
-            let mut tls = ClientTlsConfig::new().ca_certificate(ca).domain_name(host);
-            if let Some(identity) = self.identity()? {
-                tls = tls.identity(identity);
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        Ok(endpoint)
-    }
-}
+use crate::error::SecurityError;
 
 /// Adds `authorization: Bearer <token>` to every call when a token is set.
 #[derive(Clone, Debug, Default)]
@@ -214,20 +41,6 @@ impl Interceptor for BearerToken {
         }
         Ok(request)
     }
-}
-
-/// The registry client every binary uses: a channel plus its token.
-pub type RegistryConn = RegistryClient<InterceptedService<Channel, BearerToken>>;
-
-/// Wraps a channel into a [`RegistryConn`] that sends `token` on each call.
-pub fn registry_client(channel: Channel, token: BearerToken) -> RegistryConn {
-    RegistryClient::with_interceptor(channel, token)
-        // A descriptor set may be 4 MiB by itself; with the rest of a
-        // Register or GetDescriptors message that is over tonic's default
-        // limit of 4 MiB. A Resolve of a very large service may be up to the
-        // registry's 64 MiB reply limit.
-        .max_decoding_message_size(64 * 1024 * 1024)
-        .max_encoding_message_size(16 * 1024 * 1024)
 }
 
 /// Which token each kind of registry call needs.
@@ -470,32 +283,5 @@ mod tests {
             BearerToken::new(Some("a\nb")),
             Err(SecurityError::BadToken)
         ));
-    }
-
-    #[test]
-    fn endpoint_parses_host_port_and_rejects_garbage() {
-        let tls = TlsArgs::default();
-        let e = tls.endpoint("127.0.0.1:50051").unwrap();
-        assert_eq!(e.uri().to_string(), "http://127.0.0.1:50051/");
-        assert!(tls.endpoint("http://10.0.0.1:1").is_ok());
-        let err = tls.endpoint("https://10.0.0.1:1").expect_err("no CA");
-        assert!(err.to_string().contains("--tls-ca"), "{err}");
-        assert!(matches!(
-            tls.endpoint("nohost"),
-            Err(SecurityError::Address { .. })
-        ));
-        assert!(matches!(
-            tls.endpoint("a b:1"),
-            Err(SecurityError::Address { .. })
-        ));
-    }
-
-    #[test]
-    fn cert_without_key_is_refused() {
-        let tls = TlsArgs {
-            tls_cert: Some("c.pem".into()),
-            ..TlsArgs::default()
-        };
-        assert!(matches!(tls.identity(), Err(SecurityError::Incomplete(_))));
     }
 }

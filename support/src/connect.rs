@@ -1,25 +1,43 @@
-//! How this client connects: TLS towards the registry and the instances, and
-//! the token it shows the registry.
+//! How a process connects to the registry and to instances: TLS from
+//! [`TlsArgs`], the endpoint's timeouts and HTTP/2 keepalive (see
+//! [`TlsArgs::endpoint`]), and the token the registry is shown.
 //!
-//! One [`Connector`] is given to the [`Directory`](crate::Directory), which
-//! hands it on to everything that opens a connection (calls, reflection,
-//! balanced channels), so TLS applies to every connection, not only the
-//! registry's.
+//! One [`Connector`] is built from the flags at start (which reads the
+//! certificate files, so a wrong path fails at once) and handed to
+//! everything that opens a connection: the node host's registrar, the
+//! client's directory, calls, reflection and balanced channels. TLS then
+//! applies to every connection, not only the registry's.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
-//! use registry_client::{Connector, Directory};
-//! use registry_proto::security::TlsArgs;
+//! # fn demo() -> Result<(), support::SecurityError> {
+//! use support::{Connector, TlsArgs};
 //! let tls = TlsArgs { tls_ca: Some("ca.pem".into()), ..TlsArgs::default() };
 //! let connector = Connector::new(tls, Some("read-token"))?;
-//! let directory = Directory::connect_with("registry.lan:50051", connector)?;
-//! # Ok(()) }
+//! let registry = connector.registry(connector.endpoint("registry.lan:50051")?.connect_lazy());
+//! # drop(registry); Ok(()) }
 //! ```
 
-use registry_proto::security::{
-    BearerToken, RegistryConn, SecurityError, TlsArgs, registry_client,
-};
+use registry_proto::registry::v1::registry_client::RegistryClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::auth::BearerToken;
+use crate::error::SecurityError;
+use crate::tls::TlsArgs;
+
+/// The registry client every binary uses: a channel plus its token.
+pub type RegistryConn = RegistryClient<InterceptedService<Channel, BearerToken>>;
+
+/// Wraps a channel into a [`RegistryConn`] that sends `token` on each call.
+pub fn registry_client(channel: Channel, token: BearerToken) -> RegistryConn {
+    RegistryClient::with_interceptor(channel, token)
+        // A descriptor set may be 4 MiB by itself; with the rest of a
+        // Register or GetDescriptors message that is over tonic's default
+        // limit of 4 MiB. A Resolve of a very large service may be up to the
+        // registry's 64 MiB reply limit.
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(16 * 1024 * 1024)
+}
 
 /// TLS settings and the registry token. The default is plaintext with no
 /// token (the local demo).

@@ -418,7 +418,7 @@ mod tests {
     use super::*;
 
     fn reflection() -> Reflection {
-        Reflection::new(&[crate::ALL_DESCRIPTORS], &["echo.v1.Echo"])
+        Reflection::new(&[registry_proto::ALL_DESCRIPTORS], &["echo.v1.Echo"])
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
