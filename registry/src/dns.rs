@@ -361,10 +361,12 @@ fn answer(zones: &Zones, snapshot: &Snapshot, name: &Name, kind: RecordType) -> 
     backends.shuffle(&mut rand::rng());
     match kind {
         RecordType::A | RecordType::AAAA => {
+            // Each address once: instances on one host differ by port only.
+            let mut seen = std::collections::HashSet::new();
             out.answers = backends
                 .iter()
                 .filter_map(|b| b.ip())
-                .filter(|ip| fits(kind, *ip))
+                .filter(|ip| fits(kind, *ip) && seen.insert(*ip))
                 .take(MAX_ANSWERS)
                 .map(|ip| address_record(name.clone(), ip))
                 .collect();
@@ -374,7 +376,10 @@ fn answer(zones: &Zones, snapshot: &Snapshot, name: &Name, kind: RecordType) -> 
                 let target = match b.ip() {
                     Some(ip) => match addr_name(ip, zones) {
                         Some(target) => {
-                            out.additionals.push(address_record(target.clone(), ip));
+                            let record = address_record(target.clone(), ip);
+                            if !out.additionals.contains(&record) {
+                                out.additionals.push(record);
+                            }
                             target
                         }
                         None => continue,
@@ -529,7 +534,13 @@ mod tests {
             ("calculator", "b", "::1", 1),
             ("calculator", "c", "node.example", 2),
             ("calculator", "drained", "10.0.0.9", 0),
+            ("other", "x", "10.0.0.1", 1),
         ]);
+        let same_host = snapshot(&[("s", "p1", "10.0.0.1", 1), ("s", "p2", "10.0.0.1", 1)]);
+        let a = ask(&same_host, "s.service.registry.", RecordType::A);
+        assert_eq!(a.answers.len(), 1, "an address once");
+        let srv = ask(&same_host, "s.service.registry.", RecordType::SRV);
+        assert_eq!((srv.answers.len(), srv.additionals.len()), (2, 1));
         let a = ask(&s, "calculator.service.registry.", RecordType::A);
         assert_eq!(a.code, ResponseCode::NoError);
         assert_eq!(a.answers.len(), 1);
