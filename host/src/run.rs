@@ -63,6 +63,14 @@ pub enum RunError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics port could not be bound.
+    #[error("cannot serve metrics on {addr} (--http, or http in the file): {source}")]
+    HttpBind {
+        /// The address tried.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The node could not be built.
     #[error(transparent)]
     Node(#[from] NodeError),
@@ -141,7 +149,7 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| RunError::Bind { addr, source })?,
+                .map_err(|source| RunError::HttpBind { addr, source })?,
         ),
         None => None,
     };
