@@ -41,6 +41,20 @@ fn inventory_table(weight: u32, env: &str) -> String {
     python_table("inventory", &example("inventory.py"), weight, env)
 }
 
+/// A node whose plugins must be SERVING within 3 s.
+fn start_impatient(registry: &Registry, toml: &str) -> Node {
+    Node::start_with(
+        registry.addr,
+        toml,
+        &[
+            "--advertise",
+            "127.0.0.1",
+            "--plugin-start-timeout-ms",
+            "3000",
+        ],
+    )
+}
+
 /// Runs `client ARGS` against `registry`: (success, stdout, stderr).
 fn client(registry: &Registry, args: &[&str]) -> (bool, String, String) {
     let mut cmd = command("client");
@@ -532,16 +546,7 @@ async fn broken_plugins_are_reported_clearly_and_leave_the_others_alone() {
         "[plugins.calculator]\nweight = 2\n{}{quits}{twins}",
         inventory_table(3, "")
     );
-    let node = Node::start_with(
-        registry.addr,
-        &toml,
-        &[
-            "--advertise",
-            "127.0.0.1",
-            "--plugin-start-timeout-ms",
-            "3000",
-        ],
-    );
+    let node = start_impatient(&registry, &toml);
 
     // Exits at once: its status and its last 20 stderr lines, no more.
     let line = node.process.wait_for_line(
@@ -611,16 +616,7 @@ async fn a_plugin_never_healthy_times_out_naming_its_health() {
         "[plugins.calculator]\nweight = 2\n{}",
         inventory_table(3, "INVENTORY_START_HEALTH = \"NOT_SERVING\"")
     );
-    let node = Node::start_with(
-        registry.addr,
-        &toml,
-        &[
-            "--advertise",
-            "127.0.0.1",
-            "--plugin-start-timeout-ms",
-            "3000",
-        ],
-    );
+    let node = start_impatient(&registry, &toml);
     let (_, pid) = started_pid(&node.process, 0, "inventory");
     let line = node
         .process
