@@ -7,6 +7,7 @@ pub mod register;
 pub mod resolve;
 pub mod scale;
 pub mod watch;
+pub mod xds;
 
 use std::future::Future;
 use std::path::PathBuf;

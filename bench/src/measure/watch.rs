@@ -134,5 +134,35 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             figures.push(f);
         }
     }
+    // The same change reaching an xDS client (an ADS stream subscribed to
+    // the service's endpoints), beside the Watch figure of one watcher.
+    tracing::info!("watch: xDS, 1 client");
+    let xds = super::xds::propagation(&ctx.ours.url, ctx.cfg.watch_changes).await?;
+    let watch = |label: &str| {
+        figures
+            .iter()
+            .find(|f| f.group == "watch" && f.name == format!("{label}, 1 watcher"))
+            .and_then(|f| f.ours)
+    };
+    let (watch_p50, watch_p99) = (watch("p50"), watch("p99"));
+    for (label, ours, reference) in [
+        ("p50", xds.p50_ms, watch_p50),
+        ("p99", xds.p99_ms, watch_p99),
+    ] {
+        figures.push(
+            Figure::new(
+                "watch",
+                format!("xDS push {label}, 1 ADS client"),
+                "ms",
+                Better::Lower,
+                Some(ours),
+            )
+            .vs("our Watch, 1 watcher", reference)
+            .note(format!(
+                "registration to its ClusterLoadAssignment at an ADS stream; {} changes",
+                ctx.cfg.watch_changes
+            )),
+        );
+    }
     Ok(figures)
 }
