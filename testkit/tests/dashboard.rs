@@ -246,6 +246,10 @@ async fn the_dashboard_follows_the_fleet_live_in_chromium() {
     browser.wait_text("#selected", "svc-0042: 10 instances");
     browser.ask(json!(["type", "#instance-filter", "slot=7"]));
     browser.wait_text("#instances-shown", "1 of 10 shown");
+    // Metadata is text, never markup.
+    browser.wait_text("#instances .instance-row", &format!("note={XSS}"));
+    let images = browser.ask(json!(["count", "#instances img"]));
+    assert_eq!(images, json!(0));
     // The address names the service shown.
     browser.ask(json!(["eval", "location.hash = 'svc-0999'"]));
     browser.ask(json!(["type", "#instance-filter", ""]));
@@ -273,6 +277,19 @@ fn screenshot_path() -> PathBuf {
         None => std::env::temp_dir().join(format!("dashboard-{}.png", std::process::id())),
     }
 }
+
+/// Labels of bulk instance `i`: its slot, and for slot 7 a value that
+/// would run a script if the page put it into HTML unescaped.
+fn metadata(i: usize) -> std::collections::HashMap<String, String> {
+    let mut labels = std::collections::HashMap::from([("slot".to_string(), i.to_string())]);
+    if i == 7 {
+        labels.insert("note".into(), XSS.into());
+    }
+    labels
+}
+
+/// Shown as text, it is harmless; run, it logs a console error.
+const XSS: &str = "<img src=x onerror=console.error('xss')>";
 
 /// `services` services of `per` instances each, under two long leases
 /// (no heartbeat needed for the test's length), 16 calls at a time.
@@ -314,7 +331,7 @@ async fn bulk_register(grpc: SocketAddr, services: usize, per: usize) {
                             host: format!("10.{}.{}.{}", s / 250, s % 250, i + 1),
                             port: 7000,
                             weight: u32::try_from(i + 1).unwrap(),
-                            metadata: [("slot".to_string(), i.to_string())].into(),
+                            metadata: metadata(i),
                             ..Default::default()
                         }),
                         ..Default::default()
