@@ -12,9 +12,7 @@ use crate::resolve::Target;
 use futures::StreamExt as _;
 use prost_reflect::DynamicMessage;
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use tokio_util::task::AbortOnDropHandle;
+use support::{AbortOnDropHandle, CancellationToken, Signals};
 
 /// How many calls, and how many at once.
 #[derive(Debug, Clone, Copy)]
@@ -71,18 +69,22 @@ pub async fn run(
             Ok::<_, CallError>((address(&called.instance), replies))
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let _on_signal = AbortOnDropHandle::new(tokio::spawn({
         let stop = stop.clone();
         async move {
-            stop_signal().await;
-            stop.store(true, Ordering::Relaxed);
-            stop_signal().await;
+            // Neither signal can be caught: the run is never stopped early.
+            let Ok(mut signals) = Signals::install() else {
+                return;
+            };
+            signals.recv().await;
+            stop.cancel();
+            signals.recv().await;
             std::process::exit(130);
         }
     }));
     let mut calls = futures::stream::iter(0..load.calls)
-        .take_while(|_| futures::future::ready(!stop.load(Ordering::Relaxed)))
+        .take_while(|_| futures::future::ready(!stop.is_cancelled()))
         .map(one_call)
         .buffer_unordered(load.concurrency.max(1) as usize);
     let mut outcome = Outcome::default();
@@ -103,22 +105,6 @@ pub async fn run(
         }
     }
     outcome
-}
-
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM; never, if neither can be caught.
-async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => tokio::select! {
-            r = tokio::signal::ctrl_c() => if r.is_err() { term.recv().await; },
-            _ = term.recv() => {}
-        },
-        Err(_) => {
-            if tokio::signal::ctrl_c().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-    }
 }
 
 /// Every message of a reply (one for a unary method).

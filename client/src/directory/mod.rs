@@ -38,11 +38,9 @@ pub use snapshot::{Change, ChangeKind, Instances, RemovalCause, Snapshot, addres
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::Connector;
-use support::{RegistryConn, SecurityError};
+use support::{AbortOnDropHandle, Connector, RegistryConn, SecurityError};
 use thiserror::Error;
 use tokio::sync::{broadcast, watch as follow};
-use tokio_util::task::AbortOnDropHandle;
 use watch::{Shared, State};
 
 /// How long instances of a restarted registry's predecessor are kept.

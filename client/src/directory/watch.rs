@@ -6,10 +6,10 @@
 use super::apply::{SNAPSHOT_LIMITS, apply, join_parts};
 use super::snapshot::{Change, ChangeKind, RemovalCause, Snapshot};
 use crate::status::status_text;
-use rand::Rng;
 use registry_proto::registry::v1::{WatchRequest, WatchResponse};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use support::Backoff;
 use support::Connector;
 use support::RegistryConn;
 use tokio::sync::{broadcast, watch};
@@ -80,7 +80,7 @@ impl Shared {
 
 /// The watch loop: runs until the directory is dropped.
 pub(super) async fn run(shared: Arc<Shared>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let (received, error, code) = watch_once(&shared).await;
         tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
@@ -99,12 +99,10 @@ pub(super) async fn run(shared: Arc<Shared>) {
             shared.publish(&state, Vec::new());
         }
         if received {
-            backoff = BACKOFF_MIN;
+            backoff.reset();
         }
-        // Jitter so many clients do not reconnect in lockstep.
-        let jitter = rand::rng().random_range(0.5..1.0);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        // With jitter, so many clients do not reconnect in lockstep.
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
