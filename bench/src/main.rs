@@ -146,7 +146,7 @@ enum Measure {
     Register,
     /// 2. Resolve throughput and latency: from the server and the local copy.
     Resolve,
-    /// 3. Time for a change to reach 1, 100 and 1000 watchers.
+    /// 3. Time for a change to reach 1, 100, 1000 and 10 000 watchers.
     Watch,
     /// 4. kill -9 of a node host, and lease expiry, to the REMOVED event.
     Failure,
@@ -216,7 +216,7 @@ impl Config {
                 if q {
                     vec![1, 10, 50]
                 } else {
-                    vec![1, 100, 1000]
+                    vec![1, 100, 1000, 10_000]
                 }
             } else {
                 a.watchers.clone()

@@ -134,6 +134,13 @@ impl RegistryProc {
             "0",
             "--max-instances-per-service",
             "0",
+            // Watch propagation goes up to 10 000 watchers on 100
+            // connections: past the default 64 streams per connection and
+            // the default watch memory (4096 streams at 512 KiB each).
+            "--max-watches-per-connection",
+            "0",
+            "--watch-memory-bytes",
+            "17179869184",
         ]);
         let process = Process::spawn("registry", cmd);
         let line = process.wait_for_line("registry listening on", testkit::READY_TIMEOUT);

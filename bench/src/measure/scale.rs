@@ -7,7 +7,11 @@
 //! - snapshot: how long a new watcher of every service waits for the full
 //!   state (ours: the reset message of Watch; etcd sends no snapshot on a
 //!   watch, so its equivalent is a range read of the whole prefix);
-//! - resolve latency of one service (100 instances) at that size.
+//! - resolve latency of one service (100 instances) at that size;
+//! - ours only: how long new watchers hold writers back. A writer
+//!   re-registers one instance in a loop while new watchers of every service
+//!   open one after another (each until its first message): its worst
+//!   latency then, next to its worst latency with no watcher opening.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +39,71 @@ struct Scale {
     bytes_per_instance: f64,
     snapshot_ms: f64,
     resolve: Option<Summary>,
+    /// Writer latency max (ms) with no watcher opening, then while new
+    /// watchers open (ours only).
+    writer: Option<(f64, f64)>,
+}
+
+/// New watchers of everything opened while the writer runs.
+const NEW_WATCHERS: usize = 20;
+
+/// A writer's latencies (ms) while `during` runs.
+async fn writer_latencies<F: std::future::Future<Output = Result<()>>>(
+    url: &str,
+    service: &'static str,
+    during: F,
+) -> Result<Vec<f64>> {
+    let mut writer = Backend::connect(System::Ours, url).await?;
+    let lease = writer.grant(LEASE_TTL).await?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut latencies = Vec::new();
+        let mut n = 0u64;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            // Alternating ids: every call is a real change, published.
+            writer
+                .register(&lease, service, &format!("w-{}", n % 2))
+                .await?;
+            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            n += 1;
+        }
+        Ok::<_, anyhow::Error>(latencies)
+    });
+    let outcome = during.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let latencies = task.await.context("the writer panicked")??;
+    outcome?;
+    Ok(latencies)
+}
+
+/// The writer's worst latency with nothing else going on, then while
+/// [`NEW_WATCHERS`] new watchers of everything open one after another.
+async fn writer_blocking(url: &str) -> Result<(f64, f64)> {
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let quiet = writer_latencies(url, "bench-writer-quiet", async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    })
+    .await?;
+    let url_owned = url.to_string();
+    let busy = writer_latencies(url, "bench-writer-busy", async move {
+        let Backend::Ours(mut client) = Backend::connect(System::Ours, &url_owned).await? else {
+            bail!("not our registry");
+        };
+        for _ in 0..NEW_WATCHERS {
+            let mut stream = client
+                .watch(registry_proto::registry::v1::WatchRequest::default())
+                .await?
+                .into_inner();
+            stream.message().await?.context("no snapshot")?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    })
+    .await?;
+    Ok((max(&quiet), max(&busy)))
 }
 
 fn service_name(s: usize) -> String {
@@ -118,11 +187,16 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
         (b, r)
     })
     .await;
+    let writer = match system {
+        System::Ours => Some(writer_blocking(url).await?),
+        System::Etcd => None,
+    };
     Ok(Scale {
         load_per_sec,
         bytes_per_instance,
         snapshot_ms,
         resolve: Summary::of(&mut lat.latencies),
+        writer,
     })
 }
 
@@ -185,13 +259,39 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         .note(format!("encoded instance: {payload:.0} B")),
         Figure::new(
             "scale",
-            "full snapshot to a new watcher",
+            format!("full snapshot to a new watcher ({n} instances)"),
             "ms",
             Better::Lower,
             ours.map(|r| r.snapshot_ms),
         )
         .vs("etcd", etcd.map(|r| r.snapshot_ms))
+        .target(
+            if n >= 1_000_000 {
+                "< 500 ms"
+            } else {
+                "< 50 ms"
+            },
+            ours.map(|r| r.snapshot_ms < if n >= 1_000_000 { 500.0 } else { 50.0 }),
+        )
         .note("etcd: range read of the whole prefix"),
+        Figure::new(
+            "scale",
+            "writer latency max, no watcher opening",
+            "ms",
+            Better::Lower,
+            ours.and_then(|r| r.writer).map(|w| w.0),
+        ),
+        Figure::new(
+            "scale",
+            format!("writer latency max while {NEW_WATCHERS} new watchers of all open"),
+            "ms",
+            Better::Lower,
+            ours.and_then(|r| r.writer).map(|w| w.1),
+        )
+        .target(
+            "<= quiet max + 1 ms",
+            ours.and_then(|r| r.writer).map(|w| w.1 <= w.0 + 1.0),
+        ),
         Figure::new(
             "scale",
             "resolve latency p50",

@@ -26,6 +26,12 @@ use crate::state::Event;
 /// also about what HTTP/2 holds for a stream whose peer does not read.
 pub const MESSAGE_BYTES: usize = 64 * 1024;
 
+/// Memory of a [`Batch`] besides its messages' bytes: the batch itself,
+/// its vectors and the buffers' headers (estimated, for the budget).
+const BATCH_OVERHEAD: usize = 256;
+/// Memory of each event of a batch besides its bytes and service name.
+const ENTRY_OVERHEAD: usize = 80;
+
 /// Field numbers of `registry.v1.WatchResponse`.
 const RESET: u32 = 1;
 const REVISION: u32 = 2;
@@ -150,9 +156,17 @@ impl Batch {
         }
     }
 
-    /// Its size in bytes, as it counts against the buffer budget.
+    /// What it takes in memory, as it counts against the buffer budget:
+    /// its messages and, per batch and per event, the bookkeeping around
+    /// them (allocations, the service name), estimated.
     pub(crate) fn bytes(&self) -> usize {
-        self.bytes
+        BATCH_OVERHEAD
+            + self.bytes
+            + self
+                .entries
+                .iter()
+                .map(|e| ENTRY_OVERHEAD + e.service.len())
+                .sum::<usize>()
     }
 
     /// The next message of this batch for a watcher of `services` (all

@@ -4,12 +4,15 @@
 //! # The log
 //! Each mutation's events are encoded once ([`Batch`]) and appended to one
 //! log, under the store's lock (so in revision order). A watcher is only a
-//! position in that log: nothing is queued per watcher. The log keeps at
-//! most [`WatchLimits::buffer_bytes`] of batches (and always the last one);
-//! older ones are dropped, and a watcher whose position was dropped has
-//! *fallen behind*: it is more than that many bytes of changes behind, and
-//! starts over with a fresh snapshot. So the log's memory is bounded
-//! whatever the watchers do, and a slow watcher costs nothing.
+//! position in that log: nothing is queued per watcher. The log keeps a
+//! batch only while some watcher has yet to take it, and at most
+//! [`WatchLimits::buffer_bytes`] of batches (counted with what they take in
+//! memory, `Batch::bytes`); beyond that the oldest are dropped, and a
+//! watcher whose position was dropped has *fallen behind*: it is more than
+//! that many bytes of changes behind, and starts over with a fresh
+//! snapshot. So the log's memory is bounded whatever the watchers do, a
+//! slow watcher costs nothing, and with every watcher caught up (or none)
+//! the log holds nothing.
 //!
 //! # Snapshot jobs
 //! A new watcher needs the state as of its revision. A [`Job`] holds a copy
@@ -126,6 +129,9 @@ struct Log {
     bytes: usize,
     /// Snapshot jobs by (log position of their revision, services).
     jobs: BTreeMap<(u64, Services), Weak<Job>>,
+    /// The positions of the watchers that have not fallen behind, with how
+    /// many are at each: a batch before the lowest is of use to nobody.
+    readers: BTreeMap<u64, usize>,
     /// When `jobs` is next swept of finished jobs.
     sweep_jobs_at: usize,
 }
@@ -134,6 +140,47 @@ impl Log {
     /// The position the next batch will have.
     fn end(&self) -> u64 {
         self.first + self.entries.len() as u64
+    }
+
+    /// A watcher is now at `at`.
+    fn enter(&mut self, at: u64) {
+        *self.readers.entry(at).or_default() += 1;
+    }
+
+    /// A watcher is no longer at `at` (nothing if it was forgotten when it
+    /// fell behind).
+    fn leave(&mut self, at: u64) {
+        if let Some(count) = self.readers.get_mut(&at) {
+            *count -= 1;
+            if *count == 0 {
+                self.readers.remove(&at);
+            }
+        }
+    }
+
+    /// Drops the batches nobody needs any more, then the oldest while over
+    /// `budget` (keeping the last). Returns whether any watcher lost its
+    /// place.
+    fn trim(&mut self, budget: usize) -> bool {
+        let needed = self.readers.keys().next().copied().unwrap_or(u64::MAX);
+        let mut lost = false;
+        while let Some(front) = self.entries.front() {
+            let unread = self.first >= needed;
+            if unread && (self.bytes <= budget || self.entries.len() == 1) {
+                break;
+            }
+            self.bytes -= front.bytes();
+            self.entries.pop_front();
+            self.first += 1;
+            lost |= unread;
+        }
+        if lost {
+            // Those watchers fell behind; they are counted again (elsewhere)
+            // when they start over.
+            let first = self.first;
+            self.readers = self.readers.split_off(&first);
+        }
+        lost
     }
 }
 
@@ -182,17 +229,28 @@ impl Hub {
         self.appended.notified()
     }
 
-    /// What is at log position `at`.
+    /// What is at log position `at`; a watcher that takes a batch moves
+    /// on to `at + 1`.
     pub(crate) fn read(&self, at: u64) -> Read {
-        let log = self.lock();
+        let mut log = self.lock();
         if at < log.first {
             return Read::Behind;
         }
         let index = usize::try_from(at - log.first).unwrap_or(usize::MAX);
-        match log.entries.get(index) {
-            Some(batch) => Read::Batch(batch.clone()),
-            None => Read::Nothing,
-        }
+        let Some(batch) = log.entries.get(index).cloned() else {
+            return Read::Nothing;
+        };
+        log.leave(at);
+        log.enter(at + 1);
+        log.trim(self.limits.buffer_bytes);
+        Read::Batch(batch)
+    }
+
+    /// A watcher at `at` goes away (or starts over elsewhere).
+    pub(crate) fn leave(&self, at: u64) {
+        let mut log = self.lock();
+        log.leave(at);
+        log.trim(self.limits.buffer_bytes);
     }
 
     /// Whether position `at` was dropped from the log.
@@ -218,6 +276,8 @@ impl Hub {
                 .and_then(Weak::upgrade)
                 .filter(|job| !job.is_killed());
             if let Some(job) = shared {
+                drop(log);
+                self.lock().enter(at);
                 return Ok((job, at));
             }
             at
@@ -242,6 +302,7 @@ impl Hub {
         }
         log.jobs
             .insert((at, services.clone()), Arc::downgrade(&job));
+        log.enter(at);
         Ok((job, at))
     }
 }
@@ -256,15 +317,7 @@ impl Publish for Hub {
             let mut log = self.lock();
             log.bytes += batch.bytes();
             log.entries.push_back(batch);
-            let mut trimmed = false;
-            while log.bytes > self.limits.buffer_bytes && log.entries.len() > 1 {
-                if let Some(old) = log.entries.pop_front() {
-                    log.bytes -= old.bytes();
-                    log.first += 1;
-                    trimmed = true;
-                }
-            }
-            if trimmed {
+            if log.trim(self.limits.buffer_bytes) {
                 // Jobs before the log's start: every watcher of theirs
                 // fell behind.
                 let first = log.first;

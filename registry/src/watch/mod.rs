@@ -124,6 +124,7 @@ impl Watchers {
             services: Arc::new(services),
             shutdown,
             cursor: 0,
+            registered: None,
             phase: Phase::Follow { pending: None },
             behind: false,
             done: false,
@@ -155,6 +156,8 @@ struct Watcher {
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// Its position in the log: the next batch it takes.
     cursor: u64,
+    /// The position the hub counts it at (until it leaves).
+    registered: Option<u64>,
     phase: Phase,
     /// It fell behind and has not yet taken its fresh snapshot whole.
     behind: bool,
@@ -164,12 +167,23 @@ struct Watcher {
     _charge: Charge,
 }
 
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Some(at) = self.registered.take() {
+            self.hub.leave(at);
+        }
+    }
+}
+
 impl Watcher {
     /// Starts (over) with a snapshot of the current state.
     fn start(&mut self) -> Result<(), Status> {
         let (job, cursor) = self
             .store
             .read(|state| self.hub.open_job(state, &self.services))?;
+        if let Some(old) = self.registered.replace(cursor) {
+            self.hub.leave(old);
+        }
         self.cursor = cursor;
         self.phase = Phase::Snapshot { job, part: 0 };
         Ok(())
@@ -250,7 +264,9 @@ impl Watcher {
                     appended.as_mut().enable();
                     match hub.read(self.cursor) {
                         Read::Batch(batch) => {
+                            // `read` moved it on in the hub's count.
                             self.cursor += 1;
+                            self.registered = Some(self.cursor);
                             *pending = Some((batch, 0));
                         }
                         Read::Behind => {

@@ -271,3 +271,28 @@ async fn the_stream_ends_on_shutdown() {
     stop.send(true).unwrap();
     assert!(stream.next().await.is_none());
 }
+
+#[tokio::test]
+async fn the_log_keeps_only_what_some_watcher_has_yet_to_take() {
+    let w = watchers(DEFAULT_BUFFER_BYTES);
+    let store = w.store().clone();
+    let lease = store.grant_lease(0).unwrap();
+    for id in 0..100 {
+        register(&store, &lease, id, 1, 100);
+    }
+    assert_eq!(w.hub().log_bytes(), 0, "nobody watches: nothing is kept");
+    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
+    let mut replica = Replica::default();
+    follow(&mut stream, &mut replica, 100).await;
+    for id in 0..10 {
+        register(&store, &lease, id, 2, 100);
+    }
+    assert!(w.hub().log_bytes() > 0, "kept for the watcher");
+    follow(&mut stream, &mut replica, 110).await;
+    assert_eq!(w.hub().log_bytes(), 0, "all taken: nothing is kept");
+    assert_eq!(replica.instances, truth(&store, &["even", "odd"]));
+    drop(stream);
+    register(&store, &lease, 1, 3, 100);
+    assert_eq!(w.hub().log_bytes(), 0);
+}
