@@ -372,3 +372,49 @@ fn promtool_refuses_a_broken_exposition() {
     );
     assert!(!status.success());
 }
+
+#[test]
+fn an_external_plugin_restart_is_counted() {
+    let (_registry, registry, _) = start_registry("127.0.0.1:0", "127.0.0.1:0");
+    let root = testkit::workspace_root();
+    let toml = format!(
+        "[plugins.inventory]\ncommand = [{:?}, {:?}]\nweight = 3\n",
+        testkit::python3().display().to_string(),
+        root.join("examples/plugins/inventory.py")
+            .display()
+            .to_string(),
+    );
+    let node = start_node(registry, &toml);
+    let started = node
+        .process
+        .wait_for_line("plugin inventory started: pid", READY_TIMEOUT);
+    let pid = started
+        .split("pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no pid in {started:?}"))
+        .to_string();
+    node.process.wait_for_line(
+        "plugin inventory (inventory.v1.Inventory) is SERVING",
+        READY_TIMEOUT,
+    );
+    let count = "node_host_plugin_restarts_total{plugin=\"inventory\"}";
+    assert!(
+        !promtool_accepts(node.http).contains(count),
+        "no restart yet"
+    );
+    // The plugin process (a child of this node, named by its own log) dies.
+    let killed = Command::new("kill").args(["-9", &pid]).status().unwrap();
+    assert!(killed.success());
+    node.process
+        .wait_for_line("plugin inventory: it was killed by SIGKILL", READY_TIMEOUT);
+    let deadline = Instant::now() + SHOW;
+    loop {
+        let body = promtool_accepts(node.http);
+        if body.contains(&format!("{count} 1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no restart counted:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
