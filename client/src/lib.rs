@@ -8,14 +8,16 @@
 //!
 //! # Layout
 //! In layers: each module uses only those listed before it (and `status`,
-//! `names`, `codec`, `lb`, which use nothing of this crate).
+//! `names`, `codec`, `lb`, which use nothing of this crate); no module uses
+//! one that uses it back (`scripts/module-cycles.py client/src` checks).
 //! - [`Connector`] (from the `registry-support` crate): TLS and the
 //!   registry token, for the registry and every instance.
 //! - [`status`]: a gRPC status as one readable line.
 //! - [`directory`]: a live local copy of the registry's instances (Watch),
 //!   reconnection with backoff, stale fallbacks after a registry restart
-//!   (`directory/{mod,watch,apply}.rs`: types and handle, the watch task,
-//!   the pure snapshot joining and `apply`).
+//!   (`directory/`: `mod.rs` the handle, `watch.rs` the watch task,
+//!   `apply.rs` the pure snapshot joining and `apply`, `snapshot.rs` the
+//!   types).
 //! - [`descriptors`]: the descriptor cache ([`Descriptors`]): from the
 //!   registry, else server reflection (`descriptors/reflection.rs`), kept,
 //!   asked for again when a method is missing.
