@@ -131,7 +131,13 @@ pub async fn run_with_http(
         Some(dns) => Some(crate::dns::start(dns, snapshots.clone(), stop_rx.clone()).await?),
         None => None,
     };
-    let xds = XdsService::new(snapshots, peers.clone(), stop_rx.clone()).into_server();
+    let xds = XdsService::new(
+        snapshots.clone(),
+        watchers.clone(),
+        peers.clone(),
+        stop_rx.clone(),
+    )
+    .into_server();
     let service = RegistryService::new(watchers, stop_rx.clone(), peers);
     let registry = RegistryServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)

@@ -193,8 +193,9 @@ async fn python_grpc_dials_xds_follows_weights_new_nodes_kills_and_edits() {
     assert_eq!(until["seen"], true, "{until}");
     assert!(until["ms"].as_f64().unwrap() < 1000.0, "{until}");
 
-    // A node killed with -9 mid-load: only calls in flight may fail, and
-    // none later than a second after the kill.
+    // A node killed with -9 mid-load: only calls in flight at the kill may
+    // fail (at most one per caller, each started before the kill was
+    // done); every call started after it succeeds.
     const THREADS: usize = 4;
     py.process.send_line(&format!("load 3 {THREADS}"));
     let started = Instant::now();
@@ -218,8 +219,8 @@ async fn python_grpc_dials_xds_follows_weights_new_nodes_kills_and_edits() {
     for f in failures {
         let at = f["ms"].as_f64().unwrap();
         assert!(
-            at < killed_ms + 1000.0,
-            "a call started {at} ms in failed, more than 1 s after the kill at {killed_ms:.0}: {load}"
+            at < killed_ms,
+            "a call started {at} ms in failed, after the kill at {killed_ms:.0} ms: {load}"
         );
     }
     let served = counts(&load);

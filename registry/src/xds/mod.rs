@@ -19,7 +19,12 @@
 //! # Limits (what a client controls)
 //! - ADS streams per connection: counted with Watch streams,
 //!   `--max-watches-per-connection` (default
-//!   [`crate::limits::DEFAULT_WATCHES_PER_CONNECTION`]).
+//!   [`crate::limits::DEFAULT_WATCHES_PER_CONNECTION`]); and each is
+//!   charged to the watch memory budget like a Watch stream
+//!   (`--watch-memory-bytes`, [`crate::watch::STREAM_CHARGE`] each).
+//! - What a stream holds: a response is built only when the transport
+//!   asks for one (HTTP/2 has room), from the newest snapshot, so a client
+//!   that stops reading holds one response, never a queue of them.
 //! - Names per resource type per stream: [`MAX_NAMES_PER_TYPE`]; more ends
 //!   the stream with RESOURCE_EXHAUSTED.
 //! - Size of one request: [`MAX_REQUEST_BYTES`]; larger is refused with
@@ -40,12 +45,16 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::limits::PeerLimits;
+use crate::limits::{PeerLimits, WatchGuard};
+use crate::watch::Watchers;
+use crate::watch::hub::Charge;
 use crate::xds::cache::Snapshot;
 use crate::xds::stream::AdsStream;
 
@@ -69,20 +78,25 @@ pub struct XdsService {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Counts ADS streams per connection, with Watch streams.
     peers: PeerLimits,
+    /// Whose memory budget ADS streams are charged to, as Watch streams.
+    watchers: Watchers,
     /// Turns true at shutdown: every stream ends.
     shutdown: watch::Receiver<bool>,
 }
 
 impl XdsService {
-    /// Serves the snapshots of `snapshots`, counting streams in `peers`.
+    /// Serves the snapshots of `snapshots`, counting streams in `peers`
+    /// and charging them to the watch budget of `watchers`.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
+        watchers: Watchers,
         peers: PeerLimits,
         shutdown: watch::Receiver<bool>,
     ) -> XdsService {
         XdsService {
             snapshots,
             peers,
+            watchers,
             shutdown,
         }
     }
@@ -97,6 +111,77 @@ impl XdsService {
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// One ADS stream being served.
+struct Ads {
+    /// Its protocol state.
+    ads: AdsStream,
+    /// The client's requests.
+    requests: Streaming<DiscoveryRequest>,
+    /// The newest state.
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Turns true at shutdown.
+    shutdown: watch::Receiver<bool>,
+    /// Responses decided but not yet taken by the transport (at most one
+    /// per type).
+    pending: VecDeque<DiscoveryResponse>,
+    /// For logs.
+    peer: Option<SocketAddr>,
+    /// Set once the stream has ended (after an error, nothing follows).
+    done: bool,
+    /// Counts the stream against --max-watches-per-connection.
+    _guard: WatchGuard,
+    /// Counts it against the watch memory budget (--watch-memory-bytes).
+    _charge: Charge,
+}
+
+impl Ads {
+    /// The next response, `None` when the stream is over.
+    async fn next(&mut self) -> Option<Result<DiscoveryResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if let Some(response) = self.pending.pop_front() {
+                return Some(Ok(response));
+            }
+            let peer = self.peer;
+            let request = tokio::select! {
+                next = self.requests.next() => match next {
+                    Some(Ok(request)) => Some(request),
+                    // tonic's "message too large" on a request over
+                    // MAX_REQUEST_BYTES: a limit, said as the registry
+                    // says every limit.
+                    Some(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                        let status = Status::resource_exhausted(format!(
+                            "xDS request too large (max {MAX_REQUEST_BYTES} bytes): {}",
+                            status.message()
+                        ));
+                        tracing::warn!(?peer, %status, "xDS stream ended: a limit was passed");
+                        self.done = true;
+                        return Some(Err(status));
+                    }
+                    Some(Err(status)) => {
+                        tracing::debug!(?peer, %status, "xDS stream broke");
+                        return None;
+                    }
+                    None => return None,
+                },
+                changed = self.snapshots.changed() => if changed.is_err() { return None } else { None },
+                _ = self.shutdown.wait_for(|stop| *stop) => return None,
+            };
+            if let Some(request) = request
+                && let Err(status) = self.ads.request(request)
+            {
+                tracing::warn!(?peer, %status, "xDS stream ended: a limit was passed");
+                self.done = true;
+                return Some(Err(status));
+            }
+            let snapshot = self.snapshots.borrow_and_update().clone();
+            self.pending.extend(self.ads.responses(&snapshot));
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for XdsService {
     type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
@@ -107,59 +192,27 @@ impl AggregatedDiscoveryService for XdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let guard = self.peers.open_watch(request.remote_addr())?;
+        let charge = self.watchers.hub().charge_stream()?;
         let peer = request.remote_addr();
-        let mut requests = request.into_inner();
-        let mut snapshots = self.snapshots.clone();
-        let mut shutdown = self.shutdown.clone();
-        // A small queue: a client that does not read stops this task at
-        // the next send, and the snapshot it then sends is the newest.
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut ads = AdsStream::default();
-            tracing::debug!(?peer, "xDS stream opened");
-            loop {
-                let request = tokio::select! {
-                    next = requests.next() => match next {
-                        Some(Ok(request)) => Some(request),
-                        // tonic's "message too large" on a request over
-                        // MAX_REQUEST_BYTES: a limit, said as the registry
-                        // says every limit.
-                        Some(Err(status)) if status.code() == tonic::Code::OutOfRange => {
-                            let status = Status::resource_exhausted(format!(
-                                "xDS request too large (max {MAX_REQUEST_BYTES} bytes): {}",
-                                status.message()
-                            ));
-                            tracing::warn!(?peer, %status, "xDS stream ended: a limit was passed");
-                            let _ = tx.try_send(Err(status));
-                            return;
-                        }
-                        Some(Err(status)) => {
-                            tracing::debug!(?peer, %status, "xDS stream broke");
-                            return;
-                        }
-                        None => return,
-                    },
-                    changed = snapshots.changed() => if changed.is_err() { return } else { None },
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                };
-                if let Some(request) = request
-                    && let Err(status) = ads.request(request)
-                {
-                    tracing::warn!(?peer, %status, "xDS stream ended: a limit was passed");
-                    let _ = tx.send(Err(status)).await;
-                    return;
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                for response in ads.responses(&snapshot) {
-                    tokio::select! {
-                        sent = tx.send(Ok(response)) => if sent.is_err() { return },
-                        _ = shutdown.wait_for(|stop| *stop) => return,
-                    }
-                }
-            }
+        tracing::debug!(?peer, "xDS stream opened");
+        let ads = Ads {
+            ads: AdsStream::default(),
+            requests: request.into_inner(),
+            snapshots: self.snapshots.clone(),
+            shutdown: self.shutdown.clone(),
+            pending: VecDeque::new(),
+            peer,
+            done: false,
+            _guard: guard,
+            _charge: charge,
+        };
+        // No task and no queue: the transport polls the stream when HTTP/2
+        // has room, and only then is the next response built, from the
+        // newest snapshot. A client that stops reading costs one response.
+        let stream = futures::stream::unfold(ads, |mut ads| async move {
+            ads.next().await.map(|item| (item, ads))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn delta_aggregated_resources(
