@@ -1,22 +1,37 @@
-//! Leases and their expiry.
+//! Leases: what they are, and how each one ends.
 //!
 //! A lease lives until its deadline unless a heartbeat pushes the deadline
-//! on. Deadlines are kept sorted in [`Deadlines`], so finding the leases
-//! that ran out is a look at the front of a set, and ONE background task
-//! ([`spawn_sweeper`]) sleeps until the earliest deadline, removes what ran
-//! out, and sleeps again. A grant that brings the earliest deadline forward
-//! wakes it early. The task stops when its [`SweeperGuard`] is dropped.
+//! on. [`Leases`] is the table of live leases with their deadlines kept
+//! sorted ([`Deadlines`]), so finding the leases that ran out is a look at
+//! the front of a set.
 //!
-//! Times are [`tokio::time::Instant`]s so tests can pause and advance the
-//! clock instead of sleeping.
+//! # How a lease ends
+//! Only through [`Leases`], in one of three ways, each a method that takes
+//! the lease out of the table (and out of the deadlines) and hands it back:
+//! - revoked by its owner (RevokeLease, a node shutting down or pausing):
+//!   [`Leases::end`];
+//! - its KeepAlive stream closed or broke while it was attached to it:
+//!   [`Leases::end_attached`];
+//! - its deadline passed without a heartbeat: [`Leases::end_due`], called
+//!   by the state before every mutation and by the store's sweeper task at
+//!   the earliest deadline (see `crate::store`).
+//!
+//! The state then removes the instances the lease held, with the matching
+//! `RemovalReason` (`State::end_lease`). Nothing else removes a lease.
+//!
+//! This module depends on nothing else in the crate. Times are
+//! [`tokio::time::Instant`]s so tests can pause and advance the clock
+//! instead of sleeping.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::state::InstanceKey;
-use crate::store::Store;
+/// An instance's key: (service, instance id). Shared (`Arc<str>`) between
+/// the state's maps and the lease that holds the instance.
+pub type InstanceKey = (Arc<str>, Arc<str>);
 
 /// A lease: the life of the instances registered under it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,61 +101,105 @@ impl Deadlines {
     }
 }
 
-/// Stops the sweeper task when dropped.
-#[derive(Debug)]
-pub struct SweeperGuard {
-    /// The store whose sweeper to stop.
-    store: Store,
+/// The live leases, by id, and their deadlines. Every lease that ends
+/// leaves through one of the `end*` methods (see the module docs).
+#[derive(Debug, Default, Clone)]
+pub struct Leases {
+    /// Live leases by id.
+    by_id: HashMap<u64, Lease>,
+    /// Their deadlines in time order; exactly one entry per live lease.
+    deadlines: Deadlines,
 }
 
-impl Drop for SweeperGuard {
-    fn drop(&mut self) {
-        self.store.stop_sweeper();
+impl Leases {
+    /// How many leases are alive.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
     }
-}
 
-/// Starts the task that expires `store`'s leases. It runs until the guard is
-/// dropped.
-pub fn spawn_sweeper(store: Store) -> SweeperGuard {
-    tokio::spawn(sweep(store.clone()));
-    SweeperGuard { store }
-}
+    /// Whether no lease is alive.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 
-async fn sweep(store: Store) {
-    while !store.sweeper_stopped() {
-        // Expires what is due and publishes the removals; then sleeps until
-        // the next deadline or until woken (an earlier deadline appeared, or
-        // the guard was dropped). A wake-up that came in between is not
-        // lost: Notify keeps one permit.
-        match store.expire_due() {
-            Some(next) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next) => {}
-                    _ = store.sweeper_woken() => {}
-                }
+    /// The lease `id`, if alive.
+    pub fn get(&self, id: u64) -> Option<&Lease> {
+        self.by_id.get(&id)
+    }
+
+    /// The lease `id`, if alive, to change its instances or the stream it
+    /// is attached to. Its deadline changes only through [`renew`](Self::renew).
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Lease> {
+        self.by_id.get_mut(&id)
+    }
+
+    /// The earliest deadline: when [`end_due`](Self::end_due) next has work.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.next()
+    }
+
+    /// A new lease of `ttl` that dies at `now + ttl` unless renewed, with a
+    /// random nonzero id unused by any live lease and a 128-bit secret.
+    pub fn grant(&mut self, ttl: Duration, now: Instant) -> &Lease {
+        let id = loop {
+            let id: u64 = rand::random();
+            if id != 0 && !self.by_id.contains_key(&id) {
+                break id;
             }
-            None => store.sweeper_woken().await,
+        };
+        let deadline = now + ttl;
+        self.deadlines.insert(deadline, id);
+        self.by_id.entry(id).or_insert(Lease {
+            id,
+            secret: format!("{:032x}", rand::random::<u128>()),
+            ttl,
+            deadline,
+            instances: Vec::new(),
+            attached: None,
+        })
+    }
+
+    /// A heartbeat: lease `id` now dies at `now + ttl`. Returns its TTL, or
+    /// `None` if it is not alive.
+    pub fn renew(&mut self, id: u64, now: Instant) -> Option<Duration> {
+        let lease = self.by_id.get_mut(&id)?;
+        let old = lease.deadline;
+        lease.deadline = now + lease.ttl;
+        self.deadlines.remove(old, id);
+        self.deadlines.insert(lease.deadline, id);
+        Some(lease.ttl)
+    }
+
+    /// Ends lease `id` (revoked by its owner); `None` if it is not alive.
+    pub fn end(&mut self, id: u64) -> Option<Lease> {
+        let lease = self.by_id.remove(&id)?;
+        self.deadlines.remove(lease.deadline, id);
+        Some(lease)
+    }
+
+    /// Ends lease `id` if it is attached to KeepAlive stream `stream`: that
+    /// stream ended. A lease a newer stream took over stays.
+    pub fn end_attached(&mut self, id: u64, stream: u64) -> Option<Lease> {
+        match self.by_id.get(&id) {
+            Some(lease) if lease.attached == Some(stream) => self.end(id),
+            _ => None,
         }
     }
-    tracing::debug!("lease sweeper stopped");
+
+    /// Ends every lease whose deadline is at or before `now`, earliest
+    /// first.
+    pub fn end_due(&mut self, now: Instant) -> Vec<Lease> {
+        self.deadlines
+            .pop_due(now)
+            .into_iter()
+            .filter_map(|id| self.by_id.remove(&id))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Ttl;
-    use registry_proto::registry::v1 as pb;
-
-    fn instance(id: &str) -> pb::Instance {
-        pb::Instance {
-            service: "svc".into(),
-            instance_id: id.into(),
-            host: "127.0.0.1".into(),
-            port: 1,
-            weight: 1,
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn deadlines_pop_in_order() {
@@ -156,59 +215,33 @@ mod tests {
         assert!(d.is_empty());
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_lease_without_heartbeats_expires_after_its_ttl() {
-        let store = Store::new(Ttl::default());
-        let _guard = spawn_sweeper(store.clone());
-        let grant = store.grant_lease(1000).unwrap();
-        let register = |id: &str| crate::validate::Register {
-            lease_id: grant.lease_id,
-            lease_secret: grant.lease_secret.clone(),
-            instance: instance(id),
-            descriptors: None,
-        };
-        store.register(register("a")).unwrap();
-        store.register(register("b")).unwrap();
-        let count = || store.resolve("svc").0.len();
+    #[test]
+    fn each_way_out_removes_the_lease_and_its_deadline() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_millis(100);
+        let mut leases = Leases::default();
+        let a = leases.grant(ttl, t0).id;
+        let b = leases.grant(ttl * 2, t0).id;
+        let c = leases.grant(ttl * 3, t0).id;
+        assert_eq!(leases.len(), 3);
+        assert_eq!(leases.next_deadline(), Some(t0 + ttl));
 
-        // Heartbeats keep it alive past its first deadline.
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        store
-            .keep_alive(grant.lease_id, &grant.lease_secret, None)
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        assert_eq!(count(), 2);
+        // A renewal moves the deadline: `a` is no longer due first.
+        assert_eq!(leases.renew(a, t0 + ttl), Some(ttl));
+        assert_eq!(leases.next_deadline(), Some(t0 + ttl * 2));
 
-        // Without them it dies one TTL after the last one, not before.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(count(), 2);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(count(), 0);
-        assert!(
-            store
-                .keep_alive(grant.lease_id, &grant.lease_secret, None)
-                .is_err()
-        );
-    }
+        // Only the stream it is attached to ends it.
+        leases.get_mut(b).expect("alive").attached = Some(7);
+        assert!(leases.end_attached(b, 8).is_none());
+        assert_eq!(leases.end_attached(b, 7).map(|l| l.id), Some(b));
 
-    #[tokio::test(start_paused = true)]
-    async fn an_earlier_deadline_wakes_the_sweeper() {
-        let store = Store::new(Ttl::default());
-        let _guard = spawn_sweeper(store.clone());
-        // The sweeper first sleeps towards a far deadline...
-        store.grant_lease(60_000).unwrap();
-        tokio::task::yield_now().await;
-        // ...then a short lease appears: it must still go on time.
-        let short = store.grant_lease(200).unwrap();
-        store
-            .register(crate::validate::Register {
-                lease_id: short.lease_id,
-                lease_secret: short.lease_secret.clone(),
-                instance: instance("x"),
-                descriptors: None,
-            })
-            .unwrap();
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(store.resolve("svc").0.is_empty());
+        assert_eq!(leases.end(c).map(|l| l.id), Some(c));
+        assert!(leases.end(c).is_none(), "ends once");
+
+        let due: Vec<u64> = leases.end_due(t0 + ttl * 2).iter().map(|l| l.id).collect();
+        assert_eq!(due, vec![a]);
+        assert!(leases.is_empty());
+        assert_eq!(leases.next_deadline(), None);
+        assert!(leases.renew(a, t0).is_none());
     }
 }

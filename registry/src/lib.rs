@@ -18,9 +18,12 @@
 //! - [`state`]: the state machine: services, instances, leases, revisions,
 //!   interned descriptors. Pure and synchronous; every mutation returns its
 //!   events.
-//! - [`lease`]: leases, their deadlines, and the one task that expires them.
+//! - [`lease`]: leases and their deadlines ([`lease::Leases`]), and how a
+//!   lease ends (revoked, its KeepAlive stream closed, expired): one place,
+//!   depending on nothing else in the crate.
 //! - [`store`]: the shared handle: state behind one lock, changes handed to
-//!   a [`store::Publish`] sink under it (it knows nothing of watchers).
+//!   a [`store::Publish`] sink under it (it knows nothing of watchers), and
+//!   the lease sweeper, the one task that expires leases at their deadline.
 //! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
 //!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
 //!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one

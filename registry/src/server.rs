@@ -14,7 +14,6 @@ use tonic::transport::server::TcpIncoming;
 use tower::util::MapResponseLayer;
 
 use crate::config::Config;
-use crate::lease::spawn_sweeper;
 use crate::limits::PeerLimits;
 use crate::service::{RegistryService, WithWatch};
 use crate::watch::Watchers;
@@ -94,7 +93,7 @@ pub async fn run_with_http(
 ) -> Result<(), ServeError> {
     let watchers = Watchers::new(config.ttl, config.quotas, config.watch);
     let store = watchers.store().clone();
-    let _sweeper = spawn_sweeper(store.clone());
+    let _sweeper = store.spawn_sweeper();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     if let Some(http) = http {
         let serve = crate::http::serve(

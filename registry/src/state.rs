@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::config::Ttl;
 use crate::error::{Error, Result};
-use crate::lease::{Deadlines, Lease};
+use crate::lease::{Lease, Leases};
 use crate::limits::Quotas;
 use crate::validate::{self, Limits};
 
@@ -40,7 +40,7 @@ pub use registry_proto::registry::v1::RemovalReason;
 
 /// Identifies an instance: `(service, instance_id)`. The strings are those
 /// of the services map, shared, not copies.
-pub type InstanceKey = (Arc<str>, Arc<str>);
+pub use crate::lease::InstanceKey;
 
 /// What GrantLease hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,10 +182,9 @@ pub struct State {
     /// Each service's map is copied on write: a snapshot takes a reference
     /// to it, and the first change after that copies that one service.
     services: BTreeMap<Arc<str>, SharedInstances>,
-    /// Live leases by id.
-    leases: HashMap<u64, Lease>,
-    /// The leases' deadlines in time order, for expiry.
-    deadlines: Deadlines,
+    /// Live leases and their deadlines: the only way a lease ends (see
+    /// [`crate::lease`]).
+    leases: Leases,
     /// Revision of the last change; 0 before the first.
     revision: u64,
     /// Interned descriptor sets: one copy per distinct content, with how
@@ -215,8 +214,7 @@ impl State {
     pub fn with_limits(ttl: Ttl, limits: Limits) -> State {
         State {
             services: BTreeMap::new(),
-            leases: HashMap::new(),
-            deadlines: Deadlines::default(),
+            leases: Leases::default(),
             revision: 0,
             descriptors: HashMap::new(),
             descriptor_bytes: 0,
@@ -250,7 +248,7 @@ impl State {
 
     /// The earliest lease deadline: when [`State::expire`] next has work.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.next()
+        self.leases.next_deadline()
     }
 
     /// How many instances are registered.
@@ -267,37 +265,17 @@ impl State {
                 self.limits.leases
             )));
         }
-        let ttl = self.ttl.granted(ttl_ms);
-        let id = loop {
-            let id: u64 = rand::random();
-            if id != 0 && !self.leases.contains_key(&id) {
-                break id;
-            }
-        };
-        let secret = format!("{:032x}", rand::random::<u128>());
-        let deadline = now + ttl;
-        self.deadlines.insert(deadline, id);
-        self.leases.insert(
-            id,
-            Lease {
-                id,
-                secret: secret.clone(),
-                ttl,
-                deadline,
-                instances: Vec::new(),
-                attached: None,
-            },
-        );
+        let lease = self.leases.grant(self.ttl.granted(ttl_ms), now);
         Ok(Granted {
-            lease_id: id,
-            lease_secret: secret,
-            ttl,
+            lease_id: lease.id,
+            lease_secret: lease.secret.clone(),
+            ttl: lease.ttl,
         })
     }
 
     /// The lease `id` if `secret` is its secret.
     fn owned_lease(&mut self, id: u64, secret: &str) -> Result<&mut Lease> {
-        let lease = self.leases.get_mut(&id).ok_or(Error::LeaseNotFound(id))?;
+        let lease = self.leases.get_mut(id).ok_or(Error::LeaseNotFound(id))?;
         if !constant_time_eq(lease.secret.as_bytes(), secret.as_bytes()) {
             return Err(Error::WrongSecret(id));
         }
@@ -315,22 +293,18 @@ impl State {
         now: Instant,
     ) -> Result<Duration> {
         let lease = self.owned_lease(id, secret)?;
-        let old = lease.deadline;
-        lease.deadline = now + lease.ttl;
         if stream.is_some() {
             lease.attached = stream;
         }
-        let (ttl, deadline) = (lease.ttl, lease.deadline);
-        self.deadlines.remove(old, id);
-        self.deadlines.insert(deadline, id);
-        Ok(ttl)
+        self.leases.renew(id, now).ok_or(Error::LeaseNotFound(id))
     }
 
     /// Revokes a lease on its owner's request; returns how many instances
     /// went with it.
     pub fn revoke_lease(&mut self, id: u64, secret: &str) -> Result<(u32, Vec<Event>)> {
         self.owned_lease(id, secret)?;
-        let events = self.remove_lease(id, RemovalReason::LeaseRevoked);
+        let lease = self.leases.end(id);
+        let events = self.end_lease(lease, RemovalReason::LeaseRevoked);
         let removed = u32::try_from(events.len()).unwrap_or(u32::MAX);
         Ok((removed, events))
     }
@@ -339,28 +313,26 @@ impl State {
     /// attached to that stream (a newer stream may have taken it over).
     /// `None` when nothing was revoked.
     pub fn stream_closed(&mut self, id: u64, stream: u64) -> Option<Vec<Event>> {
-        match self.leases.get(&id) {
-            Some(lease) if lease.attached == Some(stream) => {
-                Some(self.remove_lease(id, RemovalReason::KeepaliveClosed))
-            }
-            _ => None,
-        }
+        let lease = self.leases.end_attached(id, stream)?;
+        Some(self.end_lease(Some(lease), RemovalReason::KeepaliveClosed))
     }
 
     /// Removes every lease whose deadline is at or before `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();
-        for id in self.deadlines.pop_due(now) {
-            events.extend(self.remove_lease(id, RemovalReason::LeaseExpired));
+        for lease in self.leases.end_due(now) {
+            events.extend(self.end_lease(Some(lease), RemovalReason::LeaseExpired));
         }
         events
     }
 
-    fn remove_lease(&mut self, id: u64, reason: RemovalReason) -> Vec<Event> {
-        let Some(lease) = self.leases.remove(&id) else {
+    /// A lease ended (taken out of [`Leases`] by one of its `end*`
+    /// methods, see [`crate::lease`]): removes the instances it held, each
+    /// with `reason`.
+    fn end_lease(&mut self, lease: Option<Lease>, reason: RemovalReason) -> Vec<Event> {
+        let Some(lease) = lease else {
             return Vec::new();
         };
-        self.deadlines.remove(lease.deadline, id);
         lease
             .instances
             .iter()
@@ -390,7 +362,7 @@ impl State {
             });
         }
         if existing.is_none() {
-            let held = self.leases.get(&lease_id).map_or(0, |l| l.instances.len());
+            let held = self.leases.get(lease_id).map_or(0, |l| l.instances.len());
             self.quotas.check_lease(lease_id, held)?;
             let count = self
                 .services
@@ -476,7 +448,7 @@ impl State {
             &request.service,
             &request.instance_id,
         )?;
-        if let Some(lease) = self.leases.get_mut(&request.lease_id) {
+        if let Some(lease) = self.leases.get_mut(request.lease_id) {
             lease.instances.retain(|k| *k != key);
         }
         Ok(self
@@ -532,7 +504,7 @@ impl State {
         let revision = self.next_revision();
         stored.revision = revision;
         let event = event(Kind::Added, revision, stored.to_pb(&key.0, &key.1), None);
-        if let Some(lease) = self.leases.get_mut(&stored.lease_id) {
+        if let Some(lease) = self.leases.get_mut(stored.lease_id) {
             lease.instances.push(key.clone());
         }
         Arc::make_mut(self.services.entry(key.0).or_default()).insert(key.1, Box::new(stored));

@@ -1,8 +1,8 @@
 //! The shared handle on the registry: the [`State`] behind a lock, the
 //! [`Publish`] sink its changes go to (the watch hub, see
-//! [`crate::watch`]; this module knows nothing of watchers), and the
-//! wake-up of the lease sweeper. Cheap to clone; every gRPC handler holds
-//! one.
+//! [`crate::watch`]; this module knows nothing of watchers), and the lease
+//! sweeper: the one task that expires leases at their deadline
+//! ([`Store::spawn_sweeper`]). Cheap to clone; every gRPC handler holds one.
 //!
 //! # Why one `std::sync::Mutex`
 //! Watchers need a single total order of revisions, and a new watcher must
@@ -13,11 +13,11 @@
 //! std mutex is cheaper than tokio's and cannot be held across a suspension
 //! point by mistake (its guard is not `Send`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
+use support::AbortOnDropHandle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -56,10 +56,8 @@ struct Shared {
     state: Mutex<State>,
     /// Where changes go, in revision order (published under `state`'s lock).
     publisher: Arc<dyn Publish>,
-    /// Wakes the lease sweeper: an earlier deadline appeared, or it must stop.
+    /// Wakes the lease sweeper: an earlier deadline appeared.
     sweeper: Notify,
-    /// Set when the sweeper's guard is dropped.
-    sweeper_stopped: AtomicBool,
     /// Random identity of this process's registry, sent to watchers so they
     /// can tell a restart (fresh state, revisions from 0) from a reconnect.
     registry_id: String,
@@ -67,7 +65,7 @@ struct Shared {
 
 impl Store {
     /// An empty registry. Leases only expire once
-    /// [`crate::lease::spawn_sweeper`] runs for it.
+    /// [`Store::spawn_sweeper`] runs for it.
     pub fn new(ttl: Ttl) -> Store {
         Store::with_quotas(ttl, Quotas::default())
     }
@@ -93,7 +91,6 @@ impl Store {
                 state: Mutex::new(state),
                 publisher: make(&registry_id),
                 sweeper: Notify::new(),
-                sweeper_stopped: AtomicBool::new(false),
                 registry_id,
             }),
         }
@@ -227,9 +224,39 @@ impl Store {
             self.shared.publisher.publish(revision, events);
         }
     }
+}
+
+// The lease sweeper: one task per store that sleeps until the earliest
+// lease deadline, expires what ran out (publishing the removals), and
+// sleeps again. A grant that brings the earliest deadline forward wakes it
+// early (`Shared::sweeper`). Which leases end, and how, is `crate::lease`.
+
+/// Stops the sweeper task when dropped.
+#[derive(Debug)]
+pub struct SweeperGuard {
+    /// The task; aborted on drop. It only ever waits in a sleep or for a
+    /// wake-up, so aborting it interrupts no change half-made.
+    _task: AbortOnDropHandle<()>,
+}
+
+impl Drop for SweeperGuard {
+    fn drop(&mut self) {
+        tracing::debug!("lease sweeper stopped");
+    }
+}
+
+impl Store {
+    /// Starts the task that expires this store's leases at their deadlines.
+    /// It runs until the guard is dropped. (Without it, leases still end
+    /// when due, but only at the next mutation.)
+    pub fn spawn_sweeper(&self) -> SweeperGuard {
+        SweeperGuard {
+            _task: AbortOnDropHandle::new(tokio::spawn(sweep(self.clone()))),
+        }
+    }
 
     /// Expires the leases that are due; returns the next deadline.
-    pub(crate) fn expire_due(&self) -> Option<Instant> {
+    fn expire_due(&self) -> Option<Instant> {
         let mut state = self.lock();
         let events = state.expire(Instant::now());
         if !events.is_empty() {
@@ -239,20 +266,94 @@ impl Store {
         self.publish(revision, events);
         state.next_deadline()
     }
+}
 
-    /// Resolves when the sweeper is woken.
-    pub(crate) async fn sweeper_woken(&self) {
-        self.shared.sweeper.notified().await;
+async fn sweep(store: Store) {
+    loop {
+        // Expires what is due and publishes the removals; then sleeps until
+        // the next deadline or until woken (an earlier deadline appeared).
+        // A wake-up that came in between is not lost: Notify keeps one
+        // permit.
+        match store.expire_due() {
+            Some(next) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = store.shared.sweeper.notified() => {}
+                }
+            }
+            None => store.shared.sweeper.notified().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instance(id: &str) -> pb::Instance {
+        pb::Instance {
+            service: "svc".into(),
+            instance_id: id.into(),
+            host: "127.0.0.1".into(),
+            port: 1,
+            weight: 1,
+            ..Default::default()
+        }
     }
 
-    /// Whether the sweeper must stop.
-    pub(crate) fn sweeper_stopped(&self) -> bool {
-        self.shared.sweeper_stopped.load(Ordering::SeqCst)
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_without_heartbeats_expires_after_its_ttl() {
+        let store = Store::new(Ttl::default());
+        let _guard = store.spawn_sweeper();
+        let grant = store.grant_lease(1000).unwrap();
+        let register = |id: &str| crate::validate::Register {
+            lease_id: grant.lease_id,
+            lease_secret: grant.lease_secret.clone(),
+            instance: instance(id),
+            descriptors: None,
+        };
+        store.register(register("a")).unwrap();
+        store.register(register("b")).unwrap();
+        let count = || store.resolve("svc").0.len();
+
+        // Heartbeats keep it alive past its first deadline.
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        store
+            .keep_alive(grant.lease_id, &grant.lease_secret, None)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(count(), 2);
+
+        // Without them it dies one TTL after the last one, not before.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(count(), 2);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(count(), 0);
+        assert!(
+            store
+                .keep_alive(grant.lease_id, &grant.lease_secret, None)
+                .is_err()
+        );
     }
 
-    /// Tells the sweeper to stop.
-    pub(crate) fn stop_sweeper(&self) {
-        self.shared.sweeper_stopped.store(true, Ordering::SeqCst);
-        self.shared.sweeper.notify_one();
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_deadline_wakes_the_sweeper() {
+        let store = Store::new(Ttl::default());
+        let _guard = store.spawn_sweeper();
+        // The sweeper first sleeps towards a far deadline...
+        store.grant_lease(60_000).unwrap();
+        tokio::task::yield_now().await;
+        // ...then a short lease appears: it must still go on time.
+        let short = store.grant_lease(200).unwrap();
+        store
+            .register(crate::validate::Register {
+                lease_id: short.lease_id,
+                lease_secret: short.lease_secret.clone(),
+                instance: instance("x"),
+                descriptors: None,
+            })
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(store.resolve("svc").0.is_empty());
     }
 }
