@@ -106,7 +106,8 @@ struct Args {
     max_dashboard_clients: usize,
     /// Also answer DNS on this address, UDP and TCP (e.g. 127.0.0.1:8600):
     /// A, AAAA and SRV records of SERVICE.service.DOMAIN, TTL 2 s. Off by
-    /// default. Logged as `DNS listening addr=<ip>:<port>` once bound.
+    /// default. Logged as `DNS listening (UDP and TCP) addr=<ip>:<port>`
+    /// once bound.
     #[arg(long, value_name = "IP:PORT")]
     dns: Option<SocketAddr>,
     /// The DNS zone answered for with --dns: names are SERVICE.service.DOMAIN.

@@ -10,8 +10,8 @@
 //! # Layout
 //! - [`resources`]: the Listener, Cluster and ClusterLoadAssignment of one
 //!   service (weights travel as locality weights).
-//! - [`cache`]: one follower of the store for all streams; each change is
-//!   encoded once.
+//! - [`cache`]: one follower of the registry's watch for all streams (and
+//!   for [`crate::dns`]); each change is encoded once.
 //! - [`stream`]: the protocol of one stream: subscriptions, versions,
 //!   nonces, ACK and NACK.
 //! - this file: the gRPC service and its limits.
