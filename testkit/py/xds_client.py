@@ -4,7 +4,7 @@ Driven by testkit/tests/xds.rs. GRPC_XDS_BOOTSTRAP names the bootstrap file
 (the registry as the xDS server). The stubs are generated at start from the
 workspace's .proto files with grpcio-tools, as a Python user would.
 
-Usage: xds_client.py PROTO_DIR
+Usage: xds_client.py PROTO_DIR OUT_DIR  (the stubs are written to OUT_DIR)
 Reads one command per line on stdin and answers one JSON line on stdout:
   calc N             N Calculator/Add calls over xds:///calculator
   split N            N Echo calls over xds:///echo, counted by served_by
@@ -16,7 +16,6 @@ Reads one command per line on stdin and answers one JSON line on stdout:
 
 import json
 import sys
-import tempfile
 import threading
 import time
 
@@ -41,9 +40,7 @@ def stubs(proto_dir, out):
 
 
 def main():
-    # Removed at exit (the interpreter has imported the modules by then).
-    generated = tempfile.TemporaryDirectory(prefix="xds-py-")
-    calc_pb, calc_grpc, echo_pb, echo_grpc = stubs(sys.argv[1], generated.name)
+    calc_pb, calc_grpc, echo_pb, echo_grpc = stubs(sys.argv[1], sys.argv[2])
     calc = calc_grpc.CalculatorStub(grpc.insecure_channel("xds:///calculator"))
     echo = echo_grpc.EchoStub(grpc.insecure_channel("xds:///echo"))
 

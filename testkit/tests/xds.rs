@@ -82,11 +82,14 @@ impl Script {
     }
 }
 
-fn python(bootstrap: &std::path::Path, env: &[(&str, &str)]) -> Script {
+/// The Python client; its generated stubs go to `out` (the test's own
+/// scratch directory, removed with it).
+fn python(bootstrap: &std::path::Path, out: &std::path::Path, env: &[(&str, &str)]) -> Script {
     let mut cmd = std::process::Command::new(testkit::python3());
     cmd.envs(env.iter().copied());
     cmd.arg(workspace_root().join("testkit/py/xds_client.py"))
-        .arg(workspace_root().join("proto/proto"));
+        .arg(workspace_root().join("proto/proto"))
+        .arg(out);
     Script::start("python-xds", cmd, bootstrap)
 }
 
@@ -145,7 +148,7 @@ async fn python_grpc_dials_xds_follows_weights_new_nodes_kills_and_edits() {
     let mut b = node(&registry, 1);
     wait_for_weight(&registry, "echo", b.addr, 1).await;
     wait_for_weight(&registry, "echo", a.addr, 3).await;
-    let mut py = python(&bootstrap(&dir, registry.addr), &[]);
+    let mut py = python(&bootstrap(&dir, registry.addr), dir.path(), &[]);
 
     // Calls succeed, with the right answers.
     let calc = py.ask("calc 50");
@@ -158,8 +161,11 @@ async fn python_grpc_dials_xds_follows_weights_new_nodes_kills_and_edits() {
     // An unknown service fails at once, saying why, when the client reads
     // xRFC TP3 errors (gRPC 1.85 does behind this variable; without it, it
     // gives up after its 15 s does-not-exist timer).
+    let fast_out = dir.path().join("fast");
+    std::fs::create_dir_all(&fast_out).unwrap();
     let mut fast = python(
         &bootstrap(&dir, registry.addr),
+        &fast_out,
         &[("GRPC_EXPERIMENTAL_XDS_DATA_ERROR_HANDLING", "true")],
     );
     let missing = fast.ask("missing nosuch");
