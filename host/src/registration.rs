@@ -41,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status};
+use tonic_types::StatusExt;
 use tracing::{debug, error, info, warn};
 
 use crate::config::PluginConfig;
@@ -784,8 +785,9 @@ const RATE_LIMIT_RETRIES: u32 = 5;
 const RATE_LIMIT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Register, retried after a pause when the registry's per-peer rate limit
-/// refused it: unlike the other RESOURCE_EXHAUSTED refusals (a quota), that
-/// one passes by itself (another process on this machine registering fast,
+/// refused it (the refusal that carries a `google.rpc.RetryInfo` detail):
+/// unlike the other RESOURCE_EXHAUSTED refusals (a quota), that one passes
+/// by itself (another process on this machine registering fast,
 /// say), and giving up on the plugin until its settings change would be
 /// wrong.
 async fn register_paced(
@@ -800,7 +802,7 @@ async fn register_paced(
         match &result {
             Err(SessionError::Rpc { status, .. })
                 if status.code() == Code::ResourceExhausted
-                    && status.message().contains("per second")
+                    && status.get_details_retry_info().is_some()
                     && pauses.failures() < RATE_LIMIT_RETRIES =>
             {
                 let pause = pauses.next_delay();

@@ -286,3 +286,16 @@ async fn file_values_apply_and_flags_override_them() {
     assert_eq!(addr.ip().to_string(), "127.0.0.1");
     wait_for_weights(&mut client, addr, &[("echo", 5)]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_register_is_retried_until_it_passes() {
+    // One registration per second from this address: the lease takes the
+    // first, so each Register is refused at least once. The refusal carries
+    // a RetryInfo detail, which the node reads as "wait and retry" (any
+    // other RESOURCE_EXHAUSTED would leave the plugin unregistered until its
+    // settings change).
+    let registry = Registry::start(&["--max-registrations-per-sec-per-ip", "1"]);
+    let node = Node::start(registry.addr, BOTH);
+    let mut client = registry.client().await;
+    wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+}

@@ -1,7 +1,10 @@
 //! Every way a registry call can fail, and the one place where each becomes
 //! a gRPC status code.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Why a call was refused. Nothing has changed when one of these is returned.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +48,17 @@ pub enum Error {
     /// A documented limit was reached.
     #[error("limit reached: {0}")]
     Limit(String),
+    /// A rate limit was reached: unlike [`Error::Limit`], it passes by
+    /// itself, after `retry_after`. The status carries that wait as a
+    /// `google.rpc.RetryInfo` detail, for programs to act on without
+    /// reading the message.
+    #[error("limit reached: {message}")]
+    RateLimit {
+        /// Which limit, as [`Error::Limit`] says it.
+        message: String,
+        /// How long until a retry can succeed.
+        retry_after: Duration,
+    },
 }
 
 impl Error {
@@ -65,7 +79,7 @@ impl Error {
             | Error::ServiceNotFound(_)
             | Error::NoDescriptors(_) => Code::NotFound,
             Error::WrongSecret(_) | Error::NotOwner { .. } => Code::PermissionDenied,
-            Error::Limit(_) => Code::ResourceExhausted,
+            Error::Limit(_) | Error::RateLimit { .. } => Code::ResourceExhausted,
         }
     }
 }
@@ -73,9 +87,51 @@ impl Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
         crate::metrics::refused(&error);
-        Status::new(error.code(), error.to_string())
+        error.status()
+    }
+}
+
+impl Error {
+    /// The status this error is sent as (not counted in the metrics: that
+    /// is the `From` conversion's job).
+    fn status(&self) -> Status {
+        match self {
+            Error::RateLimit { retry_after, .. } => Status::with_error_details(
+                self.code(),
+                self.to_string(),
+                ErrorDetails::with_retry_info(Some(*retry_after)),
+            ),
+            _ => Status::new(self.code(), self.to_string()),
+        }
     }
 }
 
 /// Shorthand for results of registry operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_rate_limit_carries_retry_info() {
+        let wait = Duration::from_millis(250);
+        let status = Error::RateLimit {
+            message: "registrations per second per peer".into(),
+            retry_after: wait,
+        }
+        .status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("per second"),
+            "{}",
+            status.message()
+        );
+        let info = status.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(info.retry_delay, Some(wait));
+
+        let quota = Error::Limit("instances per lease".into()).status();
+        assert_eq!(quota.code(), Code::ResourceExhausted);
+        assert!(quota.get_details_retry_info().is_none());
+    }
+}

@@ -185,6 +185,13 @@ impl Bucket {
         (self.tokens + refill).min(capacity)
     }
 
+    /// How long until the bucket holds one token again (after a refused
+    /// [`take`](Self::take) at `now`).
+    fn refill_wait(&self, capacity: f64, now: Instant) -> Duration {
+        let missing = (1.0 - self.tokens_at(capacity, now)).max(0.0);
+        Duration::from_secs_f64(missing / capacity)
+    }
+
     /// Takes one token at `now`; false when there is none.
     fn take(&mut self, capacity: f64, now: Instant) -> bool {
         self.tokens = self.tokens_at(capacity, now);
@@ -303,9 +310,11 @@ impl PeerLimits {
         if bucket.take(capacity, now) {
             return Ok(());
         }
+        let retry_after = bucket.refill_wait(capacity, now);
         drop(buckets);
-        // Both messages say "per second": the node host retries on that.
-        Err(Error::Limit(if shared {
+        // A refusal that passes by itself: it carries the wait (RetryInfo
+        // in the status details), which is what the node host retries on.
+        let message = if shared {
             format!(
                 "registrations per second from untracked peers: {peer} is not tracked \
                  because {MAX_TRACKED_PEERS} active peers already are, and the untracked \
@@ -319,7 +328,11 @@ impl PeerLimits {
                  (--max-registrations-per-sec-per-ip, counted per IPv4 address or IPv6 /64; \
                  0 disables it); slow down and retry"
             )
-        }))
+        };
+        Err(Error::RateLimit {
+            message,
+            retry_after,
+        })
     }
 
     /// Counts one more Watch stream on `peer`'s connection, or refuses; the

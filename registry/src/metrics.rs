@@ -211,7 +211,7 @@ pub fn limit_label(message: &str) -> &'static str {
 
 /// Counts `error` if a limit refused the call.
 pub fn refused(error: &Error) {
-    if let Error::Limit(message) = error {
+    if let Error::Limit(message) | Error::RateLimit { message, .. } = error {
         get()
             .refused
             .with_label_values(&[limit_label(message)])
