@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use registry_proto::registry::v1 as pb;
-use testkit::netns::lan_or_skip;
+use testkit::netns::lan_for_test;
 use testkit::{Registry, eventually};
 use tonic::Code;
 
@@ -374,9 +374,10 @@ async fn tls_and_mutual_tls_across_loopback_addresses() {
     .await;
 }
 
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_across_hosts_of_the_lan() {
-    let Some(lan) = lan_or_skip(3) else { return };
+    let lan = lan_for_test(3);
     let dir = TempDir::new("security-test");
     tls_scenario(
         [
