@@ -52,6 +52,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long one unary call to the registry may take before the link is
 /// considered broken.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the registry may go silent (a stalled registry: SIGSTOP, a VM
+/// pause) before this node gives up on its session, beyond the lease TTL
+/// for heartbeat answers. A stalled registry renews every lease when it
+/// resumes (see the registry's `lease` module), so a session kept through
+/// the stall is still good; one dropped would be revoked, and the node's
+/// instances would flap.
+pub const STALL_TOLERANCE: Duration = Duration::from_secs(4);
 /// First retry delay after a failure.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest retry delay.
@@ -117,7 +124,7 @@ enum SessionError {
     Timeout { what: &'static str, after: Duration },
     #[error("the KeepAlive stream ended")]
     KeepAliveEnded,
-    #[error("no KeepAlive answer within the lease TTL ({0:?})")]
+    #[error("no KeepAlive answer within the lease TTL and the stall tolerance ({0:?})")]
     KeepAliveSilent(Duration),
 }
 
@@ -462,7 +469,10 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         .connector
         .endpoint(&settings.registry)
         .map_err(|e| SessionError::Address(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT);
+        .connect_timeout(CONNECT_TIMEOUT)
+        // HTTP/2 pings still find a dead link, but a stalled registry is
+        // given STALL_TOLERANCE to answer.
+        .keep_alive_timeout(STALL_TOLERANCE);
     let channel = timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
         .await
         .map_err(|_| SessionError::Timeout {
@@ -878,9 +888,10 @@ async fn keep_alive(
                 Err(status) => return SessionError::Rpc { what: "KeepAlive", status: Box::new(status) },
             },
             // A cut link shows as silence, not an error: give up once the
-            // lease must have expired on the registry's side anyway.
-            () = sleep_until(last_answer + lease.ttl) => {
-                return SessionError::KeepAliveSilent(lease.ttl);
+            // lease must have expired on the registry's side anyway, or the
+            // registry is stalled for longer than it is given.
+            () = sleep_until(last_answer + lease.ttl + STALL_TOLERANCE) => {
+                return SessionError::KeepAliveSilent(lease.ttl + STALL_TOLERANCE);
             }
         }
     }

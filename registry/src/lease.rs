@@ -101,6 +101,13 @@ impl Deadlines {
     }
 }
 
+/// How late past its deadline the lease sweeper may wake before the
+/// registry counts as having been stopped meanwhile (SIGSTOP, a VM pause, a
+/// swap storm): it then renews every lease instead of expiring them (etcd
+/// renews its leases after a leader change for the same reason). A timer is
+/// normally late by well under a millisecond; a loaded machine, by tens.
+pub const STALL: Duration = Duration::from_secs(1);
+
 /// The live leases, by id, and their deadlines. Every lease that ends
 /// leaves through one of the `end*` methods (see the module docs).
 #[derive(Debug, Default, Clone)]
@@ -184,6 +191,19 @@ impl Leases {
             Some(lease) if lease.attached == Some(stream) => self.end(id),
             _ => None,
         }
+    }
+
+    /// Gives every lease a fresh TTL from `now`, after the registry was not
+    /// scheduled for a while (see [`STALL`]): the heartbeats of healthy
+    /// nodes are still waiting in its sockets, so a deadline that passed
+    /// meanwhile says nothing about the node.
+    pub fn renew_all(&mut self, now: Instant) {
+        let mut deadlines = Deadlines::default();
+        for (id, lease) in &mut self.by_id {
+            lease.deadline = now + lease.ttl;
+            deadlines.insert(lease.deadline, *id);
+        }
+        self.deadlines = deadlines;
     }
 
     /// Ends every lease whose deadline is at or before `now`, earliest

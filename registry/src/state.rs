@@ -317,6 +317,14 @@ impl State {
         Some(self.end_lease(Some(lease), RemovalReason::KeepaliveClosed))
     }
 
+    /// Gives every lease a fresh TTL from `now`: after the registry was not
+    /// scheduled for a while (see [`crate::lease::STALL`]), the heartbeats of
+    /// healthy nodes are still waiting in its sockets, so a deadline that
+    /// passed meanwhile says nothing about the node.
+    pub fn renew_all(&mut self, now: Instant) {
+        self.leases.renew_all(now);
+    }
+
     /// Removes every lease whose deadline is at or before `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<Event> {
         let mut events = Vec::new();

@@ -255,6 +255,11 @@ impl Store {
         }
     }
 
+    /// Gives every lease a fresh TTL (see [`State::renew_all`]).
+    pub(crate) fn renew_all(&self) {
+        self.lock().renew_all(Instant::now());
+    }
+
     /// Expires the leases that are due; returns the next deadline.
     fn expire_due(&self) -> Option<Instant> {
         let mut state = self.lock();
@@ -277,7 +282,16 @@ async fn sweep(store: Store) {
         match store.expire_due() {
             Some(next) => {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(next) => {}
+                    _ = tokio::time::sleep_until(next) => {
+                        let late = Instant::now().saturating_duration_since(next);
+                        if late > crate::lease::STALL {
+                            tracing::warn!(
+                                late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX),
+                                "the registry was not running for a while: every lease gets a fresh TTL instead of expiring"
+                            );
+                            store.renew_all();
+                        }
+                    }
                     _ = store.shared.sweeper.notified() => {}
                 }
             }
