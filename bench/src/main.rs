@@ -410,7 +410,7 @@ mod tests {
         assert!(quick.scale_instances <= 10_000 && quick.duration <= Duration::from_millis(500));
         let full = Config::from_args(&Args::parse_from(["bench"]));
         assert_eq!(full.clients, vec![1, 16, 128]);
-        assert_eq!(full.watchers, vec![1, 100, 1000]);
+        assert_eq!(full.watchers, vec![1, 100, 1000, 10_000]);
         assert_eq!((full.scale_instances, full.scale_services), (100_000, 1000));
     }
 
