@@ -42,7 +42,7 @@ pub fn run(options: Options, command: Option<Command>) -> Result<(), CommandErro
     let descriptors = Descriptors::new(directory.clone());
     let synced = async {
         directory
-            .wait_synced(options.wait)
+            .wait_answer(options.wait)
             .await
             .map_err(|e| with_hint(e, uses_tls, client_cert))
     };

@@ -140,6 +140,7 @@ impl Directory {
             registry: connector.registry(endpoint.connect_lazy()),
             connector,
             refused: Mutex::new(None),
+            unreachable: Mutex::new(None),
             state: Mutex::new(State {
                 snapshot: Snapshot::default(),
                 last_error: "not connected yet".to_string(),
@@ -158,6 +159,18 @@ impl Directory {
 
     /// Waits until the first snapshot has arrived.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), DirectoryError> {
+        self.wait(timeout, false).await
+    }
+
+    /// As [`wait_synced`](Self::wait_synced), but gives up at the first
+    /// connection attempt that failed for good (nothing listens at the
+    /// address, no route to it), as a one-shot command should: the
+    /// directory itself keeps retrying either way.
+    pub async fn wait_answer(&self, timeout: Duration) -> Result<(), DirectoryError> {
+        self.wait(timeout, true).await
+    }
+
+    async fn wait(&self, timeout: Duration, fail_fast: bool) -> Result<(), DirectoryError> {
         let mut rx = self.shared.snapshots.subscribe();
         // Reduced to a bool at once: the `Ref` that `wait_for` returns holds
         // the snapshot channel's read lock, and taking `state` below while
@@ -165,7 +178,11 @@ impl Directory {
         // channel's write lock).
         let synced = tokio::time::timeout(
             timeout,
-            rx.wait_for(|s| s.synced || self.shared.refused().is_some()),
+            rx.wait_for(|s| {
+                s.synced
+                    || self.shared.refused().is_some()
+                    || (fail_fast && self.shared.unreachable().is_some())
+            }),
         )
         .await
         .is_ok_and(|r| r.is_ok_and(|s| s.synced));

@@ -5,7 +5,7 @@
 
 use super::apply::{SNAPSHOT_LIMITS, apply, join_parts};
 use super::snapshot::{Change, ChangeKind, RemovalCause, Snapshot};
-use crate::status::status_text;
+use crate::status::{connect_failure, status_text};
 use registry_proto::registry::v1::{WatchRequest, WatchResponse};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,6 +30,10 @@ pub(super) struct Shared {
     /// reads it while holding the snapshot channel's lock, which `publish`
     /// takes while holding `state`.
     pub(super) refused: Mutex<Option<String>>,
+    /// Why the last connection attempt failed for good (nothing listens at
+    /// the address, no route to it), if it did; cleared once a watch is
+    /// accepted. Beside `refused` for the same reason.
+    pub(super) unreachable: Mutex<Option<String>>,
     /// The working copy; a std mutex because it is never held across await.
     pub(super) state: Mutex<State>,
     /// The latest snapshot, for lookups and for followers (balanced channels).
@@ -67,6 +71,18 @@ impl Shared {
         *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
+    /// Why the last connection attempt failed for good, if it did.
+    pub(super) fn unreachable(&self) -> Option<String> {
+        self.unreachable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_unreachable(&self, why: Option<String>) {
+        *self.unreachable.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
     /// Publishes the working copy and the changes, under the lock.
     pub(super) fn publish(&self, state: &State, changes: Vec<Change>) {
         let snapshot = Arc::new(state.snapshot.clone());
@@ -82,8 +98,9 @@ impl Shared {
 pub(super) async fn run(shared: Arc<Shared>) {
     let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
-        let (received, error, code) = watch_once(&shared).await;
+        let (received, error, code, gone) = watch_once(&shared).await;
         tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
+        shared.set_unreachable(gone.then(|| error.clone()));
         if matches!(
             code,
             Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
@@ -107,8 +124,9 @@ pub(super) async fn run(shared: Arc<Shared>) {
 }
 
 /// One watch stream, until it fails. Returns whether anything was applied,
-/// why it ended, and the status code if the registry sent one.
-async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>) {
+/// why it ended, the status code if the registry sent one, and whether the
+/// connection itself failed for good (refused, no route).
+async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>, bool) {
     let mut registry = shared.registry.clone();
     let mut stream = match registry
         .watch(WatchRequest {
@@ -117,7 +135,12 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
         .await
     {
         Ok(r) => r.into_inner(),
-        Err(s) => return (false, status_text(&s), Some(s.code())),
+        Err(s) => {
+            return match connect_failure(&s) {
+                Some(failure) => (false, failure.to_string(), None, failure.is_final()),
+                None => (false, status_text(&s), Some(s.code()), false),
+            };
+        }
     };
     let mut received = false;
     let mut partial = super::apply::Partial::default();
@@ -133,11 +156,18 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>)
                 Ok(None) => {}
                 Err(too_big) => {
                     tracing::warn!(registry = %shared.addr, "{too_big}; reconnecting");
-                    return (received, too_big, None);
+                    return (received, too_big, None, false);
                 }
             },
-            Ok(None) => return (received, "the registry closed the watch".to_string(), None),
-            Err(s) => return (received, status_text(&s), Some(s.code())),
+            Ok(None) => {
+                return (
+                    received,
+                    "the registry closed the watch".to_string(),
+                    None,
+                    false,
+                );
+            }
+            Err(s) => return (received, status_text(&s), Some(s.code()), false),
         }
     }
 }
@@ -200,6 +230,7 @@ mod tests {
             ),
             connector: Connector::plaintext(),
             refused: Mutex::new(None),
+            unreachable: Mutex::new(None),
             state: Mutex::new(State {
                 snapshot: Snapshot::default(),
                 last_error: String::new(),
