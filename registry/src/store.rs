@@ -58,6 +58,11 @@ struct Shared {
     publisher: Arc<dyn Publish>,
     /// Wakes the lease sweeper: an earlier deadline appeared.
     sweeper: Notify,
+    /// When the running sweeper last ticked (it does every [`TICK`]), or
+    /// `None` while no sweeper runs. A gap over [`crate::lease::STALL`]
+    /// means the registry was not scheduled (SIGSTOP, a VM pause); it is
+    /// noticed by whichever comes first after it, a call or the sweeper.
+    ticked: Mutex<Option<Instant>>,
     /// Random identity of this process's registry, sent to watchers so they
     /// can tell a restart (fresh state, revisions from 0) from a reconnect.
     registry_id: String,
@@ -91,6 +96,7 @@ impl Store {
                 state: Mutex::new(state),
                 publisher: make(&registry_id),
                 sweeper: Notify::new(),
+                ticked: Mutex::new(None),
                 registry_id,
             }),
         }
@@ -116,6 +122,7 @@ impl Store {
     /// after it.
     fn write<T>(&self, op: impl FnOnce(&mut State) -> Result<(T, Vec<Event>)>) -> Result<(T, u64)> {
         let mut state = self.lock();
+        self.renew_if_stalled(&mut state);
         let mut events = state.expire(Instant::now());
         let value = op(&mut state).map(|(value, more)| {
             events.extend(more);
@@ -255,14 +262,36 @@ impl Store {
         }
     }
 
-    /// Gives every lease a fresh TTL (see [`State::renew_all`]).
-    pub(crate) fn renew_all(&self) {
-        self.lock().renew_all(Instant::now());
+    /// Gives every lease a fresh TTL (see [`State::renew_all`]) when the
+    /// registry was not scheduled for over [`crate::lease::STALL`] since the
+    /// sweeper's last tick. Called, under the lock, before anything expires:
+    /// the first heartbeat read after a stall must not expire the leases
+    /// whose heartbeats are still unread behind it (seen: all of them).
+    fn renew_if_stalled(&self, state: &mut State) {
+        let now = Instant::now();
+        let mut ticked = self
+            .shared
+            .ticked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(last) = ticked.as_mut() else {
+            return;
+        };
+        let gap = now.saturating_duration_since(*last);
+        *last = now;
+        if gap > crate::lease::STALL {
+            tracing::warn!(
+                stalled_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+                "the registry was not running for a while: every lease gets a fresh TTL instead of expiring"
+            );
+            state.renew_all(now);
+        }
     }
 
     /// Expires the leases that are due; returns the next deadline.
     fn expire_due(&self) -> Option<Instant> {
         let mut state = self.lock();
+        self.renew_if_stalled(&mut state);
         let events = state.expire(Instant::now());
         if !events.is_empty() {
             tracing::info!(removed = events.len(), "leases expired");
@@ -273,29 +302,28 @@ impl Store {
     }
 }
 
+/// How often the sweeper wakes even with no deadline due, so that a gap in
+/// its ticks means the registry was stalled (well below `lease::STALL`).
+const TICK: Duration = Duration::from_millis(250);
+
 async fn sweep(store: Store) {
+    *store
+        .shared
+        .ticked
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
     loop {
-        // Expires what is due and publishes the removals; then sleeps until
-        // the next deadline or until woken (an earlier deadline appeared).
-        // A wake-up that came in between is not lost: Notify keeps one
-        // permit.
-        match store.expire_due() {
-            Some(next) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(next) => {
-                        let late = Instant::now().saturating_duration_since(next);
-                        if late > crate::lease::STALL {
-                            tracing::warn!(
-                                late_ms = u64::try_from(late.as_millis()).unwrap_or(u64::MAX),
-                                "the registry was not running for a while: every lease gets a fresh TTL instead of expiring"
-                            );
-                            store.renew_all();
-                        }
-                    }
-                    _ = store.shared.sweeper.notified() => {}
-                }
-            }
-            None => store.shared.sweeper.notified().await,
+        // Expires what is due (after renewing everything if the registry
+        // was stalled) and publishes the removals; then sleeps until the
+        // next deadline, the next tick, or until woken (an earlier deadline
+        // appeared). A wake-up that came in between is not lost: Notify
+        // keeps one permit.
+        let next = store.expire_due();
+        let tick = Instant::now() + TICK;
+        let wake = next.map_or(tick, |next| next.min(tick));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = store.shared.sweeper.notified() => {}
         }
     }
 }
