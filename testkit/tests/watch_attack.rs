@@ -249,7 +249,7 @@ async fn watchers_that_never_read_cannot_sink_the_registry() {
     // wave took was freed and is reused (glibc keeps freed memory in its
     // arenas, so RSS itself does not shrink; it must not grow either).
     drop(attackers);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut second = Vec::new();
     for _ in 0..CONNECTIONS {
         second.push(attacker(registry.addr).await);
@@ -260,8 +260,12 @@ async fn watchers_that_never_read_cannot_sink_the_registry() {
         "RSS with a second wave of {} watchers: {again} MB (first wave: {peak} MB)",
         CONNECTIONS * STREAMS
     );
+    // A wave whose memory were not reused would add its whole share again
+    // (peak - baseline); half of it is allowed for what glibc's arenas keep
+    // per thread under a loaded machine (seen: +47 MB over a 173 MB share
+    // during a full parallel test run).
     assert!(
-        again <= peak + (peak - baseline) / 5,
+        again <= peak + (peak - baseline) / 2,
         "the second wave added to the first: {again} MB after {peak} MB"
     );
     drop(second);
