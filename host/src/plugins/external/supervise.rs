@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
+use support::Backoff;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -81,8 +82,8 @@ pub(super) struct Supervisor {
 
 impl Supervisor {
     pub(super) async fn run(mut self) {
-        let mut delay = RESTART_START;
-        let mut failures = 0u32;
+        // Exact delays (no jitter): one plugin, nothing to spread out.
+        let mut backoff = Backoff::new(RESTART_START, RESTART_MAX).without_jitter();
         let mut starts = 0u64;
         loop {
             starts += 1;
@@ -102,13 +103,13 @@ impl Supervisor {
                 }
                 End::Failed { why, up } => {
                     if up >= STABLE_AFTER {
-                        delay = RESTART_START;
-                        failures = 0;
+                        backoff.reset();
                     }
                     why
                 }
             };
-            failures += 1;
+            let delay = backoff.next_delay();
+            let failures = backoff.failures();
             crate::metrics::plugin_restarted(&self.name);
             if failures >= CRASH_LOOP {
                 error!(
@@ -122,7 +123,6 @@ impl Supervisor {
                 );
             }
             let deadline = Instant::now() + delay;
-            delay = (delay * 2).min(RESTART_MAX);
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(deadline) => break,
