@@ -268,6 +268,7 @@ impl Backend {
             Backend::Ours(c) => {
                 let req = WatchRequest {
                     services: service.map(|s| vec![s.to_string()]).unwrap_or_default(),
+                    ..Default::default()
                 };
                 let s = c.watch(req).await?.into_inner();
                 // A large snapshot comes in parts (`more`): it is handed on

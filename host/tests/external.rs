@@ -394,6 +394,7 @@ async fn a_killed_plugin_is_deregistered_at_once_and_restarted_while_calls_go_el
         .await
         .watch(WatchRequest {
             services: vec!["inventory".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

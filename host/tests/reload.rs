@@ -34,6 +34,7 @@ async fn add_change_and_remove_plugins_by_editing_the_file() {
     let mut watch = client
         .watch(WatchRequest {
             services: vec!["echo".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -127,6 +127,7 @@ async fn kill9_right_after_registering_is_noticed_by_the_stream_not_the_ttl() {
     let mut watch = client
         .watch(WatchRequest {
             services: vec!["calculator".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

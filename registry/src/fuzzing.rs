@@ -479,6 +479,7 @@ mod tests {
             6,
             &pb::WatchRequest {
                 services: vec!["calc".into()],
+                ..Default::default()
             },
         ));
         data.extend(op(

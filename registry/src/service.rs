@@ -56,8 +56,12 @@ impl RegistryService {
     /// A Watch call: its messages, already encoded.
     fn open_watch(&self, request: Request<pb::WatchRequest>) -> Result<BoxStream<Encoded>, Status> {
         let guard = self.peers.open_watch(request.remote_addr())?;
-        let services = validate::watch(request.into_inner())?;
-        let stream = self.watchers.open(services, self.shutdown.clone())?;
+        let request = request.into_inner();
+        let resume = validate::watch_resume(&request)?;
+        let services = validate::watch(request)?;
+        let stream = self
+            .watchers
+            .open_resumed(services, resume, self.shutdown.clone())?;
         // The guard lives as long as the stream: dropping the stream (the
         // client went away) uncounts it.
         let counted = crate::metrics::watcher();

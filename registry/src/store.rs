@@ -33,6 +33,10 @@ use crate::validate;
 pub trait Publish: Send + Sync + std::fmt::Debug {
     /// Takes the events of one mutation (never called with none).
     fn publish(&self, revision: u64, events: Vec<Event>);
+
+    /// The state starts at `revision` (loaded from elsewhere), before any
+    /// change is published: nothing before it can be replayed.
+    fn start(&self, _revision: u64) {}
 }
 
 /// The sink of a store nobody watches.

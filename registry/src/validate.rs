@@ -422,6 +422,31 @@ pub fn watch(request: pb::WatchRequest) -> Result<BTreeSet<String>> {
     Ok(request.services.into_iter().collect())
 }
 
+/// Longest `WatchRequest.registry_id` (ids this registry sends are 16
+/// to about 40 bytes).
+pub const MAX_REGISTRY_ID: usize = 128;
+
+/// Where a Watch asks to resume, if it does (`resume_revision` set).
+pub fn watch_resume(request: &pb::WatchRequest) -> Result<Option<crate::watch::Resume>> {
+    if request.registry_id.len() > MAX_REGISTRY_ID {
+        return Err(Error::invalid(
+            "registry_id",
+            format!(
+                "at most {MAX_REGISTRY_ID} bytes, got {}",
+                request.registry_id.len()
+            ),
+        ));
+    }
+    Ok(
+        (request.resume_revision > 0 && !request.registry_id.is_empty()).then(|| {
+            crate::watch::Resume {
+                revision: request.resume_revision,
+                registry_id: request.registry_id.clone(),
+            }
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

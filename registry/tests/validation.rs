@@ -227,6 +227,7 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
     let err = client
         .watch(pb::WatchRequest {
             services: vec!["ok".into(), "not ok".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -395,6 +395,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
             "Watch 1025 services",
             Call::Watch(pb::WatchRequest {
                 services: (0..1025).map(|i| format!("s{i}")).collect(),
+                ..Default::default()
             }),
             Invalid,
             "services: at most 1024",
@@ -403,6 +404,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
             "Watch a bad service name",
             Call::Watch(pb::WatchRequest {
                 services: vec!["ok".into(), "not ok".into()],
+                ..Default::default()
             }),
             Invalid,
             "services[1]:",

@@ -269,7 +269,7 @@ impl Watcher {
         let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
         let mut client = RegistryClient::new(channel);
         let mut stream = client
-            .watch(WatchRequest { services: vec![] })
+            .watch(WatchRequest::default())
             .await
             .map_err(|e| e.to_string())?
             .into_inner();

@@ -49,6 +49,7 @@ async fn a_registry_stopped_for_3_s_keeps_healthy_leases_and_expires_a_dead_node
     let mut watch = client
         .watch(WatchRequest {
             services: vec!["calculator".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

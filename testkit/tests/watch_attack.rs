@@ -158,6 +158,7 @@ async fn watchers_that_never_read_cannot_sink_the_registry() {
     let mut watch = client
         .watch(pb::WatchRequest {
             services: vec!["calculator".into()],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -131,6 +131,7 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>,
     let mut stream = match registry
         .watch(WatchRequest {
             services: Vec::new(),
+            ..Default::default()
         })
         .await
     {

@@ -94,6 +94,14 @@ struct Args {
     #[arg(long, value_name = "BYTES", default_value_t = watch::DEFAULT_MEMORY_BYTES,
           value_parser = bytes_flag(1_048_576))]
     watch_memory_bytes: usize,
+    /// Changes the registry keeps after every watcher took them, so that a
+    /// watcher whose stream broke can resume from its last revision
+    /// (WatchRequest.resume_revision) instead of taking a fresh snapshot;
+    /// one it cannot serve from them gets a snapshot. At most
+    /// --watch-buffer-bytes; 0 turns resuming off.
+    #[arg(long, value_name = "BYTES", default_value_t = watch::DEFAULT_RESUME_BYTES,
+          value_parser = bytes_flag(0))]
+    watch_resume_bytes: usize,
     /// Also serve HTTP on this address: Prometheus metrics at /metrics and
     /// a live dashboard of the fleet at /. Off by default. With a read
     /// token set, these need it too (open /?token=TOKEN once). The address
@@ -174,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
         watch: WatchLimits {
             buffer_bytes: args.watch_buffer_bytes,
             memory_bytes: args.watch_memory_bytes,
+            resume_bytes: args.watch_resume_bytes.min(args.watch_buffer_bytes),
         },
         http: registry::http::HttpConfig {
             max_dashboard_clients: args.max_dashboard_clients,

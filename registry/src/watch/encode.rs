@@ -156,6 +156,11 @@ impl Batch {
         }
     }
 
+    /// The registry's revision after it.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
     /// What it takes in memory, as it counts against the buffer budget:
     /// its messages and, per batch and per event, the bookkeeping around
     /// them (allocations, the service name), estimated.

@@ -134,6 +134,9 @@ struct Log {
     readers: BTreeMap<u64, usize>,
     /// When `jobs` is next swept of finished jobs.
     sweep_jobs_at: usize,
+    /// The revision through which changes left the log (or at which it
+    /// started): a watcher may resume from any revision at or after it.
+    base: u64,
 }
 
 impl Log {
@@ -158,17 +161,20 @@ impl Log {
         }
     }
 
-    /// Drops the batches nobody needs any more, then the oldest while over
+    /// Drops the batches nobody needs any more (but the last `retain`
+    /// bytes of them, for watchers that resume), then the oldest while over
     /// `budget` (keeping the last). Returns whether any watcher lost its
     /// place.
-    fn trim(&mut self, budget: usize) -> bool {
+    fn trim(&mut self, budget: usize, retain: usize) -> bool {
         let needed = self.readers.keys().next().copied().unwrap_or(u64::MAX);
         let mut lost = false;
         while let Some(front) = self.entries.front() {
             let unread = self.first >= needed;
-            if unread && (self.bytes <= budget || self.entries.len() == 1) {
+            let keep = unread || self.bytes <= retain;
+            if keep && (self.bytes <= budget || self.entries.len() == 1) {
                 break;
             }
+            self.base = self.base.max(front.revision());
             self.bytes -= front.bytes();
             self.entries.pop_front();
             self.first += 1;
@@ -242,7 +248,7 @@ impl Hub {
         };
         log.leave(at);
         log.enter(at + 1);
-        log.trim(self.limits.buffer_bytes);
+        log.trim(self.limits.buffer_bytes, self.limits.resume_bytes);
         Read::Batch(batch)
     }
 
@@ -250,7 +256,26 @@ impl Hub {
     pub(crate) fn leave(&self, at: u64) {
         let mut log = self.lock();
         log.leave(at);
-        log.trim(self.limits.buffer_bytes);
+        log.trim(self.limits.buffer_bytes, self.limits.resume_bytes);
+    }
+
+    /// Where a watcher resuming after `revision` starts in the log (and
+    /// counts it there), or `None` if changes after it left the log or it
+    /// is ahead of `now` (the registry's revision). Call under the store's
+    /// lock, so that no batch is appended in between.
+    pub(crate) fn resume(&self, now: u64, revision: u64) -> Option<u64> {
+        let mut log = self.lock();
+        if revision < log.base || revision > now {
+            return None;
+        }
+        let taken = log
+            .entries
+            .iter()
+            .take_while(|batch| batch.revision() <= revision)
+            .count();
+        let at = log.first + taken as u64;
+        log.enter(at);
+        Some(at)
     }
 
     /// Whether position `at` was dropped from the log.
@@ -308,6 +333,11 @@ impl Hub {
 }
 
 impl Publish for Hub {
+    fn start(&self, revision: u64) {
+        let mut log = self.lock();
+        log.base = log.base.max(revision);
+    }
+
     fn publish(&self, revision: u64, events: Vec<Event>) {
         if events.is_empty() {
             return;
@@ -317,7 +347,7 @@ impl Publish for Hub {
             let mut log = self.lock();
             log.bytes += batch.bytes();
             log.entries.push_back(batch);
-            if log.trim(self.limits.buffer_bytes) {
+            if log.trim(self.limits.buffer_bytes, self.limits.resume_bytes) {
                 // Jobs before the log's start: every watcher of theirs
                 // fell behind.
                 let first = log.first;

@@ -28,6 +28,15 @@
 //! that snapshot whole, it cannot keep up at all: its stream ends with
 //! RESOURCE_EXHAUSTED naming `--watch-buffer-bytes`.
 
+//!
+//! # Resuming
+//! A watcher whose stream broke may ask to resume after the last revision
+//! it applied ([`Resume`]). The log keeps the last
+//! [`WatchLimits::resume_bytes`] of changes even once every watcher took
+//! them; if every change after that revision is still there (and the
+//! registry id is this registry's), the new stream starts there, after one
+//! message that says so; otherwise it starts with a snapshot.
+
 pub mod encode;
 pub mod hub;
 
@@ -56,6 +65,11 @@ pub const DEFAULT_MEMORY_BYTES: usize = 2 * 1024 * 1024 * 1024;
 /// the most HTTP/2 holds for a stream whose peer does not read (hyper's
 /// 400 KiB send buffer, and a message in hand), plus its own state.
 pub const STREAM_CHARGE: usize = 512 * 1024;
+/// Default of `--watch-resume-bytes`: how much of the changes every
+/// watcher already took the log still keeps, so a watcher whose stream
+/// broke can resume from its last revision (a second or so of heavy
+/// churn) instead of taking a fresh snapshot.
+pub const DEFAULT_RESUME_BYTES: usize = 256 * 1024;
 
 /// The watch path's budgets (flags of the `registry` binary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +79,9 @@ pub struct WatchLimits {
     pub buffer_bytes: usize,
     /// `--watch-memory-bytes`: what all watchers together may hold.
     pub memory_bytes: usize,
+    /// `--watch-resume-bytes`: changes kept after every watcher took them,
+    /// for watchers that resume (within `buffer_bytes`).
+    pub resume_bytes: usize,
 }
 
 impl Default for WatchLimits {
@@ -72,8 +89,20 @@ impl Default for WatchLimits {
         WatchLimits {
             buffer_bytes: DEFAULT_BUFFER_BYTES,
             memory_bytes: DEFAULT_MEMORY_BYTES,
+            resume_bytes: DEFAULT_RESUME_BYTES,
         }
     }
+}
+
+/// Where a Watch asks to resume a broken stream: after `revision`, as seen
+/// from the registry `registry_id` (`WatchRequest.resume_revision` and
+/// `registry_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The last revision the watcher applied.
+    pub revision: u64,
+    /// The registry it came from.
+    pub registry_id: String,
 }
 
 /// The store and the hub its changes go to. Cheap to clone.
@@ -117,6 +146,18 @@ impl Watchers {
         services: BTreeSet<String>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
+        self.open_resumed(services, None, shutdown)
+    }
+
+    /// As [`Watchers::open`], but when `resume` can be honoured (see
+    /// [`Resume`]) the stream starts with a message that says so, then
+    /// every change after it.
+    pub fn open_resumed(
+        &self,
+        services: BTreeSet<String>,
+        resume: Option<Resume>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
         let charge = self.hub.charge_stream()?;
         let mut watcher = Watcher {
             hub: self.hub.clone(),
@@ -128,9 +169,16 @@ impl Watchers {
             phase: Phase::Follow { pending: None },
             behind: false,
             done: false,
+            accepted: None,
+            skip_through: 0,
             _charge: charge,
         };
-        watcher.start()?;
+        let resumed = resume
+            .filter(|r| r.revision > 0 && r.registry_id == self.store.registry_id())
+            .is_some_and(|r| watcher.resume(r.revision));
+        if !resumed {
+            watcher.start()?;
+        }
         Ok(futures::stream::unfold(watcher, |mut w| async move {
             w.next().await.map(|item| (item, w))
         }))
@@ -163,6 +211,11 @@ struct Watcher {
     behind: bool,
     /// Its stream has ended.
     done: bool,
+    /// The message that says a resume was accepted, until sent.
+    accepted: Option<Encoded>,
+    /// Resumed after this revision: messages of the first batch it takes
+    /// up to it were already applied (0: none to skip).
+    skip_through: u64,
     /// Its share of the memory budget.
     _charge: Charge,
 }
@@ -186,7 +239,30 @@ impl Watcher {
         }
         self.cursor = cursor;
         self.phase = Phase::Snapshot { job, part: 0 };
+        self.skip_through = 0;
         Ok(())
+    }
+
+    /// Resumes after `revision` if the log still holds every change since.
+    fn resume(&mut self, revision: u64) -> bool {
+        let Some(cursor) = self
+            .store
+            .read(|state| self.hub.resume(state.revision(), revision))
+        else {
+            return false;
+        };
+        self.registered = Some(cursor);
+        self.cursor = cursor;
+        self.skip_through = revision;
+        let mut buf = bytes::BytesMut::new();
+        self.accepted = Some(Encoded(encode::finish(
+            &mut buf,
+            false,
+            revision,
+            self.store.registry_id(),
+            false,
+        )));
+        true
     }
 
     /// It fell behind: a fresh snapshot, or the end if that happened
@@ -226,6 +302,9 @@ impl Watcher {
     }
 
     async fn produce(&mut self) -> Option<Result<Encoded, Status>> {
+        if let Some(accepted) = self.accepted.take() {
+            return Some(Ok(accepted));
+        }
         loop {
             if *self.shutdown.borrow() {
                 return None;
@@ -256,8 +335,13 @@ impl Watcher {
                     if let Some((batch, at)) = pending.take() {
                         if let Some((message, next)) = batch.next_message(&self.services, at) {
                             *pending = Some((batch, next));
+                            if self.skip_through > 0 && already_applied(&message, self.skip_through)
+                            {
+                                continue;
+                            }
                             return Some(Ok(message));
                         }
+                        self.skip_through = 0;
                         continue;
                     }
                     let mut appended = pin!(hub.appended());
@@ -285,6 +369,13 @@ impl Watcher {
             }
         }
     }
+}
+
+/// Whether a resumed watcher already applied `message` (its revision is at
+/// or before the one it resumed after). Decodes it: only ever done for the
+/// first batch after a resume.
+fn already_applied(message: &Encoded, through: u64) -> bool {
+    message.decode().is_ok_and(|m| m.revision <= through)
 }
 
 #[cfg(test)]

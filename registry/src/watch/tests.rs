@@ -16,6 +16,7 @@ fn watchers(buffer_bytes: usize) -> Watchers {
         WatchLimits {
             buffer_bytes,
             memory_bytes: DEFAULT_MEMORY_BYTES,
+            resume_bytes: 0,
         },
     )
 }
@@ -214,6 +215,7 @@ async fn the_memory_budget_refuses_a_watch_beyond_it() {
         WatchLimits {
             buffer_bytes: DEFAULT_BUFFER_BYTES,
             memory_bytes: 2 * STREAM_CHARGE,
+            resume_bytes: 0,
         },
     );
     let (_stop, stopped) = tokio::sync::watch::channel(false);

@@ -222,6 +222,7 @@ pub async fn watch(client: &mut Client, services: &[&str]) -> tonic::Streaming<p
     client
         .watch(pb::WatchRequest {
             services: services.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
