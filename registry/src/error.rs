@@ -1,6 +1,7 @@
 //! Every way a registry call can fail, and the one place where each becomes
 //! a gRPC status code.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -46,22 +47,95 @@ pub enum Error {
     #[error("service {0:?} has no registered descriptors")]
     NoDescriptors(String),
     /// A documented limit was reached.
-    #[error("limit reached: {0}")]
-    Limit(String),
+    #[error("limit reached: {message}")]
+    Limit {
+        /// Which limit, for programs (the metrics label, the status's
+        /// `google.rpc.ErrorInfo` reason).
+        limit: Limit,
+        /// What was refused and the flag that sets the limit, for people.
+        message: String,
+    },
     /// A rate limit was reached: unlike [`Error::Limit`], it passes by
     /// itself, after `retry_after`. The status carries that wait as a
     /// `google.rpc.RetryInfo` detail, for programs to act on without
     /// reading the message.
     #[error("limit reached: {message}")]
     RateLimit {
-        /// Which limit, as [`Error::Limit`] says it.
+        /// What was refused and the flag that sets the limit, for people.
         message: String,
         /// How long until a retry can succeed.
         retry_after: Duration,
     },
 }
 
+/// The limits a call can run into: the `limit` label of
+/// `registry_refused_total` and, in upper case, the `reason` of the
+/// `google.rpc.ErrorInfo` detail of the refusal's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-leases`: live leases in the registry.
+    Leases,
+    /// `--max-instances`: instances in the registry.
+    Instances,
+    /// `--max-instances-per-lease`.
+    InstancesPerLease,
+    /// `--max-instances-per-service`.
+    InstancesPerService,
+    /// Bytes of distinct descriptor sets held.
+    DescriptorBytes,
+    /// `--max-watches-per-connection`.
+    WatchesPerConnection,
+    /// `--max-registrations-per-sec`, per peer.
+    RegistrationsPerSecond,
+}
+
+impl Limit {
+    /// Every limit, in the order of the metrics' labels.
+    pub const ALL: [Limit; 7] = [
+        Limit::RegistrationsPerSecond,
+        Limit::WatchesPerConnection,
+        Limit::InstancesPerLease,
+        Limit::InstancesPerService,
+        Limit::Leases,
+        Limit::DescriptorBytes,
+        Limit::Instances,
+    ];
+
+    /// The metrics label (snake case).
+    pub fn label(self) -> &'static str {
+        match self {
+            Limit::Leases => "leases",
+            Limit::Instances => "instances",
+            Limit::InstancesPerLease => "instances_per_lease",
+            Limit::InstancesPerService => "instances_per_service",
+            Limit::DescriptorBytes => "descriptor_bytes",
+            Limit::WatchesPerConnection => "watches_per_connection",
+            Limit::RegistrationsPerSecond => "registrations_per_sec",
+        }
+    }
+}
+
+/// The `domain` of the `google.rpc.ErrorInfo` details this registry sends.
+pub const ERROR_DOMAIN: &str = "registry.v1";
+
 impl Error {
+    /// An [`Error::Limit`]: `limit` refused the call, as `message` explains.
+    pub fn limit(limit: Limit, message: impl Into<String>) -> Error {
+        Error::Limit {
+            limit,
+            message: message.into(),
+        }
+    }
+
+    /// The limit that refused the call, if one did.
+    pub fn refused_by(&self) -> Option<Limit> {
+        match self {
+            Error::Limit { limit, .. } => Some(*limit),
+            Error::RateLimit { .. } => Some(Limit::RegistrationsPerSecond),
+            _ => None,
+        }
+    }
+
     /// An [`Error::Invalid`] for `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Error {
         Error::Invalid {
@@ -79,27 +153,34 @@ impl Error {
             | Error::ServiceNotFound(_)
             | Error::NoDescriptors(_) => Code::NotFound,
             Error::WrongSecret(_) | Error::NotOwner { .. } => Code::PermissionDenied,
-            Error::Limit(_) | Error::RateLimit { .. } => Code::ResourceExhausted,
+            Error::Limit { .. } | Error::RateLimit { .. } => Code::ResourceExhausted,
         }
     }
 }
 
-impl From<Error> for Status {
-    fn from(error: Error) -> Status {
-        crate::metrics::refused(&error);
-        error.status()
-    }
-}
-
 impl Error {
-    /// The status this error is sent as (not counted in the metrics: that
-    /// is the `From` conversion's job).
-    fn status(&self) -> Status {
+    /// The status this error is sent as. Handlers convert with `?`; the
+    /// `From` conversion (in `crate::service`, the gRPC edge) also counts
+    /// limit refusals in the metrics.
+    pub fn status(&self) -> Status {
         match self {
-            Error::RateLimit { retry_after, .. } => Status::with_error_details(
+            Error::RateLimit { retry_after, .. } => {
+                let mut details = ErrorDetails::with_retry_info(Some(*retry_after));
+                details.set_error_info(
+                    Limit::RegistrationsPerSecond.label().to_uppercase(),
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                );
+                Status::with_error_details(self.code(), self.to_string(), details)
+            }
+            Error::Limit { limit, .. } => Status::with_error_details(
                 self.code(),
                 self.to_string(),
-                ErrorDetails::with_retry_info(Some(*retry_after)),
+                ErrorDetails::with_error_info(
+                    limit.label().to_uppercase(),
+                    ERROR_DOMAIN,
+                    HashMap::new(),
+                ),
             ),
             _ => Status::new(self.code(), self.to_string()),
         }
@@ -130,8 +211,24 @@ mod tests {
         let info = status.get_details_retry_info().expect("RetryInfo");
         assert_eq!(info.retry_delay, Some(wait));
 
-        let quota = Error::Limit("instances per lease".into()).status();
+        let quota = Error::limit(Limit::InstancesPerLease, "instances per lease").status();
         assert_eq!(quota.code(), Code::ResourceExhausted);
         assert!(quota.get_details_retry_info().is_none());
+    }
+
+    #[test]
+    fn every_limit_refusal_names_its_limit_for_programs() {
+        let rate = Error::RateLimit {
+            message: "registrations per second".into(),
+            retry_after: Duration::from_millis(1),
+        };
+        let limits = Limit::ALL.map(|limit| Error::limit(limit, "at most 1"));
+        for error in limits.iter().chain([&rate]) {
+            let limit = error.refused_by().expect("a limit refusal");
+            let info = error.status().get_details_error_info().expect("ErrorInfo");
+            assert_eq!(info.reason, limit.label().to_uppercase(), "{error}");
+            assert_eq!(info.domain, ERROR_DOMAIN);
+        }
+        assert_eq!(Error::LeaseNotFound(1).refused_by(), None);
     }
 }

@@ -30,8 +30,8 @@ use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::event::Kind;
 use tokio::time::Instant;
 
-use crate::config::Ttl;
 use crate::error::Error;
+use crate::lease::Ttl;
 use crate::limits::Quotas;
 use crate::state::{Event, Granted, State};
 use crate::validate::{self, Limits};
@@ -162,7 +162,7 @@ impl Harness {
                     }
                     Err(e) => {
                         check_state_error("grant", &e);
-                        assert!(matches!(e, Error::Limit(_)), "grant: {e}");
+                        assert!(matches!(e, Error::Limit { .. }), "grant: {e}");
                     }
                 }
             }

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::Error;
+use crate::error::{Error, Limit};
 
 /// Default of `--max-instances-per-lease`: far more than a node serves,
 /// few enough that one lease cannot fill the registry.
@@ -85,10 +85,13 @@ impl Quotas {
     pub fn check_lease(&self, lease_id: u64, held: usize) -> Result<(), Error> {
         let max = self.instances_per_lease;
         if max != 0 && held >= max {
-            return Err(Error::Limit(format!(
-                "instances per lease: lease {lease_id} already holds {held} (max {max}, \
+            return Err(Error::limit(
+                Limit::InstancesPerLease,
+                format!(
+                    "instances per lease: lease {lease_id} already holds {held} (max {max}, \
                  --max-instances-per-lease)"
-            )));
+                ),
+            ));
         }
         Ok(())
     }
@@ -97,10 +100,13 @@ impl Quotas {
     pub fn check_service(&self, service: &str, count: usize) -> Result<(), Error> {
         let max = self.instances_per_service;
         if max != 0 && count >= max {
-            return Err(Error::Limit(format!(
-                "instances per service: {service:?} already has {count} (max {max}, \
+            return Err(Error::limit(
+                Limit::InstancesPerService,
+                format!(
+                    "instances per service: {service:?} already has {count} (max {max}, \
                  --max-instances-per-service)"
-            )));
+                ),
+            ));
         }
         Ok(())
     }
@@ -345,10 +351,13 @@ impl PeerLimits {
         let mut watches = lock(&self.shared.watches);
         let open = watches.entry(peer).or_insert(0);
         if *open >= max {
-            return Err(Error::Limit(format!(
-                "watch streams per connection: {open} already open from {peer} (max {max}, \
+            return Err(Error::limit(
+                Limit::WatchesPerConnection,
+                format!(
+                    "watch streams per connection: {open} already open from {peer} (max {max}, \
                  --max-watches-per-connection); one stream can watch many services"
-            )));
+                ),
+            ));
         }
         *open += 1;
         Ok(WatchGuard(Some((self.shared.clone(), peer))))

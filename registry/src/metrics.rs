@@ -12,11 +12,10 @@
 use std::sync::LazyLock;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
-use registry_proto::registry::v1::RemovalReason;
+use registry_proto::registry::v1::{RemovalReason, ServiceSummary};
 use support::metrics::GrpcMetrics;
 
-use crate::error::Error;
-use crate::watch::Watchers;
+use crate::error::Limit;
 
 /// The registry's metrics.
 #[derive(Debug)]
@@ -110,8 +109,8 @@ fn build() -> prometheus::Result<Metrics> {
             lease_removals.with_label_values(&[reason]).inc_by(0);
         }
     }
-    for limit in LIMITS {
-        refused.with_label_values(&[limit]).inc_by(0);
+    for limit in Limit::ALL {
+        refused.with_label_values(&[limit.label()]).inc_by(0);
     }
     for metric in [
         Box::new(instances.clone()) as Box<dyn prometheus::core::Collector>,
@@ -148,18 +147,6 @@ fn build() -> prometheus::Result<Metrics> {
 /// the start (at 0) so a rate over them needs no special case.
 pub const REASONS: [&str; 4] = ["expired", "keepalive_closed", "revoked", "deregistered"];
 
-/// The limits of `registry_refused_total`.
-pub const LIMITS: [&str; 8] = [
-    "registrations_per_sec",
-    "watches_per_connection",
-    "instances_per_lease",
-    "instances_per_service",
-    "leases",
-    "instances",
-    "descriptor_bytes",
-    "other",
-];
-
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     // Only a duplicate or malformed name fails, which is a bug caught by
     // every test that scrapes.
@@ -183,40 +170,9 @@ pub fn reason_label(reason: RemovalReason) -> &'static str {
     }
 }
 
-/// Which limit an [`Error::Limit`] names (its message starts with it; see
-/// `limits.rs` and `state.rs`).
-pub fn limit_label(message: &str) -> &'static str {
-    const PREFIXES: [(&str, &str); 7] = [
-        ("registrations per second", "registrations_per_sec"),
-        ("watch streams per connection", "watches_per_connection"),
-        ("instances per lease", "instances_per_lease"),
-        ("instances per service", "instances_per_service"),
-        ("live leases", "leases"),
-        ("bytes of distinct descriptor sets", "descriptor_bytes"),
-        ("instances", "instances"),
-    ];
-    // "at most N live leases" and friends: the number comes first.
-    let text = message
-        .strip_prefix("at most ")
-        .map(|rest| {
-            rest.trim_start_matches(|c: char| c.is_ascii_digit())
-                .trim_start()
-        })
-        .unwrap_or(message);
-    PREFIXES
-        .iter()
-        .find(|(prefix, _)| text.starts_with(prefix))
-        .map_or("other", |(_, label)| label)
-}
-
-/// Counts `error` if a limit refused the call.
-pub fn refused(error: &Error) {
-    if let Error::Limit(message) | Error::RateLimit { message, .. } = error {
-        get()
-            .refused
-            .with_label_values(&[limit_label(message)])
-            .inc();
-    }
+/// Counts a call refused by `limit`.
+pub fn refused(limit: Limit) {
+    get().refused.with_label_values(&[limit.label()]).inc();
 }
 
 /// Counts an open Watch stream for as long as the guard lives.
@@ -242,29 +198,37 @@ impl Drop for Counted {
     }
 }
 
+/// What the gauges read at each scrape show (see `crate::http`, which
+/// reads them from the store and the watch hub).
+#[derive(Debug, Default)]
+pub struct Gauges {
+    /// Instances per service, as `ListServices` gives them.
+    pub services: Vec<ServiceSummary>,
+    /// Live leases.
+    pub leases: usize,
+    /// Bytes of the watch hub's log of recent changes.
+    pub watch_log_bytes: usize,
+    /// Bytes charged against the watch memory budget.
+    pub watch_memory_bytes: usize,
+}
+
 /// Sets the gauges read from the state, then renders every metric.
-pub fn render(watchers: &Watchers) -> String {
+pub fn render(gauges: &Gauges) -> String {
     let metrics = get();
-    let store = watchers.store();
-    let gauge = |bytes: usize| i64::try_from(bytes).unwrap_or(i64::MAX);
-    metrics
-        .watch_log_bytes
-        .set(gauge(watchers.hub().log_bytes()));
+    let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    metrics.watch_log_bytes.set(gauge(gauges.watch_log_bytes));
     metrics
         .watch_memory_bytes
-        .set(gauge(watchers.hub().memory_used()));
-    let (services, _) = store.list_services();
+        .set(gauge(gauges.watch_memory_bytes));
     // Reset first: a service whose last instance went must not linger.
     metrics.instances.reset();
-    for service in services {
+    for service in &gauges.services {
         metrics
             .instances
             .with_label_values(&[service.name.as_str()])
             .set(i64::from(service.instance_count));
     }
-    metrics
-        .leases
-        .set(i64::try_from(store.lease_count()).unwrap_or(i64::MAX));
+    metrics.leases.set(gauge(gauges.leases));
     support::metrics::render(&metrics.registry)
 }
 
@@ -273,66 +237,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_limit_message_has_its_label() {
-        for (message, label) in [
-            (
-                "instances per lease: lease 3 already holds 9 (max 9, --max-instances-per-lease)",
-                "instances_per_lease",
-            ),
-            (
-                "instances per service: \"a\" already has 1 (max 1, --max-instances-per-service)",
-                "instances_per_service",
-            ),
-            (
-                "registrations per second from untracked peers: ...",
-                "registrations_per_sec",
-            ),
-            (
-                "registrations per second from 10.0.0.1: ...",
-                "registrations_per_sec",
-            ),
-            (
-                "watch streams per connection: 4 already open",
-                "watches_per_connection",
-            ),
-            ("at most 100000 live leases", "leases"),
-            ("at most 1000000 instances", "instances"),
-            (
-                "at most 67108864 bytes of distinct descriptor sets",
-                "descriptor_bytes",
-            ),
-            ("something new", "other"),
-        ] {
-            assert_eq!(limit_label(message), label, "{message}");
-            assert!(LIMITS.contains(&label));
-        }
-    }
-
-    #[test]
     fn the_exposition_names_every_metric() {
-        let watchers = Watchers::new(
-            crate::config::Ttl::default(),
-            crate::limits::Quotas::default(),
-            crate::watch::WatchLimits::default(),
-        );
-        let store = watchers.store();
-        let lease = store.grant_lease(0).unwrap();
-        store
-            .register(crate::validate::Register {
-                lease_id: lease.lease_id,
-                lease_secret: lease.lease_secret,
-                instance: registry_proto::registry::v1::Instance {
-                    service: "svc".into(),
-                    instance_id: "a".into(),
-                    host: "127.0.0.1".into(),
-                    port: 1,
-                    weight: 1,
-                    ..Default::default()
-                },
-                descriptors: None,
-            })
-            .unwrap();
-        let text = render(&watchers);
+        let text = render(&Gauges {
+            services: vec![ServiceSummary {
+                name: "svc".into(),
+                instance_count: 1,
+                ..Default::default()
+            }],
+            leases: 1,
+            ..Gauges::default()
+        });
         for name in [
             "registry_instances{service=\"svc\"} 1",
             "registry_leases 1",

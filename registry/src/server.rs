@@ -23,11 +23,6 @@ use crate::xds::XdsService;
 /// Register fits; anything larger is refused before it is decoded.
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
 
-/// Largest reply: a Resolve of a service at its default quota (100 000
-/// instances) is over 10 MiB. Watch snapshots do not need it: they are cut
-/// into messages of about 64 KiB (see `watch::encode::MESSAGE_BYTES`).
-pub const MAX_RESPONSE_SIZE: usize = 64 * 1024 * 1024;
-
 /// How often an idle HTTP/2 connection is pinged, so a peer that vanished
 /// without closing (cut cable, frozen host) is noticed and its KeepAlive
 /// streams end.
@@ -140,7 +135,7 @@ pub async fn run_with_http(
     let service = RegistryService::new(watchers, stop_rx.clone(), peers);
     let registry = RegistryServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_RESPONSE_SIZE);
+        .max_encoding_message_size(crate::validate::MAX_RESPONSE_SIZE);
     let registry = WithWatch::new(registry, service, MAX_MESSAGE_SIZE);
 
     tracing::info!(registry_id = store.registry_id(), "registry serving");

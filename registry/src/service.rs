@@ -398,3 +398,14 @@ fn heartbeat(
         ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
     })
 }
+
+/// Every refusal becomes its status here, so the ones a limit made are
+/// counted once, whichever handler returned them.
+impl From<Error> for Status {
+    fn from(error: Error) -> Status {
+        if let Some(limit) = error.refused_by() {
+            crate::metrics::refused(limit);
+        }
+        error.status()
+    }
+}

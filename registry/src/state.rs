@@ -29,8 +29,8 @@ use registry_proto::registry::v1::event::Kind;
 use support::constant_time_eq;
 use tokio::time::Instant;
 
-use crate::config::Ttl;
-use crate::error::{Error, Result};
+use crate::error::{Error, Limit, Result};
+use crate::lease::Ttl;
 use crate::lease::{Lease, Leases};
 use crate::limits::Quotas;
 use crate::validate::{self, Limits};
@@ -260,10 +260,10 @@ impl State {
     /// range) that dies at `now + ttl` unless kept alive.
     pub fn grant_lease(&mut self, ttl_ms: u64, now: Instant) -> Result<Granted> {
         if self.leases.len() >= self.limits.leases {
-            return Err(Error::Limit(format!(
-                "at most {} live leases",
-                self.limits.leases
-            )));
+            return Err(Error::limit(
+                Limit::Leases,
+                format!("at most {} live leases", self.limits.leases),
+            ));
         }
         let lease = self.leases.grant(self.ttl.granted(ttl_ms), now);
         Ok(Granted {
@@ -379,19 +379,22 @@ impl State {
             self.quotas.check_service(&instance.service, count)?;
         }
         if existing.is_none() && self.instance_count >= self.limits.instances {
-            return Err(Error::Limit(format!(
-                "at most {} instances",
-                self.limits.instances
-            )));
+            return Err(Error::limit(
+                Limit::Instances,
+                format!("at most {} instances", self.limits.instances),
+            ));
         }
         if let Some(bytes) = &descriptors
             && !self.descriptors.contains_key(bytes.as_slice())
             && self.descriptor_bytes + bytes.len() > self.limits.descriptor_bytes
         {
-            return Err(Error::Limit(format!(
-                "at most {} bytes of distinct descriptor sets",
-                self.limits.descriptor_bytes
-            )));
+            return Err(Error::limit(
+                Limit::DescriptorBytes,
+                format!(
+                    "at most {} bytes of distinct descriptor sets",
+                    self.limits.descriptor_bytes
+                ),
+            ));
         }
         let descriptors = descriptors.map(|bytes| self.intern(bytes));
         instance.lease_id = lease_id;
@@ -1256,7 +1259,7 @@ mod tests {
         let err = s
             .register(register(&g, instance("svc", "4", 1), None))
             .unwrap_err();
-        assert!(matches!(err, Error::Limit(_)), "{err}");
+        assert!(matches!(err, Error::Limit { .. }), "{err}");
         // Updating an existing instance is still fine at the limit...
         s.register(register(&g, instance("svc", "3", 2), calc))
             .unwrap();
@@ -1268,7 +1271,7 @@ mod tests {
                 Some(registry_proto::ECHO_DESCRIPTORS),
             ))
             .unwrap_err();
-        assert!(matches!(err, Error::Limit(_)), "{err}");
+        assert!(matches!(err, Error::Limit { .. }), "{err}");
         assert_eq!(s.instance_count(), 3);
         assert_eq!(s.descriptor_count(), 1);
         s.deregister(deregister(&g, "svc", "1")).unwrap();

@@ -21,8 +21,8 @@ use support::AbortOnDropHandle;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::config::Ttl;
 use crate::error::Result;
+use crate::lease::Ttl;
 use crate::limits::Quotas;
 use crate::state::{Event, Granted, State};
 use crate::validate;

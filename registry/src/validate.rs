@@ -21,6 +21,12 @@ pub use registry_proto::limits::{
     MAX_METADATA_KEY, MAX_METADATA_TOTAL, MAX_METADATA_VALUE, MAX_PROTO_SERVICE, MAX_SERVICE_NAME,
     MAX_WATCHED_SERVICES, MAX_WEIGHT,
 };
+
+/// Largest reply: a Resolve of a service at its default quota (100 000
+/// instances) is over 10 MiB. Watch snapshots do not need it: they are cut
+/// into messages of about 64 KiB (see `watch::encode::MESSAGE_BYTES`).
+pub const MAX_RESPONSE_SIZE: usize = 64 * 1024 * 1024;
+
 /// Most live leases (RESOURCE_EXHAUSTED beyond): bounds the memory a
 /// misbehaving client can take by granting in a loop.
 pub const MAX_LEASES: usize = 1_000_000;

@@ -127,10 +127,21 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
+/// The gauges of `/metrics`, read from the store and the watch hub now.
+fn gauges(watchers: &Watchers) -> metrics::Gauges {
+    let store = watchers.store();
+    metrics::Gauges {
+        services: store.list_services().0,
+        leases: store.lease_count(),
+        watch_log_bytes: watchers.hub().log_bytes(),
+        watch_memory_bytes: watchers.hub().memory_used(),
+    }
+}
+
 async fn metrics_page(State(app): State<App>) -> Response {
     (
         [(header::CONTENT_TYPE, support::metrics::TEXT_FORMAT)],
-        metrics::render(&app.watchers),
+        metrics::render(&gauges(&app.watchers)),
     )
         .into_response()
 }

@@ -47,7 +47,7 @@ use std::sync::Arc;
 use futures::Stream;
 use tonic::Status;
 
-use crate::config::Ttl;
+use crate::lease::Ttl;
 use crate::limits::Quotas;
 use crate::store::Store;
 use encode::{Batch, Encoded};

@@ -2,7 +2,7 @@
 //! not polling.
 
 use super::*;
-use crate::config::Ttl;
+use crate::lease::Ttl;
 use crate::state::{Event, State};
 use crate::validate::Register;
 use registry_proto::registry::v1 as pb;

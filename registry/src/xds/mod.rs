@@ -57,19 +57,12 @@ use crate::watch::Watchers;
 use crate::watch::hub::Charge;
 use crate::xds::cache::Snapshot;
 use crate::xds::stream::AdsStream;
-
-/// Most resource names one stream may subscribe to per type (Listeners,
-/// Clusters, assignments). A gRPC client subscribes to one of each per
-/// service it dials.
-pub const MAX_NAMES_PER_TYPE: usize = 1024;
+pub use crate::xds::stream::{CONTROL_PLANE_ID, MAX_NAMES_PER_TYPE};
 
 /// Largest DiscoveryRequest accepted: [`MAX_NAMES_PER_TYPE`] names of the
 /// longest service name (128 bytes) plus a client's node description fit
 /// many times over.
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
-
-/// How the registry names itself in responses (`control_plane.identifier`).
-pub const CONTROL_PLANE_ID: &str = "registry";
 
 /// The ADS service.
 #[derive(Debug, Clone)]
@@ -105,7 +98,7 @@ impl XdsService {
     pub fn into_server(self) -> AggregatedDiscoveryServiceServer<XdsService> {
         AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(MAX_REQUEST_BYTES)
-            .max_encoding_message_size(crate::server::MAX_RESPONSE_SIZE)
+            .max_encoding_message_size(crate::validate::MAX_RESPONSE_SIZE)
     }
 }
 

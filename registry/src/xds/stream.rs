@@ -35,7 +35,14 @@ use tonic::Status;
 
 use crate::xds::cache::Snapshot;
 use crate::xds::resources::{CLUSTER, ENDPOINTS, LISTENER};
-use crate::xds::{CONTROL_PLANE_ID, MAX_NAMES_PER_TYPE};
+
+/// Most resource names one stream may subscribe to per type (Listeners,
+/// Clusters, assignments). A gRPC client subscribes to one of each per
+/// service it dials.
+pub const MAX_NAMES_PER_TYPE: usize = 1024;
+
+/// How the registry names itself in responses (`control_plane.identifier`).
+pub const CONTROL_PLANE_ID: &str = "registry";
 
 /// The resource types served, in the order a client needs them.
 const TYPES: [&str; 3] = [LISTENER, CLUSTER, ENDPOINTS];
