@@ -31,6 +31,7 @@ use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use registry_proto::limits;
 use serde::Deserialize;
@@ -425,6 +426,37 @@ fn check_metadata(
         ));
     }
     Ok(metadata)
+}
+
+/// Numbers the reads of one node's configuration file, so that only the
+/// newest one is applied (a slow read must never undo a newer edit; see
+/// `crate::reload`).
+#[derive(Debug, Default)]
+pub struct Reads {
+    /// The number the last read started got.
+    next: AtomicU64,
+    /// The newest read handled (applied or refused) so far.
+    handled: AtomicU64,
+}
+
+/// A read finished after a newer one was handled: drop it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale;
+
+impl Reads {
+    /// Numbers a read about to start.
+    pub fn start(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Marks read `ticket` handled, unless a newer one already was.
+    pub fn handle(&self, ticket: u64) -> Result<(), Stale> {
+        if self.handled.fetch_max(ticket, Ordering::SeqCst) > ticket {
+            Err(Stale)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// Reads the text of a configuration file, refusing by name what is not a

@@ -9,6 +9,7 @@
 //!
 //! Every metric is listed in README's "Metrics" table.
 
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -17,7 +18,6 @@ use support::metrics::GrpcMetrics;
 use tokio::net::TcpListener;
 
 use crate::config::ConfigError;
-use crate::node::Node;
 
 /// The node host's metrics.
 #[derive(Debug)]
@@ -152,36 +152,33 @@ pub fn plugin_restarted(plugin: &str) {
     get().plugin_restarts.with_label_values(&[plugin]).inc();
 }
 
-/// Sets the gauges read from `node`, then renders every metric.
-pub fn render(node: &Node) -> String {
+/// Sets `node_plugin_registered{plugin}` from `plugins` (every plugin the
+/// node knows of, and whether it is registered now), then renders every
+/// metric.
+pub fn render(plugins: &BTreeMap<String, bool>) -> String {
     let metrics = get();
-    let registered = node.registrar().registered();
-    let desired = node.registrar().desired();
-    let mut plugins: std::collections::BTreeSet<&str> =
-        crate::plugins::names().into_iter().collect();
-    plugins.extend(desired.plugins.keys().map(String::as_str));
-    plugins.extend(registered.keys().map(String::as_str));
     // Reset first: an external plugin taken out of the file must not linger.
     metrics.registered.reset();
-    for plugin in plugins {
+    for (plugin, registered) in plugins {
         metrics
             .registered
-            .with_label_values(&[plugin])
-            .set(i64::from(registered.contains_key(plugin)));
+            .with_label_values(&[plugin.as_str()])
+            .set(i64::from(*registered));
     }
     support::metrics::render(&metrics.registry)
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
+/// Serves `/metrics` on `listener` until `shutdown` resolves; `plugins`
+/// gives [`render`]'s argument at each scrape.
 pub async fn serve(
     listener: TcpListener,
-    node: std::sync::Arc<Node>,
+    plugins: impl Fn() -> BTreeMap<String, bool> + Clone + Send + Sync + 'static,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let router = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let text = render(&node);
+            let text = render(&plugins());
             async move {
                 (
                     [(http::header::CONTENT_TYPE, support::metrics::TEXT_FORMAT)],

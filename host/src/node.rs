@@ -105,8 +105,8 @@ pub struct Node {
     started: OnceLock<Config>,
     /// Restart-only settings the flags set, whose file values do nothing.
     fixed: FixedByFlags,
-    /// Numbers the configuration file's reads (see [`crate::reload`]).
-    reads: crate::reload::Reads,
+    /// Numbers the configuration file's reads (see `crate::reload`).
+    reads: crate::config::Reads,
 }
 
 impl Node {
@@ -216,8 +216,26 @@ impl Node {
         self.current.lock().await.clone()
     }
 
+    /// Every plugin this node knows of (built in, in the file, or still
+    /// registered), and whether it is registered now: what `/metrics`
+    /// shows as `node_plugin_registered`.
+    pub fn plugin_states(&self) -> std::collections::BTreeMap<String, bool> {
+        let registered = self.registrar().registered();
+        let desired = self.registrar().desired();
+        crate::plugins::names()
+            .into_iter()
+            .map(str::to_owned)
+            .chain(desired.plugins.keys().cloned())
+            .chain(registered.keys().cloned())
+            .map(|plugin| {
+                let on = registered.contains_key(&plugin);
+                (plugin, on)
+            })
+            .collect()
+    }
+
     /// The numbering of the configuration file's reads.
-    pub fn reads(&self) -> &crate::reload::Reads {
+    pub fn reads(&self) -> &crate::config::Reads {
         &self.reads
     }
 

@@ -19,7 +19,6 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
@@ -29,16 +28,6 @@ use tracing::{debug, error, info};
 
 use crate::config::{Config, ConfigError, read_text};
 use crate::node::Node;
-
-/// Numbers the reads of one node's configuration file, so that only the
-/// newest one is applied.
-#[derive(Debug, Default)]
-pub struct Reads {
-    /// The number the next read gets.
-    next: AtomicU64,
-    /// The newest read handled (applied or refused) so far.
-    handled: AtomicU64,
-}
 
 /// Quiet time after the last event before the file is read.
 pub const DEBOUNCE: Duration = Duration::from_millis(120);
@@ -155,13 +144,13 @@ pub async fn read(path: &Path) -> Result<String, ConfigError> {
 /// read older than one already handled is dropped.
 pub async fn reload(path: &Path, node: &Node, known: &[&str]) {
     let reads = node.reads();
-    let ticket = reads.next.fetch_add(1, Ordering::SeqCst) + 1;
+    let ticket = reads.start();
     let text = read(path).await;
     let file = path.display().to_string();
     node.update(|current| {
         // Under the configuration lock: no other reload is between this
         // check and the update.
-        if reads.handled.fetch_max(ticket, Ordering::SeqCst) > ticket {
+        if reads.handle(ticket).is_err() {
             debug!("{file}: a newer read is already handled; dropping this one");
             return None;
         }

@@ -176,7 +176,11 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
         if let Ok(addr) = http.local_addr() {
             stdin::say(format_args!("node-host http on {addr}"));
         }
-        let serve = crate::metrics::serve(http, node.clone(), async {
+        let plugins = {
+            let node = node.clone();
+            move || node.plugin_states()
+        };
+        let serve = crate::metrics::serve(http, plugins, async {
             let _ = http_stopped.await;
         });
         tokio::spawn(async move {
