@@ -12,8 +12,8 @@
 //! - `procs`: starting the binaries and etcd, reading a process's memory.
 //! - `measure/*`: one file per figure group of issue 7.
 //! - `stats`: percentiles and throughput; `report`: the table and JSON.
-//! - `etcdpb`: code generated from `proto/etcdserverpb/rpc.proto`, the part
-//!   of etcd's API the bench uses (compiled with protox: no protoc needed).
+//! - `etcdpb`: etcd's gRPC API, from the `etcd-api` crate (compiled with
+//!   protox: no protoc needed).
 
 mod backend;
 mod measure;
@@ -22,11 +22,8 @@ mod procs;
 mod report;
 mod stats;
 
-/// etcd's gRPC API (the subset in `proto/etcdserverpb/rpc.proto`).
-#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
-mod etcdpb {
-    tonic::include_proto!("etcdserverpb");
-}
+/// etcd's gRPC API (the subset in `etcd-api/proto/etcdserverpb/rpc.proto`).
+use etcd_api::pb as etcdpb;
 
 use std::path::PathBuf;
 use std::time::Duration;

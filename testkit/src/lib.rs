@@ -26,6 +26,7 @@
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
 pub mod certs;
+pub mod etcd;
 pub mod http;
 pub mod netns;
 

@@ -1,6 +1,6 @@
 //! Compiles the vendored subset of etcd's gRPC API (`proto/etcdserverpb`) with
-//! protox, so building the bench needs neither `protoc` nor the etcd-client
-//! crate (whose build script would require `protoc`).
+//! protox, so building needs neither `protoc` nor the etcd-client crate
+//! (whose build script would require `protoc`).
 
 use std::path::PathBuf;
 

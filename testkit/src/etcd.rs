@@ -1,0 +1,104 @@
+//! A real single-member `etcd` for tests: free loopback ports, a scratch
+//! data directory, killed (SIGKILL) when dropped. A test that needs it and
+//! finds no `etcd` fails, naming the package that provides it.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::{Process, READY_TIMEOUT, TempDir};
+
+/// A running etcd. See the module docs.
+pub struct Etcd {
+    /// The process; killed when dropped (before `data` is removed: field
+    /// order).
+    pub process: Process,
+    /// `127.0.0.1:PORT` of its client API.
+    pub endpoint: String,
+    /// Its data directory.
+    data: TempDir,
+    /// Its peer URL (kept for a restart on the same data).
+    peer: String,
+}
+
+/// The `etcd` binary: `$ETCD_BIN`, else the first `etcd` on `PATH`. Panics
+/// with what to install when there is none.
+pub fn etcd_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("etcd"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs etcd and there is no `etcd` on PATH (nor $ETCD_BIN): \
+                 run scripts/test-deps.sh, or `apt-get install etcd-server`"
+            )
+        })
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
+}
+
+impl Etcd {
+    /// Starts etcd on free loopback ports and waits until it serves clients.
+    pub fn start() -> Etcd {
+        let data = TempDir::new("etcd");
+        let endpoint = format!("127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let process = spawn(data.path(), &endpoint, &peer);
+        Etcd {
+            process,
+            endpoint,
+            data,
+            peer,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.endpoint)
+    }
+
+    /// The registry's `--store` for this etcd, its keys under `prefix`.
+    pub fn store(&self, prefix: &str) -> String {
+        format!(
+            "etcd://{}/{}",
+            self.endpoint,
+            prefix.trim_start_matches('/')
+        )
+    }
+
+    /// SIGKILL, then the same member started again on its data and ports.
+    pub fn restart(&mut self) {
+        self.process.kill9();
+        self.process = spawn(self.data.path(), &self.endpoint, &self.peer);
+    }
+}
+
+fn spawn(data: &std::path::Path, endpoint: &str, peer: &str) -> Process {
+    let client = format!("http://{endpoint}");
+    let mut cmd = Command::new(etcd_bin());
+    cmd.arg("--name=test")
+        .arg(format!("--data-dir={}", data.display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=test={peer}"))
+        .arg("--logger=zap")
+        .arg("--log-level=info");
+    let process = Process::spawn("etcd", cmd);
+    // etcd 3.4's zap logger: "serving client traffic insecurely" (or "securely").
+    process.wait_for_line("serving client traffic", READY_TIMEOUT);
+    process
+}
