@@ -47,10 +47,13 @@
 //! - [`dns`]: the DNS interface (`--dns`): A, AAAA and SRV records of
 //!   `SERVICE.service.DOMAIN`, answered from xDS's view of the registry.
 //! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
+//! - [`allocator`]: the binary's allocator (jemalloc, which returns freed
+//!   memory to the system) and its statistics for `/metrics`.
 //! - `bin/registry.rs`: the command line.
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod allocator;
 pub mod config;
 pub mod dns;
 pub mod error;

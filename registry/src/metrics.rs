@@ -48,6 +48,10 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// `registry_dashboard_clients`: open dashboard event streams.
     pub dashboard_clients: IntGauge,
+    /// `registry_allocator_allocated_bytes` and `..._resident_bytes`: the
+    /// allocator's own statistics, set at each scrape.
+    allocated_bytes: IntGauge,
+    resident_bytes: IntGauge,
 }
 
 fn build() -> prometheus::Result<Metrics> {
@@ -96,6 +100,14 @@ fn build() -> prometheus::Result<Metrics> {
         "registry_dashboard_clients",
         "Open event streams of the web dashboard.",
     )?;
+    let allocated_bytes = IntGauge::new(
+        "registry_allocator_allocated_bytes",
+        "Bytes allocated and not yet freed, by the allocator's own count.",
+    )?;
+    let resident_bytes = IntGauge::new(
+        "registry_allocator_resident_bytes",
+        "Bytes of memory pages the allocator holds (freed memory not yet returned to the system included).",
+    )?;
     let build_info = IntGaugeVec::new(
         Opts::new("registry_build_info", "The registry's version; always 1."),
         &["version"],
@@ -123,6 +135,8 @@ fn build() -> prometheus::Result<Metrics> {
         Box::new(lease_removals.clone()),
         Box::new(refused.clone()),
         Box::new(dashboard_clients.clone()),
+        Box::new(allocated_bytes.clone()),
+        Box::new(resident_bytes.clone()),
         Box::new(build_info),
     ] {
         registry.register(metric)?;
@@ -140,6 +154,8 @@ fn build() -> prometheus::Result<Metrics> {
         lease_removals,
         refused,
         dashboard_clients,
+        allocated_bytes,
+        resident_bytes,
     })
 }
 
@@ -220,6 +236,10 @@ pub fn render(gauges: &Gauges) -> String {
     metrics
         .watch_memory_bytes
         .set(gauge(gauges.watch_memory_bytes));
+    if let Some(usage) = crate::allocator::usage() {
+        metrics.allocated_bytes.set(gauge(usage.allocated));
+        metrics.resident_bytes.set(gauge(usage.resident));
+    }
     // Reset first: a service whose last instance went must not linger.
     metrics.instances.reset();
     for service in &gauges.services {

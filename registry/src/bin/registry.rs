@@ -13,6 +13,10 @@ use registry::limits::{self, PeerConfig, Quotas};
 use registry::watch::{self, WatchLimits};
 use support::{Signal, Signals, TlsArgs};
 
+/// jemalloc: it gives freed memory back (see `registry::allocator`).
+#[global_allocator]
+static ALLOCATOR: registry::allocator::Allocator = registry::allocator::Allocator;
+
 /// The service registry: nodes register their service instances here under
 /// leases kept alive by heartbeats; clients list, resolve and watch them.
 #[derive(Parser, Debug)]
