@@ -52,47 +52,11 @@ use crate::limits::Quotas;
 use crate::store::Store;
 use encode::{Batch, Encoded};
 use hub::{Charge, Hub, Job, Read, Services};
-
-/// Default of `--watch-buffer-bytes`: how far (in encoded bytes of
-/// changes) a watcher may lag before it is reset. A few seconds of heavy
-/// churn; a client that reads at all keeps up.
-pub const DEFAULT_BUFFER_BYTES: usize = 4 * 1024 * 1024;
-/// Default of `--watch-memory-bytes`: what all watchers together may hold
-/// (4096 open streams at [`STREAM_CHARGE`] each, or fewer with snapshots
-/// in progress).
-pub const DEFAULT_MEMORY_BYTES: usize = 2 * 1024 * 1024 * 1024;
-/// What each open Watch stream is charged against `--watch-memory-bytes`:
-/// the most HTTP/2 holds for a stream whose peer does not read (hyper's
-/// 400 KiB send buffer, and a message in hand), plus its own state.
-pub const STREAM_CHARGE: usize = 512 * 1024;
-/// Default of `--watch-resume-bytes`: how much of the changes every
-/// watcher already took the log still keeps, so a watcher whose stream
-/// broke can resume from its last revision (a second or so of heavy
-/// churn) instead of taking a fresh snapshot.
-pub const DEFAULT_RESUME_BYTES: usize = 256 * 1024;
-
-/// The watch path's budgets (flags of the `registry` binary).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WatchLimits {
-    /// `--watch-buffer-bytes`: changes a watcher may lag by, in bytes,
-    /// before it falls behind; also the most the log of changes holds.
-    pub buffer_bytes: usize,
-    /// `--watch-memory-bytes`: what all watchers together may hold.
-    pub memory_bytes: usize,
-    /// `--watch-resume-bytes`: changes kept after every watcher took them,
-    /// for watchers that resume (within `buffer_bytes`).
-    pub resume_bytes: usize,
-}
-
-impl Default for WatchLimits {
-    fn default() -> WatchLimits {
-        WatchLimits {
-            buffer_bytes: DEFAULT_BUFFER_BYTES,
-            memory_bytes: DEFAULT_MEMORY_BYTES,
-            resume_bytes: DEFAULT_RESUME_BYTES,
-        }
-    }
-}
+// The budgets live with the hub that enforces them (so the hub needs
+// nothing from this module); named here, where the flags come from.
+pub use hub::{
+    DEFAULT_BUFFER_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_RESUME_BYTES, STREAM_CHARGE, WatchLimits,
+};
 
 /// Where a Watch asks to resume a broken stream: after `revision`, as seen
 /// from the registry `registry_id` (`WatchRequest.resume_revision` and
