@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::Error;
 use crate::limits::PeerLimits;
-use crate::store::Store;
+use crate::store::Writes;
 use crate::validate;
 use crate::watch::Watchers;
 use crate::watch::encode::{Encoded, WatchCodec};
@@ -26,8 +26,8 @@ static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 /// The `registry.v1.Registry` service.
 #[derive(Debug, Clone)]
 pub struct RegistryService {
-    /// The shared registry.
-    store: Store,
+    /// Where writes go (reads and Watch are served by `watchers`' store).
+    store: std::sync::Arc<dyn Writes>,
     /// Its watchers.
     watchers: Watchers,
     /// Turns true when the server shuts down: long-lived streams (Watch,
@@ -46,11 +46,18 @@ impl RegistryService {
         peers: PeerLimits,
     ) -> RegistryService {
         RegistryService {
-            store: watchers.store().clone(),
+            store: std::sync::Arc::new(watchers.store().clone()),
             watchers,
             shutdown,
             peers,
         }
+    }
+
+    /// Sends writes to `writes` instead of applying them to the local store
+    /// (the etcd store, whose mirror is that local store).
+    pub fn with_writes(mut self, writes: std::sync::Arc<dyn Writes>) -> RegistryService {
+        self.store = writes;
+        self
     }
 
     /// A Watch call: its messages, already encoded.
@@ -84,7 +91,7 @@ impl Registry for RegistryService {
         // A lease is a write too: without this, one peer could fill the
         // registry-wide lease cap with long leases and lock every node out.
         self.peers.check_register(request.remote_addr())?;
-        let granted = self.store.grant_lease(request.into_inner().ttl_ms)?;
+        let granted = self.store.grant_lease(request.into_inner().ttl_ms).await?;
         tracing::debug!(lease = granted.lease_id, ttl = ?granted.ttl, "lease granted");
         Ok(Response::new(pb::GrantLeaseResponse {
             lease_id: granted.lease_id,
@@ -118,7 +125,8 @@ impl Registry for RegistryService {
         validate::lease(request.lease_id, &request.lease_secret)?;
         let removed = self
             .store
-            .revoke_lease(request.lease_id, &request.lease_secret)?;
+            .revoke_lease(request.lease_id, &request.lease_secret)
+            .await?;
         tracing::info!(lease = request.lease_id, removed, "lease revoked");
         Ok(Response::new(pb::RevokeLeaseResponse { removed }))
     }
@@ -130,7 +138,7 @@ impl Registry for RegistryService {
         // Before validation: a flood is refused as cheaply as possible.
         self.peers.check_register(request.remote_addr())?;
         let request = validate::register(request.into_inner())?;
-        let (instance, revision) = self.store.register(request)?;
+        let (instance, revision) = self.store.register(request).await?;
         tracing::info!(
             service = %instance.service,
             instance = %instance.instance_id,
@@ -150,7 +158,7 @@ impl Registry for RegistryService {
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
         let request = validate::update(request.into_inner())?;
-        let (instance, revision) = self.store.update(request)?;
+        let (instance, revision) = self.store.update(request).await?;
         tracing::info!(
             service = %instance.service,
             instance = %instance.instance_id,
@@ -170,7 +178,7 @@ impl Registry for RegistryService {
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
         let request = validate::deregister(request.into_inner())?;
         let (service, instance) = (request.service.clone(), request.instance_id.clone());
-        let revision = self.store.deregister(request)?;
+        let revision = self.store.deregister(request).await?;
         tracing::info!(%service, %instance, revision, "deregistered");
         Ok(Response::new(pb::DeregisterResponse { revision }))
     }
@@ -179,7 +187,7 @@ impl Registry for RegistryService {
         &self,
         _request: Request<pb::ListServicesRequest>,
     ) -> Result<Response<pb::ListServicesResponse>, Status> {
-        let (services, revision) = self.store.list_services();
+        let (services, revision) = self.watchers.store().list_services();
         Ok(Response::new(pb::ListServicesResponse {
             services,
             revision,
@@ -192,7 +200,7 @@ impl Registry for RegistryService {
     ) -> Result<Response<pb::ResolveResponse>, Status> {
         let service = request.into_inner().service;
         validate::service_name("service", &service)?;
-        let (instances, revision) = self.store.resolve(&service);
+        let (instances, revision) = self.watchers.store().resolve(&service);
         Ok(Response::new(pb::ResolveResponse {
             instances,
             revision,
@@ -205,7 +213,7 @@ impl Registry for RegistryService {
     ) -> Result<Response<pb::GetDescriptorsResponse>, Status> {
         let service = request.into_inner().service;
         validate::service_name("service", &service)?;
-        let (proto_service, bytes) = self.store.descriptors(&service)?;
+        let (proto_service, bytes) = self.watchers.store().descriptors(&service)?;
         Ok(Response::new(pb::GetDescriptorsResponse {
             proto_service,
             // Copied outside the lock.
@@ -315,7 +323,7 @@ where
 /// Serves one KeepAlive stream: answers each heartbeat, and revokes the
 /// attached lease when the stream ends or breaks.
 async fn keep_alive(
-    store: Store,
+    store: std::sync::Arc<dyn Writes>,
     mut inbound: Streaming<pb::KeepAliveRequest>,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
@@ -337,7 +345,7 @@ async fn keep_alive(
             Ok(None) => break "the client closed the stream".to_string(),
             Err(status) => break format!("the stream broke: {}", status.message()),
         };
-        let reply = heartbeat(&store, &request, attached, stream);
+        let reply = heartbeat(&*store, &request, attached, stream).await;
         let failed = reply.is_err();
         if reply.is_ok() && attached.is_none() {
             tracing::debug!(
@@ -355,7 +363,7 @@ async fn keep_alive(
         }
     };
     if let Some(lease) = attached {
-        match store.stream_closed(lease, stream) {
+        match store.stream_closed(lease, stream).await {
             Some(removed) => {
                 tracing::info!(
                     lease,
@@ -368,8 +376,8 @@ async fn keep_alive(
     }
 }
 
-fn heartbeat(
-    store: &Store,
+async fn heartbeat(
+    store: &dyn Writes,
     request: &pb::KeepAliveRequest,
     attached: Option<u64>,
     stream: u64,
@@ -387,11 +395,13 @@ fn heartbeat(
         )
         .into());
     }
-    let ttl = store.keep_alive(
-        request.lease_id,
-        &request.lease_secret,
-        attached.is_none().then_some(stream),
-    )?;
+    let ttl = store
+        .keep_alive(
+            request.lease_id,
+            &request.lease_secret,
+            attached.is_none().then_some(stream),
+        )
+        .await?;
     tracing::trace!(lease = request.lease_id, ?ttl, "heartbeat");
     Ok(pb::KeepAliveResponse {
         lease_id: request.lease_id,

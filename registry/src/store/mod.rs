@@ -39,6 +39,76 @@ pub trait Publish: Send + Sync + std::fmt::Debug {
     fn start(&self, _revision: u64) {}
 }
 
+/// Where the registry's writes go: the seam between the gRPC service and
+/// the store behind it. Reads and Watch are always served from the local
+/// [`Store`] (its state and hub); writes go through this. The memory
+/// store ([`Store`] itself) applies them to its state; the etcd store
+/// commits them to etcd and returns once its local mirror (a [`Store`]
+/// too) has applied them, so a write is visible to a read on the same
+/// replica as soon as it returns.
+#[tonic::async_trait]
+pub trait Writes: Send + Sync + std::fmt::Debug {
+    /// Grants a lease (see [`State::grant_lease`]).
+    async fn grant_lease(&self, ttl_ms: u64) -> Result<Granted>;
+    /// A heartbeat, attaching the lease to KeepAlive stream `stream` if
+    /// set; returns the lease's TTL.
+    async fn keep_alive(
+        &self,
+        lease_id: u64,
+        secret: &str,
+        stream: Option<u64>,
+    ) -> Result<Duration>;
+    /// KeepAlive stream `stream` ended: revokes its lease if still
+    /// attached. How many instances went, or `None` if the lease was gone
+    /// or had moved to another stream.
+    async fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize>;
+    /// Revokes a lease; returns how many instances it took.
+    async fn revoke_lease(&self, lease_id: u64, secret: &str) -> Result<u32>;
+    /// Registers an instance; returns it as stored and the revision.
+    async fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)>;
+    /// Updates an instance; returns it as stored and the revision.
+    async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)>;
+    /// Deregisters an instance; returns the revision.
+    async fn deregister(&self, request: validate::Deregister) -> Result<u64>;
+}
+
+/// The memory store: every write applied to the state at once.
+#[tonic::async_trait]
+impl Writes for Store {
+    async fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
+        Store::grant_lease(self, ttl_ms)
+    }
+
+    async fn keep_alive(
+        &self,
+        lease_id: u64,
+        secret: &str,
+        stream: Option<u64>,
+    ) -> Result<Duration> {
+        Store::keep_alive(self, lease_id, secret, stream)
+    }
+
+    async fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize> {
+        Store::stream_closed(self, lease_id, stream)
+    }
+
+    async fn revoke_lease(&self, lease_id: u64, secret: &str) -> Result<u32> {
+        Store::revoke_lease(self, lease_id, secret)
+    }
+
+    async fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)> {
+        Store::register(self, request)
+    }
+
+    async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
+        Store::update(self, request)
+    }
+
+    async fn deregister(&self, request: validate::Deregister) -> Result<u64> {
+        Store::deregister(self, request)
+    }
+}
+
 /// The sink of a store nobody watches.
 #[derive(Debug)]
 struct Nobody;
