@@ -24,6 +24,11 @@
 //! - [`store`]: the shared handle: state behind one lock, changes handed to
 //!   a [`store::Publish`] sink under it (it knows nothing of watchers), and
 //!   the lease sweeper, the one task that expires leases at their deadline.
+//!   [`store::Writes`] is the seam writes go through (the memory store
+//!   applies them to that state; reads and Watch always come from it);
+//!   `store/etcd.rs`: the etcd store's `--store etcd://...` URL and its key
+//!   layout (lease records with a hash of the secret, content-addressed
+//!   descriptor chunks).
 //! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
 //!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
 //!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one

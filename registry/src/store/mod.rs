@@ -13,6 +13,8 @@
 //! std mutex is cheaper than tokio's and cannot be held across a suspension
 //! point by mistake (its guard is not `Send`).
 
+pub mod etcd;
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
