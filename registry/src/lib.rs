@@ -28,7 +28,9 @@
 //!   applies them to that state; reads and Watch always come from it);
 //!   `store/etcd.rs`: the etcd store's `--store etcd://...` URL and its key
 //!   layout (lease records with a hash of the secret, content-addressed
-//!   descriptor chunks).
+//!   descriptor chunks); `store/etcd_client.rs`: the connection to etcd
+//!   (every endpoint, optional TLS) and the cluster identity that becomes
+//!   the registry id shared by every replica.
 //! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
 //!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
 //!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one

@@ -14,6 +14,7 @@
 //! point by mistake (its guard is not `Send`).
 
 pub mod etcd;
+pub mod etcd_client;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;

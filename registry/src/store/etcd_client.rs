@@ -1,0 +1,122 @@
+//! The etcd store's connection to etcd: one channel over every endpoint of
+//! the `--store` URL (plaintext, or TLS with a CA and optionally a client
+//! certificate), its KV, Watch and Lease clients, and the identity of the
+//! cluster behind them.
+
+use std::time::Duration;
+
+use etcd_api::pb::{
+    RangeRequest, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
+};
+use thiserror::Error;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::store::etcd::{EtcdUrl, sha256_hex};
+
+/// How long connecting (and the first read) may take before the registry
+/// gives up with an error naming the endpoints.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why etcd could not be reached.
+#[derive(Debug, Error)]
+pub enum EtcdError {
+    /// An endpoint or the TLS settings were refused by the transport.
+    #[error("etcd store: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// etcd did not answer, or answered with an error.
+    #[error("etcd store: etcd at {endpoints} did not answer a read: {status}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What came back.
+        status: tonic::Status,
+    },
+}
+
+/// A connection to an etcd cluster. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EtcdClient {
+    /// Reads, writes and transactions.
+    pub kv: KvClient<Channel>,
+    /// Watches of the prefix.
+    pub watch: WatchClient<Channel>,
+    /// The etcd leases behind registry leases.
+    pub lease: LeaseClient<Channel>,
+    /// etcd's cluster id (the same from every member).
+    pub cluster_id: u64,
+}
+
+impl EtcdClient {
+    /// Connects to `url`'s endpoints (with `tls` if set) and reads once, to
+    /// learn the cluster's id and fail now rather than at the first write.
+    pub async fn connect(
+        url: &EtcdUrl,
+        tls: Option<ClientTlsConfig>,
+    ) -> Result<EtcdClient, EtcdError> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoints = Vec::with_capacity(url.endpoints.len());
+        for host in &url.endpoints {
+            let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host}"))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true);
+            if let Some(tls) = &tls {
+                endpoint = endpoint.tls_config(tls.clone())?;
+            }
+            endpoints.push(endpoint);
+        }
+        let channel = Channel::balance_list(endpoints.into_iter());
+        let mut kv = KvClient::new(channel.clone());
+        let probe = RangeRequest {
+            key: url.all_keys(),
+            range_end: etcd_api::prefix_end(&url.all_keys()),
+            count_only: true,
+            ..Default::default()
+        };
+        let unreachable = |status| EtcdError::Unreachable {
+            endpoints: url.endpoints.join(","),
+            status,
+        };
+        let header = tokio::time::timeout(CONNECT_TIMEOUT, kv.range(probe))
+            .await
+            .map_err(|_| {
+                unreachable(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {CONNECT_TIMEOUT:?}"
+                )))
+            })?
+            .map_err(unreachable)?
+            .into_inner()
+            .header
+            .unwrap_or_default();
+        Ok(EtcdClient {
+            kv,
+            watch: WatchClient::new(channel.clone()),
+            lease: LeaseClient::new(channel),
+            cluster_id: header.cluster_id,
+        })
+    }
+}
+
+/// The registry id every replica over the same etcd cluster and prefix
+/// sends watchers: so a watcher resumes on any of them, and tells another
+/// cluster (or another prefix of the same one) apart.
+pub fn registry_id(cluster_id: u64, prefix: &str) -> String {
+    format!(
+        "etcd-{cluster_id:016x}-{}",
+        &sha256_hex(prefix.as_bytes())[..16]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_registry_id_names_the_cluster_and_the_prefix() {
+        let a = registry_id(0x1234, "/registry");
+        assert_eq!(a, registry_id(0x1234, "/registry"));
+        assert!(a.starts_with("etcd-0000000000001234-"));
+        assert_ne!(a, registry_id(0x1234, "/other"));
+        assert_ne!(a, registry_id(0x1235, "/registry"));
+        assert!(a.len() <= crate::validate::MAX_REGISTRY_ID);
+    }
+}
