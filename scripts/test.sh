@@ -11,6 +11,6 @@ cargo test --workspace "$@"
 # (CI is) they run here, after a full run (no arguments).
 if [ $# -eq 0 ] && [ "$(id -u)" = 0 ]; then
   echo "test.sh: the tests that need root (network namespaces)"
-  exec cargo test -p testkit -p node-host --test lan --test security -- --ignored
+  exec cargo test -p testkit -p node-host --test lan --test security --test ha -- --ignored
 fi
 [ "$(id -u)" = 0 ] || echo "test.sh: not root: the LAN tests (ignored above) did not run; run this script as root to run them"

@@ -15,7 +15,8 @@ use support::TlsArgs;
 /// How to reach the registry.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The registry's address, `HOST:PORT`.
+    /// The registry's address, `HOST:PORT`, or several replicas'
+    /// comma-separated.
     pub registry: String,
     /// How long to wait for its first answer.
     pub wait: Duration,

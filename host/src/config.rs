@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! registry = "127.0.0.1:50051"   # optional; --registry / REGISTRY_ADDR win
+//!                                # replicas: ["a:50051", "b:50051"] or "a:50051,b:50051"
 //! advertise = "192.168.1.20"     # optional; --advertise wins
 //! port = 0                       # optional; --port wins; 0 = any free port
 //! lease_ttl_ms = 1500            # optional; the registry's default otherwise
@@ -128,7 +129,8 @@ impl PluginConfig {
 /// A parsed, checked `services.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Config {
-    /// The registry's `host:port`.
+    /// The registry's `host:port`, or several replicas' comma-separated
+    /// (the file may list them as an array).
     pub registry: Option<String>,
     /// The IP to advertise.
     pub advertise: Option<IpAddr>,
@@ -146,13 +148,34 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    registry: Option<Spanned<String>>,
+    registry: Option<Spanned<RawRegistry>>,
     advertise: Option<Spanned<String>>,
     port: Option<u16>,
     lease_ttl_ms: Option<Spanned<u64>>,
     http: Option<Spanned<String>>,
     #[serde(default)]
     plugins: BTreeMap<Spanned<String>, RawPlugin>,
+}
+
+/// `registry = "a:1"`, `"a:1,b:2"` or `["a:1", "b:2"]`.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a string \"HOST:PORT\" (or \"HOST:PORT,HOST:PORT\") or an array of them"
+)]
+enum RawRegistry {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl RawRegistry {
+    /// Comma-separated, as `--registry` takes it.
+    fn joined(&self) -> String {
+        match self {
+            RawRegistry::One(s) => s.clone(),
+            RawRegistry::Many(v) => v.join(","),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -210,18 +233,34 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| error(e.span(), e.message().trim().to_string()))?;
 
-        if let Some(registry) = &raw.registry {
-            let ok = registry
-                .get_ref()
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                return Err(error(
-                    Some(registry.span()),
-                    format!("registry `{}` is not HOST:PORT", registry.get_ref()),
-                ));
+        let registry = match &raw.registry {
+            None => None,
+            Some(spanned) => {
+                let joined = spanned.get_ref().joined();
+                let addrs = support::connect::split_addrs(&joined).map_err(|e| {
+                    let reason = match e {
+                        support::SecurityError::Address { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    error(
+                        Some(spanned.span()),
+                        format!("registry `{joined}`: {reason}"),
+                    )
+                })?;
+                for addr in &addrs {
+                    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                        !host.is_empty() && port.parse::<u16>().is_ok()
+                    });
+                    if !ok {
+                        return Err(error(
+                            Some(spanned.span()),
+                            format!("registry `{addr}` is not HOST:PORT"),
+                        ));
+                    }
+                }
+                Some(joined)
             }
-        }
+        };
         let advertise = match &raw.advertise {
             None => None,
             Some(a) => Some(a.get_ref().parse::<IpAddr>().map_err(|_| {
@@ -356,7 +395,7 @@ impl Config {
         }
 
         Ok(Config {
-            registry: raw.registry.map(Spanned::into_inner),
+            registry,
             advertise,
             port: raw.port,
             lease_ttl_ms: raw.lease_ttl_ms.map(Spanned::into_inner),
@@ -833,5 +872,24 @@ weight = 3
                 .starts_with("/nonexistent/services.toml: cannot read:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn registry_replicas_as_a_list_or_a_comma_string() {
+        let c = parse("registry = [\"10.0.0.1:50051\", \"10.0.0.2:50051\"]\n").expect("array");
+        assert_eq!(c.registry.as_deref(), Some("10.0.0.1:50051,10.0.0.2:50051"));
+        let c = parse("registry = \"a:1,b:2\"\n").expect("comma string");
+        assert_eq!(c.registry.as_deref(), Some("a:1,b:2"));
+        let e = parse_err("\nregistry = [\"a:1\", \"b\"]\n");
+        assert_eq!(e, "services.toml:2: registry `b` is not HOST:PORT");
+        let e = parse_err("registry = \"a:1,a:1\"\n");
+        assert_eq!(
+            e,
+            "services.toml:1: registry `a:1,a:1`: a:1 is listed twice"
+        );
+        let e = parse_err("registry = []\n");
+        assert!(e.contains("an empty address"), "{e}");
+        let e = parse_err("registry = 5\n");
+        assert!(e.contains("an array of them"), "{e}");
     }
 }

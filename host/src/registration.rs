@@ -13,12 +13,19 @@
 //!    longer desired;
 //! 3. wait for the desired state to change, or for the session to fail.
 //!
-//! Any failure (registry unreachable, stream broken, NOT_FOUND after a
-//! registry restart lost the lease, no KeepAlive answer within the TTL)
-//! drops the session and starts over after an exponential backoff with
-//! jitter: a fresh lease, everything registered again. Pausing (`u`)
-//! revokes the lease, which removes every instance at once; shutting down
-//! (`q`) revokes it and ends the task.
+//! Any failure (registry unreachable, stream broken, no KeepAlive answer
+//! within the TTL) drops the session. The registry may be several replicas
+//! (`--registry a:50051,b:50051`, see [`support::Replicas`]): the next
+//! session goes to the next replica at once, and only after every replica
+//! failed in a row is there a pause, an exponential backoff with jitter.
+//! A new session first *resumes* the lease it had: a KeepAlive with the same
+//! lease id and secret. Replicas that share a store (etcd) still hold the
+//! lease and its instances, so nothing is registered again and no instance
+//! goes away. Only when the registry says the lease is unknown (NOT_FOUND:
+//! a registry restarted empty, a replica with a store of its own, a lease
+//! that expired meanwhile) is a fresh lease granted and everything
+//! registered again. Pausing (`u`) revokes the lease, which removes every
+//! instance at once; shutting down (`q`) revokes it and ends the task.
 //!
 //! What is registered right now is published on a second watch channel
 //! ([`Reached`]), with the [generation](Desired::generation) of the newest
@@ -35,7 +42,7 @@ use registry_proto::registry::v1::{
     DeregisterRequest, GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
     RegisterResponse, RevokeLeaseRequest,
 };
-use support::{AbortOnDropHandle, Backoff, Connector, RegistryConn};
+use support::{AbortOnDropHandle, Backoff, Connector, RegistryConn, Replica, Rotation};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -59,9 +66,9 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// the stall is still good; one dropped would be revoked, and the node's
 /// instances would flap.
 pub const STALL_TOLERANCE: Duration = Duration::from_secs(4);
-/// First retry delay after a failure.
+/// First pause after every registry replica failed in a row.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest retry delay.
+/// Longest pause between rounds of attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// What should be registered. The registration task reconciles toward it.
@@ -95,7 +102,8 @@ struct Reached {
 /// Fixed facts the registration task needs.
 #[derive(Clone)]
 pub struct Settings {
-    /// The registry's `host:port`.
+    /// The registry's `host:port`, or several replicas' comma-separated
+    /// (see [`support::connect::split_addrs`]).
     pub registry: String,
     /// The address this node advertises.
     pub advertised: SocketAddr,
@@ -111,8 +119,6 @@ pub struct Settings {
 /// Why a session with the registry ended badly.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
-    #[error("{0}")]
-    Address(String),
     #[error("cannot connect: {0}")]
     Connect(#[source] tonic::transport::Error),
     #[error("{what} failed: {}: {}", .status.code(), .status.message())]
@@ -366,7 +372,33 @@ async fn run(
     mut desired: watch::Receiver<Desired>,
     reached: watch::Sender<Reached>,
 ) -> u32 {
-    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
+    let replicas = match settings.connector.replicas(&settings.registry, |endpoint| {
+        endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            // HTTP/2 pings still find a dead link, but a stalled registry is
+            // given STALL_TOLERANCE to answer.
+            .keep_alive_timeout(STALL_TOLERANCE)
+    }) {
+        Ok(replicas) => replicas,
+        Err(e) => {
+            // `run::run` checks the addresses before starting: only a
+            // library user passing a bad one gets here.
+            error!(
+                "registry {}: {e}; nothing will be registered",
+                settings.registry
+            );
+            while desired.changed().await.is_ok() {
+                if desired.borrow().shutdown {
+                    break;
+                }
+            }
+            return 0;
+        }
+    };
+    let mut rotation = Rotation::new(Backoff::new(BACKOFF_START, BACKOFF_MAX));
+    // The lease of the session that failed, and what it held: offered to
+    // the next replica before anything is registered again.
+    let mut carried: Option<Carried> = None;
     // The last settings the registry accepted for each plugin, kept across
     // sessions: what is registered again after a registry restart when it
     // refuses the newer ones.
@@ -383,33 +415,49 @@ async fn run(
             }
             continue;
         }
+        let replica = replicas.current();
         match session(
             &settings,
+            replica,
             &runtime,
             &mut desired,
             &reached,
-            &mut backoff,
+            &mut rotation,
             &mut accepted,
+            &mut carried,
         )
         .await
         {
             Ok(SessionEnd::Shutdown(removed)) => return removed,
             Ok(SessionEnd::Paused) => continue,
             Err(e) => {
-                // The session's lease dies with its KeepAlive stream (or its
-                // TTL), taking its instances along.
+                let e = with_causes(&e);
+                // Whether the lease outlives the session is up to the next
+                // replica (see `start`): until then, nothing is counted as
+                // registered, so a removal meanwhile does not wait for it.
                 nothing_registered(&reached, &desired);
-                let delay = backoff.next_delay();
-                let failures = backoff.failures();
+                let Some(delay) = rotation.failed(&replicas, replica.index, &e) else {
+                    warn!(
+                        "registry {}: {e}; still serving, moving to {}",
+                        replica.addr(),
+                        replicas.current().addr()
+                    );
+                    continue;
+                };
+                let failures = rotation.rounds_failed();
                 // The first failure and then every tenth: a registry that is
                 // down for a minute should not flood the log.
+                let why = match replicas.len() {
+                    1 => format!("registry {}: {}", replica.addr(), rotation.last_round()),
+                    _ => rotation.last_round(),
+                };
                 if failures == 1 || failures.is_multiple_of(10) {
                     warn!(
-                        "registry {}: {e}; still serving, retrying (every {:?} at most)",
-                        settings.registry, BACKOFF_MAX
+                        "{why}; still serving, retrying (every {:?} at most)",
+                        rotation.max_pause()
                     );
                 } else {
-                    debug!("registry {}: {e}; retrying in {delay:?}", settings.registry);
+                    debug!("{why}; retrying in {delay:?}");
                 }
                 // Sleep, but stop at once for a shutdown or pause (checked
                 // first too: one that came while the session was starting
@@ -439,6 +487,27 @@ async fn run(
     }
 }
 
+/// Whether the registry said the lease is gone (NOT_FOUND): then no
+/// replica has it, and offering it to the next one is a wasted call.
+fn lease_gone(e: &SessionError) -> bool {
+    matches!(e, SessionError::Rpc { status, .. } if status.code() == Code::NotFound)
+}
+
+/// An error with its causes, `a: b: c` (tonic's connection errors say
+/// only "transport error" by themselves).
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = e.source();
+    }
+    line
+}
+
 /// The lease of the current session.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -453,27 +522,35 @@ struct Held {
     instance_id: String,
 }
 
-/// A session ready to register: connected, lease granted and attached to
-/// its KeepAlive stream.
+/// What a failed session leaves for the next one to resume.
+struct Carried {
+    lease: Lease,
+    held: BTreeMap<String, Held>,
+}
+
+/// A session ready to register: connected, lease granted (or resumed) and
+/// attached to its KeepAlive stream.
 struct Started {
     client: RegistryConn,
     lease: Lease,
     /// The heartbeat task; ends only with the reason the stream failed.
     /// Aborted when the session ends.
     heartbeat: AbortOnDropHandle<SessionError>,
+    /// The lease is the one offered to resume, still known to the registry:
+    /// its instances are still registered.
+    resumed: bool,
 }
 
-/// Connects, grants the lease and attaches it to a KeepAlive stream.
-async fn start(settings: &Settings) -> Result<Started, SessionError> {
-    let endpoint = settings
-        .connector
-        .endpoint(&settings.registry)
-        .map_err(|e| SessionError::Address(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        // HTTP/2 pings still find a dead link, but a stalled registry is
-        // given STALL_TOLERANCE to answer.
-        .keep_alive_timeout(STALL_TOLERANCE);
-    let channel = timeout(CONNECT_TIMEOUT * 2, endpoint.connect())
+/// Connects to `replica`, then resumes `resume` if the registry still knows
+/// that lease, else grants a new one; returns once the lease is attached to
+/// a KeepAlive stream.
+async fn start(
+    settings: &Settings,
+    replica: Replica<'_>,
+    resume: Option<&Lease>,
+) -> Result<Started, SessionError> {
+    let registry = replica.addr();
+    let channel = timeout(CONNECT_TIMEOUT * 2, replica.endpoint().connect())
         .await
         .map_err(|_| SessionError::Timeout {
             what: "connect",
@@ -481,6 +558,35 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         })?
         .map_err(SessionError::Connect)?;
     let mut client = settings.connector.registry(channel);
+
+    if let Some(lease) = resume {
+        match attach(&client, lease).await {
+            Ok(heartbeat) => {
+                info!(
+                    "registry {registry}: lease {} resumed (ttl {:?})",
+                    lease.id, lease.ttl
+                );
+                return Ok(Started {
+                    client,
+                    lease: lease.clone(),
+                    heartbeat,
+                    resumed: true,
+                });
+            }
+            // Unknown here (expired, or a registry with a store of its own)
+            // or not ours any more: start afresh.
+            Err(SessionError::Rpc { status, .. })
+                if matches!(status.code(), Code::NotFound | Code::PermissionDenied) =>
+            {
+                info!(
+                    "registry {registry}: lease {} is gone ({}); registering again",
+                    lease.id,
+                    status.message()
+                );
+            }
+            Err(e) => return Err(e),
+        }
+    }
 
     let grant = call(
         "GrantLease",
@@ -496,9 +602,25 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         ttl: Duration::from_millis(grant.ttl_ms.max(1)),
     };
     info!(
-        "registry {}: lease {} granted (ttl {:?})",
-        settings.registry, lease.id, lease.ttl
+        "registry {registry}: lease {} granted (ttl {:?})",
+        lease.id, lease.ttl
     );
+    let heartbeat = attach(&client, &lease).await?;
+    Ok(Started {
+        client,
+        lease,
+        heartbeat,
+        resumed: false,
+    })
+}
+
+/// Starts heartbeating `lease` on a new KeepAlive stream; returns once the
+/// registry answered the first heartbeat (the lease is then attached to the
+/// stream), or why it did not.
+async fn attach(
+    client: &RegistryConn,
+    lease: &Lease,
+) -> Result<AbortOnDropHandle<SessionError>, SessionError> {
     let (attached_tx, attached_rx) = tokio::sync::oneshot::channel();
     let mut heartbeat = AbortOnDropHandle::new(tokio::spawn(keep_alive(
         client.clone(),
@@ -512,29 +634,31 @@ async fn start(settings: &Settings) -> Result<Started, SessionError> {
         let ended = (&mut heartbeat).await;
         return Err(ended.unwrap_or(SessionError::KeepAliveEnded));
     }
-    Ok(Started {
-        client,
-        lease,
-        heartbeat,
-    })
+    Ok(heartbeat)
 }
 
-/// One lease's life: grant, keep alive, reconcile, until paused, shut down
-/// or broken.
+/// One session on `replica`: grant (or resume `carried`), keep alive,
+/// reconcile, until paused, shut down or broken. A broken session leaves
+/// its lease and what it held in `carried`.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     settings: &Settings,
+    replica: Replica<'_>,
     runtime: &RuntimeServices,
     desired: &mut watch::Receiver<Desired>,
     reached: &watch::Sender<Reached>,
-    backoff: &mut Backoff,
+    rotation: &mut Rotation,
     accepted: &mut BTreeMap<String, PluginConfig>,
+    carried: &mut Option<Carried>,
 ) -> Result<SessionEnd, SessionError> {
+    let registry = replica.addr();
     // Connecting may take seconds (and waiting for the KeepAlive answer
     // longer): nothing is registered yet, so a removal until then is done at
     // once. (If every handle is gone, the branch is off and the loop below
     // notices.)
     nothing_registered(reached, desired);
-    let starting = start(settings);
+    let resume = carried.as_ref().map(|c| c.lease.clone());
+    let starting = start(settings, replica, resume.as_ref());
     tokio::pin!(starting);
     let started = loop {
         tokio::select! {
@@ -546,9 +670,22 @@ async fn session(
         mut client,
         lease,
         mut heartbeat,
+        resumed,
     } = started;
 
-    let mut held: BTreeMap<String, Held> = BTreeMap::new();
+    // Resumed: the registry still holds what the lease held.
+    let mut held: BTreeMap<String, Held> = match carried.take() {
+        Some(c) if resumed => c.held,
+        _ => BTreeMap::new(),
+    };
+    if !held.is_empty() {
+        reached.send_modify(|r| {
+            r.registered = held
+                .iter()
+                .map(|(n, h)| (n.clone(), h.config.clone()))
+                .collect();
+        });
+    }
     // Settings the registry refused for a reason retrying cannot fix
     // (INVALID_ARGUMENT, RESOURCE_EXHAUSTED): not retried until they change
     // (or the next session: the registry's limits may have changed).
@@ -562,8 +699,8 @@ async fn session(
                 registered: Registered::new(),
             });
             info!(
-                "registry {}: lease {} revoked, {removed} instances removed",
-                settings.registry, lease.id
+                "registry {registry}: lease {} revoked, {removed} instances removed",
+                lease.id
             );
             return Ok(if want.shutdown {
                 SessionEnd::Shutdown(removed)
@@ -571,7 +708,7 @@ async fn session(
                 SessionEnd::Paused
             });
         }
-        reconcile(
+        if let Err(e) = reconcile(
             settings,
             runtime,
             &mut client,
@@ -582,18 +719,23 @@ async fn session(
             accepted,
             reached,
         )
-        .await?;
+        .await
+        {
+            if !lease_gone(&e) {
+                *carried = Some(Carried { lease, held });
+            }
+            return Err(e);
+        }
         // Only now is this state fully reached: waiting for it until here
         // covers a Register that was in flight when a removal came in.
         reached.send_modify(|r| r.generation = want.generation);
-        if backoff.failures() > 0 {
+        if rotation.rounds_failed() > 0 {
             info!(
-                "registry {}: reachable again, {} services registered",
-                settings.registry,
+                "registry {registry}: reachable again, {} services registered",
                 held.len()
             );
         }
-        backoff.reset();
+        rotation.succeeded();
 
         tokio::select! {
             changed = desired.changed() => {
@@ -604,7 +746,11 @@ async fn session(
                 }
             }
             ended = &mut heartbeat => {
-                return Err(ended.unwrap_or(SessionError::KeepAliveEnded));
+                let e = ended.unwrap_or(SessionError::KeepAliveEnded);
+                if !lease_gone(&e) {
+                    *carried = Some(Carried { lease, held });
+                }
+                return Err(e);
             }
         }
     }

@@ -30,7 +30,7 @@ pub const DRAIN_WAIT: Duration = Duration::from_secs(15);
 pub struct Options {
     /// The configuration file.
     pub config: PathBuf,
-    /// `--registry`.
+    /// `--registry`: one address, or several replicas' comma-separated.
     pub registry: Option<String>,
     /// `--advertise`.
     pub advertise: Option<IpAddr>,
@@ -109,8 +109,9 @@ pub async fn run(opts: Options) -> Result<(), RunError> {
     // process at once rather than in a retry loop.
     let server_tls = opts.tls.server_config()?;
     let connector = Connector::new(opts.tls.clone(), opts.token.as_deref())?;
-    connector.endpoint(&registry)?;
-    let ip = addr::advertise_ip(opts.advertise.or(config.advertise), &registry).await;
+    let replicas = connector.replicas(&registry, |e| e)?;
+    // Replicas sit on one network: the route to the first is the route to all.
+    let ip = addr::advertise_ip(opts.advertise.or(config.advertise), replicas.first()).await;
     let port = opts.port.or(config.port).unwrap_or(0);
     let bind: SocketAddr = match ip {
         IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),

@@ -54,6 +54,11 @@ impl Backoff {
         self.failures
     }
 
+    /// The largest ceiling.
+    pub fn max(&self) -> Duration {
+        self.max
+    }
+
     /// The ceiling of the next delay.
     pub fn ceiling(&self) -> Duration {
         self.ceiling

@@ -13,7 +13,9 @@
 //! - [`auth`]: access tokens: [`BearerToken`] (sent by a client),
 //!   [`TokenPolicy`] and [`AuthLayer`] (enforced by the registry).
 //! - [`connect`]: [`Connector`], TLS and token together, and the registry
-//!   client type [`RegistryConn`] every binary uses.
+//!   client type [`RegistryConn`] every binary uses; [`Replicas`], a
+//!   registry given as several addresses, with failover between them
+//!   ([`Rotation`] for long-lived streams).
 //! - [`backoff`]: [`Backoff`], exponential with jitter, for retry loops.
 //! - [`signal`]: [`Signals`], SIGINT and SIGTERM, installed first thing.
 //! - [`logging`]: the `RUST_LOG` setup of every binary.
@@ -26,7 +28,7 @@
 //!   signal (cloned to every task that must stop), and
 //!   [`AbortOnDropHandle`], a task that dies with its owner.
 //!
-//! Modules point down: `connect` uses `tls`, `auth` and `error`; `tls` and
+//! Modules point down: `connect` uses `tls`, `auth`, `backoff` and `error`; `tls` and
 //! `auth` use `error`; the rest use nothing of this crate.
 
 #![warn(missing_docs, unreachable_pub)]
@@ -43,7 +45,7 @@ pub mod tls;
 
 pub use auth::{AuthLayer, BearerToken, TokenPolicy, constant_time_eq};
 pub use backoff::Backoff;
-pub use connect::{Connector, RegistryConn, registry_client};
+pub use connect::{Connector, RegistryConn, Replica, Replicas, Rotation, registry_client};
 pub use error::SecurityError;
 pub use signal::{Signal, Signals};
 pub use tls::TlsArgs;

@@ -11,7 +11,9 @@
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`http`]: a minimal HTTP client (`/metrics`, Prometheus' API, event
 //!   streams).
-//! - [`netns`]: a LAN of network namespaces (one per host) for multi-host tests.
+//! - [`netns`]: a LAN of network namespaces (one per host) for multi-host
+//!   tests, a second LAN plugged into some of its hosts, and an etcd
+//!   cluster with one member per host.
 //! - [`python3`], [`workspace_root`]: third-party programs the tests drive
 //!   (installed by `scripts/test-deps.sh`).
 //!

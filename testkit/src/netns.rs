@@ -29,6 +29,15 @@
 //! the next [`Lan::new`] removes the leftovers of processes that no longer
 //! exist.
 //!
+//! # Two networks
+//! [`Lan::plug`] gives a host of one LAN a second interface on another (a
+//! back-end network: registry replicas that reach etcd on a LAN of their
+//! own), so that cutting one cable leaves the other up.
+//!
+//! # etcd in the LAN
+//! [`EtcdCluster`] runs one etcd member per host (client port 2379, peer
+//! port 2380 on the host's address), as a real cluster would be.
+//!
 //! # Cutting a cable
 //! [`Lan::cut`] sets the bridge-side end of a host's veth down: the host's
 //! `eth0` loses carrier and every frame to or from it is dropped silently. No
@@ -172,11 +181,15 @@ pub struct Lan {
 pub struct Host {
     /// Name of the network namespace (`ip netns exec NAME ...`).
     netns: String,
-    /// Its address on `eth0`.
+    /// Its address on `eth0` (on a LAN it was [plugged](Lan::plug) into:
+    /// on that interface).
     ip: Ipv4Addr,
     /// The bridge-side end of its veth pair, in the root namespace; what
     /// [`Lan::cut`] sets down.
     veth: String,
+    /// Whether the LAN holding this handle made the namespace (and so
+    /// deletes it), or only plugged it in.
+    owned: bool,
 }
 
 impl Lan {
@@ -203,6 +216,7 @@ impl Lan {
                 netns: format!("tklan{index}-p{pid}-h{i}"),
                 ip: Ipv4Addr::new(198, 18, index, 10 + i as u8),
                 veth: format!("tkv{index}h{i}"),
+                owned: true,
             };
             ip(&["netns", "add", &host.netns])?;
             lan.hosts.push(host.clone());
@@ -223,6 +237,46 @@ impl Lan {
     /// Host number `i` (0-based), address 198.18.K.(10 + i).
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i]
+    }
+
+    /// Plugs `host`, a host of another LAN, into this one too: a second
+    /// interface (`lanK`) with the next address of this LAN. Returns the
+    /// host as this LAN sees it: the same namespace, this LAN's address,
+    /// and the cable [`cut`](Self::cut) unplugs (this one only). Dropping
+    /// this LAN removes the interface, not the host.
+    pub fn plug(&mut self, host: &Host) -> Result<Host, LanError> {
+        let i = self.hosts.len();
+        if i >= MAX_HOSTS {
+            return Err(LanError::TooManyHosts(i + 1));
+        }
+        let index = self.index;
+        let plugged = Host {
+            netns: host.netns.clone(),
+            ip: Ipv4Addr::new(198, 18, index, 10 + i as u8),
+            veth: format!("tkv{index}h{i}"),
+            owned: false,
+        };
+        let inside = format!("lan{index}");
+        let ns = plugged.netns.as_str();
+        ip(&[
+            "link",
+            "add",
+            &plugged.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inside,
+            "netns",
+            ns,
+        ])?;
+        self.hosts.push(plugged.clone());
+        ip(&["link", "set", &plugged.veth, "master", &self.bridge])?;
+        ip(&["link", "set", &plugged.veth, "up"])?;
+        let addr = format!("{}/24", plugged.ip);
+        ip(&["-n", ns, "addr", "add", &addr, "dev", &inside])?;
+        ip(&["-n", ns, "link", "set", &inside, "up"])?;
+        Ok(plugged)
     }
 
     /// All hosts.
@@ -257,10 +311,14 @@ impl Lan {
 impl Drop for Lan {
     fn drop(&mut self) {
         for host in &self.hosts {
-            kill_all_in(&host.netns);
+            if host.owned {
+                kill_all_in(&host.netns);
+            }
             // Deleting one end of a veth pair deletes both.
             let _ = ip(&["link", "del", &host.veth]);
-            let _ = ip(&["netns", "del", &host.netns]);
+            if host.owned {
+                let _ = ip(&["netns", "del", &host.netns]);
+            }
         }
         let _ = ip(&["link", "del", &self.bridge]);
     }
@@ -345,6 +403,177 @@ impl Host {
         let mut cmd = self.command(bin);
         cmd.args(args);
         crate::run(cmd, timeout)
+    }
+}
+
+/// etcd's client port on each member's host.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd's peer port on each member's host.
+pub const ETCD_PEER_PORT: u16 = 2380;
+
+/// The `etcd` binary: `$ETCD_BIN`, else `etcd` on `PATH`. Panics with what
+/// to install when there is none.
+fn etcd_program() -> PathBuf {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return PathBuf::from(path);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("etcd"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "this test needs etcd and there is no `etcd` on PATH (nor $ETCD_BIN): \
+                 run scripts/test-deps.sh, or `apt-get install etcd-server`"
+            )
+        })
+}
+
+/// A scratch directory only its owner may read, as etcd wants its data
+/// directory.
+fn private_dir(what: &str) -> crate::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::TempDir::new(what);
+    let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700));
+    dir
+}
+
+/// One member of an [`EtcdCluster`].
+struct EtcdMember {
+    /// `eI`.
+    name: String,
+    /// Where it runs.
+    host: Host,
+    /// `None` while killed.
+    process: Option<Process>,
+    /// Its data directory, kept across restarts.
+    data: crate::TempDir,
+}
+
+/// A real etcd cluster, one member per host, on the hosts' LAN addresses
+/// (client port [`ETCD_CLIENT_PORT`], peer port [`ETCD_PEER_PORT`]). The
+/// members are killed when it is dropped (and by the LAN's drop anyway).
+pub struct EtcdCluster {
+    members: Vec<EtcdMember>,
+    /// `e0=http://IP0:2380,...`.
+    initial: String,
+}
+
+impl EtcdCluster {
+    /// Starts one member on each of `hosts` and waits until every one
+    /// serves clients (which etcd does once the cluster has a leader).
+    pub fn start(hosts: &[&Host]) -> EtcdCluster {
+        let initial = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("e{i}=http://{}:{ETCD_PEER_PORT}", h.ip()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members: hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| EtcdMember {
+                    name: format!("e{i}"),
+                    host: (*h).clone(),
+                    process: None,
+                    data: private_dir(&format!("etcd-e{i}")),
+                })
+                .collect(),
+            initial,
+        };
+        // All at once: each waits for the others to elect a leader.
+        for i in 0..cluster.members.len() {
+            cluster.spawn(i, "new");
+        }
+        for i in 0..cluster.members.len() {
+            cluster.wait_serving(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let member = &mut self.members[i];
+        let ip = member.host.ip();
+        let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
+        let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
+        let mut cmd = member.host.command_path(etcd_program());
+        cmd.arg(format!("--name={}", member.name))
+            .arg(format!("--data-dir={}", member.data.path().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster={}", self.initial))
+            .arg(format!("--initial-cluster-state={state}"))
+            .arg(format!(
+                "--initial-cluster-token=testkit-{}",
+                std::process::id()
+            ))
+            .arg("--logger=zap")
+            // Info: the ready line below is logged at info.
+            .arg("--log-level=info");
+        member.process = Some(Process::spawn(&member.name, cmd));
+    }
+
+    fn wait_serving(&self, i: usize) {
+        if let Some(p) = &self.members[i].process {
+            // etcd 3.4's zap logger: "serving client traffic insecurely".
+            p.wait_for_line("serving client traffic", crate::READY_TIMEOUT);
+        }
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Never: a cluster has members.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// `IP0:2379,IP1:2379,...`: every member's client address.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}:{ETCD_CLIENT_PORT}", m.host.ip()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The registry's `--store` for this cluster, keys under `prefix`.
+    pub fn store(&self, prefix: &str) -> String {
+        format!(
+            "etcd://{}/{}",
+            self.endpoints(),
+            prefix.trim_start_matches('/')
+        )
+    }
+
+    /// SIGKILL of member `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.members[i].process.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts member `i` again on its data (after [`kill9`](Self::kill9));
+    /// waits until it serves clients.
+    pub fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.spawn(i, "existing");
+        self.wait_serving(i);
+    }
+
+    /// Whether member `i` is running.
+    pub fn is_running(&mut self, i: usize) -> bool {
+        self.members[i]
+            .process
+            .as_mut()
+            .is_some_and(Process::is_running)
     }
 }
 

@@ -33,18 +33,24 @@ use support::TlsArgs;
 ///   client call echo/EchoChat '{"message": "a"}{"message": "b"}'        # bidirectional
 ///   client call calculator/Add a=1 b=1 --repeat 100 --lb weighted-random
 ///   client watch
+///   client --registry 10.0.0.1:50051,10.0.0.2:50051 list   # registry replicas
 ///   client --tls-ca ca.pem --token R list   # TLS, registry requiring a read token
 #[derive(Debug, Parser)]
 #[command(name = "client", version, verbatim_doc_comment)]
 struct Cli {
-    /// Address of the registry, HOST:PORT.
+    /// Address of the registry, HOST:PORT; or of several registry
+    /// replicas, comma-separated (a:50051,b:50051,c:50051; the flag may also
+    /// be repeated): the client follows one at a time and moves to the next
+    /// when it fails.
     #[arg(
         long,
+        value_name = "HOST:PORT[,HOST:PORT...]",
         env = "REGISTRY_ADDR",
         default_value = "127.0.0.1:50051",
+        value_delimiter = ',',
         global = true
     )]
-    registry: String,
+    registry: Vec<String>,
 
     /// How long to wait for the registry's first answer, in milliseconds.
     #[arg(long, default_value_t = 3000, global = true)]
@@ -88,7 +94,7 @@ fn main() -> ExitCode {
     // The same flags as the other binaries' TlsArgs, declared here to be
     // global (`client list --tls-ca ca.pem` as well as before the command).
     let options = Options {
-        registry: cli.registry,
+        registry: cli.registry.join(","),
         wait: Duration::from_millis(cli.wait_ms),
         token: cli.token,
         tls: TlsArgs {

@@ -22,7 +22,7 @@ use registry_proto::registry::v1::GetDescriptorsRequest;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use support::RegistryConn;
+use support::Replicas;
 use thiserror::Error;
 
 /// Timeout of one request for descriptors (to the registry, or one
@@ -123,7 +123,7 @@ impl Descriptors {
             .proto_service(service)
             .unwrap_or_default();
         let mut found = None;
-        match from_registry(&mut directory.registry(), service, REQUEST_TIMEOUT).await {
+        match from_registry(directory.replicas(), service, REQUEST_TIMEOUT).await {
             Ok(Some(pair)) => found = Some(pair),
             Ok(None) => problems.push("the registry has none".to_string()),
             Err(e) => problems.push(e),
@@ -164,21 +164,27 @@ impl Descriptors {
     }
 }
 
-/// Asks the registry. `Ok(None)` when it has none for the service.
+/// Asks the registry (the next replica when one is down or answers
+/// nothing within `timeout`). `Ok(None)` when it has none for the service.
 pub async fn from_registry(
-    registry: &mut RegistryConn,
+    replicas: &Replicas,
     service: &str,
     timeout: Duration,
 ) -> Result<Option<(String, DescriptorPool)>, String> {
-    let mut request = tonic::Request::new(GetDescriptorsRequest {
-        service: service.to_string(),
-    });
-    request.set_timeout(timeout);
-    let reply = tokio::time::timeout(timeout, registry.get_descriptors(request))
+    let reply = replicas
+        .call(|mut registry| {
+            let mut request = tonic::Request::new(GetDescriptorsRequest {
+                service: service.to_string(),
+            });
+            request.set_timeout(timeout);
+            async move {
+                tokio::time::timeout(timeout, registry.get_descriptors(request))
+                    .await
+                    .unwrap_or_else(|_| Err(tonic::Status::unavailable("timed out")))
+            }
+        })
         .await
-        .map_err(|_| "registry: timed out".to_string())?
-        .map_err(|s| format!("registry: {}", status_text(&s)))?
-        .into_inner();
+        .map_err(|s| format!("registry: {}", status_text(&s)))?;
     if reply.file_descriptor_set.is_empty() {
         return Ok(None);
     }

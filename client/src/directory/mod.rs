@@ -8,13 +8,16 @@
 //! updates that change nothing are dropped, so subscribers only hear about
 //! real changes.
 //!
-//! When the stream breaks, the directory reconnects with exponential backoff
-//! and keeps serving its last copy meanwhile: a registry outage does not stop
-//! calls to instances that are still up. When it reconnects to a *restarted*
-//! registry (a different `registry_id`), the new registry may not know every
-//! node yet: instances missing from its snapshot are kept as *stale*
-//! fallbacks for a grace period, used only for services that have no live
-//! instance, and dropped when the period ends or they register again.
+//! When the stream breaks, the directory reconnects and keeps serving its
+//! last copy meanwhile: a registry outage does not stop calls to instances
+//! that are still up. Given several registry replicas (`a:1,b:2`), it moves
+//! to the next one at once, and pauses with exponential backoff only after
+//! every replica failed in a row. When it reconnects to a *restarted*
+//! registry, or to a replica with a state of its own (a different
+//! `registry_id`), that registry may not know every node yet: instances
+//! missing from its snapshot are kept as *stale* fallbacks for a grace
+//! period, used only for services that have no live instance, and dropped
+//! when the period ends or they register again.
 //!
 //! The directory knows instances only; what they serve (descriptors) is
 //! [`crate::descriptors`]' job, one layer up.
@@ -38,7 +41,7 @@ pub use snapshot::{Change, ChangeKind, Instances, RemovalCause, Snapshot, addres
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{AbortOnDropHandle, Connector, RegistryConn, SecurityError};
+use support::{AbortOnDropHandle, Connector, RegistryConn, Replicas, SecurityError};
 use thiserror::Error;
 use tokio::sync::{broadcast, watch as follow};
 use watch::{Shared, State};
@@ -98,8 +101,8 @@ impl fmt::Debug for Directory {
 }
 
 impl Directory {
-    /// Starts following the registry at `addr` (`HOST:PORT` or a URL) with
-    /// the default grace period. Returns at once; see [`wait_synced`](Self::wait_synced).
+    /// Starts following the registry at `addr` (`HOST:PORT` or a URL, or
+    /// several replicas' comma-separated) with the default grace period. Returns at once; see [`wait_synced`](Self::wait_synced).
     /// Must be called within a tokio runtime.
     pub fn connect(addr: &str) -> Result<Directory, DirectoryError> {
         Directory::with_grace(addr, DEFAULT_GRACE)
@@ -123,21 +126,25 @@ impl Directory {
         grace: Duration,
         connector: Connector,
     ) -> Result<Directory, DirectoryError> {
-        let endpoint = connector.endpoint(addr).map_err(|e| match e {
-            SecurityError::Address { reason, .. } => DirectoryError::BadAddress {
-                addr: addr.to_string(),
-                reason,
-            },
-            other => DirectoryError::Security(other),
-        })?;
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(1))
-            // Notice a registry that vanished without closing the connection.
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(2));
+        let replicas = connector
+            .replicas(addr, |endpoint| {
+                endpoint
+                    .connect_timeout(Duration::from_secs(1))
+                    // Notice a registry that vanished without closing the
+                    // connection.
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(Duration::from_secs(2))
+            })
+            .map_err(|e| match e {
+                // The address at fault (or the whole list, when the list is).
+                SecurityError::Address { addr, reason } => {
+                    DirectoryError::BadAddress { addr, reason }
+                }
+                other => DirectoryError::Security(other),
+            })?;
         let shared = Arc::new(Shared {
             addr: addr.to_string(),
-            registry: connector.registry(endpoint.connect_lazy()),
+            replicas,
             connector,
             refused: Mutex::new(None),
             unreachable: Mutex::new(None),
@@ -230,10 +237,16 @@ impl Directory {
         (self.snapshot(), self.shared.changes.subscribe())
     }
 
-    /// A client for the registry itself (shares the directory's connection
-    /// and sends its token).
+    /// A client for the registry replica the watch is on (shares the
+    /// directory's connection and sends its token).
     pub fn registry(&self) -> RegistryConn {
-        self.shared.registry.clone()
+        self.shared.replicas.current().conn()
+    }
+
+    /// Every registry replica, for calls that should go to the next one
+    /// when one is down ([`Replicas::call`]).
+    pub fn replicas(&self) -> &Replicas {
+        &self.shared.replicas
     }
 
     /// How this directory connects (TLS, token): for connections to

@@ -1,5 +1,6 @@
-//! The watch task: follows the registry's `Watch` stream, reconnecting with
-//! exponential backoff, and publishes what [`apply`](super::apply) makes of
+//! The watch task: follows the registry's `Watch` stream, reconnecting to
+//! the next replica at once and with exponential backoff after a full
+//! round of failures, and publishes what [`apply`](super::apply) makes of
 //! each message; and the state it shares with the [`Directory`](super::Directory)
 //! handles.
 
@@ -9,20 +10,18 @@ use crate::status::{connect_failure, status_text};
 use registry_proto::registry::v1::{WatchRequest, WatchResponse};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use support::Backoff;
-use support::Connector;
-use support::RegistryConn;
+use support::{Backoff, Connector, RegistryConn, Replicas, Rotation};
 use tokio::sync::{broadcast, watch};
 
-/// First and largest delay between reconnection attempts.
+/// First and largest pause between rounds of reconnection attempts.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 pub(super) struct Shared {
-    /// The registry address as given, for messages.
+    /// The registry address (or replica list) as given, for messages.
     pub(super) addr: String,
-    /// A lazily connected client; clones share one HTTP/2 connection.
-    pub(super) registry: RegistryConn,
+    /// Every replica, lazily connected, and the one the watch is on.
+    pub(super) replicas: Replicas,
     /// TLS and token, for every connection this directory's users open.
     pub(super) connector: Connector,
     /// Why the registry refused the last watch (a token problem), if it did;
@@ -30,9 +29,9 @@ pub(super) struct Shared {
     /// reads it while holding the snapshot channel's lock, which `publish`
     /// takes while holding `state`.
     pub(super) refused: Mutex<Option<String>>,
-    /// Why the last connection attempt failed for good (nothing listens at
-    /// the address, no route to it), if it did; cleared once a watch is
-    /// accepted. Beside `refused` for the same reason.
+    /// Why the last round of connection attempts failed for good (nothing
+    /// listens at any address, no route to them), if it did; cleared once a
+    /// watch is accepted. Beside `refused` for the same reason.
     pub(super) unreachable: Mutex<Option<String>>,
     /// The working copy; a std mutex because it is never held across await.
     pub(super) state: Mutex<State>,
@@ -96,11 +95,20 @@ impl Shared {
 
 /// The watch loop: runs until the directory is dropped.
 pub(super) async fn run(shared: Arc<Shared>) {
-    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+    let mut rotation = Rotation::new(Backoff::new(BACKOFF_MIN, BACKOFF_MAX));
+    // Whether every failure of this round was final (refused, no route):
+    // only then may a one-shot command give up.
+    let mut all_gone = true;
     loop {
-        let (received, error, code, gone) = watch_once(&shared).await;
-        tracing::debug!(registry = %shared.addr, %error, "registry watch ended");
-        shared.set_unreachable(gone.then(|| error.clone()));
+        let replica = shared.replicas.current();
+        let (received, error, code, gone) = watch_once(&shared, replica.conn()).await;
+        tracing::debug!(registry = replica.addr(), %error, "registry watch ended");
+        if received {
+            rotation.succeeded();
+            all_gone = true;
+            shared.set_unreachable(None);
+        }
+        all_gone &= gone;
         if matches!(
             code,
             Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied)
@@ -109,32 +117,69 @@ pub(super) async fn run(shared: Arc<Shared>) {
         } else if received {
             shared.set_refused(None);
         }
+        let several = shared.replicas.len() > 1;
+        let this = if several {
+            format!("{}: {error}", replica.addr())
+        } else {
+            error.clone()
+        };
+        let pause = rotation.failed(&shared.replicas, replica.index, &error);
+        if several {
+            tracing::info!(
+                "registry {}: watch ended ({error}); moving to {}",
+                replica.addr(),
+                shared.replicas.current().addr()
+            );
+        }
+        if pause.is_some() {
+            shared.set_unreachable(all_gone.then(|| rotation.last_round()));
+            all_gone = true;
+        }
         {
             let mut state = shared.lock();
-            state.last_error = error;
+            state.last_error = if pause.is_some() {
+                rotation.last_round()
+            } else {
+                this
+            };
             state.snapshot.connected = false;
             shared.publish(&state, Vec::new());
         }
-        if received {
-            backoff.reset();
-        }
         // With jitter, so many clients do not reconnect in lockstep.
-        tokio::time::sleep(backoff.next_delay()).await;
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
     }
 }
 
-/// One watch stream, until it fails. Returns whether anything was applied,
-/// why it ended, the status code if the registry sent one, and whether the
-/// connection itself failed for good (refused, no route).
-async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>, bool) {
-    let mut registry = shared.registry.clone();
-    let mut stream = match registry
-        .watch(WatchRequest {
-            services: Vec::new(),
-            ..Default::default()
-        })
-        .await
-    {
+/// What to ask the registry for: everything, resuming after the last
+/// revision applied when there is a copy. The registry that revision came
+/// from (a replica of the same cluster, or the same process) then sends only
+/// what changed since, with no gap and no duplicate; any other one sends a
+/// snapshot, which [`apply`] reconciles as after a restart.
+fn request(shared: &Shared) -> WatchRequest {
+    let state = shared.lock();
+    let snapshot = &state.snapshot;
+    let resume = snapshot.synced && !snapshot.registry_id.is_empty();
+    WatchRequest {
+        services: Vec::new(),
+        resume_revision: if resume { snapshot.revision } else { 0 },
+        registry_id: if resume {
+            snapshot.registry_id.clone()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// One watch stream on `registry`, until it fails. Returns whether anything
+/// was applied, why it ended, the status code if the registry sent one, and
+/// whether the connection itself failed for good (refused, no route).
+async fn watch_once(
+    shared: &Arc<Shared>,
+    mut registry: RegistryConn,
+) -> (bool, String, Option<tonic::Code>, bool) {
+    let mut stream = match registry.watch(request(shared)).await {
         Ok(r) => r.into_inner(),
         Err(s) => {
             return match connect_failure(&s) {
@@ -149,6 +194,14 @@ async fn watch_once(shared: &Arc<Shared>) -> (bool, String, Option<tonic::Code>,
         match stream.message().await {
             Ok(Some(msg)) => match join_parts(&mut partial, msg, SNAPSHOT_LIMITS) {
                 Ok(Some(msg)) => {
+                    if !received {
+                        let (registry, revision) = (&msg.registry_id, msg.revision);
+                        if msg.reset {
+                            tracing::debug!(registry, revision, "watch: snapshot");
+                        } else {
+                            tracing::info!(registry, revision, "watch resumed");
+                        }
+                    }
                     // Counted only once something is applied: a registry
                     // that never ends its snapshot must not reset the backoff.
                     received = true;
@@ -226,9 +279,9 @@ mod tests {
         let (tx, _) = watch::channel(Arc::new(Snapshot::default()));
         let shared = Arc::new(Shared {
             addr: "test".into(),
-            registry: Connector::plaintext().registry(
-                tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy(),
-            ),
+            replicas: Connector::plaintext()
+                .replicas("127.0.0.1:1", |e| e)
+                .expect("valid"),
             connector: Connector::plaintext(),
             refused: Mutex::new(None),
             unreachable: Mutex::new(None),

@@ -22,10 +22,18 @@ struct Args {
     #[arg(long, value_name = "PATH", default_value = "services.toml")]
     config: PathBuf,
 
-    /// The registry's address. Overrides the file's `registry`; default
-    /// 127.0.0.1:50051.
-    #[arg(long, value_name = "HOST:PORT", env = "REGISTRY_ADDR")]
-    registry: Option<String>,
+    /// The registry's address, or the addresses of several registry
+    /// replicas, comma-separated (`a:50051,b:50051,c:50051`; the flag may
+    /// also be repeated). The node keeps its lease on one replica at a time
+    /// and moves to the next one when it fails. Overrides the file's
+    /// `registry`; default 127.0.0.1:50051.
+    #[arg(
+        long,
+        value_name = "HOST:PORT[,HOST:PORT...]",
+        env = "REGISTRY_ADDR",
+        value_delimiter = ','
+    )]
+    registry: Vec<String>,
 
     /// The IP to register, the one clients connect to. Overrides the file's
     /// `advertise`; default: the local address that reaches the registry, or
@@ -67,11 +75,12 @@ struct Args {
 const EXAMPLES: &str = r#"Examples:
   node-host                                   # ./services.toml, registry 127.0.0.1:50051
   node-host --config node-a.toml --registry 192.168.1.10:50051
+  node-host --registry 10.0.0.1:50051,10.0.0.2:50051,10.0.0.3:50051   # replicas
   node-host --advertise 192.168.1.20 --port 7001
   node-host --http 0.0.0.0:9101                # Prometheus metrics at /metrics
 
 A services.toml:
-  registry = "127.0.0.1:50051"
+  registry = "127.0.0.1:50051"                # or ["a:50051", "b:50051"]: replicas
   [plugins.calculator]
   weight = 5                                  # 1..=1000; missing = random 1..=10
   metadata = { zone = "lab" }
@@ -88,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(node_host::run::run(node_host::run::Options {
         config: args.config,
-        registry: args.registry,
+        registry: (!args.registry.is_empty()).then(|| args.registry.join(",")),
         advertise: args.advertise,
         port: args.port,
         tls: args.tls,

@@ -1,0 +1,547 @@
+//! High availability: several registry replicas, and nodes and clients
+//! that fail over between them (`--registry a:1,b:2`).
+//!
+//! - On loopback, with the memory store (each replica has a state of its
+//!   own): kill -9 of the replica a node is on moves the node to the other
+//!   one (a fresh lease there: the other replica never heard of the old
+//!   one), the client's watch follows without removing anything (the grace
+//!   period bridges the re-registration), calls go on; a one-shot command
+//!   tries the next replica; with every replica down, the error names them
+//!   all; a watch whose stream broke resumes from its last revision and
+//!   gets what it missed as events.
+//! - In network namespaces (root): a front LAN (replicas, two node hosts, a
+//!   client host) and a store LAN (a three-member etcd, one member per
+//!   host, and a second interface of every replica, so a replica can be cut
+//!   off from etcd alone).
+//!
+//! Timings are printed as `TIMING name=value` lines
+//! (`cargo test -p testkit --test ha -- --nocapture | grep TIMING`):
+//! memory_failover_node_reregistered_ms.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use testkit::{Process, READY_TIMEOUT, Registry, TempDir};
+
+/// `registry 127.0.0.1:4711: lease 3 granted` (or `resumed`) in a node's
+/// log: the replica's address and the lease id.
+fn lease_line(line: &str, verb: &str) -> Option<(String, u64)> {
+    let (before, after) = line.split_once(": lease ")?;
+    let addr = before.rsplit("registry ").next()?.to_string();
+    let (id, rest) = after.split_once(' ')?;
+    rest.starts_with(verb).then_some(())?;
+    Some((addr, id.parse().ok()?))
+}
+
+/// Waits for the node's next `lease N <verb>` line from `cursor` on; returns
+/// the cursor after it, the replica and the lease id.
+fn wait_lease(node: &Process, cursor: usize, verb: &str, within: Duration) -> (usize, String, u64) {
+    let deadline = Instant::now() + within;
+    let mut from = cursor;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (next, line) = node.wait_for_line_after(from, ": lease ", left);
+        if let Some((addr, id)) = lease_line(&line, verb) {
+            return (next, addr, id);
+        }
+        from = next;
+    }
+}
+
+fn start_node(name: &str, config: &Path, registries: &str) -> Process {
+    let mut cmd = testkit::command("node-host");
+    cmd.arg("--config")
+        .arg(config)
+        .args(["--registry", registries, "--advertise", "127.0.0.1"])
+        .env_remove("REGISTRY_TOKEN")
+        .env_remove("REGISTRY_ADDR");
+    let node = Process::spawn(name, cmd);
+    node.wait_for_line("node-host serving on", READY_TIMEOUT);
+    node
+}
+
+fn client(registries: &str) -> std::process::Command {
+    let mut cmd = testkit::command("client");
+    cmd.args(["--registry", registries])
+        .env_remove("REGISTRY_TOKEN")
+        .env_remove("REGISTRY_ADDR");
+    cmd
+}
+
+#[test]
+fn lease_lines_parse() {
+    let line = "2026-12-01T21:00:00Z  INFO node_host::registration: registry 10.0.0.1:50051: lease 42 granted (ttl 1.5s)";
+    assert_eq!(
+        lease_line(line, "granted"),
+        Some(("10.0.0.1:50051".to_string(), 42))
+    );
+    assert_eq!(lease_line(line, "resumed"), None);
+}
+
+/// A loopback address nothing listens on (one the OS just handed out).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+#[test]
+fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
+    // With the memory store each replica has a state of its own, so all
+    // must start on the same one: B is down at first (everyone starting on
+    // it moves to A at once), and started once everyone is on A.
+    let mut a = Registry::start(&[]);
+    let b_addr = free_addr();
+    let addrs = vec![a.addr.to_string(), b_addr.to_string()];
+    // In either order: where each starts is random anyway.
+    let list = format!("{b_addr},{}", a.addr);
+    let dir = TempDir::new("testkit-ha");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
+    let node = start_node("node", &config, &list);
+    let (cursor, first, lease) = wait_lease(&node, 0, "granted", READY_TIMEOUT);
+    assert_eq!(first, addrs[0]);
+
+    let mut watch_cmd = client(&list);
+    watch_cmd.arg("watch");
+    let watch = Process::spawn("watch", watch_cmd);
+    watch.wait_for_line("+ calculator 127.0.0.1:", READY_TIMEOUT);
+    let mut calls_cmd = client(&list);
+    calls_cmd
+        .args([
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=2",
+            "--repeat",
+            "10000000",
+        ])
+        .env("RUST_LOG", "warn");
+    let mut calls = Process::spawn("calls", calls_cmd);
+    calls.wait_for_line("\"value\"", READY_TIMEOUT);
+
+    let mut b = Registry::start_on(&addrs[1], &[]);
+    // Kill the replica the node is on.
+    let other = addrs[1].clone();
+    let killed = Instant::now();
+    a.process.kill9();
+    let (_, moved_to, new_lease) = wait_lease(&node, cursor, "granted", Duration::from_secs(10));
+    let took = killed.elapsed();
+    println!(
+        "TIMING memory_failover_node_reregistered_ms={}",
+        took.as_millis()
+    );
+    assert_eq!(moved_to, other);
+    // The other replica never heard of the old lease: a new one, after the
+    // resume was refused.
+    assert_ne!(new_lease, lease);
+    let resume_refused = node
+        .lines()
+        .iter()
+        .any(|l| l.contains(&format!("lease {lease} is gone")));
+    assert!(resume_refused, "the node did not offer its lease first");
+    // Within a round of reconnection, not a backoff's worth of rounds.
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    // The watch follows to the other replica, and the node is there: a
+    // call through a fresh client (which starts on either replica, the
+    // dead one too) works.
+    let (status, out, err) = testkit::run(
+        {
+            let mut c = client(&list);
+            c.args(["call", "calculator/Add", "a=2", "b=3"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains('5'), "{out}");
+    let (status, out, err) = testkit::run(
+        {
+            let mut c = client(&list);
+            c.args(["describe", "calculator"]);
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(status.success(), "{out}{err}");
+    assert!(out.contains("Add"), "{out}");
+    // Past the grace period (5 s) of the instances the dead replica knew:
+    // nothing was ever removed at the watcher.
+    std::thread::sleep(Duration::from_secs(6));
+    let removed: Vec<String> = watch
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("- "))
+        .collect();
+    assert!(removed.is_empty(), "the watcher saw removals: {removed:?}");
+
+    assert!(calls.is_running(), "{:?}", calls.lines());
+    calls.signal(2);
+    calls.wait_exit(Duration::from_secs(30));
+    let summary = calls.wait_for_line(" calls to calculator (", Duration::from_secs(1));
+    assert!(
+        summary.ends_with(", 0 failed"),
+        "some calls failed: {summary}"
+    );
+
+    // Every replica down: the error names each address.
+    b.process.kill9();
+    let (status, out, err) = testkit::run(
+        {
+            let mut c = client(&list);
+            c.arg("list");
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(!status.success(), "{out}");
+    for addr in &addrs {
+        assert!(
+            err.contains(&format!("{addr}: connection refused")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() {
+    let registry = Registry::start(&[]);
+    let addr = registry.addr.to_string();
+    let dir = TempDir::new("testkit-ha");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
+    let mut node = start_node("node", &config, &addr);
+    let mut watch_cmd = client(&addr);
+    watch_cmd.arg("watch");
+    let watch = Process::spawn("watch", watch_cmd);
+    let added = watch.wait_for_line("+ calculator 127.0.0.1:", READY_TIMEOUT);
+    let instance = added.split_whitespace().nth(2).unwrap().to_string();
+
+    // A stalled registry: the client's HTTP/2 pings go unanswered and it
+    // drops the connection (2 s + 2 s), while the registry keeps its state.
+    registry.process.signal(19);
+    watch.wait_for_line("! registry unreachable", Duration::from_secs(15));
+    // Meanwhile the node dies; the registry sees it once it runs again.
+    node.kill9();
+    registry.process.signal(18);
+    // The watch resumed (no snapshot), so the removal arrives as the event
+    // itself, with its cause, not as "gone while disconnected".
+    watch.wait_for_line("watch resumed", Duration::from_secs(15));
+    watch.wait_for_line(
+        &format!("- calculator {instance} (node disconnected)"),
+        Duration::from_secs(10),
+    );
+    assert!(
+        !watch.lines().iter().any(|l| l.contains("gone while disconnected")),
+        "the watch got a snapshot, not a resume"
+    );
+}
+
+#[test]
+fn a_bad_replica_list_is_refused_naming_the_problem() {
+    let (status, _, err) = testkit::run(
+        {
+            let mut c = client("127.0.0.1:1,,127.0.0.1:2");
+            c.arg("list");
+            c
+        },
+        Duration::from_secs(30),
+    );
+    assert!(!status.success());
+    assert!(err.contains("empty address"), "{err}");
+    let many: Vec<String> = (1..=17).map(|p| format!("127.0.0.1:{p}")).collect();
+    let dir = TempDir::new("testkit-ha");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[plugins.calculator]\n").unwrap();
+    let mut cmd = testkit::command("node-host");
+    cmd.args(["--registry", &many.join(",")])
+        .arg("--config")
+        .arg(&config);
+    let (status, _, err) = testkit::run(cmd, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(err.contains("17 addresses; at most 16"), "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// In network namespaces: a front LAN with the registry replicas (hosts 0..R),
+// two node hosts and a client host; a store LAN with one etcd member per
+// host, into which every replica is plugged by a second interface, so a
+// replica can be cut off from etcd alone. The test process reaches both.
+// ---------------------------------------------------------------------------
+
+use testkit::netns::{EtcdCluster, Host, Lan, lan_for_test};
+
+/// Every replica's port on its front host.
+const REGISTRY_PORT: u16 = 50051;
+
+/// The hosts of the front LAN: replicas first, then the two nodes, then
+/// the client.
+struct Ha {
+    /// `None` while killed.
+    replicas: Vec<Option<Process>>,
+    nodes: Vec<Process>,
+    /// `--store` of every replica; `None`: each its own memory store.
+    store: Option<String>,
+    etcd: EtcdCluster,
+    dir: TempDir,
+    /// Dropped before `front`: it only removes the interfaces it plugged
+    /// into the replicas' hosts.
+    store_lan: Lan,
+    front: Lan,
+}
+
+impl Ha {
+    /// `n_replicas` replica hosts (none started), two node hosts and a
+    /// client host on the front LAN; a three-member etcd cluster on the
+    /// store LAN, running.
+    fn new(n_replicas: usize) -> Ha {
+        let front = lan_for_test(n_replicas + 3);
+        let mut store_lan = lan_for_test(3);
+        for i in 0..n_replicas {
+            store_lan.plug(front.host(i)).unwrap();
+        }
+        let members: Vec<&Host> = store_lan.hosts()[..3].iter().collect();
+        let etcd = EtcdCluster::start(&members);
+        Ha {
+            replicas: (0..n_replicas).map(|_| None).collect(),
+            nodes: Vec::new(),
+            store: None,
+            etcd,
+            dir: TempDir::new("testkit-ha"),
+            store_lan,
+            front,
+        }
+    }
+
+    fn replica_host(&self, i: usize) -> &Host {
+        self.front.host(i)
+    }
+
+    fn node_host(&self, i: usize) -> &Host {
+        self.front.host(self.replicas.len() + i)
+    }
+
+    fn client_host(&self) -> &Host {
+        self.front.host(self.replicas.len() + 2)
+    }
+
+    fn replica_addr(&self, i: usize) -> String {
+        format!("{}:{REGISTRY_PORT}", self.replica_host(i).ip())
+    }
+
+    /// Every replica's address, comma-separated.
+    fn list(&self) -> String {
+        (0..self.replicas.len())
+            .map(|i| self.replica_addr(i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn start_replica(&mut self, i: usize) {
+        let listen = format!("0.0.0.0:{REGISTRY_PORT}");
+        let mut args = vec!["--listen", listen.as_str()];
+        if let Some(store) = &self.store {
+            args.extend(["--store", store.as_str()]);
+        }
+        let p = self
+            .replica_host(i)
+            .spawn(&format!("r{i}"), "registry", &args);
+        p.wait_for_line("registry listening on", READY_TIMEOUT);
+        self.replicas[i] = Some(p);
+    }
+
+    fn kill_replica(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts node `i` (calculator, weight 1 + i) on its host, registering
+    /// with `registries`.
+    fn start_node(&mut self, i: usize, registries: &str) {
+        let config = self.dir.path().join(format!("n{i}.toml"));
+        std::fs::write(
+            &config,
+            format!("[plugins.calculator]\nweight = {}\n", 1 + i),
+        )
+        .unwrap();
+        let node = self.node_host(i).spawn(
+            &format!("n{i}"),
+            "node-host",
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--registry",
+                registries,
+            ],
+        );
+        node.wait_for_line("node-host serving on", READY_TIMEOUT);
+        self.nodes.push(node);
+    }
+
+    /// A long-running `client ARGS` on the client host, on every replica.
+    fn client(&self, name: &str, args: &[&str]) -> Process {
+        let mut cmd = self.client_host().command("client");
+        cmd.args(["--registry", &self.list()]).args(args);
+        if args.first() == Some(&"call") {
+            cmd.env("RUST_LOG", "warn");
+        }
+        Process::spawn(name, cmd)
+    }
+
+    /// `client ARGS` on the client host, to completion.
+    fn run_client(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+        let mut cmd = self.client_host().command("client");
+        cmd.args(["--registry", &self.list()]).args(args);
+        testkit::run(cmd, Duration::from_secs(60))
+    }
+}
+
+/// `GET /health` of etcd member at `ip`: whether it says the cluster is
+/// healthy (it has a leader and can commit).
+fn etcd_healthy(ip: std::net::Ipv4Addr) -> bool {
+    let addr = std::net::SocketAddr::from((ip, testkit::netns::ETCD_CLIENT_PORT));
+    std::panic::catch_unwind(|| testkit::http::get(addr, "/health", &[]))
+        .is_ok_and(|r| r.status == 200 && r.body.contains("\"health\":\"true\""))
+}
+
+fn wait_etcd_healthy(ip: std::net::Ipv4Addr, within: Duration) -> Duration {
+    let start = Instant::now();
+    while !etcd_healthy(ip) {
+        assert!(
+            start.elapsed() < within,
+            "etcd at {ip} not healthy within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Stops `calls` (SIGINT, as Ctrl-C) and asserts none failed.
+fn finish_calls(mut calls: Process) -> String {
+    assert!(
+        calls.is_running(),
+        "the calls ended early: {:?}",
+        calls.lines()
+    );
+    calls.signal(2);
+    calls.wait_exit(Duration::from_secs(30));
+    let summary = calls.wait_for_line(" calls to calculator (", Duration::from_secs(1));
+    assert!(
+        summary.ends_with(", 0 failed"),
+        "some calls failed: {summary}"
+    );
+    summary
+}
+
+/// Lines of a `client watch` that report a removal.
+fn removals(watch: &Process) -> Vec<String> {
+    watch
+        .lines()
+        .into_iter()
+        .filter(|l| l.starts_with("- "))
+        .collect()
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_harness_a_three_member_etcd_cluster_survives_one_member() {
+    let mut ha = Ha::new(2);
+    let ips: Vec<_> = ha.store_lan.hosts()[..3].iter().map(Host::ip).collect();
+    for ip in &ips {
+        wait_etcd_healthy(*ip, READY_TIMEOUT);
+    }
+    // Each replica host reaches every member over its store interface, and
+    // not over the front LAN (the store LAN is the only way there).
+    let target = format!("{}:{}", ips[0], testkit::netns::ETCD_CLIENT_PORT);
+    let (_, out, _) = ha.replica_host(0).run(
+        "lan-probe",
+        &["connect", &target, "3000"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.trim(), "connected");
+    let (_, out, _) = ha.node_host(0).run(
+        "lan-probe",
+        &["connect", &target, "1000"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(out.trim(), "connected", "a node host reached etcd");
+    // Cutting the replica's store cable leaves its front one up.
+    let plugged = ha.store_lan.host(3).clone();
+    ha.store_lan.cut(&plugged);
+    let (_, out, _) = ha.replica_host(0).run(
+        "lan-probe",
+        &["connect", &target, "1000"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.trim(), "timeout");
+    ha.store_lan.heal(&plugged);
+
+    ha.etcd.kill9(0);
+    let took = wait_etcd_healthy(ips[1], Duration::from_secs(15));
+    println!(
+        "TIMING etcd_member_killed_to_healthy_ms={}",
+        took.as_millis()
+    );
+    assert!(etcd_healthy(ips[2]));
+    ha.etcd.restart(0);
+    wait_etcd_healthy(ips[0], READY_TIMEOUT);
+    assert!(ha.etcd.is_running(0));
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_memory_store_replica_killed_nodes_move_and_no_call_fails() {
+    let mut ha = Ha::new(2);
+    // Each memory replica has a state of its own: everyone starts on r0
+    // (r1 is down, so whoever picks it moves to r0 at once); r1 is started
+    // once everyone is on r0.
+    ha.start_replica(0);
+    let list = ha.list();
+    ha.start_node(0, &list);
+    ha.start_node(1, &list);
+    let watch = ha.client("watch", &["watch"]);
+    for i in 0..2 {
+        let ip = ha.node_host(i).ip();
+        watch.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
+    }
+    let calls = ha.client(
+        "calls",
+        &[
+            "call",
+            "calculator/Add",
+            "a=1",
+            "b=2",
+            "--repeat",
+            "10000000",
+        ],
+    );
+    calls.wait_for_line("\"value\"", READY_TIMEOUT);
+    ha.start_replica(1);
+    let cursors: Vec<usize> = ha.nodes.iter().map(Process::line_count).collect();
+
+    let killed = Instant::now();
+    ha.kill_replica(0);
+    let r1 = ha.replica_addr(1);
+    for (i, cursor) in cursors.iter().enumerate() {
+        let (_, addr, _) = wait_lease(&ha.nodes[i], *cursor, "granted", Duration::from_secs(10));
+        assert_eq!(addr, r1);
+    }
+    let took = killed.elapsed();
+    println!(
+        "TIMING memory_replica_killed_to_nodes_reregistered_ms={}",
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let (status, out, err) = ha.run_client(&["call", "calculator/Add", "a=2", "b=3"]);
+    assert!(status.success(), "{out}{err}");
+    // Past the watcher's grace period for what r0 knew.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(removals(&watch), Vec::<String>::new());
+    let summary = finish_calls(calls);
+    println!("calls across the failover: {summary}");
+}
