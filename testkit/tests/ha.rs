@@ -236,7 +236,10 @@ fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() 
         Duration::from_secs(10),
     );
     assert!(
-        !watch.lines().iter().any(|l| l.contains("gone while disconnected")),
+        !watch
+            .lines()
+            .iter()
+            .any(|l| l.contains("gone while disconnected")),
         "the watch got a snapshot, not a resume"
     );
 }

@@ -125,7 +125,7 @@ pub(super) async fn run(shared: Arc<Shared>) {
         };
         let pause = rotation.failed(&shared.replicas, replica.index, &error);
         if several {
-            tracing::info!(
+            tracing::debug!(
                 "registry {}: watch ended ({error}); moving to {}",
                 replica.addr(),
                 shared.replicas.current().addr()
