@@ -98,11 +98,10 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Environment for our children: quiet logs unless the user asked otherwise,
-/// because testkit echoes every child line to stderr.
-fn quiet(cmd: &mut Command) {
-    let level = std::env::var_os("BENCH_CHILD_LOG").unwrap_or_else(|| "warn".into());
-    cmd.env("RUST_LOG", level);
+/// `RUST_LOG` of our children: quiet unless the user asked otherwise
+/// (`BENCH_CHILD_LOG`), because testkit echoes every child line to stderr.
+fn child_log() -> String {
+    std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into())
 }
 
 /// A running `registry`.
@@ -118,35 +117,32 @@ pub struct RegistryProc {
 impl RegistryProc {
     /// Starts our registry on a free loopback port and waits for its ready line.
     pub fn start() -> Result<RegistryProc> {
-        let mut cmd = testkit::command("registry");
-        quiet(&mut cmd);
         // The registry's protective limits (registrations per second from one
         // IP, instances per lease and per service) exist to stop one machine
         // starving others; the bench is one machine measuring raw capacity,
         // so it lifts them (0 = no limit), as the registry's --help advises
         // for load tests.
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--max-registrations-per-sec-per-ip",
-            "0",
-            "--max-instances-per-lease",
-            "0",
-            "--max-instances-per-service",
-            "0",
-            // Watch propagation goes up to 10 000 watchers on 100
-            // connections: past the default 64 streams per connection and
-            // the default watch memory (4096 streams at 512 KiB each).
-            "--max-watches-per-connection",
-            "0",
-            "--watch-memory-bytes",
-            "17179869184",
-        ]);
-        let process = Process::spawn("registry", cmd);
-        let line = process.wait_for_line("registry listening on", testkit::READY_TIMEOUT);
-        let addr = testkit::addr_from_line(&line).to_string();
+        let registry = testkit::Registry::launch()
+            .log(&child_log())
+            .args([
+                "--max-registrations-per-sec-per-ip",
+                "0",
+                "--max-instances-per-lease",
+                "0",
+                "--max-instances-per-service",
+                "0",
+                // Watch propagation goes up to 10 000 watchers on 100
+                // connections: past the default 64 streams per connection and
+                // the default watch memory (4096 streams at 512 KiB each).
+                "--max-watches-per-connection",
+                "0",
+                "--watch-memory-bytes",
+                "17179869184",
+            ])
+            .start();
+        let addr = registry.addr.to_string();
         Ok(RegistryProc {
-            process,
+            process: registry.process,
             url: format!("http://{addr}"),
             addr,
         })
@@ -160,69 +156,33 @@ pub struct NodeHostProc {
     /// Where it serves, `ip:port`.
     pub addr: String,
     /// Keeps its config file alive.
-    _config: TempDir,
+    _config: testkit::TempDir,
 }
 
 impl NodeHostProc {
     /// Starts a node host with only the calculator mounted, registered with
     /// the registry at `registry` (`ip:port`).
     pub fn start(registry: &str) -> Result<NodeHostProc> {
-        let dir = TempDir::new("node-host")?;
-        let config = dir.path().join("services.toml");
         // Everything in the file, so the flags the bench relies on are only
         // `--config`; the loopback address keeps the measure off the LAN.
-        std::fs::write(
-            &config,
-            format!(
-                "registry = \"{registry}\"\nadvertise = \"127.0.0.1\"\nport = 0\n\n\
-                 [plugins.calculator]\nweight = 1\n\n[plugins.echo]\nenabled = false\n"
-            ),
-        )?;
-        let mut cmd = testkit::command("node-host");
-        quiet(&mut cmd);
-        cmd.env_remove("REGISTRY_ADDR").arg("--config").arg(&config);
-        let process = Process::spawn("node-host", cmd);
-        let line = process.wait_for_line("node-host serving on", testkit::READY_TIMEOUT);
-        let addr = testkit::addr_from_line(&line).to_string();
+        let toml = format!(
+            "registry = \"{registry}\"\nadvertise = \"127.0.0.1\"\nport = 0\n\n\
+             [plugins.calculator]\nweight = 1\n\n[plugins.echo]\nenabled = false\n"
+        );
+        let node = testkit::NodeHost::launch(registry, &toml)
+            .no_registry_flag()
+            .advertise(None)
+            .log(&child_log())
+            .start();
         Ok(NodeHostProc {
-            process,
-            addr,
-            _config: dir,
+            addr: node.addr.to_string(),
+            process: node.process,
+            _config: node.dir,
         })
     }
 }
 
-/// A scratch directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates `<base>/bench-<what>-<pid>-<n>` under the system temp dir.
-    pub fn new(what: &str) -> Result<TempDir> {
-        TempDir::new_in(&std::env::temp_dir(), what)
-    }
-
-    /// Creates a fresh directory under `base`.
-    pub fn new_in(base: &Path, what: &str) -> Result<TempDir> {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let path = base.join(format!("bench-{what}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use testkit::TempDir;
 
 /// A running single-member etcd.
 pub struct EtcdProc {
@@ -249,7 +209,7 @@ impl EtcdProc {
     /// Starts etcd with its data in a fresh directory under `data_base`, on
     /// free loopback ports, and waits until it answers a read.
     pub async fn start(bin: &Path, data_base: &Path) -> Result<EtcdProc> {
-        let data = TempDir::new_in(data_base, "etcd")?;
+        let data = TempDir::new_in(data_base, "etcd");
         let (client_port, peer_port) = free_ports()?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
@@ -307,7 +267,7 @@ mod tests {
     #[test]
     fn temp_dirs_are_removed() {
         let path = {
-            let d = TempDir::new("test").unwrap_or_else(|e| panic!("{e}"));
+            let d = TempDir::new("test");
             assert!(d.path().is_dir());
             d.path().to_path_buf()
         };

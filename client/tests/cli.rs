@@ -88,7 +88,7 @@ fn messages(out: &str, served_by: &str) -> Vec<String> {
 fn client_streaming_and_bidirectional_calls_send_one_message_per_json_object() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let node = node(reg, "[plugins.echo]\nweight = 1\n");
+    let node = Node::start(reg, "[plugins.echo]\nweight = 1\n");
     wait_instances(reg, "echo", 1);
     let served_by = node.addr.to_string();
     let call = |method: &str, args: &[&str]| {
@@ -357,8 +357,8 @@ fn spread(out: &str) -> Vec<(String, u32, u32)> {
 fn repeated_calls_spread_over_two_nodes_by_weight() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let _heavy = node(reg, "[plugins.calculator]\nweight = 3\n");
-    let _light = node(reg, "[plugins.calculator]\nweight = 1\n");
+    let _heavy = Node::start(reg, "[plugins.calculator]\nweight = 3\n");
+    let _light = Node::start(reg, "[plugins.calculator]\nweight = 1\n");
     wait_instances(reg, "calculator", 2);
 
     // Smooth WRR: exact over whole cycles.
@@ -403,8 +403,8 @@ fn repeat_400(reg: std::net::SocketAddr, lb: Option<&str>) -> (String, Vec<(Stri
 fn repeated_calls_survive_a_node_killed_midway_and_ctrl_c_prints_the_table() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let mut victim = node(reg, "[plugins.calculator]\nweight = 1\n");
-    let survivor = node(reg, "[plugins.calculator]\nweight = 1\n");
+    let mut victim = Node::start(reg, "[plugins.calculator]\nweight = 1\n");
+    let survivor = Node::start(reg, "[plugins.calculator]\nweight = 1\n");
     wait_instances(reg, "calculator", 2);
 
     // More calls than the test will wait for: it ends them with SIGINT,
@@ -466,7 +466,7 @@ fn watch_prints_changes_as_they_happen() {
     let watch = Process::spawn("watch", cmd);
     watch.wait_for_line("watching the registry", READY_TIMEOUT);
 
-    let mut node = node(reg, "[plugins.calculator]\nweight = 3\n");
+    let mut node = Node::start(reg, "[plugins.calculator]\nweight = 3\n");
     let added = format!("+ calculator {} weight=3", node.addr);
     watch.wait_for_line(&added, READY_TIMEOUT);
 
@@ -502,7 +502,7 @@ fn interactive_prompt_on_a_terminal() {
     );
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let _node = node(reg, &both(1, 1));
+    let _node = Node::start(reg, &both(1, 1));
     wait_instances(reg, "echo", 1);
 
     let client = testkit::bin_path("client");
@@ -590,7 +590,7 @@ impl Drop for Tmux {
 fn tab_completes_commands_services_methods_and_fields() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let _node = node(reg, &both(1, 1));
+    let _node = Node::start(reg, &both(1, 1));
     wait_instances(reg, "calculator", 1);
 
     let tmux = Tmux {

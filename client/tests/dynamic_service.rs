@@ -42,9 +42,9 @@ service Greeter {
 
 /// Compiles the greeter proto with protox into an encoded FileDescriptorSet.
 fn greeter_descriptors() -> Vec<u8> {
-    let dir = temp_dir();
+    let dir = testkit::TempDir::new("greeter");
     std::fs::write(dir.join("greeter.proto"), GREETER_PROTO).unwrap();
-    let set = protox::compile([dir.join("greeter.proto")], [&dir]).unwrap();
+    let set = protox::compile([dir.join("greeter.proto")], [dir.path()]).unwrap();
     prost::Message::encode_to_vec(&set)
 }
 

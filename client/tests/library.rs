@@ -74,8 +74,8 @@ async fn served_by(
 async fn two_nodes(plugin: &str) -> (Registry, Node, Node, Directory, Descriptors) {
     let registry = Registry::start(&[]);
     let config = format!("[plugins.{plugin}]\nweight = 1\n");
-    let first = node(registry.addr, &config);
-    let second = node(registry.addr, &config);
+    let first = Node::start(registry.addr, &config);
+    let second = Node::start(registry.addr, &config);
     let directory = synced(&registry).await;
     let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, plugin, 2).await;
@@ -98,7 +98,7 @@ fn f64_field(msg: &DynamicMessage, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_to_known_services_keep_working_with_the_registry_stopped() {
     let mut registry = Registry::start(&[]);
-    let _node = node(registry.addr, &both(1, 1));
+    let _node = Node::start(registry.addr, &both(1, 1));
     let directory = synced(&registry).await;
     let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "calculator", 1).await;
@@ -246,7 +246,7 @@ async fn streaming_calls_to_a_killed_node_are_retried_before_any_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balanced_channel_follows_the_registry() {
     let registry = Registry::start(&[]);
-    let a = node(registry.addr, &both(1, 1));
+    let a = Node::start(registry.addr, &both(1, 1));
     let directory = synced(&registry).await;
     let descriptors = Descriptors::new(directory.clone());
     wait_for(&directory, "echo", 1).await;
@@ -263,7 +263,7 @@ async fn balanced_channel_follows_the_registry() {
     assert_eq!(f64_field(&reply, "value"), 42.0);
 
     // A second node joins: the echo channel spreads over both.
-    let mut b = node(registry.addr, &both(1, 1));
+    let mut b = Node::start(registry.addr, &both(1, 1));
     wait_for(&directory, "echo", 2).await;
     let grpc = tonic::client::Grpc::new(balanced_channel(&directory, "echo"));
     let served_by = |want: BTreeSet<String>| served_by(grpc.clone(), method.clone(), want);
@@ -290,8 +290,8 @@ async fn after_a_registry_restart_the_balanced_channel_drops_stale_instances_onc
 {
     let mut registry = Registry::start(&[]);
     let addr = registry.addr;
-    let a = node(addr, "[plugins.echo]\nweight = 1\n");
-    let mut b = node(addr, "[plugins.echo]\nweight = 1\n");
+    let a = Node::start(addr, "[plugins.echo]\nweight = 1\n");
+    let mut b = Node::start(addr, "[plugins.echo]\nweight = 1\n");
     // A grace period longer than the test: B must leave the channel because
     // A is live again, not because the period ended.
     let directory = Directory::with_grace(&addr.to_string(), Duration::from_secs(600)).unwrap();

@@ -27,7 +27,7 @@ async fn survives(make: impl FnOnce(&Path), why: &str) {
     let lease = resolve(&mut client, "calculator").await[0].lease_id;
 
     let from = node.process.line_count();
-    let tmp = node.dir.0.join("replacement");
+    let tmp = node.dir.join("replacement");
     make(&tmp);
     if tmp.is_dir() {
         // rename(2) cannot put a directory over a file.
@@ -108,7 +108,7 @@ async fn a_config_over_the_size_cap_is_refused() {
 #[test]
 fn a_fifo_at_start_is_a_clear_error() {
     let dir = common::TempDir::new("node-host-test");
-    let path = dir.0.join("services.toml");
+    let path = dir.join("services.toml");
     let status = std::process::Command::new("mkfifo")
         .arg(&path)
         .status()

@@ -24,7 +24,7 @@ async fn lan_address_is_advertised_and_a_cut_cable_heals() {
     let registry_addr = SocketAddr::new(IpAddr::V4(registry_host.ip()), 50051);
 
     let dir = TempDir::new("node-host-test");
-    let config = dir.0.join("services.toml");
+    let config = dir.join("services.toml");
     std::fs::write(&config, "[plugins.calculator]\nweight = 7\n").unwrap();
     let node = node_host.spawn(
         "node-host",

@@ -329,7 +329,7 @@ async fn tls_listener_serves_the_plugins() {
     use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let registry = Registry::start(&[]);
     let dir = common::TempDir::new("node-host-test");
-    let ca = testkit::certs::TestCa::new(&dir.0, "test");
+    let ca = testkit::certs::TestCa::new(dir.path(), "test");
     let server = ca.server("node", &["127.0.0.1", "localhost"]);
     let node = Node::start_with(
         registry.addr,

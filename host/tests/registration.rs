@@ -106,7 +106,7 @@ async fn disabled_and_absent_plugins_are_not_registered_and_missing_weight_is_ra
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn advertised_address_defaults_to_a_reachable_ip() {
     let registry = Registry::start(&[]);
-    let node = Node::start_with(registry.addr, BOTH, &[]);
+    let node = Node::launch(registry.addr, BOTH).advertise(None).start();
     let mut client = registry.client().await;
     // The registry is on loopback: the node advertises this machine's LAN
     // address when it has one, loopback otherwise (the LAN tests check a
@@ -216,7 +216,7 @@ fn bad_flags_and_bad_files_are_clear_errors() {
     assert!(stderr.contains("--port"), "{stderr}");
 
     let dir = common::TempDir::new("node-host-test");
-    let path = dir.0.join("services.toml");
+    let path = dir.join("services.toml");
     std::fs::write(
         &path,
         "[plugins.calculator]\nweight = 2\n\n[plugins.calcualtor]\n",
@@ -242,7 +242,7 @@ async fn file_values_apply_and_flags_override_them() {
     let registry = Registry::start(&[]);
     let mut client = registry.client().await;
     let dir = common::TempDir::new("node-host-test");
-    let path = dir.0.join("services.toml");
+    let path = dir.join("services.toml");
 
     // The file alone names registry, advertise and port.
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,7 +7,9 @@
 //! # Layout
 //! - [`bin_path`]: where cargo put a workspace binary.
 //! - [`Process`]: a running child whose output is captured line by line.
-//! - [`Registry`]: a `registry` process on a free loopback port.
+//! - [`Registry`], [`NodeHost`] (`launch.rs`): the one way tests and the
+//!   bench start `registry` and `node-host`, with a clean environment
+//!   ([`command`]) and their files in a [`TempDir`].
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`http`]: a minimal HTTP client (`/metrics`, Prometheus' API, event
 //!   streams).
@@ -30,7 +32,12 @@
 pub mod certs;
 pub mod etcd;
 pub mod http;
+mod launch;
 pub mod netns;
+
+pub use launch::{
+    BINARY_ENV, NodeHost, NodeHostBuilder, Registry, RegistryBuilder, TempDir, command,
+};
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -79,15 +86,6 @@ pub fn python3() -> PathBuf {
         path.display()
     );
     path
-}
-
-/// A `Command` for a workspace binary, with logs at a level useful in failures.
-pub fn command(name: &str) -> Command {
-    let mut cmd = Command::new(bin_path(name));
-    if std::env::var_os("RUST_LOG").is_none() {
-        cmd.env("RUST_LOG", "info");
-    }
-    cmd
 }
 
 #[derive(Default)]
@@ -319,79 +317,9 @@ pub fn addr_from_line(line: &str) -> SocketAddr {
         .unwrap_or_else(|e| panic!("no address at the end of {line:?}: {e}"))
 }
 
-/// A scratch directory (config files, certificates), removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// Creates `<tmp>/<what>-<pid>-<n>`: unique across the tests of one
-    /// process and across processes.
-    pub fn new(what: &str) -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "{what}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    /// The directory.
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// How long tests wait for a process to become ready. Generous: CI machines
 /// are small and may be busy compiling.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A `registry` process listening on a free loopback port.
-pub struct Registry {
-    /// The process itself.
-    pub process: Process,
-    /// Where it listens.
-    pub addr: SocketAddr,
-}
-
-impl Registry {
-    /// Starts a registry on `127.0.0.1:0` with extra flags.
-    pub fn start(extra_args: &[&str]) -> Registry {
-        Registry::start_on("127.0.0.1:0", extra_args)
-    }
-
-    /// Starts a registry listening on `listen` (use port 0 for a free one).
-    pub fn start_on(listen: &str, extra_args: &[&str]) -> Registry {
-        let mut cmd = command("registry");
-        cmd.arg("--listen").arg(listen).args(extra_args);
-        let process = Process::spawn("registry", cmd);
-        let line = process.wait_for_line("registry listening on", READY_TIMEOUT);
-        let addr = addr_from_line(&line);
-        Registry { process, addr }
-    }
-
-    /// `http://ip:port`, for tonic.
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// A connected gRPC client for it.
-    pub async fn client(
-        &self,
-    ) -> registry_proto::registry::v1::registry_client::RegistryClient<tonic::transport::Channel>
-    {
-        registry_proto::registry::v1::registry_client::RegistryClient::connect(self.url())
-            .await
-            .unwrap()
-    }
-}
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after
 /// `timeout` with `what` in the message. For conditions that become true

@@ -378,6 +378,9 @@ impl Host {
             .arg("exec")
             .arg(&self.netns)
             .arg(program.into());
+        for var in crate::BINARY_ENV {
+            cmd.env_remove(var);
+        }
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }

@@ -59,7 +59,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
         "--max-registrations-per-sec-per-ip",
         &rate,
     ]);
-    let mut node = Node::start(&registry.addr.to_string(), BOTH, &[], &[]);
+    let mut node = node_with(&registry.addr.to_string(), BOTH, &[], &[]);
     let mut viewer = conn(registry.addr, None, None).await;
     let before = eventually(CHANGE, "the node's two instances", || {
         let mut v = viewer.clone();
@@ -589,7 +589,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
     count += limits;
 
     // A bad edit of the good node's own file: reported with its line, ignored.
-    let config = node.dir.0.join("services.toml");
+    let config = node.dir.join("services.toml");
     let cursor = node.process.line_count();
     std::fs::write(&config, "[plugins.calculator]\nweight = 5000\n").unwrap();
     let (_, line) = node
@@ -602,7 +602,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
     // Bad files and arguments given to each binary: a clear error, exit non-zero.
     let dir = TempDir::new("security-test");
     let file = |name: &str, text: &str| {
-        let path = dir.0.join(name);
+        let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         path.to_str().unwrap().to_string()
     };

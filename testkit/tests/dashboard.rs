@@ -15,49 +15,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::registry_client::RegistryClient;
 use serde_json::{Value, json};
-use testkit::{Process, READY_TIMEOUT, TempDir, addr_from_line, http};
+use testkit::{NodeHost, Process, READY_TIMEOUT, Registry, http};
 
 /// The bound the issue sets for a new node to show on an open page.
 const LIVE: Duration = Duration::from_secs(1);
 
-fn start_registry(extra: &[&str]) -> (Process, SocketAddr, SocketAddr) {
-    let mut cmd = testkit::command("registry");
-    cmd.args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("REGISTRY_READ_TOKEN")
-        .env_remove("REGISTRY_WRITE_TOKEN");
-    let process = Process::spawn("registry", cmd);
-    let http = addr_from_line(&process.wait_for_line("registry http on", READY_TIMEOUT));
-    let grpc = addr_from_line(&process.wait_for_line("registry listening on", READY_TIMEOUT));
-    (process, grpc, http)
-}
-
-struct Node {
-    process: Process,
-    addr: SocketAddr,
-    config: PathBuf,
-    _dir: TempDir,
-}
-
-fn start_node(registry: SocketAddr, toml: &str) -> Node {
-    let dir = TempDir::new("dashboard-node");
-    let config = dir.path().join("services.toml");
-    std::fs::write(&config, toml).unwrap();
-    let mut cmd = testkit::command("node-host");
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--registry")
-        .arg(registry.to_string())
-        .args(["--advertise", "127.0.0.1"])
-        .env_remove("REGISTRY_TOKEN");
-    let process = Process::spawn("node-host", cmd);
-    let addr = addr_from_line(&process.wait_for_line("node-host serving on", READY_TIMEOUT));
-    Node {
-        process,
-        addr,
-        config,
-        _dir: dir,
-    }
+fn start_registry(extra: &[&str]) -> (Registry, SocketAddr, SocketAddr) {
+    let registry = Registry::launch().http("127.0.0.1:0").args(extra).start();
+    let (grpc, http) = (registry.addr, registry.http.unwrap());
+    (registry, grpc, http)
 }
 
 /// The Selenium driver script, spoken to one JSON line at a time.
@@ -159,7 +125,7 @@ async fn the_dashboard_follows_the_fleet_live_in_chromium() {
             .unwrap(),
     );
 
-    let _echo = start_node(
+    let _echo = NodeHost::start(
         grpc,
         "[plugins.echo]\nweight = 3\nmetadata = { zone = \"rack-b\" }\n",
     );
@@ -172,7 +138,7 @@ async fn the_dashboard_follows_the_fleet_live_in_chromium() {
 
     // A node started while the page is open shows within a second of its
     // registration, without a reload.
-    let mut calc = start_node(
+    let mut calc = NodeHost::start(
         grpc,
         "[plugins.calculator]\nweight = 5\nmetadata = { zone = \"rack-a\", version = \"1.0\" }\n",
     );
@@ -208,7 +174,7 @@ async fn the_dashboard_follows_the_fleet_live_in_chromium() {
 
     // A second calculator, then kill -9 of the first: its row goes, the
     // feed says why.
-    let second = start_node(
+    let second = NodeHost::start(
         grpc,
         "[plugins.calculator]\nweight = 1\nmetadata = { zone = \"rack-b\" }\n",
     );

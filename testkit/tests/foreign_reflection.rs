@@ -51,7 +51,7 @@ fn python_reflection_resolves_everything_on_the_registry() {
 #[test]
 fn python_reflection_resolves_everything_on_a_node_host() {
     let registry = Registry::start(&[]);
-    let node = common::Node::start(
+    let node = common::node_with(
         &registry.addr.to_string(),
         "[plugins.calculator]\nweight = 2\n[plugins.echo]\nweight = 3\n",
         &[],

@@ -355,10 +355,10 @@ impl Cluster {
         let dir = TempDir::new("testkit-lan");
         let registry = start_registry(lan.host(0));
         let registry_addr = format!("{}:{REGISTRY_PORT}", lan.host(0).ip());
-        std::fs::write(dir.0.join("b.toml"), B_CONFIG).unwrap();
-        std::fs::write(dir.0.join("c.toml"), C_CONFIG).unwrap();
-        let b = start_node(lan.host(1), "node-b", &dir.0.join("b.toml"), &registry_addr);
-        let c = start_node(lan.host(2), "node-c", &dir.0.join("c.toml"), &registry_addr);
+        std::fs::write(dir.join("b.toml"), B_CONFIG).unwrap();
+        std::fs::write(dir.join("c.toml"), C_CONFIG).unwrap();
+        let b = start_node(lan.host(1), "node-b", &dir.join("b.toml"), &registry_addr);
+        let c = start_node(lan.host(2), "node-c", &dir.join("c.toml"), &registry_addr);
         let watcher = Watcher::start(format!("http://{registry_addr}"));
         let cluster = Cluster {
             registry,
@@ -662,11 +662,7 @@ async fn lan_stdin_commands_and_config_edits_are_seen_from_another_host() {
 
     // An edit of C's file: echo goes, calculator gets weight 7.
     let edit = Instant::now();
-    std::fs::write(
-        cl.dir.0.join("c.toml"),
-        "[plugins.calculator]\nweight = 7\n",
-    )
-    .unwrap();
+    std::fs::write(cl.dir.join("c.toml"), "[plugins.calculator]\nweight = 7\n").unwrap();
     let seen = cl
         .watcher
         .wait(edit, long, "C's edit applied", |v| {

@@ -11,55 +11,22 @@ use std::time::{Duration, Instant};
 
 use registry_proto::calculator::v1::BinaryRequest;
 use registry_proto::calculator::v1::calculator_client::CalculatorClient;
-use testkit::{Process, READY_TIMEOUT, TempDir, addr_from_line, http};
+use testkit::{NodeHost as Node, Process, READY_TIMEOUT, Registry, TempDir, http};
 
 /// How long Prometheus may take to show a value: a few 500 ms scrapes.
 const SHOW: Duration = Duration::from_secs(20);
 
-struct Node {
-    process: Process,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    dir: TempDir,
-}
-
 /// A node host serving /metrics on a free port, set by `--http` or, when
 /// `toml` names it, by the file's `http`.
 fn start_node(registry: SocketAddr, toml: &str) -> Node {
-    let dir = TempDir::new("prometheus-node");
-    let config = dir.path().join("services.toml");
-    std::fs::write(&config, toml).unwrap();
-    let mut cmd = testkit::command("node-host");
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--registry")
-        .arg(registry.to_string())
-        .args(["--advertise", "127.0.0.1"])
-        .env_remove("REGISTRY_TOKEN");
-    if !toml.contains("http =") {
-        cmd.args(["--http", "127.0.0.1:0"]);
-    }
-    let process = Process::spawn("node-host", cmd);
-    let http = addr_from_line(&process.wait_for_line("node-host http on", READY_TIMEOUT));
-    let grpc = addr_from_line(&process.wait_for_line("node-host serving on", READY_TIMEOUT));
-    Node {
-        process,
-        grpc,
-        http,
-        dir,
-    }
+    Node::launch(registry, toml).http().start()
 }
 
 /// A registry on `listen` with `--http` on `http` (port 0: a free one).
-fn start_registry(listen: &str, http: &str) -> (Process, SocketAddr, SocketAddr) {
-    let mut cmd = testkit::command("registry");
-    cmd.args(["--listen", listen, "--http", http])
-        .env_remove("REGISTRY_READ_TOKEN")
-        .env_remove("REGISTRY_WRITE_TOKEN");
-    let process = Process::spawn("registry", cmd);
-    let http = addr_from_line(&process.wait_for_line("registry http on", READY_TIMEOUT));
-    let grpc = addr_from_line(&process.wait_for_line("registry listening on", READY_TIMEOUT));
-    (process, grpc, http)
+fn start_registry(listen: &str, http: &str) -> (Registry, SocketAddr, SocketAddr) {
+    let registry = Registry::launch().listen(listen).http(http).start();
+    let (grpc, http) = (registry.addr, registry.http.unwrap());
+    (registry, grpc, http)
 }
 
 /// `promtool check metrics` on what `addr` serves at /metrics.
@@ -212,12 +179,16 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         "http = \"127.0.0.1:0\"\n[plugins.calculator]\nweight = 1\n\n[plugins.echo]\nweight = 3\n",
     );
     let dir = TempDir::new("prometheus");
-    let (_prometheus, prom) = start_prometheus(dir.path(), registry_http, [a.http, b.http]);
+    let (_prometheus, prom) = start_prometheus(
+        dir.path(),
+        registry_http,
+        [a.http.unwrap(), b.http.unwrap()],
+    );
 
     // Calls: 5 Add on a, 3 Add and one refused Divide on b.
-    add(a.grpc, 5).await;
-    add(b.grpc, 3).await;
-    let mut client = CalculatorClient::connect(format!("http://{}", b.grpc))
+    add(a.addr, 5).await;
+    add(b.addr, 3).await;
+    let mut client = CalculatorClient::connect(format!("http://{}", b.addr))
         .await
         .unwrap();
     let refused = client
@@ -229,7 +200,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
     let add_ok = |node: &Node| {
         format!(
             "node_host_grpc_requests_total{{instance=\"{}\",service=\"calculator.v1.Calculator\",method=\"Add\",code=\"OK\"}}",
-            node.http
+            node.http.unwrap()
         )
     };
     eventually_equals(prom, &add_ok(&a), 5.0);
@@ -238,7 +209,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         prom,
         &format!(
             "node_host_grpc_requests_total{{instance=\"{}\",method=\"Divide\",code=\"INVALID_ARGUMENT\"}}",
-            b.http
+            b.http.unwrap()
         ),
         1.0,
     );
@@ -246,7 +217,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         prom,
         &format!(
             "node_host_grpc_request_duration_seconds_count{{instance=\"{}\",method=\"Add\"}}",
-            a.http
+            a.http.unwrap()
         ),
         5.0,
     );
@@ -257,7 +228,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         prom,
         &format!(
             "node_host_plugin_registered{{instance=\"{}\",plugin=\"echo\"}}",
-            b.http
+            b.http.unwrap()
         ),
         1.0,
     );
@@ -268,7 +239,7 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
     );
 
     // Every program's exposition passes promtool, while it has data.
-    for addr in [registry_http, a.http, b.http] {
+    for addr in [registry_http, a.http.unwrap(), b.http.unwrap()] {
         promtool_accepts(addr);
     }
 
@@ -295,14 +266,18 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-    eventually_equals(prom, &format!("up{{instance=\"{}\"}}", b.http), 0.0);
+    eventually_equals(
+        prom,
+        &format!("up{{instance=\"{}\"}}", b.http.unwrap()),
+        0.0,
+    );
 
     // a's file: echo added, a typo refused, echo removed (deregistered).
     let config = a.dir.path().join("services.toml");
     let reloads = |outcome: &str, reason: &str| {
         format!(
             "node_host_reloads_total{{instance=\"{}\",outcome=\"{outcome}\",reason=\"{reason}\"}}",
-            a.http
+            a.http.unwrap()
         )
     };
     std::fs::write(
@@ -324,13 +299,16 @@ async fn prometheus_scrapes_calls_instances_and_removals() {
 
     // The registry restarts, empty, on the same addresses: a is granted a
     // new lease (a re-grant) and registers again, its only GrantLease there.
-    first_registry.kill9();
+    first_registry.process.kill9();
     let (_registry, again, again_http) =
         start_registry(&registry.to_string(), &registry_http.to_string());
     assert_eq!((again, again_http), (registry, registry_http));
     eventually_equals(
         prom,
-        &format!("node_host_lease_regrants_total{{instance=\"{}\"}}", a.http),
+        &format!(
+            "node_host_lease_regrants_total{{instance=\"{}\"}}",
+            a.http.unwrap()
+        ),
         1.0,
     );
     eventually_equals(
@@ -400,7 +378,7 @@ fn an_external_plugin_restart_is_counted() {
     );
     let count = "node_host_plugin_restarts_total{plugin=\"inventory\"}";
     assert!(
-        !promtool_accepts(node.http).contains(count),
+        !promtool_accepts(node.http.unwrap()).contains(count),
         "no restart yet"
     );
     // The plugin process (a child of this node, named by its own log) dies.
@@ -410,7 +388,7 @@ fn an_external_plugin_restart_is_counted() {
         .wait_for_line("plugin inventory: it was killed by SIGKILL", READY_TIMEOUT);
     let deadline = Instant::now() + SHOW;
     loop {
-        let body = promtool_accepts(node.http);
+        let body = promtool_accepts(node.http.unwrap());
         if body.contains(&format!("{count} 1")) {
             break;
         }

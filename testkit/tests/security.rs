@@ -25,7 +25,7 @@ const READ: &str = "r-77a0be";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rogue_client_cannot_deregister_update_or_shadow_a_nodes_instances() {
     let registry = Registry::start(&[]);
-    let mut node = Node::start(&registry.addr.to_string(), BOTH, &[], &[]);
+    let mut node = node_with(&registry.addr.to_string(), BOTH, &[], &[]);
     let mut viewer = conn(registry.addr, None, None).await;
     let owned = eventually(CHANGE, "the node's two instances", || {
         let mut v = viewer.clone();
@@ -159,7 +159,7 @@ async fn with_tokens_each_missing_or_wrong_token_is_refused_and_named_never_show
             "the token sent is not it",
         ),
     ] {
-        let node = Node::start(&addr, CALC, &extra, &env);
+        let node = node_with(&addr, CALC, &extra, &env);
         let line = node
             .process
             .wait_for_line("GrantLease needs the registry's write token", CHANGE);
@@ -185,7 +185,7 @@ async fn with_tokens_each_missing_or_wrong_token_is_refused_and_named_never_show
     );
 
     // The right token, from the environment: registered.
-    let good = Node::start(&addr, CALC, &[], &[("REGISTRY_TOKEN", WRITE)]);
+    let good = node_with(&addr, CALC, &[], &[("REGISTRY_TOKEN", WRITE)]);
     wait_for_count(&mut reader, 1).await;
     let listed = instances(&mut reader).await;
     assert_eq!(listed[0].port, u32::from(good.addr.port()));
@@ -234,14 +234,14 @@ async fn with_tokens_each_missing_or_wrong_token_is_refused_and_named_never_show
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_from_a_file() {
     let dir = TempDir::new("security-test");
-    let file = dir.0.join("tokens.toml");
+    let file = dir.join("tokens.toml");
     std::fs::write(&file, format!("write = \"{WRITE}\"\n")).unwrap();
     let registry = Registry::start(&["--token-file", file.to_str().unwrap()]);
     let addr = registry.addr.to_string();
-    let none = Node::start(&addr, CALC, &[], &[]);
+    let none = node_with(&addr, CALC, &[], &[]);
     none.process
         .wait_for_line("GrantLease needs the registry's write token", CHANGE);
-    let _good = Node::start(&addr, CALC, &["--token", WRITE], &[]);
+    let _good = node_with(&addr, CALC, &["--token", WRITE], &[]);
     // No read token in the file: anyone may read.
     let mut reader = conn(registry.addr, None, None).await;
     wait_for_count(&mut reader, 1).await;
@@ -254,7 +254,7 @@ async fn tokens_from_a_file() {
 /// address.
 async fn tls_scenario(places: [Place<'_>; 3], dir: &TempDir) {
     let [reg_at, node_at, client_at] = places;
-    let ca = testkit::certs::TestCa::new(&dir.0, "sec-ca");
+    let ca = testkit::certs::TestCa::new(dir.path(), "sec-ca");
     let reg_ip = reg_at.ip().to_string();
     let node_ip = node_at.ip().to_string();
     let reg_cert = ca.server("registry", &[&reg_ip]);
@@ -395,7 +395,7 @@ async fn a_flood_from_one_peer_does_not_starve_another() {
     const RATE: u32 = 50;
     let rate = RATE.to_string();
     let registry = Registry::start(&["--max-registrations-per-sec-per-ip", &rate]);
-    let _node = Node::start(&registry.addr.to_string(), BOTH, &[], &[]);
+    let _node = node_with(&registry.addr.to_string(), BOTH, &[], &[]);
     let mut viewer = conn(registry.addr, None, None).await;
     let before = eventually(CHANGE, "the node's two instances", || {
         let mut v = viewer.clone();
@@ -536,7 +536,7 @@ async fn a_node_slowed_down_by_the_rate_limit_registers_everything_anyway() {
     // One registration per second from any one address: the node's second
     // plugin is refused at first, and retried, not given up.
     let registry = Registry::start(&["--max-registrations-per-sec-per-ip", "1"]);
-    let node = Node::start(&registry.addr.to_string(), BOTH, &[], &[]);
+    let node = node_with(&registry.addr.to_string(), BOTH, &[], &[]);
     let mut viewer = conn(registry.addr, None, None).await;
     wait_for_count(&mut viewer, 2).await;
     node.process

@@ -24,9 +24,9 @@ async fn a_registry_stopped_for_3_s_keeps_healthy_leases_and_expires_a_dead_node
     let reg = registry.addr.to_string();
     let calc = |w: u32| format!("[plugins.calculator]\nweight = {w}\n");
     let healthy: Vec<common::Node> = (1..=3)
-        .map(|w| common::Node::start(&reg, &calc(w), &[], &[]))
+        .map(|w| common::node_with(&reg, &calc(w), &[], &[]))
         .collect();
-    let frozen = common::Node::start(&reg, &calc(9), &[], &[]);
+    let frozen = common::node_with(&reg, &calc(9), &[], &[]);
     let mut client = registry.client().await;
     testkit::eventually(Duration::from_secs(10), "4 instances", || {
         let mut client = client.clone();

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{CALC, CHANGE, Node};
+use common::{CALC, CHANGE, node_with};
 use registry_proto::registry::v1 as pb;
 use testkit::Registry;
 
@@ -188,7 +188,7 @@ async fn watchers_that_never_read_cannot_sink_the_registry() {
 
     // A well-behaved node, and a well-behaved watcher of its service that
     // notes any removal.
-    let node = Node::start(&registry.addr.to_string(), CALC, &[], &[]);
+    let node = node_with(&registry.addr.to_string(), CALC, &[], &[]);
     let mut watch = client
         .watch(pb::WatchRequest {
             services: vec!["calculator".into()],

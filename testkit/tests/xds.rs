@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Node, node_with};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use serde_json::Value;
@@ -45,7 +45,7 @@ fn bootstrap(dir: &TempDir, registry: SocketAddr) -> std::path::PathBuf {
 
 /// A node host serving calculator and echo, both with `weight`.
 fn node(registry: &Registry, weight: u32) -> Node {
-    Node::start(
+    node_with(
         &registry.addr.to_string(),
         &both(weight),
         &["--advertise", "127.0.0.1"],

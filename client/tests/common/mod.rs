@@ -1,5 +1,5 @@
-//! Helpers shared by the client's integration tests: node hosts on loopback
-//! and `client` runs.
+//! Helpers shared by the client's integration tests: `client` runs and
+//! registry queries (node hosts are `testkit::NodeHost`).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -7,51 +7,11 @@ use registry_proto::registry::v1::{
     GrantLeaseRequest, Instance, KeepAliveRequest, RegisterRequest,
 };
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use testkit::{Process, READY_TIMEOUT, Registry, addr_from_line, command};
+use testkit::{READY_TIMEOUT, Registry, command};
 
-/// A node-host process serving on loopback, with its config file.
-pub struct Node {
-    /// The process.
-    pub process: Process,
-    /// Where it serves.
-    pub addr: SocketAddr,
-    /// Its services.toml.
-    pub config: PathBuf,
-}
-
-/// A fresh directory for one test's files.
-pub fn temp_dir() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "client-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Starts a node-host with the given plugins section, advertising 127.0.0.1.
-pub fn node(registry: SocketAddr, plugins: &str) -> Node {
-    let config = temp_dir().join("services.toml");
-    std::fs::write(&config, format!("advertise = \"127.0.0.1\"\n{plugins}")).unwrap();
-    let mut cmd = command("node-host");
-    cmd.arg("--config")
-        .arg(&config)
-        .arg("--registry")
-        .arg(registry.to_string());
-    let process = Process::spawn("node-host", cmd);
-    let line = process.wait_for_line("node-host serving on", READY_TIMEOUT);
-    Node {
-        addr: addr_from_line(&line),
-        process,
-        config,
-    }
-}
+pub use testkit::NodeHost as Node;
 
 /// calculator with weight `calc`, echo with weight `echo`.
 pub fn both(calc: u32, echo: u32) -> String {
@@ -62,7 +22,7 @@ pub fn both(calc: u32, echo: u32) -> String {
 /// echo with weight `echo`, once both are listed.
 pub fn registry_with_both(calc: u32, echo: u32) -> (Registry, Node) {
     let registry = Registry::start(&[]);
-    let node = node(registry.addr, &both(calc, echo));
+    let node = Node::start(registry.addr, &both(calc, echo));
     wait_instances(registry.addr, "calculator", 1);
     wait_instances(registry.addr, "echo", 1);
     (registry, node)

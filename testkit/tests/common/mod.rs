@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use registry_proto::registry::v1 as pb;
 use support::{BearerToken, RegistryConn, TlsArgs, registry_client};
+use testkit::Registry;
 use testkit::netns::Host;
-use testkit::{Process, READY_TIMEOUT, Registry, addr_from_line};
 
 /// How long a change may take to show: generous, CI machines are small.
 pub const CHANGE: Duration = Duration::from_secs(20);
@@ -20,71 +20,18 @@ pub const CALC: &str = "[plugins.calculator]\nweight = 2\n";
 /// A node configuration with both plugins.
 pub const BOTH: &str = "[plugins.calculator]\nweight = 2\n\n[plugins.echo]\nweight = 3\n";
 
-/// Environment variables the binaries read that the test's own environment
-/// must not leak into them.
-const ENV: [&str; 6] = [
-    "REGISTRY_TOKEN",
-    "REGISTRY_WRITE_TOKEN",
-    "REGISTRY_READ_TOKEN",
-    "TLS_CERT",
-    "TLS_KEY",
-    "TLS_CA",
-];
+#[allow(unused_imports)] // not every test file uses both
+pub use testkit::{NodeHost as Node, TempDir};
 
-fn clean(cmd: &mut Command) {
-    for var in ENV {
-        cmd.env_remove(var);
-    }
-    cmd.env_remove("REGISTRY_ADDR");
-}
-
-pub use testkit::TempDir;
-
-/// A running node host.
-pub struct Node {
-    pub process: Process,
-    /// Its advertised address, from the ready line.
-    pub addr: SocketAddr,
-    /// Holds its services.toml.
-    pub dir: TempDir,
-}
-
-impl Node {
-    /// A node host on this machine with `toml` as its file, registering with
-    /// `registry`, advertising 127.0.0.1 unless `extra` says otherwise.
-    pub fn start(registry: &str, toml: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut cmd = testkit::command("node-host");
-        if !extra.contains(&"--advertise") {
-            cmd.args(["--advertise", "127.0.0.1"]);
-        }
-        Node::spawn(cmd, registry, toml, extra, env)
-    }
-
-    fn spawn(
-        mut cmd: Command,
-        registry: &str,
-        toml: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Node {
-        let dir = TempDir::new("security-test");
-        let config = dir.0.join("services.toml");
-        std::fs::write(&config, toml).unwrap();
-        clean(&mut cmd);
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--registry")
-            .arg(registry)
-            .args(extra)
-            .envs(env.iter().copied());
-        let process = Process::spawn("node-host", cmd);
-        let line = process.wait_for_line("node-host serving on", READY_TIMEOUT);
-        Node {
-            process,
-            addr: addr_from_line(&line),
-            dir,
-        }
-    }
+/// A node host on this machine with `toml` as its file, registering with
+/// `registry`, with `extra` flags (advertising 127.0.0.1 unless they say
+/// otherwise) and `env`.
+pub fn node_with(registry: &str, toml: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
+    env.iter()
+        .fold(Node::launch(registry, toml).args(extra), |node, (k, v)| {
+            node.env(k, v)
+        })
+        .start()
 }
 
 /// A registry connection from `local` (any loopback address: the registry
@@ -163,7 +110,6 @@ pub fn client(
     env: &[(&str, &str)],
 ) -> (ExitStatus, String, String) {
     let mut cmd = testkit::command("client");
-    clean(&mut cmd);
     cmd.arg("--registry")
         .arg(registry.to_string())
         .args(args)
@@ -191,35 +137,37 @@ impl Place<'_> {
     }
 
     fn command(&self, bin: &str) -> Command {
-        let mut cmd = match self {
+        match self {
             Place::Loopback(_) => testkit::command(bin),
             Place::Lan(host) => host.command(bin),
-        };
-        clean(&mut cmd);
-        cmd
+        }
     }
 
     /// Starts a registry here with `flags`.
     pub fn registry(&self, flags: &[String]) -> Registry {
-        let mut cmd = self.command("registry");
+        let cmd = self.command("registry");
         let listen = match self {
             Place::Loopback(ip) => format!("{ip}:0"),
             Place::Lan(_) => "0.0.0.0:0".to_string(),
         };
-        cmd.arg("--listen").arg(listen).args(flags);
-        let process = Process::spawn("registry", cmd);
-        let line = process.wait_for_line("registry listening on", READY_TIMEOUT);
-        let addr = SocketAddr::new(IpAddr::V4(self.ip()), addr_from_line(&line).port());
-        Registry { process, addr }
+        let mut registry = Registry::launch()
+            .command(cmd)
+            .listen(&listen)
+            .args(flags)
+            .start();
+        // A LAN host listens on 0.0.0.0: others reach it at its address.
+        registry.addr = SocketAddr::new(IpAddr::V4(self.ip()), registry.addr.port());
+        registry
     }
 
     /// Starts a node host here with the calculator, registering with
     /// `registry`, advertising this place's address.
     pub fn node(&self, registry: SocketAddr, flags: &[String]) -> Node {
-        let mut cmd = self.command("node-host");
-        cmd.arg("--advertise").arg(self.ip().to_string());
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let node = Node::spawn(cmd, &registry.to_string(), CALC, &flags, &[]);
+        let node = Node::launch(registry, CALC)
+            .command(self.command("node-host"))
+            .advertise(Some(&self.ip().to_string()))
+            .args(flags)
+            .start();
         assert_eq!(node.addr.ip(), IpAddr::V4(self.ip()));
         node
     }
