@@ -414,26 +414,6 @@ pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd's peer port on each member's host.
 pub const ETCD_PEER_PORT: u16 = 2380;
 
-/// The `etcd` binary: `$ETCD_BIN`, else `etcd` on `PATH`. Panics with what
-/// to install when there is none.
-fn etcd_program() -> PathBuf {
-    if let Some(path) = std::env::var_os("ETCD_BIN") {
-        return PathBuf::from(path);
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("etcd"))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "this test needs etcd and there is no `etcd` on PATH (nor $ETCD_BIN): \
-                 run scripts/test-deps.sh, or `apt-get install etcd-server`"
-            )
-        })
-}
-
 /// A scratch directory only its owner may read, as etcd wants its data
 /// directory.
 fn private_dir(what: &str) -> crate::TempDir {
@@ -502,7 +482,7 @@ impl EtcdCluster {
         let ip = member.host.ip();
         let client = format!("http://{ip}:{ETCD_CLIENT_PORT}");
         let peer = format!("http://{ip}:{ETCD_PEER_PORT}");
-        let mut cmd = member.host.command_path(etcd_program());
+        let mut cmd = member.host.command_path(crate::etcd::etcd_bin());
         cmd.arg(format!("--name={}", member.name))
             .arg(format!("--data-dir={}", member.data.path().display()))
             .arg(format!("--listen-client-urls={client}"))
