@@ -129,7 +129,7 @@ pub fn instance(service: &str, instance_id: &str) -> Instance {
         instance_id: instance_id.to_string(),
         host: "127.0.0.1".to_string(),
         port: 40000,
-        weight: 1,
+        weight: Some(1),
         ..Instance::default()
     }
 }

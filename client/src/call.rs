@@ -213,7 +213,7 @@ impl Caller {
                 .zip(&instances)
                 .map(|(key, i)| Endpoint {
                     key,
-                    weight: i.weight,
+                    weight: i.effective_weight(),
                 })
                 .collect();
             let Some(pick) = policy.pick(&endpoints) else {

@@ -142,7 +142,7 @@ async fn register(registry: &Registry, service: &str, addr: SocketAddr, descript
         service: service.into(),
         host: addr.ip().to_string(),
         port: u32::from(addr.port()),
-        weight: 1,
+        weight: Some(1),
         proto_service: proto_service.into(),
         ..Default::default()
     };

@@ -342,7 +342,7 @@ async fn a_restarted_registry_leaves_stale_fallbacks_for_a_grace_period() {
         service: "ghost".into(),
         host: "127.0.0.1".into(),
         port: 9,
-        weight: 2,
+        weight: Some(2),
         ..Default::default()
     };
     let _lease = register_by_hand(&registry, 1500, instance, Vec::new()).await;
@@ -397,7 +397,7 @@ async fn a_snapshot_sent_in_several_messages_arrives_whole() {
                     instance_id: format!("i{n:03}"),
                     host: "127.0.0.1".into(),
                     port: 10_000 + n,
-                    weight: 1,
+                    weight: Some(1),
                     metadata: metadata.clone(),
                     ..Default::default()
                 }),

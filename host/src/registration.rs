@@ -846,7 +846,7 @@ async fn reconcile(
                     instance_id: String::new(),
                     host: settings.advertised.ip().to_string(),
                     port: u32::from(settings.advertised.port()),
-                    weight: config.weight,
+                    weight: Some(config.weight),
                     metadata: config.metadata.clone().into_iter().collect(),
                     proto_service,
                     lease_id: 0,

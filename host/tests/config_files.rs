@@ -46,7 +46,7 @@ async fn survives(make: impl FnOnce(&Path), why: &str) {
     let calc = resolve(&mut client, "calculator").await;
     assert_eq!(calc.len(), 1, "{calc:?}");
     assert_eq!(calc[0].lease_id, lease, "the node lost its lease");
-    assert_eq!(calc[0].weight, 7);
+    assert_eq!(calc[0].weight, Some(7));
     let reply = tokio::time::timeout(Duration::from_secs(5), async {
         CalculatorClient::new(node.channel().await)
             .add(BinaryRequest { a: 2.0, b: 3.0 })

@@ -469,7 +469,7 @@ async fn editing_the_command_restarts_it_and_removing_the_table_stops_it() {
         let mut client = client.clone();
         async move {
             let got = resolve(&mut client, "inventory").await;
-            (got.len() == 1 && got[0].weight == 7).then_some(())
+            (got.len() == 1 && got[0].weight == Some(7)).then_some(())
         }
     })
     .await;

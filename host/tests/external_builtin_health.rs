@@ -118,6 +118,6 @@ async fn a_built_in_plugin_that_says_not_serving_is_deregistered_and_comes_back(
     // SERVING again: registered with the settings in force.
     serving.send(true).unwrap();
     wait_count(&registry, "echo", 1).await;
-    assert_eq!(resolve(&mut client, "echo").await[0].weight, 5);
+    assert_eq!(resolve(&mut client, "echo").await[0].weight, Some(5));
     assert_eq!(status("echo.v1.Echo").await, ServingStatus::Serving);
 }

@@ -80,13 +80,14 @@ async fn disabled_and_absent_plugins_are_not_registered_and_missing_weight_is_ra
         .find(|i| i.port == u32::from(absent.addr.port()))
         .unwrap();
     assert!(
-        (1..=10).contains(&random.weight),
+        (1..=10).contains(&random.effective_weight()),
         "random weight {}",
-        random.weight
+        random.effective_weight()
     );
-    absent
-        .process
-        .wait_for_line(&format!("using random weight {}", random.weight), CHANGE);
+    absent.process.wait_for_line(
+        &format!("using random weight {}", random.effective_weight()),
+        CHANGE,
+    );
     // A node registers its plugins in name order in one pass: calculator
     // would have gone before echo, so it is not merely late.
     assert!(resolve(&mut client, "calculator").await.is_empty());

@@ -30,7 +30,7 @@ async fn sixty_five_metadata_entries_are_refused_and_survive_a_registry_restart(
     assert!(line.contains("ERROR"), "{line}");
     let calc = resolve(&mut client, "calculator").await;
     assert_eq!(calc.len(), 1);
-    assert_eq!(calc[0].weight, 7);
+    assert_eq!(calc[0].weight, Some(7));
     assert!(calc[0].metadata.is_empty());
 
     // A registry restart: the calculator comes back, as last accepted.

@@ -50,7 +50,7 @@ async fn add_change_and_remove_plugins_by_editing_the_file() {
     assert!(!change.reset);
     assert_eq!(change.events.len(), 1, "{change:?}");
     assert_eq!(change.events[0].kind(), EventKind::Updated, "{change:?}");
-    assert_eq!(change.events[0].instance.as_ref().unwrap().weight, 40);
+    assert_eq!(change.events[0].instance.as_ref().unwrap().weight, Some(40));
     drop(watch);
 
     // Remove calculator (disabling counts as removing).
@@ -164,7 +164,12 @@ async fn random_weight_is_kept_across_reloads() {
     let mut client = registry.client().await;
     let weight = testkit::eventually(CHANGE, "echo registered", || {
         let mut client = client.clone();
-        async move { resolve(&mut client, "echo").await.first().map(|i| i.weight) }
+        async move {
+            resolve(&mut client, "echo")
+                .await
+                .first()
+                .map(|i| i.effective_weight())
+        }
     })
     .await;
     let revision = resolve(&mut client, "echo").await[0].revision;

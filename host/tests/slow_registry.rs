@@ -174,13 +174,15 @@ impl Registry for Fake {
         tokio::time::sleep(self.delays.register).await;
         let mut state = self.state.lock().unwrap();
         *state.in_flight.entry(service.clone()).or_default() -= 1;
-        if state.refuse_weight == Some(instance.weight) {
+        if state.refuse_weight.is_some() && state.refuse_weight == instance.weight {
             return Err(Status::invalid_argument(format!(
                 "instance.weight: at most {} on this registry",
-                instance.weight - 1
+                instance.effective_weight() - 1
             )));
         }
-        state.weights.insert(service.clone(), instance.weight);
+        state
+            .weights
+            .insert(service.clone(), instance.effective_weight());
         state.held.insert(service);
         Ok(Response::new(RegisterResponse {
             instance: Some(Instance {

@@ -47,6 +47,16 @@ pub mod echo {
     }
 }
 
+impl registry::v1::Instance {
+    /// The weight to balance by: the field as sent, or
+    /// [`limits::DEFAULT_WEIGHT`] when it is absent (a peer that never sets
+    /// it). Prefer this to prost's `weight()`, which reads an absent field
+    /// as 0.
+    pub fn effective_weight(&self) -> u32 {
+        self.weight.unwrap_or(limits::DEFAULT_WEIGHT)
+    }
+}
+
 /// Descriptors of `registry/v1/registry.proto`.
 pub const REGISTRY_DESCRIPTORS: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/registry.v1.fds.bin"));

@@ -508,7 +508,7 @@ mod tests {
                     instance_id: id.to_string(),
                     host: host.to_string(),
                     port: 7000,
-                    weight: *weight,
+                    weight: Some(*weight),
                     ..Default::default()
                 }),
                 reason: 0,

@@ -188,7 +188,9 @@ impl Harness {
                                     (stored.service.as_str(), stored.instance_id.as_str()),
                                     (sent.service.as_str(), sent.instance_id.as_str())
                                 );
-                                assert!((1..=validate::MAX_WEIGHT).contains(&stored.weight));
+                                assert!(
+                                    (1..=validate::MAX_WEIGHT).contains(&stored.effective_weight())
+                                );
                                 assert!(
                                     stored.revision > 0 && stored.revision <= self.state.revision()
                                 );
@@ -209,7 +211,7 @@ impl Harness {
                     Ok(v) => match self.state.update(v.clone()) {
                         Ok((stored, more)) => {
                             if let Some(w) = v.weight {
-                                assert_eq!(stored.weight, w);
+                                assert_eq!(stored.weight, Some(w));
                             }
                             if let Some(m) = &v.metadata {
                                 assert_eq!(&stored.metadata, m);

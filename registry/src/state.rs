@@ -24,6 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use registry_proto::limits::DEFAULT_WEIGHT;
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::event::Kind;
 use support::constant_time_eq;
@@ -106,7 +107,7 @@ impl Stored {
             lease_id: instance.lease_id,
             revision: instance.revision,
             port: instance.port,
-            weight: instance.weight,
+            weight: instance.weight.unwrap_or(DEFAULT_WEIGHT),
         }
     }
 
@@ -122,7 +123,7 @@ impl Stored {
             instance_id: instance_id.to_string(),
             host: self.host.to_string(),
             port: self.port,
-            weight: self.weight,
+            weight: Some(self.weight),
             metadata: self.metadata.as_deref().cloned().unwrap_or_default(),
             proto_service: self.proto_service().to_string(),
             lease_id: self.lease_id,
@@ -806,6 +807,14 @@ fn encode_u64(tag: u32, value: u64, out: &mut Vec<u8>) {
     encode_varint(value, out);
 }
 
+/// Writes an `optional` integer field: always, 0 included (explicit
+/// presence, as prost does for `Some(0)`).
+fn encode_present_u64(tag: u32, value: u64, out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    encode_key(tag, WireType::Varint, out);
+    encode_varint(value, out);
+}
+
 impl Stored {
     /// Appends the `pb::Instance` this is (field numbers of
     /// `registry.v1.Instance`) to `out`, without building it.
@@ -825,7 +834,8 @@ impl Stored {
         };
         encode_str(3, host, out);
         encode_u64(4, u64::from(self.port), out);
-        encode_u64(5, u64::from(self.weight), out);
+        // `optional`: written even when 0, so the field is present.
+        encode_present_u64(5, u64::from(self.weight), out);
         if let Some(labels) = &self.metadata {
             prost::encoding::hash_map::encode(
                 prost::encoding::string::encode,
@@ -883,7 +893,7 @@ mod tests {
             instance_id: id.into(),
             host: "127.0.0.1".into(),
             port: 1,
-            weight,
+            weight: Some(weight),
             ..Default::default()
         }
     }
@@ -1101,7 +1111,7 @@ mod tests {
             .register(register(&g, instance("a", "1", 2), None))
             .unwrap();
         assert_eq!(kinds(&ev), [(Kind::Updated, 2)]);
-        assert_eq!((i.weight, i.revision), (2, 2));
+        assert_eq!((i.weight, i.revision), (Some(2), 2));
         assert_eq!(s.revision(), 2);
     }
 
@@ -1128,7 +1138,7 @@ mod tests {
             s.deregister(unknown),
             Err(Error::LeaseNotFound(12345))
         ));
-        assert_eq!(s.resolve("svc")[0].weight, 1, "nothing changed");
+        assert_eq!(s.resolve("svc")[0].weight, Some(1), "nothing changed");
         assert_eq!(s.revision(), 1);
     }
 
@@ -1578,7 +1588,7 @@ mod tests {
             let expected: BTreeMap<_, _> = model
                 .instances
                 .iter()
-                .map(|(k, (l, w))| (k.clone(), (granted[*l].lease_id, *w)))
+                .map(|(k, (l, w))| (k.clone(), (granted[*l].lease_id, Some(*w))))
                 .collect();
             prop_assert_eq!(seen, expected);
             prop_assert_eq!(state.lease_count(), model.deadlines.len());

@@ -341,7 +341,7 @@ pub fn register(request: pb::RegisterRequest) -> Result<Register> {
             &instance.instance_id,
         )?;
     }
-    instance.weight = weight("instance.weight", instance.weight)?;
+    instance.weight = Some(weight("instance.weight", instance.weight.unwrap_or(0))?);
     metadata("instance.metadata", &instance.metadata)?;
     proto_service("instance.proto_service", &instance.proto_service)?;
     let descriptors = descriptors(request.file_descriptor_set, &instance.proto_service)?;
@@ -488,7 +488,7 @@ mod tests {
     fn defaults_are_filled_in() {
         let r = register_with(|_| {}).unwrap();
         assert_eq!(r.instance.instance_id, "10.0.0.1:7000");
-        assert_eq!(r.instance.weight, 1);
+        assert_eq!(r.instance.weight, Some(1));
         let r = register_with(|r| r.instance.as_mut().unwrap().host = "::1".into()).unwrap();
         assert_eq!(r.instance.instance_id, "[::1]:7000");
     }
@@ -506,7 +506,7 @@ mod tests {
         assert_eq!(i(|i| i.host = String::new()), "instance.host");
         assert_eq!(i(|i| i.host = "bad_host".into()), "instance.host");
         assert_eq!(i(|i| i.host = "a..b".into()), "instance.host");
-        assert_eq!(i(|i| i.weight = 1001), "instance.weight");
+        assert_eq!(i(|i| i.weight = Some(1001)), "instance.weight");
         assert_eq!(i(|i| i.instance_id = "é".into()), "instance.instance_id");
         assert_eq!(
             i(|i| i.instance_id = "x".repeat(129)),

@@ -18,18 +18,18 @@ async fn register_list_resolve_deregister() {
     assert_eq!(lease.secret.len(), 32);
 
     let mut calc = instance("calculator", "", 7001);
-    calc.weight = 0;
+    calc.weight = Some(0);
     let r = register(&mut client, &lease, calc).await;
     let stored = r.instance.unwrap();
     assert_eq!(
         stored.instance_id, "127.0.0.1:7001",
         "default id is host:port"
     );
-    assert_eq!(stored.weight, 1, "weight 0 is stored as 1");
+    assert_eq!(stored.weight, Some(1), "weight 0 is stored as 1");
     assert_eq!(stored.lease_id, lease.id);
     assert_eq!(stored.revision, r.revision);
     let mut b = instance("calculator", "b", 7002);
-    b.weight = 5;
+    b.weight = Some(5);
     register(&mut client, &lease, b).await;
     register(&mut client, &lease, instance("echo", "e1", 7003)).await;
 
@@ -55,9 +55,9 @@ async fn register_list_resolve_deregister() {
 
     // Registering again under the same lease updates in place.
     let mut b2 = instance("calculator", "b", 7002);
-    b2.weight = 9;
+    b2.weight = Some(9);
     let r = register(&mut client, &lease, b2).await;
-    assert_eq!(r.instance.unwrap().weight, 9);
+    assert_eq!(r.instance.unwrap().weight, Some(9));
     assert_eq!(ids(&mut client, "calculator").await.len(), 2);
 
     deregister(&mut client, &lease, "calculator", "b")
@@ -116,7 +116,7 @@ async fn update_changes_weight_and_metadata() {
         .unwrap()
         .into_inner();
     let stored = r.instance.unwrap();
-    assert_eq!(stored.weight, 7);
+    assert_eq!(stored.weight, Some(7));
     assert_eq!(stored.metadata["zone"], "b");
     let err = client.update(update(Some(7), false)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

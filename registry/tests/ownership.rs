@@ -15,7 +15,7 @@ async fn another_lease_cannot_touch_an_instance() {
     let owner = grant(&mut client, LONG_TTL).await;
     let other = grant(&mut client, LONG_TTL).await;
     let mut original = instance("svc", "x", 7000);
-    original.weight = 3;
+    original.weight = Some(3);
     register(&mut client, &owner, original).await;
     let before = everything(&mut client).await;
 
@@ -36,7 +36,7 @@ async fn another_lease_cannot_touch_an_instance() {
 
     // Another lease shadowing the same instance id.
     let mut shadow = instance("svc", "x", 9999);
-    shadow.weight = 1000;
+    shadow.weight = Some(1000);
     let err = client
         .register(register_request(&other, shadow))
         .await
@@ -73,7 +73,7 @@ async fn another_lease_cannot_touch_an_instance() {
 
     assert_eq!(everything(&mut client).await, before, "nothing changed");
     let x = &resolve(&mut client, "svc").await[0];
-    assert_eq!((x.port, x.weight, x.lease_id), (7000, 3, owner.id));
+    assert_eq!((x.port, x.weight, x.lease_id), (7000, Some(3), owner.id));
 
     // Once the owner lets go, another lease may take the id.
     deregister(&mut client, &owner, "svc", "x").await.unwrap();

@@ -73,7 +73,7 @@ async fn invalid_requests_name_the_field_and_change_nothing() {
         ("instance.host", with(&|i| i.host = "h".repeat(254))),
         ("instance.port", with(&|i| i.port = 0)),
         ("instance.port", with(&|i| i.port = 70000)),
-        ("instance.weight", with(&|i| i.weight = 1001)),
+        ("instance.weight", with(&|i| i.weight = Some(1001))),
         ("instance.metadata", with(&long_meta(65, 1))),
         ("instance.metadata", with(&long_meta(20, 1000))),
         ("instance.metadata[\"k0\"]", with(&long_meta(1, 1025))),

@@ -52,7 +52,7 @@ async fn watchers_see_every_change_in_order_under_concurrent_load() {
                 let service = SERVICES[(w + round) % SERVICES.len()];
                 let id = format!("w{w}-{}", round % 4);
                 let mut i = instance(service, &id, 1000 + w as u32);
-                i.weight = 1 + (round as u32 % 7);
+                i.weight = Some(1 + (round as u32 % 7));
                 register(&mut client, &lease, i).await;
                 if round % 3 == 2 {
                     deregister(&mut client, &lease, service, &id).await.unwrap();
@@ -245,7 +245,7 @@ async fn a_slow_reader_falls_behind_then_catches_up_with_an_exact_copy() {
         async move {
             for n in 0..200u32 {
                 let mut i = instance("slow", &format!("i{n:03}"), 2000 + n);
-                i.weight = 1 + round;
+                i.weight = Some(1 + round);
                 i.metadata.insert("label".into(), label.clone());
                 register(&mut client, &lease, i).await;
             }
@@ -272,7 +272,7 @@ async fn a_slow_reader_falls_behind_then_catches_up_with_an_exact_copy() {
         "it fell behind and got a fresh snapshot"
     );
     assert_eq!(replica.instances, truth, "an exact copy after catching up");
-    assert!(replica.instances.values().all(|i| i.weight == 31));
+    assert!(replica.instances.values().all(|i| i.weight == Some(31)));
 
     // And it follows the next change as usual.
     change(31).await;

@@ -57,7 +57,7 @@ async fn a_broken_watch_resumes_from_its_last_revision_with_no_gap_and_no_duplic
     // Missed: an add, an update, a removal.
     register(&mut client, &lease, instance("beta", "b0", 1)).await;
     let mut changed = instance("alpha", "a0", 1);
-    changed.weight = 7;
+    changed.weight = Some(7);
     register(&mut client, &lease, changed).await;
     deregister(&mut client, &lease, "alpha", "a1")
         .await

@@ -201,7 +201,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
         ),
         (
             "Register weight 1001",
-            with(&|i| i.weight = 1001),
+            with(&|i| i.weight = Some(1001)),
             Invalid,
             "instance.weight: must be 0..=1000",
         ),

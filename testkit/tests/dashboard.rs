@@ -296,7 +296,7 @@ async fn bulk_register(grpc: SocketAddr, services: usize, per: usize) {
                             service: format!("svc-{s:04}"),
                             host: format!("10.{}.{}.{}", s / 250, s % 250, i + 1),
                             port: 7000,
-                            weight: u32::try_from(i + 1).unwrap(),
+                            weight: Some(u32::try_from(i + 1).unwrap()),
                             metadata: metadata(i),
                             ..Default::default()
                         }),

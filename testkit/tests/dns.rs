@@ -60,7 +60,7 @@ async fn register(registry: &Registry, instances: &[(&str, &str, u32, u32)]) {
                     service: service.to_string(),
                     host: host.to_string(),
                     port: *port,
-                    weight: *weight,
+                    weight: Some(*weight),
                     ..Default::default()
                 }),
                 file_descriptor_set: Vec::new(),

@@ -231,7 +231,7 @@ impl View {
             .instances
             .values()
             .filter(|i| i.host == ip)
-            .map(|i| (i.service.clone(), i.weight))
+            .map(|i| (i.service.clone(), i.effective_weight()))
             .collect();
         v.sort();
         v
@@ -757,7 +757,7 @@ async fn lan_registry_fed_bad_input_keeps_serving_and_loses_nothing() {
         service: service.to_string(),
         host: cl.lan.gateway().to_string(),
         port,
-        weight,
+        weight: Some(weight),
         ..Default::default()
     };
     let register = |inst: Instance, fds: Vec<u8>| RegisterRequest {

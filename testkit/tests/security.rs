@@ -67,7 +67,7 @@ async fn a_rogue_client_cannot_deregister_update_or_shadow_a_nodes_instances() {
                 instance_id: id.clone(),
                 host: ROGUE_IP.to_string(),
                 port: 1,
-                weight: 1000,
+                weight: Some(1000),
                 ..Default::default()
             }),
             file_descriptor_set: Vec::new(),

@@ -78,7 +78,7 @@ fn big_instance(id: usize) -> pb::Instance {
         instance_id: format!("i{id:05}"),
         host: "127.0.0.1".into(),
         port: 9,
-        weight: 1,
+        weight: Some(1),
         metadata: (0..64)
             .map(|k| {
                 (
@@ -232,7 +232,7 @@ async fn watchers_that_never_read_cannot_sink_the_registry() {
         // so the attackers fall behind and their snapshots are dropped.
         for id in 0..100 {
             let mut i = big_instance(id);
-            i.weight = 2 + round;
+            i.weight = Some(2 + round);
             client
                 .register(pb::RegisterRequest {
                     lease_id: churn_lease.lease_id,

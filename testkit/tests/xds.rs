@@ -133,7 +133,7 @@ async fn wait_for_weight(registry: &Registry, service: &str, addr: SocketAddr, w
             r.into_inner()
                 .instances
                 .iter()
-                .any(|i| i.port == u32::from(addr.port()) && i.weight == weight)
+                .any(|i| i.port == u32::from(addr.port()) && i.weight == Some(weight))
                 .then_some(())
         }
     })

@@ -300,7 +300,7 @@ pub(super) mod fixtures {
             instance_id: format!("127.0.0.1:{port}"),
             host: "127.0.0.1".into(),
             port,
-            weight,
+            weight: Some(weight),
             ..Default::default()
         }
     }
@@ -399,7 +399,7 @@ mod tests {
             vec![(ChangeKind::Added, 3), (ChangeKind::Updated, 1)]
         );
         assert_eq!(ports(&s, "calc"), vec![1, 3]);
-        assert_eq!(s.instances("calc")[0].weight, 9);
+        assert_eq!(s.instances("calc")[0].weight, Some(9));
         let mut removal = event(EventKindPb::Removed, 8, inst("echo", 2, 1));
         removal.reason = RemovalReason::LeaseExpired as i32;
         let out = apply(&mut s, events("r1", vec![removal]));
@@ -436,7 +436,7 @@ mod tests {
         // Same revision again, and an older one: ignored.
         let out = apply(&mut s, one(EventKindPb::Updated, 5, inst("calc", 1, 7)));
         assert!(out.changes.is_empty());
-        assert_eq!(s.instances("calc")[0].weight, 1);
+        assert_eq!(s.instances("calc")[0].weight, Some(1));
         // A newer update that changes nothing a caller sees.
         let mut relabelled = inst("calc", 1, 1);
         relabelled.lease_id = 99;

@@ -30,7 +30,7 @@ pub fn list_text(snapshot: &Snapshot) -> String {
             instances.len()
         );
         for i in instances.iter() {
-            let mut line = format!("  {:<22} weight={}", address(i), i.weight);
+            let mut line = format!("  {:<22} weight={}", address(i), i.effective_weight());
             if i.instance_id != address(i) {
                 let _ = write!(line, " id={}", i.instance_id);
             }
@@ -59,7 +59,7 @@ pub fn list_json(registry: &str, snapshot: &Snapshot) -> serde_json::Value {
                         "host": i.host,
                         "port": i.port,
                         "address": address(i),
-                        "weight": i.weight,
+                        "weight": i.effective_weight(),
                         "metadata": i.metadata.iter().collect::<BTreeMap<_, _>>(),
                     })
                 })

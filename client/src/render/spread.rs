@@ -17,8 +17,10 @@ pub fn spread_table(
     served: &BTreeMap<String, u32>,
     failures: u32,
 ) -> String {
-    let mut weights: BTreeMap<String, u32> =
-        instances.iter().map(|i| (address(i), i.weight)).collect();
+    let mut weights: BTreeMap<String, u32> = instances
+        .iter()
+        .map(|i| (address(i), i.effective_weight()))
+        .collect();
     for addr in served.keys() {
         weights.entry(addr.clone()).or_insert(0);
     }
@@ -75,7 +77,7 @@ mod tests {
         Instance {
             host: "10.0.0.1".into(),
             port,
-            weight,
+            weight: Some(weight),
             ..Default::default()
         }
     }

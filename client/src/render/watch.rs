@@ -7,8 +7,18 @@ use crate::directory::{Change, ChangeKind, address};
 pub fn change_line(change: &Change) -> String {
     let i = &change.instance;
     match change.kind {
-        ChangeKind::Added => format!("+ {} {} weight={}", i.service, address(i), i.weight),
-        ChangeKind::Updated => format!("~ {} {} weight={}", i.service, address(i), i.weight),
+        ChangeKind::Added => format!(
+            "+ {} {} weight={}",
+            i.service,
+            address(i),
+            i.effective_weight()
+        ),
+        ChangeKind::Updated => format!(
+            "~ {} {} weight={}",
+            i.service,
+            address(i),
+            i.effective_weight()
+        ),
         ChangeKind::Removed(cause) => format!("- {} {} ({cause})", i.service, address(i)),
     }
 }
@@ -35,7 +45,7 @@ mod tests {
             service: "calc".into(),
             host: "::1".into(),
             port: 5,
-            weight: 2,
+            weight: Some(2),
             ..Default::default()
         };
         let line = |kind| {

@@ -38,7 +38,7 @@ pub async fn weights_at(
     for s in services {
         for i in resolve(client, s).await {
             if i.host == addr.ip().to_string() && i.port == u32::from(addr.port()) {
-                out.insert(s.to_string(), i.weight);
+                out.insert(s.to_string(), i.effective_weight());
             }
         }
     }

@@ -274,8 +274,12 @@ impl View {
 /// What an update changed, in words: `weight 3 → 7`, `metadata`, ...
 fn describe_update(old: &pb::Instance, new: &pb::Instance) -> String {
     let mut what = Vec::new();
-    if old.weight != new.weight {
-        what.push(format!("weight {} → {}", old.weight, new.weight));
+    if old.effective_weight() != new.effective_weight() {
+        what.push(format!(
+            "weight {} → {}",
+            old.effective_weight(),
+            new.effective_weight()
+        ));
     }
     if old.metadata != new.metadata {
         what.push("metadata changed".to_string());
@@ -302,7 +306,7 @@ fn instance_json(i: &pb::Instance, leases: &HashMap<u64, (u64, usize)>, changed:
         "id": i.instance_id,
         "host": i.host,
         "port": i.port,
-        "weight": i.weight,
+        "weight": i.effective_weight(),
         "metadata": i.metadata,
         "proto": i.proto_service,
         "lease": i.lease_id.to_string(),
@@ -321,7 +325,7 @@ mod tests {
             instance_id: "a".into(),
             host: "10.0.0.1".into(),
             port: 7,
-            weight,
+            weight: Some(weight),
             lease_id: 9,
             ..Default::default()
         }

@@ -415,7 +415,7 @@ mod tests {
             instance_id: id.into(),
             host: "127.0.0.1".into(),
             port: 1,
-            weight: 1,
+            weight: Some(1),
             ..Default::default()
         }
     }

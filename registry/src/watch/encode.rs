@@ -292,7 +292,7 @@ mod tests {
                 instance_id: format!("i{n:04}"),
                 host: "10.0.0.1".into(),
                 port: 1,
-                weight: 1,
+                weight: Some(1),
                 metadata: [("k".to_string(), "v".repeat(label))].into(),
                 ..Default::default()
             }),

@@ -27,7 +27,7 @@ fn register(store: &Store, lease: &crate::state::Granted, id: usize, weight: u32
         instance_id: format!("i{id:05}"),
         host: "127.0.0.1".into(),
         port: 1,
-        weight,
+        weight: Some(weight),
         ..Default::default()
     };
     if label > 0 {

@@ -62,7 +62,7 @@ fn backend(instance: &pb::Instance) -> Backend {
         instance_id: instance.instance_id.clone(),
         host: instance.host.clone(),
         port: instance.port,
-        weight: instance.weight,
+        weight: instance.effective_weight(),
     }
 }
 
@@ -210,7 +210,7 @@ mod tests {
                 instance_id: id.into(),
                 host: "10.0.0.1".into(),
                 port: 1,
-                weight,
+                weight: Some(weight),
                 ..Default::default()
             }),
             reason: 0,

@@ -245,7 +245,7 @@ mod tests {
                     instance_id: id.to_string(),
                     host: "127.0.0.1".into(),
                     port: 9,
-                    weight: *weight,
+                    weight: Some(*weight),
                     ..Default::default()
                 }),
                 reason: 0,

@@ -37,7 +37,7 @@ pub fn instance(service: &str, id: &str, port: u32) -> pb::Instance {
         instance_id: id.into(),
         host: "127.0.0.1".into(),
         port,
-        weight: 1,
+        weight: Some(1),
         ..Default::default()
     }
 }

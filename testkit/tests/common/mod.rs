@@ -96,7 +96,7 @@ pub fn register_request(
             instance_id: id.into(),
             host: host.to_string(),
             port: 9,
-            weight: 1,
+            weight: Some(1),
             ..Default::default()
         }),
         file_descriptor_set: Vec::new(),
