@@ -14,6 +14,7 @@
 //!   registry token, for the registry and every instance.
 //! - [`status`]: a gRPC status as one readable line.
 //! - [`directory`]: a live local copy of the registry's instances (Watch),
+//!   failover between registry replicas, resuming from the last revision,
 //!   reconnection with backoff, stale fallbacks after a registry restart
 //!   (`directory/`: `mod.rs` the handle, `watch.rs` the watch task,
 //!   `apply.rs` the pure snapshot joining and `apply`, `snapshot.rs` the

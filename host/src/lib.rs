@@ -19,7 +19,8 @@
 //! - [`reflection`]: server reflection v1 and v1alpha, listing what is
 //!   mounted.
 //! - [`registration`]: the lease, heartbeats, reconciliation toward the
-//!   desired registrations, retry with backoff.
+//!   desired registrations, failover to the next registry replica with the
+//!   same lease, retry with backoff.
 //! - [`metrics`]: the Prometheus metrics and the `--http` listener that
 //!   serves them.
 //! - [`addr`]: which IP to advertise.

@@ -64,8 +64,13 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(2);
 /// for heartbeat answers. A stalled registry renews every lease when it
 /// resumes (see the registry's `lease` module), so a session kept through
 /// the stall is still good; one dropped would be revoked, and the node's
-/// instances would flap.
+/// instances would flap. With several replicas the node does not wait: it
+/// moves to the next one after the TTL alone ([`REPLICA_SILENCE`]), where
+/// its lease lives on (with a shared store) while the stalled one is out.
 pub const STALL_TOLERANCE: Duration = Duration::from_secs(4);
+/// How long past the lease TTL a silent replica is waited for, and its
+/// HTTP/2 pings, when there are other replicas to go to.
+pub const REPLICA_SILENCE: Duration = Duration::from_secs(1);
 /// First pause after every registry replica failed in a row.
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest pause between rounds of attempts.
@@ -372,12 +377,20 @@ async fn run(
     mut desired: watch::Receiver<Desired>,
     reached: watch::Sender<Reached>,
 ) -> u32 {
+    // A single registry is waited for through a stall; of several, a
+    // silent one is left for the next.
+    let several = support::connect::split_addrs(&settings.registry).is_ok_and(|a| a.len() > 1);
+    let stall = if several {
+        REPLICA_SILENCE
+    } else {
+        STALL_TOLERANCE
+    };
     let replicas = match settings.connector.replicas(&settings.registry, |endpoint| {
         endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             // HTTP/2 pings still find a dead link, but a stalled registry is
-            // given STALL_TOLERANCE to answer.
-            .keep_alive_timeout(STALL_TOLERANCE)
+            // given `stall` to answer.
+            .keep_alive_timeout(stall)
     }) {
         Ok(replicas) => replicas,
         Err(e) => {
@@ -425,6 +438,7 @@ async fn run(
             &mut rotation,
             &mut accepted,
             &mut carried,
+            stall,
         )
         .await
         {
@@ -514,6 +528,9 @@ struct Lease {
     id: u64,
     secret: String,
     ttl: Duration,
+    /// How long past the TTL a silent registry is waited for
+    /// ([`STALL_TOLERANCE`] or [`REPLICA_SILENCE`]).
+    stall: Duration,
 }
 
 /// One registered instance, as this node registered it.
@@ -548,6 +565,7 @@ async fn start(
     settings: &Settings,
     replica: Replica<'_>,
     resume: Option<&Lease>,
+    stall: Duration,
 ) -> Result<Started, SessionError> {
     let registry = replica.addr();
     let channel = timeout(CONNECT_TIMEOUT * 2, replica.endpoint().connect())
@@ -560,7 +578,11 @@ async fn start(
     let mut client = settings.connector.registry(channel);
 
     if let Some(lease) = resume {
-        match attach(&client, lease).await {
+        let lease = Lease {
+            stall,
+            ..lease.clone()
+        };
+        match attach(&client, &lease).await {
             Ok(heartbeat) => {
                 info!(
                     "registry {registry}: lease {} resumed (ttl {:?})",
@@ -568,7 +590,7 @@ async fn start(
                 );
                 return Ok(Started {
                     client,
-                    lease: lease.clone(),
+                    lease,
                     heartbeat,
                     resumed: true,
                 });
@@ -600,6 +622,7 @@ async fn start(
         id: grant.lease_id,
         secret: grant.lease_secret,
         ttl: Duration::from_millis(grant.ttl_ms.max(1)),
+        stall,
     };
     info!(
         "registry {registry}: lease {} granted (ttl {:?})",
@@ -650,6 +673,7 @@ async fn session(
     rotation: &mut Rotation,
     accepted: &mut BTreeMap<String, PluginConfig>,
     carried: &mut Option<Carried>,
+    stall: Duration,
 ) -> Result<SessionEnd, SessionError> {
     let registry = replica.addr();
     // Connecting may take seconds (and waiting for the KeepAlive answer
@@ -658,7 +682,7 @@ async fn session(
     // notices.)
     nothing_registered(reached, desired);
     let resume = carried.as_ref().map(|c| c.lease.clone());
-    let starting = start(settings, replica, resume.as_ref());
+    let starting = start(settings, replica, resume.as_ref(), stall);
     tokio::pin!(starting);
     let started = loop {
         tokio::select! {
@@ -1036,8 +1060,8 @@ async fn keep_alive(
             // A cut link shows as silence, not an error: give up once the
             // lease must have expired on the registry's side anyway, or the
             // registry is stalled for longer than it is given.
-            () = sleep_until(last_answer + lease.ttl + STALL_TOLERANCE) => {
-                return SessionError::KeepAliveSilent(lease.ttl + STALL_TOLERANCE);
+            () = sleep_until(last_answer + lease.ttl + lease.stall) => {
+                return SessionError::KeepAliveSilent(lease.ttl + lease.stall);
             }
         }
     }

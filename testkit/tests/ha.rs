@@ -245,6 +245,40 @@ fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() 
 }
 
 #[test]
+fn a_stalled_replica_is_left_after_the_ttl_not_waited_for() {
+    // Memory store: everyone on A first (B down), then B started.
+    let a = Registry::start(&[]);
+    let b_addr = free_addr();
+    let list = format!("{b_addr},{}", a.addr);
+    let dir = TempDir::new("testkit-ha");
+    let config = dir.path().join("node.toml");
+    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
+    let node = start_node("node", &config, &list);
+    let (cursor, first, _) = wait_lease(&node, 0, "granted", READY_TIMEOUT);
+    assert_eq!(first, a.addr.to_string());
+    let _b = Registry::start_on(&b_addr.to_string(), &[]);
+
+    // A stalls (SIGSTOP): no reset, no error, only silence. With another
+    // replica to go to, the node does not give it the single registry's
+    // stall tolerance (TTL + 4 s).
+    a.process.signal(19);
+    let stalled = Instant::now();
+    let (_, moved_to, _) = wait_lease(&node, cursor, "granted", Duration::from_secs(15));
+    let took = stalled.elapsed();
+    a.process.signal(18);
+    println!("TIMING stalled_replica_left_ms={}", took.as_millis());
+    assert_eq!(moved_to, b_addr.to_string());
+    // A single registry is given 4 s past the TTL, and HTTP/2 pings 4 s
+    // (node-host's STALL_TOLERANCE): about 4.5 s. With replicas: 1 s past
+    // the TTL (REPLICA_SILENCE), plus a second for a busy machine.
+    let bound = TTL + Duration::from_secs(2);
+    assert!(
+        took < bound,
+        "took {took:?}: waited for as a single registry is"
+    );
+}
+
+#[test]
 fn a_bad_replica_list_is_refused_naming_the_problem() {
     let (status, _, err) = testkit::run(
         {
@@ -277,6 +311,9 @@ fn a_bad_replica_list_is_refused_naming_the_problem() {
 // ---------------------------------------------------------------------------
 
 use testkit::netns::{EtcdCluster, Host, Lan, lan_for_test};
+
+/// The nodes' lease TTL (the registry's default).
+const TTL: Duration = Duration::from_millis(1500);
 
 /// Every replica's port on its front host.
 const REGISTRY_PORT: u16 = 50051;
