@@ -378,29 +378,13 @@ fn header_timeout(timeout: Duration) -> Duration {
 }
 
 /// Whether a failure means the instance could not be reached or its
-/// connection broke, rather than an answer from the service: `UNAVAILABLE`,
-/// or the codes tonic gives transport failures (a connection reset
-/// mid-request surfaces as `UNKNOWN`/`INTERNAL`/`CANCELLED` with a transport
-/// message, never with one a service would write).
+/// connection broke, rather than an answer from the service: `UNAVAILABLE`
+/// (sent by a server that is shutting down or overloaded, or made by tonic
+/// when it cannot connect), or any status tonic made from a transport error
+/// ([`crate::status::is_transport_failure`]: a connection reset mid-request
+/// surfaces as `UNKNOWN`/`INTERNAL`/`CANCELLED`).
 pub fn is_unavailable(status: &Status) -> bool {
-    const TRANSPORT: [&str; 8] = [
-        "transport error",
-        "h2 protocol error",
-        "connection reset",
-        "connection closed",
-        "connection error",
-        "error reading a body",
-        "broken pipe",
-        "operation was canceled",
-    ];
-    match status.code() {
-        Code::Unavailable => true,
-        Code::Unknown | Code::Internal | Code::Cancelled => {
-            let message = status.message().to_lowercase();
-            TRANSPORT.iter().any(|t| message.contains(t))
-        }
-        _ => false,
-    }
+    status.code() == Code::Unavailable || crate::status::is_transport_failure(status)
 }
 
 /// A method as errors name it: `calculator.v1.Calculator/Divide`.
@@ -428,17 +412,60 @@ mod tests {
         assert!(caller.lock_channels().contains_key("127.0.0.1:200"));
     }
 
+    #[tokio::test]
+    async fn transport_failures_count_as_unavailable_whatever_their_code() {
+        use registry_proto::echo::v1::EchoRequest;
+        use registry_proto::echo::v1::echo_client::EchoClient;
+        use tokio::io::AsyncReadExt;
+        // A server that takes the connection and the request, then closes
+        // the socket before answering: a connection broken mid-request.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            // The preface, SETTINGS and the request's frames: whatever comes
+            // until the client has been quiet for 200 ms; then close.
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(200), socket.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let broken = EchoClient::new(channel)
+            .echo(EchoRequest::default())
+            .await
+            .unwrap_err();
+        assert!(is_unavailable(&broken), "{broken:?}");
+
+        // Nothing listens: refused at connect.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let refused = EchoClient::new(channel)
+            .echo(EchoRequest::default())
+            .await
+            .unwrap_err();
+        assert!(is_unavailable(&refused), "{refused:?}");
+    }
+
     #[test]
-    fn transport_failures_count_as_unavailable() {
-        assert!(is_unavailable(&Status::unavailable("tcp connect error")));
-        assert!(is_unavailable(&Status::unknown("transport error")));
-        assert!(is_unavailable(&Status::internal(
-            "h2 protocol error: stream reset"
-        )));
-        assert!(!is_unavailable(&Status::internal("database on fire")));
-        assert!(!is_unavailable(&Status::invalid_argument(
-            "connection reset"
-        )));
+    fn a_services_own_status_is_an_answer_whatever_its_message() {
+        // As decoded from a server's trailers: no cause. Matching message
+        // text (as before) took the first two for transport failures.
+        for status in [
+            Status::internal("h2 protocol error: stream reset"),
+            Status::unknown("connection reset by the database"),
+            Status::internal("database on fire"),
+            Status::invalid_argument("connection reset"),
+            Status::cancelled("operation was canceled"),
+        ] {
+            assert!(!is_unavailable(&status), "{status:?}");
+        }
+        assert!(is_unavailable(&Status::unavailable("shutting down")));
     }
 
     #[test]

@@ -57,6 +57,29 @@ pub fn connect_failure(status: &Status) -> Option<ConnectFailure> {
     None
 }
 
+/// Whether `status` is the transport failing rather than an answer: the
+/// connection could not be made, or broke before the reply was complete.
+/// Read from the types of the status's causes: a status a server sent
+/// arrives as headers and has no cause, whatever its code or message say;
+/// one tonic made from an I/O, HTTP/2 or hyper error carries that error.
+/// A deadline that ran out (tonic's `TimeoutExpired`) is not a transport
+/// failure: another instance would not be faster.
+pub fn is_transport_failure(status: &Status) -> bool {
+    let mut transport = false;
+    let mut cause: Option<&(dyn Error + 'static)> = status.source();
+    while let Some(error) = cause {
+        if error.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        transport |= error.is::<std::io::Error>()
+            || error.is::<h2::Error>()
+            || error.is::<hyper::Error>()
+            || error.is::<tonic::transport::Error>();
+        cause = error.source();
+    }
+    transport
+}
+
 /// A status as one readable line: `InvalidArgument: division by zero`.
 pub fn status_text(status: &Status) -> String {
     if status.message().is_empty() {
