@@ -1,11 +1,17 @@
-//! The operations every measure needs, for both systems: our registry and
-//! etcd. Each measure is written once against [`Backend`] so both systems run
-//! exactly the same workload.
+//! The operations every measure needs, for every system: our registry, etcd
+//! and r-nacos. Each measure is written once against [`Backend`] so all
+//! systems run exactly the same workload.
 //!
 //! The mapping onto etcd is the usual way a registry is built on it: an
 //! instance is a key `/registry/<service>/<instance_id>` holding the encoded
 //! [`Instance`] and attached to a lease; resolving a service is a range read
 //! on its prefix; following it is a watch on that prefix.
+//!
+//! The mapping onto r-nacos is Nacos's own (see [`crate::nacos`]): the lease
+//! is the connection (ephemeral instances live as long as it), so granting
+//! one does nothing and revoking it ends the connection; resolving is a
+//! ServiceQueryRequest; following a service is a SubscribeServiceRequest and
+//! the pushes after it, whose full states are turned into changes.
 
 use std::time::Duration;
 
@@ -24,6 +30,7 @@ use crate::etcdpb::{
     kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
     watch_request::RequestUnion,
 };
+use crate::nacos;
 
 /// Large enough for a snapshot of the scale test (100 000 instances): tonic's
 /// default of 4 MiB would refuse it.
@@ -36,6 +43,8 @@ pub enum System {
     Ours,
     /// An `etcd` server.
     Etcd,
+    /// An r-nacos server, over the Nacos 2.x gRPC protocol.
+    Rnacos,
 }
 
 impl System {
@@ -44,6 +53,7 @@ impl System {
         match self {
             System::Ours => "ours",
             System::Etcd => "etcd",
+            System::Rnacos => "r-nacos",
         }
     }
 }
@@ -65,16 +75,20 @@ pub enum Backend {
         /// Watch streams.
         watch: WatchClient<Channel>,
     },
+    /// One Nacos connection to r-nacos (its bi-stream and unary calls).
+    Rnacos(nacos::Conn),
 }
 
-/// A lease granted by either system.
+/// A lease granted by a system.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    /// The lease id (etcd's is an int64, ours a uint64; both fit).
+    /// The lease id (etcd's is an int64, ours a uint64; both fit; 0 for
+    /// r-nacos, whose lease is the connection).
     pub id: i64,
-    /// Our lease secret; empty for etcd.
+    /// Our lease secret; empty for the others.
     pub secret: String,
-    /// The TTL the system actually granted (etcd rounds up to its minimum).
+    /// The TTL the system actually granted (etcd rounds up to its minimum;
+    /// zero for r-nacos, whose instances have none).
     pub ttl: Duration,
 }
 
@@ -158,6 +172,7 @@ impl Backend {
                 lease: LeaseClient::new(ch.clone()),
                 watch: WatchClient::new(ch).max_decoding_message_size(MAX_MESSAGE),
             },
+            System::Rnacos => Backend::Rnacos(nacos::Conn::connect(ch).await?),
         })
     }
 
@@ -193,6 +208,12 @@ impl Backend {
                     ttl: Duration::from_secs(r.ttl.max(0) as u64),
                 })
             }
+            // The connection is the lease: nothing to ask for.
+            Backend::Rnacos(_) => Ok(Lease {
+                id: 0,
+                secret: String::new(),
+                ttl: Duration::ZERO,
+            }),
         }
     }
 
@@ -224,6 +245,7 @@ impl Backend {
                 })
                 .await?;
             }
+            Backend::Rnacos(c) => c.register(service, instance_id).await?,
         }
         Ok(())
     }
@@ -240,10 +262,13 @@ impl Backend {
                 .instances
                 .len()),
             Backend::Etcd { kv, .. } => Ok(range(kv, Some(service)).await?.len()),
+            Backend::Rnacos(c) => Ok(c.query(service).await?.hosts().len()),
         }
     }
 
-    /// Revokes a lease, removing what was registered under it.
+    /// Revokes a lease, removing what was registered under it. For r-nacos
+    /// this ends the connection (and every clone of it): Nacos removes a
+    /// connection's instances only with the connection.
     pub async fn revoke(&mut self, l: &Lease) -> Result<()> {
         match self {
             Backend::Ours(c) => {
@@ -256,12 +281,14 @@ impl Backend {
             Backend::Etcd { lease, .. } => {
                 lease.lease_revoke(LeaseRevokeRequest { id: l.id }).await?;
             }
+            Backend::Rnacos(c) => c.close().await?,
         }
         Ok(())
     }
 
-    /// Follows `service` (every service when `None`). The first batch with
-    /// `ready` marks the watcher live; for our registry it carries the
+    /// Follows `service` (every service when `None`; not for r-nacos, which
+    /// subscribes to one service at a time). The first batch with `ready`
+    /// marks the watcher live; for our registry and r-nacos it carries the
     /// snapshot of current instances as `Put`s.
     pub async fn watch(&mut self, service: Option<&str>) -> Result<WatchStream> {
         let stream: WatchStream = match self {
@@ -321,6 +348,33 @@ impl Backend {
                 })
                 .boxed()
             }
+            Backend::Rnacos(c) => {
+                let Some(service) = service else {
+                    bail!("Nacos has no subscription to every service: subscribe to each");
+                };
+                let (first, pushes) = c.subscribe(service).await?;
+                // The subscription lasts as long as the connection: the
+                // stream keeps it open, as a tonic stream keeps its channel.
+                let conn = c.clone();
+                let mut tracker = nacos::Tracker::default();
+                let ready = WatchBatch {
+                    ready: true,
+                    changes: nacos_changes(tracker.apply(&first)),
+                };
+                futures::stream::once(async move { Ok(ready) })
+                    .chain(
+                        tokio_stream::wrappers::UnboundedReceiverStream::new(pushes).map(
+                            move |info| {
+                                let _ = &conn;
+                                Ok(WatchBatch {
+                                    ready: false,
+                                    changes: nacos_changes(tracker.apply(&info)),
+                                })
+                            },
+                        ),
+                    )
+                    .boxed()
+            }
         };
         Ok(stream)
     }
@@ -351,6 +405,12 @@ fn our_change(e: reg::Event) -> Option<Change> {
         Kind::Removed => Some(Change::Removed(id)),
         Kind::Unspecified => None,
     }
+}
+
+fn nacos_changes(d: nacos::Diff) -> Vec<Change> {
+    let put = d.put.into_iter().map(Change::Put);
+    put.chain(d.removed.into_iter().map(Change::Removed))
+        .collect()
 }
 
 fn etcd_change(e: etcdpb::Event) -> Option<Change> {

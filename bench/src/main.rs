@@ -1,22 +1,28 @@
 //! `bench`: measures our registry, node host and generic client, side by side
-//! with etcd doing the same job, and prints the figures as a table (or JSON).
+//! with etcd and r-nacos doing the same job, and prints the figures as a
+//! table (or JSON).
 //!
 //! It starts everything it measures itself: our `registry` and `node-host`
-//! (built next to the bench by the same `cargo` profile) and, when an `etcd`
-//! binary is found, a single-member etcd on a scratch data directory and free
-//! loopback ports.
+//! (built next to the bench by the same `cargo` profile) and, when their
+//! binaries are found, a single-member etcd and an r-nacos, each on a scratch
+//! data directory and free loopback ports.
 //!
 //! # Layout
 //! - `backend`: the operations of a measure (lease, register, resolve, watch)
-//!   for both systems, so each measure is written once.
-//! - `procs`: starting the binaries and etcd, reading a process's memory.
+//!   for every system, so each measure is written once.
+//! - `nacos`: a client of the Nacos 2.x gRPC protocol (connection set-up,
+//!   instances, queries, subscriptions and their pushes), for r-nacos.
+//! - `procs`: starting the binaries, etcd and r-nacos, reading a process's
+//!   memory.
 //! - `measure/*`: one file per figure group of issue 7.
 //! - `stats`: percentiles and throughput; `report`: the table and JSON.
 //! - `etcdpb`: etcd's gRPC API, from the `etcd-api` crate (compiled with
-//!   protox: no protoc needed).
+//!   protox: no protoc needed); `nacospb`: the Nacos protocol, compiled from
+//!   `proto/nacos/nacos_grpc_service.proto` by `build.rs`, the same way.
 
 mod backend;
 mod measure;
+mod nacos;
 mod ours_client;
 mod procs;
 mod report;
@@ -24,6 +30,13 @@ mod stats;
 
 /// etcd's gRPC API (the subset in `etcd-api/proto/etcdserverpb/rpc.proto`).
 use etcd_api::pb as etcdpb;
+
+/// The Nacos 2.x gRPC protocol (`proto/nacos/nacos_grpc_service.proto`; it
+/// has no package, hence the file name `_`).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod nacospb {
+    tonic::include_proto!("_");
+}
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -42,21 +55,24 @@ Examples:
   cargo run --release -p bench -- --quick            # every measure, small counts
   cargo run --release -p bench -- --only watch --watchers 1000
   cargo run --release -p bench -- --json > bench.json
-  cargo run --release -p bench -- --no-etcd          # our side only
+  cargo run --release -p bench -- --no-etcd --no-rnacos   # our side only
+  cargo install rnacos --version 0.8.8 --root ~/.local     # then r-nacos is measured too
 
 Child processes log at `warn`; set BENCH_CHILD_LOG=info (a RUST_LOG filter) to
 see more of what the registry and node hosts do. RUST_LOG sets the bench's own
 progress logs (on stderr).";
 
-/// Benchmarks the registry, the node host and the generic client against etcd.
+/// Benchmarks the registry, the node host and the generic client against etcd
+/// and r-nacos.
 ///
 /// Run it from the workspace with `cargo run --release -p bench` (add `--` and
 /// flags after it). It builds and starts our `registry` and `node-host`
-/// itself, starts `etcd` when it is installed (`apt-get install etcd-server`),
-/// runs each measure on both systems with the same workload, and prints one
-/// row per figure: our value, etcd's (or the typed tonic client's, for the
-/// generic call), their ratio and the goal from issue 7. "↑" marks figures
-/// where higher is better, "↓" where lower is.
+/// itself, starts `etcd` when it is installed (`apt-get install etcd-server`)
+/// and `rnacos` when it is (`cargo install rnacos`), runs each measure on
+/// every system with the same workload, and prints one row per figure: our
+/// value, etcd's (or the typed tonic client's, for the generic call), their
+/// ratio, r-nacos's value and our ratio to it, and the goal from issue 7. "↑"
+/// marks figures where higher is better, "↓" where lower is.
 ///
 /// A full run takes a few minutes; `--quick` runs every measure with small
 /// counts in well under a minute (CI uses it to keep the program working; its
@@ -91,6 +107,20 @@ struct Args {
     /// at a disk to see etcd with real durability.
     #[arg(long, value_name = "DIR")]
     etcd_data_dir: Option<PathBuf>,
+
+    /// Do not start r-nacos even if it is installed.
+    #[arg(long)]
+    no_rnacos: bool,
+
+    /// The r-nacos server binary to start. Default: `rnacos` on PATH
+    /// (`cargo install rnacos --version 0.8.8` builds it).
+    #[arg(long, value_name = "PATH")]
+    rnacos_bin: Option<PathBuf>,
+
+    /// Where r-nacos keeps its data (a fresh subdirectory is made and
+    /// removed). Default: /dev/shm when it exists, as for etcd.
+    #[arg(long, value_name = "DIR")]
+    rnacos_data_dir: Option<PathBuf>,
 
     /// How long each throughput level runs, in milliseconds. Default: 2000,
     /// or 200 with --quick.
@@ -172,6 +202,20 @@ enum Helper {
         /// Lease TTL in seconds.
         #[arg(long)]
         ttl_s: u64,
+    },
+    /// Holds a Nacos connection with one ephemeral instance registered on
+    /// it until killed (the r-nacos side of the kill -9 measure).
+    #[command(hide = true)]
+    HoldRnacosInstance {
+        /// r-nacos gRPC URL.
+        #[arg(long)]
+        url: String,
+        /// Service to register under.
+        #[arg(long)]
+        service: String,
+        /// Instance id to register.
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -272,6 +316,7 @@ struct JsonReport<'a> {
     machine: Machine,
     config: &'a Config,
     etcd: Option<String>,
+    rnacos: Option<String>,
     figures: &'a [Figure],
 }
 
@@ -287,6 +332,9 @@ fn main() -> Result<()> {
     }) = &args.helper
     {
         return rt.block_on(measure::failure::hold_etcd_lease(url, service, id, *ttl_s));
+    }
+    if let Some(Helper::HoldRnacosInstance { url, service, id }) = &args.helper {
+        return rt.block_on(measure::failure::hold_rnacos_instance(url, service, id));
     }
     rt.block_on(run(args))
 }
@@ -307,22 +355,38 @@ async fn run(args: Args) -> Result<()> {
         }
         found
     };
-    let etcd_data = args.etcd_data_dir.clone().unwrap_or_else(|| {
+    let memory_dir = || {
         let shm = PathBuf::from("/dev/shm");
         if shm.is_dir() {
             shm
         } else {
             std::env::temp_dir()
         }
-    });
+    };
+    let etcd_data = args.etcd_data_dir.clone().unwrap_or_else(memory_dir);
     let version = etcd_bin.as_ref().map(|b| etcd_version(b));
+    let rnacos_bin = if args.no_rnacos {
+        None
+    } else {
+        let found = procs::find_program("rnacos", args.rnacos_bin.as_deref());
+        if found.is_none() {
+            eprintln!(
+                "rnacos not found: r-nacos is not measured. Install it with \
+                 `cargo install rnacos --version 0.8.8` (about 6 minutes on 2 cores) \
+                 or pass --rnacos-bin PATH."
+            );
+        }
+        found
+    };
+    let rnacos_data = args.rnacos_data_dir.clone().unwrap_or_else(memory_dir);
+    let rnacos_version = rnacos_bin.as_deref().map(procs::rnacos_version);
 
     let measures: Vec<Measure> = if args.only.is_empty() {
         Measure::value_variants().to_vec()
     } else {
         args.only.clone()
     };
-    let mut ctx = Ctx::new(config.clone(), etcd_bin, etcd_data).await?;
+    let mut ctx = Ctx::new(config.clone(), etcd_bin, etcd_data, rnacos_bin, rnacos_data).await?;
     let mut figures = Vec::new();
     for m in measures {
         tracing::info!("measuring {m:?}");
@@ -353,18 +417,20 @@ async fn run(args: Args) -> Result<()> {
             machine: Machine::probe(),
             config: &config,
             etcd: version,
+            rnacos: rnacos_version,
             figures: &figures,
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         let m = Machine::probe();
         println!(
-            "\n{} build, {} CPUs ({}), {} RAM; reference: {}\n",
+            "\n{} build, {} CPUs ({}), {} RAM; reference: {}; also: {}\n",
             m.profile,
             m.cpus,
             m.cpu_model,
             m.mem_total,
-            version.as_deref().unwrap_or("etcd not run")
+            version.as_deref().unwrap_or("etcd not run"),
+            rnacos_version.as_deref().unwrap_or("r-nacos not run")
         );
         print!("{}", report::table(&figures));
     }

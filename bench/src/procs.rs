@@ -1,6 +1,6 @@
 //! Starting the systems under test: our binaries (found next to the bench's
-//! own executable, as `testkit` does) and an `etcd` on a scratch data
-//! directory and free loopback ports.
+//! own executable, as `testkit` does), and `etcd` and `rnacos`, each on a
+//! scratch data directory and free loopback ports.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -196,12 +196,17 @@ pub struct EtcdProc {
 
 /// Finds `etcd`: the given path, or the first `etcd` on PATH.
 pub fn find_etcd(explicit: Option<&Path>) -> Option<PathBuf> {
+    find_program("etcd", explicit)
+}
+
+/// Finds program `name`: the given path, or the first `name` on PATH.
+pub fn find_program(name: &str, explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = explicit {
         return p.exists().then(|| p.to_path_buf());
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
-        .map(|d| d.join("etcd"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 
@@ -245,6 +250,84 @@ impl EtcdProc {
             _data: data,
         })
     }
+}
+
+/// A running r-nacos with its defaults, but its ports and data directory.
+pub struct RnacosProc {
+    /// The child; killed when dropped.
+    pub process: Process,
+    /// `http://127.0.0.1:port` of its gRPC port (the Nacos 2.x protocol).
+    pub url: String,
+    /// Its data directory, removed after the child is killed (field order).
+    _data: TempDir,
+}
+
+impl RnacosProc {
+    /// Starts `rnacos` with its data in a fresh directory under `data_base`,
+    /// on free loopback ports, and waits until it answers a query on a
+    /// Nacos connection.
+    pub async fn start(bin: &Path, data_base: &Path) -> Result<RnacosProc> {
+        let data = TempDir::new_in(data_base, "rnacos");
+        // Its HTTP, gRPC and console ports, all held until all are known.
+        let held: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<std::io::Result<_>>()?;
+        let ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.port()))
+            .collect::<std::io::Result<_>>()?;
+        drop(held);
+        let mut cmd = Command::new(bin);
+        cmd.env("RUST_LOG", child_log());
+        // r-nacos reads a `.env` file from its working directory: the
+        // scratch directory has none.
+        cmd.current_dir(data.path())
+            .env("RNACOS_HTTP_PORT", ports[0].to_string())
+            .env("RNACOS_GRPC_PORT", ports[1].to_string())
+            .env("RNACOS_HTTP_CONSOLE_PORT", ports[2].to_string())
+            .env("RNACOS_SDK_HOST", "127.0.0.1")
+            .env("RNACOS_CONSOLE_HOST", "127.0.0.1")
+            .env("RNACOS_DATA_DIR", data.path())
+            .env("RNACOS_CONFIG_DB_DIR", data.path());
+        let mut process = Process::spawn("rnacos", cmd);
+        let url = format!("http://127.0.0.1:{}", ports[1]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if !process.is_running() {
+                bail!("rnacos exited at start; its output is above");
+            }
+            if let Ok(mut b) = Backend::connect(System::Rnacos, &url).await
+                && b.resolve("probe").await.is_ok()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("rnacos did not answer within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(RnacosProc {
+            process,
+            url,
+            _data: data,
+        })
+    }
+}
+
+/// `rnacos 0.8.8`, from `rnacos --version`.
+pub fn rnacos_version(bin: &Path) -> String {
+    Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().replace("rnacos", "r-nacos"))
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "r-nacos (unknown version)".into())
 }
 
 #[cfg(test)]

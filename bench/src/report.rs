@@ -41,10 +41,28 @@ pub struct Figure {
     pub reference: Option<f64>,
     /// `ours / reference`, when both exist.
     pub ratio: Option<f64>,
+    /// Further systems measured on the same workload (r-nacos), each with
+    /// its own column pair in the table.
+    pub others: Vec<Other>,
     /// The goal for this figure, if it sets one.
     pub target: Option<Target>,
     /// Anything a reader needs to interpret the numbers.
     pub note: String,
+}
+
+/// Another system's value of a figure, beside the main reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct Other {
+    /// The system, e.g. `r-nacos`: names the table's column.
+    pub name: &'static str,
+    /// Its figure, when measured.
+    pub value: Option<f64>,
+    /// `ours / value`, when both exist.
+    pub ratio: Option<f64>,
+    /// False when the system has no equivalent of the measure (the table
+    /// says `n/a`, and the note says why), rather than a figure that was not
+    /// measured (`-`).
+    pub equivalent: bool,
 }
 
 impl Figure {
@@ -65,19 +83,41 @@ impl Figure {
             reference_name: "",
             reference: None,
             ratio: None,
+            others: Vec::new(),
             target: None,
             note: String::new(),
         }
+    }
+
+    /// Adds another system's value in its own column, with its ratio.
+    pub fn and(mut self, name: &'static str, value: Option<f64>) -> Figure {
+        let ratio = ratio(self.ours, value);
+        self.others.push(Other {
+            name,
+            value,
+            ratio,
+            equivalent: true,
+        });
+        self
+    }
+
+    /// Marks `name`'s column `n/a` for this figure: the system has no
+    /// equivalent of the measure, for the reason given (added to the note).
+    pub fn none_for(mut self, name: &'static str, why: &str) -> Figure {
+        self.others.push(Other {
+            name,
+            value: None,
+            ratio: None,
+            equivalent: false,
+        });
+        self.note(format!("{name}: no equivalent ({why})"))
     }
 
     /// Adds the reference system's value and computes the ratio.
     pub fn vs(mut self, reference_name: &'static str, reference: Option<f64>) -> Figure {
         self.reference_name = reference_name;
         self.reference = reference;
-        self.ratio = match (self.ours, reference) {
-            (Some(o), Some(r)) if r != 0.0 => Some(o / r),
-            _ => None,
-        };
+        self.ratio = ratio(self.ours, reference);
         self
     }
 
@@ -111,6 +151,19 @@ impl Figure {
     }
 }
 
+/// `ours / reference`, when both exist and the reference is not zero.
+fn ratio(ours: Option<f64>, reference: Option<f64>) -> Option<f64> {
+    match (ours, reference) {
+        (Some(o), Some(r)) if r != 0.0 => Some(o / r),
+        _ => None,
+    }
+}
+
+/// A ratio as the table shows it.
+fn times(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into())
+}
+
 /// Formats a number with a precision suited to its size.
 fn num(v: Option<f64>) -> String {
     match v {
@@ -137,43 +190,66 @@ fn group_thousands(v: i64) -> String {
 }
 
 /// The figures as a Markdown table (readable in a terminal and pasteable into
-/// BENCHMARKS.md).
+/// BENCHMARKS.md). Each other system any figure has (r-nacos) gets two
+/// columns after the main reference's: its value and `ours/<name>`.
 pub fn table(figures: &[Figure]) -> String {
-    let header = [
-        "measure",
-        "unit",
-        "ours",
-        "reference",
-        "value",
-        "ours/ref",
-        "target",
-        "note",
-    ];
-    let rows: Vec<[String; 8]> = figures
+    let mut others: Vec<&'static str> = Vec::new();
+    for o in figures.iter().flat_map(|f| &f.others) {
+        if !others.contains(&o.name) {
+            others.push(o.name);
+        }
+    }
+    let mut header: Vec<String> = ["measure", "unit", "ours", "reference", "value", "ours/ref"]
+        .map(String::from)
+        .to_vec();
+    for name in &others {
+        header.push(name.to_string());
+        header.push(format!("ours/{name}"));
+    }
+    header.push("target".into());
+    header.push("note".into());
+    let rows: Vec<Vec<String>> = figures
         .iter()
         .map(|f| {
             let arrow = match f.better {
                 Better::Higher => "↑",
                 Better::Lower => "↓",
             };
-            [
+            let mut row = vec![
                 format!("{}: {}", f.group, f.name),
                 format!("{} {arrow}", f.unit),
                 num(f.ours),
                 f.reference_name.to_string(),
                 num(f.reference),
-                f.ratio
-                    .map(|r| format!("{r:.2}x"))
-                    .unwrap_or_else(|| "-".into()),
+                times(f.ratio),
+            ];
+            for name in &others {
+                match f.others.iter().find(|o| o.name == *name) {
+                    Some(o) if !o.equivalent => {
+                        row.push("n/a".into());
+                        row.push("n/a".into());
+                    }
+                    Some(o) => {
+                        row.push(num(o.value));
+                        row.push(times(o.ratio));
+                    }
+                    None => {
+                        row.push("-".into());
+                        row.push("-".into());
+                    }
+                }
+            }
+            row.push(
                 f.target
                     .as_ref()
                     .map(|t| format!("{} {}", t.goal, if t.met { "MET" } else { "NOT MET" }))
                     .unwrap_or_default(),
-                f.note.clone(),
-            ]
+            );
+            row.push(f.note.clone());
+            row
         })
         .collect();
-    let mut widths = header.map(|h| h.chars().count());
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -181,15 +257,17 @@ pub fn table(figures: &[Figure]) -> String {
     }
     let line = |cells: &[String]| {
         let mut s = String::from("|");
-        for (cell, w) in cells.iter().zip(widths) {
+        for (cell, w) in cells.iter().zip(&widths) {
             let pad = w - cell.chars().count();
             s.push_str(&format!(" {cell}{} |", " ".repeat(pad)));
         }
         s.push('\n');
         s
     };
-    let mut out = line(&header.map(String::from));
-    out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+    let mut out = line(&header);
+    out.push_str(&line(
+        &widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(),
+    ));
     for row in &rows {
         out.push_str(&line(row));
     }
@@ -237,6 +315,40 @@ mod tests {
         assert!(t.contains("12 346"));
         assert!(t.contains("6.17x"));
         assert!(t.contains(">= 3x etcd MET"));
+    }
+
+    #[test]
+    fn other_systems_get_their_own_columns() {
+        let figs = [
+            Figure::new(
+                "register",
+                "1 client",
+                "inst/s",
+                Better::Higher,
+                Some(300.0),
+            )
+            .vs("etcd", Some(100.0))
+            .and("r-nacos", Some(600.0)),
+            Figure::new("failure", "expiry", "ms", Better::Lower, Some(1.0))
+                .vs("etcd", Some(2.0))
+                .none_for("r-nacos", "no TTL"),
+            Figure::new("generic", "p99", "ms", Better::Lower, Some(1.0)),
+        ];
+        let t = table(&figs);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("| r-nacos ") && lines[0].contains("| ours/r-nacos "));
+        assert!(
+            lines[2].contains("| 600 ") && lines[2].contains("| 0.50x "),
+            "{t}"
+        );
+        assert!(lines[3].contains("| n/a "), "{t}");
+        assert!(lines[3].contains("r-nacos: no equivalent (no TTL)"), "{t}");
+        // A figure the other system was not asked about shows a dash.
+        assert_eq!(lines[4].matches("| - ").count(), 4, "{t}");
+        let width = lines[0].chars().count();
+        assert!(lines.iter().all(|l| l.chars().count() == width), "{t}");
+        // No other system, no extra column.
+        assert!(!table(&figs[2..]).contains("r-nacos"));
     }
 
     #[test]

@@ -5,10 +5,13 @@
 //!   the signal to the REMOVED (etcd: DELETE) event. Our registry ties a
 //!   lease to its KeepAlive stream, so the broken connection revokes it at
 //!   once; etcd leases are not tied to a connection, so etcd can only wait
-//!   for the TTL.
+//!   for the TTL. r-nacos's equivalent of a node is a child holding a Nacos
+//!   connection with an ephemeral instance on it: Nacos too removes a
+//!   connection's instances when it breaks, then pushes to subscribers.
 //! - lease expiry: a lease is granted with a TTL, an instance registered
 //!   under it, and no heartbeat is ever sent; the clock runs from the grant
-//!   to the event. Shown as is and as lateness past the granted TTL.
+//!   to the event. Shown as is and as lateness past the granted TTL. Nacos
+//!   2.x has no equivalent: its ephemeral instances have no TTL.
 
 use std::time::{Duration, Instant};
 
@@ -122,6 +125,51 @@ async fn kill_etcd(url: &str, repeat: usize) -> Result<(Duration, Duration)> {
     Ok((at - t0, granted))
 }
 
+/// One kill -9 on r-nacos's side: a child holding a Nacos connection with an
+/// ephemeral instance on it.
+async fn kill_rnacos(url: &str, repeat: usize) -> Result<Duration> {
+    let service = "bench-kill";
+    let id = format!("holder-{repeat}");
+    let mut stream = watcher(System::Rnacos, url, service).await?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([
+        "hold-rnacos-instance",
+        "--url",
+        url,
+        "--service",
+        service,
+        "--id",
+        &id,
+    ]);
+    let mut holder = testkit::Process::spawn("rnacos-holder", cmd);
+    holder.wait_for_line("holding instance", Duration::from_secs(20));
+    wait_for(&mut stream, Duration::from_secs(10), |c| {
+        *c == Change::Put(id.clone())
+    })
+    .await?;
+    let t0 = Instant::now();
+    holder.kill9();
+    let (at, _) = wait_for(&mut stream, Duration::from_secs(60), |c| {
+        *c == Change::Removed(id.clone())
+    })
+    .await?;
+    Ok(at - t0)
+}
+
+/// The hidden `hold-rnacos-instance` helper: opens a Nacos connection,
+/// registers an ephemeral instance on it, prints `holding instance <id>` and
+/// keeps the connection (answering the server's probes) until killed.
+pub async fn hold_rnacos_instance(url: &str, service: &str, id: &str) -> Result<()> {
+    let mut b = Backend::connect(System::Rnacos, url).await?;
+    let lease = b.grant(Duration::ZERO).await?;
+    b.register(&lease, service, id).await?;
+    println!("holding instance {id}");
+    std::future::pending::<()>().await;
+    drop(b);
+    Ok(())
+}
+
 /// One lease expiry: grant, register, never heartbeat.
 async fn expiry(
     system: System,
@@ -195,54 +243,79 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             etcd_ttl = ttl;
         }
     }
+    let mut rnacos = Vec::new();
+    if let Some(r) = &ctx.rnacos {
+        for n in 0..repeats {
+            tracing::info!(
+                "failure: kill -9 of an r-nacos connection holder ({}/{repeats})",
+                n + 1
+            );
+            rnacos.push(kill_rnacos(&r.url, n).await?);
+        }
+    }
     let runs = |v: &[Duration]| {
         v.iter()
             .map(|d| format!("{:.1}", ms(*d)))
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let each = format!("ours, each run (ms): {}", runs(&ours));
+    let mut each = format!("ours, each run (ms): {}", runs(&ours));
+    if ctx.rnacos.is_some() {
+        each.push_str(&format!("; r-nacos: {}", runs(&rnacos)));
+    }
     let ours_s = summary_of(&mut ours);
     let etcd_s = summary_of(&mut etcd);
+    let rnacos_s = summary_of(&mut rnacos);
+    let median = Figure::new(
+        "failure",
+        "kill -9 to REMOVED, median",
+        "ms",
+        Better::Lower,
+        ours_s.map(|s| s.p50_ms),
+    )
+    .vs("etcd", etcd_s.map(|s| s.p50_ms));
     figures.push(
-        Figure::new(
-            "failure",
-            "kill -9 to REMOVED, median",
-            "ms",
-            Better::Lower,
-            ours_s.map(|s| s.p50_ms),
-        )
-        .vs("etcd", etcd_s.map(|s| s.p50_ms))
-        .note(if ctx.etcd.is_some() {
-            format!(
-                "{repeats} runs, killed {} ms after ADDED; etcd holder lease TTL {} s \
+        ctx.rnacos_column(median, rnacos_s.map(|s| s.p50_ms))
+            .note(if ctx.etcd.is_some() {
+                format!(
+                    "{repeats} runs, killed {} ms after ADDED; etcd holder lease TTL {} s \
                  (keepalive every TTL/3)",
-                SETTLE.as_millis(),
-                etcd_ttl.as_secs()
-            )
-        } else {
-            format!(
-                "{repeats} runs, killed {} ms after ADDED",
-                SETTLE.as_millis()
-            )
-        }),
+                    SETTLE.as_millis(),
+                    etcd_ttl.as_secs()
+                )
+            } else {
+                format!(
+                    "{repeats} runs, killed {} ms after ADDED",
+                    SETTLE.as_millis()
+                )
+            })
+            .note(if ctx.rnacos.is_some() {
+                "r-nacos holder killed as soon as its instance was seen"
+            } else {
+                ""
+            }),
     );
+    let max = Figure::new(
+        "failure",
+        "kill -9 to REMOVED, max",
+        "ms",
+        Better::Lower,
+        ours_s.map(|s| s.max_ms),
+    )
+    .vs("etcd", etcd_s.map(|s| s.max_ms));
     figures.push(
-        Figure::new(
-            "failure",
-            "kill -9 to REMOVED, max",
-            "ms",
-            Better::Lower,
-            ours_s.map(|s| s.max_ms),
-        )
-        .vs("etcd", etcd_s.map(|s| s.max_ms))
-        .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
-        .note(each),
+        ctx.rnacos_column(max, rnacos_s.map(|s| s.max_ms))
+            .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
+            .note(each),
     );
 
-    // lease expiry
+    // lease expiry; Nacos 2.x instances have no TTL to expire.
     let mut results = Vec::new();
-    for (system, url) in ctx.systems() {
+    let with_ttl = ctx
+        .systems()
+        .into_iter()
+        .filter(|(s, _)| *s != System::Rnacos);
+    for (system, url) in with_ttl {
         let mut took = Vec::new();
         let mut late = Vec::new();
         let mut granted = Duration::ZERO;
@@ -274,26 +347,26 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ttl_note(ours),
         ttl_note(etcd)
     );
-    figures.push(
-        Figure::new(
-            "failure",
-            "lease grant to REMOVED, median",
-            "ms",
-            Better::Lower,
-            ours.and_then(|(t, _, _)| t).map(|s| s.p50_ms),
-        )
-        .vs("etcd", etcd.and_then(|(t, _, _)| t).map(|s| s.p50_ms))
-        .note(asked),
-    );
-    figures.push(
-        Figure::new(
-            "failure",
-            "lease expiry lateness past TTL, max",
-            "ms",
-            Better::Lower,
-            ours.and_then(|(_, l, _)| l).map(|s| s.max_ms),
-        )
-        .vs("etcd", etcd.and_then(|(_, l, _)| l).map(|s| s.max_ms)),
-    );
+    let no_ttl = "its ephemeral instances have no TTL: they live as long as their \
+                  connection, which it probes after 15 s without traffic";
+    let f = Figure::new(
+        "failure",
+        "lease grant to REMOVED, median",
+        "ms",
+        Better::Lower,
+        ours.and_then(|(t, _, _)| t).map(|s| s.p50_ms),
+    )
+    .vs("etcd", etcd.and_then(|(t, _, _)| t).map(|s| s.p50_ms))
+    .note(asked);
+    figures.push(ctx.rnacos_none(f, no_ttl));
+    let f = Figure::new(
+        "failure",
+        "lease expiry lateness past TTL, max",
+        "ms",
+        Better::Lower,
+        ours.and_then(|(_, l, _)| l).map(|s| s.max_ms),
+    )
+    .vs("etcd", etcd.and_then(|(_, l, _)| l).map(|s| s.max_ms));
+    figures.push(ctx.rnacos_none(f, no_ttl));
     Ok(figures)
 }

@@ -19,7 +19,8 @@ use tokio::task::JoinSet;
 
 use crate::Config;
 use crate::backend::System;
-use crate::procs::{EtcdProc, RegistryProc};
+use crate::procs::{EtcdProc, RegistryProc, RnacosProc};
+use crate::report::Figure;
 use crate::stats::Load;
 
 /// The systems under test, shared by the measures (the scale measure starts
@@ -35,14 +36,31 @@ pub struct Ctx {
     pub etcd_bin: Option<PathBuf>,
     /// Where etcd data directories go.
     pub etcd_data: PathBuf,
+    /// r-nacos, when installed and not disabled.
+    pub rnacos: Option<RnacosProc>,
+    /// The rnacos binary, to start fresh ones.
+    pub rnacos_bin: Option<PathBuf>,
+    /// Where r-nacos data directories go.
+    pub rnacos_data: PathBuf,
 }
 
 impl Ctx {
-    /// Starts our registry and, when `etcd_bin` is given, etcd.
-    pub async fn new(cfg: Config, etcd_bin: Option<PathBuf>, etcd_data: PathBuf) -> Result<Ctx> {
+    /// Starts our registry and, when their binaries are given, etcd and
+    /// r-nacos.
+    pub async fn new(
+        cfg: Config,
+        etcd_bin: Option<PathBuf>,
+        etcd_data: PathBuf,
+        rnacos_bin: Option<PathBuf>,
+        rnacos_data: PathBuf,
+    ) -> Result<Ctx> {
         let ours = RegistryProc::start()?;
         let etcd = match &etcd_bin {
             Some(bin) => Some(EtcdProc::start(bin, &etcd_data).await?),
+            None => None,
+        };
+        let rnacos = match &rnacos_bin {
+            Some(bin) => Some(RnacosProc::start(bin, &rnacos_data).await?),
             None => None,
         };
         Ok(Ctx {
@@ -51,6 +69,9 @@ impl Ctx {
             etcd,
             etcd_bin,
             etcd_data,
+            rnacos,
+            rnacos_bin,
+            rnacos_data,
         })
     }
 
@@ -60,7 +81,30 @@ impl Ctx {
         if let Some(e) = &self.etcd {
             v.push((System::Etcd, e.url.clone()));
         }
+        if let Some(r) = &self.rnacos {
+            v.push((System::Rnacos, r.url.clone()));
+        }
         v
+    }
+
+    /// `f` with r-nacos's column (`value`, and our ratio to it) when r-nacos
+    /// takes part in this run.
+    pub fn rnacos_column(&self, f: Figure, value: Option<f64>) -> Figure {
+        if self.rnacos_bin.is_some() {
+            f.and(System::Rnacos.name(), value)
+        } else {
+            f
+        }
+    }
+
+    /// `f` with r-nacos's column saying it has no equivalent, and why, when
+    /// r-nacos takes part in this run.
+    pub fn rnacos_none(&self, f: Figure, why: &str) -> Figure {
+        if self.rnacos_bin.is_some() {
+            f.none_for(System::Rnacos.name(), why)
+        } else {
+            f
+        }
     }
 }
 

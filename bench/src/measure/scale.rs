@@ -6,7 +6,10 @@
 //!   instance's encoded payload;
 //! - snapshot: how long a new watcher of every service waits for the full
 //!   state (ours: the reset message of Watch; etcd sends no snapshot on a
-//!   watch, so its equivalent is a range read of the whole prefix);
+//!   watch, so its equivalent is a range read of the whole prefix; Nacos
+//!   subscribes to one service at a time, so its equivalent is a
+//!   subscription to each service, [`SUBSCRIBE_IN_FLIGHT`] at a time, on one
+//!   connection);
 //! - resolve latency of one service (100 instances) at that size;
 //! - ours only: how long new watchers hold writers back. A writer
 //!   re-registers one instance in a loop while new watchers of every service
@@ -22,7 +25,7 @@ use prost::Message;
 
 use super::{Ctx, closed_loop, of};
 use crate::backend::{self, Backend, System};
-use crate::procs::{EtcdProc, RegistryProc, rss_bytes};
+use crate::procs::{EtcdProc, RegistryProc, RnacosProc, rss_bytes};
 use crate::report::{Better, Figure};
 use crate::stats::Summary;
 
@@ -31,6 +34,8 @@ use crate::stats::Summary;
 const LEASE_TTL: Duration = Duration::from_secs(300);
 /// Concurrent registering clients.
 const LOADERS: usize = 64;
+/// Subscriptions a new r-nacos subscriber of every service has in flight.
+const SUBSCRIBE_IN_FLIGHT: usize = 64;
 
 /// Figures of one system.
 #[derive(Clone, Copy)]
@@ -136,7 +141,9 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
             loop {
                 let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if s >= services {
-                    return Ok::<(), anyhow::Error>(());
+                    // Handed back: r-nacos's instances live only as long
+                    // as the connection that registered them.
+                    return Ok::<Backend, anyhow::Error>(b);
                 }
                 let lease = b.grant(LEASE_TTL).await?;
                 let name = service_name(s);
@@ -149,8 +156,10 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
             }
         });
     }
+    // Held to the end of the measure.
+    let mut held = Vec::new();
     while let Some(r) = tasks.join_next().await {
-        r.context("a loader panicked")??;
+        held.push(r.context("a loader panicked")??);
     }
     let load_per_sec = total as f64 / start.elapsed().as_secs_f64();
     let after = rss_bytes(pid)?;
@@ -161,6 +170,10 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
     let t0 = Instant::now();
     let got = match (&mut b, system) {
         (Backend::Etcd { kv, .. }, System::Etcd) => backend::range(kv, None).await?.len(),
+        (Backend::Rnacos(c), System::Rnacos) => {
+            let all: Vec<String> = (0..services).map(service_name).collect();
+            c.subscribe_each(&all, SUBSCRIBE_IN_FLIGHT).await?
+        }
         _ => {
             let mut stream = b.watch(None).await?;
             let mut got = None;
@@ -189,7 +202,7 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
     .await;
     let writer = match system {
         System::Ours => Some(writer_blocking(url).await?),
-        System::Etcd => None,
+        System::Etcd | System::Rnacos => None,
     };
     Ok(Scale {
         load_per_sec,
@@ -223,8 +236,18 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         drop(fresh);
         ctx.etcd = Some(EtcdProc::start(bin, &ctx.etcd_data).await?);
     }
+    if let Some(bin) = &ctx.rnacos_bin {
+        tracing::info!("scale: r-nacos");
+        ctx.rnacos = None;
+        let fresh = RnacosProc::start(bin, &ctx.rnacos_data).await?;
+        let r = measure(System::Rnacos, &fresh.url, fresh.process.pid(), ctx).await?;
+        results.push((System::Rnacos, r));
+        drop(fresh);
+        ctx.rnacos = Some(RnacosProc::start(bin, &ctx.rnacos_data).await?);
+    }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
+    let rnacos = of(&results, System::Rnacos);
     // The payload is the instance as the registry stores and returns it,
     // output fields (lease id, revision) included, at realistic magnitudes.
     let stored = registry_proto::registry::v1::Instance {
@@ -235,7 +258,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let payload = stored.encoded_len() as f64;
     let n = ctx.cfg.scale_instances;
     let s = ctx.cfg.scale_services;
-    Ok(vec![
+    let figures = vec![
         Figure::new(
             "scale",
             format!("load {n} instances, {LOADERS} clients"),
@@ -308,5 +331,30 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours.and_then(|r| r.resolve).map(|s| s.p99_ms),
         )
         .vs("etcd", etcd.and_then(|r| r.resolve).map(|s| s.p99_ms)),
-    ])
+    ];
+    // r-nacos's column on the figures it has an equivalent of.
+    let Some(r) = rnacos else {
+        return Ok(figures);
+    };
+    Ok(figures
+        .into_iter()
+        .map(|f| {
+            let value = match f.name.as_str() {
+                name if name.starts_with("load ") => Some(r.load_per_sec),
+                name if name.starts_with("RSS per instance") => Some(r.bytes_per_instance),
+                name if name.starts_with("full snapshot") => Some(r.snapshot_ms),
+                "resolve latency p50" => r.resolve.map(|s| s.p50_ms),
+                "resolve latency p99" => r.resolve.map(|s| s.p99_ms),
+                _ => return f,
+            };
+            let f = ctx.rnacos_column(f, value);
+            if f.name.starts_with("full snapshot") {
+                f.note(format!(
+                    "r-nacos: a subscription to each service, {SUBSCRIBE_IN_FLIGHT} in flight"
+                ))
+            } else {
+                f
+            }
+        })
+        .collect())
 }

@@ -1,6 +1,7 @@
 //! Measure 3: Watch propagation: the time from a change sent to the server to its
 //! arrival at each of 1, 100, 1000 and 10 000 watchers of the service (etcd:
-//! watches on the service's prefix).
+//! watches on the service's prefix; r-nacos: subscriptions, whose pushes a
+//! connection hands to each of its watchers).
 //!
 //! The clock starts when the writer sends the change, so each sample also
 //! holds the write itself (for etcd that includes its raft commit): the
@@ -115,6 +116,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         }
         let ours = of(&results, System::Ours);
         let etcd = of(&results, System::Etcd);
+        let rnacos = of(&results, System::Rnacos);
         let name = |p: &str| {
             format!(
                 "{p}, {watchers} watcher{}",
@@ -126,8 +128,9 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ("p99", |s: Summary| s.p99_ms),
             ("max", |s: Summary| s.max_ms),
         ] {
-            let mut f = Figure::new("watch", name(label), "ms", Better::Lower, ours.map(pick))
+            let f = Figure::new("watch", name(label), "ms", Better::Lower, ours.map(pick))
                 .vs("etcd", etcd.map(pick));
+            let mut f = ctx.rnacos_column(f, rnacos.map(pick));
             if label == "p99" && watchers >= 10_000 {
                 f = f.target("< 50 ms", ours.map(|s| s.p99_ms < 50.0));
             } else if label == "p99" && watchers >= 1000 {
@@ -161,20 +164,19 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ("p50", xds.p50_ms, watch_p50),
         ("p99", xds.p99_ms, watch_p99),
     ] {
-        figures.push(
-            Figure::new(
-                "watch",
-                format!("xDS push {label}, 1 ADS client"),
-                "ms",
-                Better::Lower,
-                Some(ours),
-            )
-            .vs("our Watch, 1 watcher", reference)
-            .note(format!(
-                "registration to its ClusterLoadAssignment at an ADS stream; {} changes",
-                ctx.cfg.watch_changes
-            )),
-        );
+        let f = Figure::new(
+            "watch",
+            format!("xDS push {label}, 1 ADS client"),
+            "ms",
+            Better::Lower,
+            Some(ours),
+        )
+        .vs("our Watch, 1 watcher", reference)
+        .note(format!(
+            "registration to its ClusterLoadAssignment at an ADS stream; {} changes",
+            ctx.cfg.watch_changes
+        ));
+        figures.push(ctx.rnacos_none(f, "it serves no xDS"));
     }
     Ok(figures)
 }
