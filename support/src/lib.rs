@@ -24,6 +24,10 @@
 //!   node host.
 //! - [`reflection`]: server reflection v1 and v1alpha, answered as grpc-go
 //!   does, for the registry and the node host.
+//! - [`reflection_fetch`]: the other side: a service's descriptors fetched
+//!   from a server's reflection (its file, then each import), bounded, for
+//!   the client (instances without registered descriptors) and the node
+//!   host (external plugins).
 //! - Re-exported from `tokio-util`: [`CancellationToken`], the one shutdown
 //!   signal (cloned to every task that must stop), and
 //!   [`AbortOnDropHandle`], a task that dies with its owner.
@@ -40,6 +44,7 @@ pub mod error;
 pub mod logging;
 pub mod metrics;
 pub mod reflection;
+pub mod reflection_fetch;
 pub mod signal;
 pub mod tls;
 

@@ -5,13 +5,10 @@
 //! ListServices names the service (the one besides health and reflection,
 //! or the one `service =` chooses); FileContainingSymbol gives the file
 //! defining it, and each import still missing is fetched with
-//! FileByFilename. Bounded: at most [`MAX_REQUESTS`] requests,
-//! [`MAX_FILES`] files and [`MAX_BYTES`] of descriptors.
+//! FileByFilename (`support::reflection_fetch`). Bounded by [`LIMITS`].
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use prost::Message;
-use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use prost_types::FileDescriptorSet;
+use support::reflection_fetch::{self, Ask, FetchError, Limits, Progress};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -20,12 +17,13 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
 
-/// Most reflection requests one discovery makes.
-pub const MAX_REQUESTS: usize = 256;
-/// Most descriptor files one plugin's service may need.
-pub const MAX_FILES: usize = 256;
-/// Most bytes of descriptors (the registry takes 4 MiB per service).
-pub const MAX_BYTES: usize = 4 * 1024 * 1024;
+/// Bounds on one discovery: requests, descriptor files, and bytes of
+/// descriptors (the registry takes 4 MiB per service).
+pub const LIMITS: Limits = Limits {
+    requests: 256,
+    files: 256,
+    bytes: 4 * 1024 * 1024,
+};
 
 const PATHS: [&str; 2] = [
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -82,7 +80,8 @@ pub async fn discover(
 struct Session {
     tx: mpsc::Sender<ServerReflectionRequest>,
     replies: tonic::Streaming<ServerReflectionResponse>,
-    requests: usize,
+    /// Requests sent so far (ListServices went with the stream).
+    progress: Progress,
 }
 
 impl Session {
@@ -109,44 +108,27 @@ impl Session {
         Ok(Session {
             tx,
             replies,
-            requests: 1,
+            progress: Progress {
+                requests: 1,
+                ..Progress::default()
+            },
         })
     }
 
-    async fn reply(&mut self) -> Result<MessageResponse, DiscoverError> {
+    async fn reply(&mut self) -> Result<MessageResponse, FetchError> {
         let reply = self
             .replies
             .message()
             .await
             .map_err(|s| {
-                DiscoverError::NotReady(format!("reflection: {}: {}", s.code(), s.message()))
+                FetchError::Transport(format!("reflection: {}: {}", s.code(), s.message()))
             })?
             .and_then(|r| r.message_response)
-            .ok_or_else(|| DiscoverError::NotReady("reflection stream ended".into()))?;
+            .ok_or_else(|| FetchError::Transport("reflection stream ended".into()))?;
         match reply {
-            MessageResponse::ErrorResponse(e) => Err(DiscoverError::Wrong(format!(
-                "reflection answered an error: {}",
-                e.error_message
-            ))),
+            MessageResponse::ErrorResponse(e) => Err(FetchError::Answered(e.error_message)),
             other => Ok(other),
         }
-    }
-
-    async fn ask(&mut self, request: MessageRequest) -> Result<MessageResponse, DiscoverError> {
-        if self.requests >= MAX_REQUESTS {
-            return Err(DiscoverError::Wrong(format!(
-                "reflection: more than {MAX_REQUESTS} requests (the limit) to collect the descriptors"
-            )));
-        }
-        self.requests += 1;
-        self.tx
-            .send(ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(request),
-            })
-            .await
-            .map_err(|_| DiscoverError::NotReady("reflection stream closed".into()))?;
-        self.reply().await
     }
 
     async fn run(
@@ -186,60 +168,39 @@ impl Session {
 
     /// The file defining `service`, then every import, until none is missing.
     async fn files_of(&mut self, service: &str) -> Result<FileDescriptorSet, DiscoverError> {
-        let mut files: BTreeMap<String, FileDescriptorProto> = BTreeMap::new();
-        let mut wanted: BTreeSet<String> = BTreeSet::new();
-        let mut bytes = 0usize;
-        let mut reply = self
-            .ask(MessageRequest::FileContainingSymbol(service.to_string()))
-            .await?;
-        loop {
-            let MessageResponse::FileDescriptorResponse(r) = reply else {
-                return Err(DiscoverError::Wrong(
-                    "reflection: expected file descriptors".into(),
-                ));
-            };
-            for encoded in r.file_descriptor_proto {
-                bytes = bytes.saturating_add(encoded.len());
-                if bytes > MAX_BYTES {
-                    return Err(DiscoverError::Wrong(format!(
-                        "reflection: the descriptors of {service} exceed {MAX_BYTES} bytes (the limit)"
-                    )));
-                }
-                let file = FileDescriptorProto::decode(encoded.as_slice()).map_err(|e| {
-                    DiscoverError::Wrong(format!("reflection: bad file descriptor: {e}"))
-                })?;
-                let name = file.name().to_string();
-                if !files.contains_key(&name) && files.len() >= MAX_FILES {
-                    return Err(DiscoverError::Wrong(format!(
-                        "reflection: {service} needs more than {MAX_FILES} files (the limit)"
-                    )));
-                }
-                wanted.extend(
-                    file.dependency
-                        .iter()
-                        .filter(|d| !files.contains_key(*d) && **d != name)
-                        .cloned(),
-                );
-                wanted.remove(&name);
-                files.insert(name, file);
-            }
-            let Some(next) = wanted.pop_first() else {
-                break;
-            };
-            reply = self
-                .ask(MessageRequest::FileByFilename(next.clone()))
-                .await?;
-            if let MessageResponse::FileDescriptorResponse(r) = &reply
-                && r.file_descriptor_proto.is_empty()
-            {
-                return Err(DiscoverError::Wrong(format!(
-                    "reflection: asked for the file {next}, got none"
-                )));
-            }
+        let mut progress = std::mem::take(&mut self.progress);
+        let mut ask = Asker(self);
+        let files = reflection_fetch::files_of(&mut ask, service, &mut progress, LIMITS).await;
+        self.progress = progress;
+        Ok(FileDescriptorSet { file: files? })
+    }
+}
+
+/// A session as [`Ask`] (a newtype: the session keeps the progress, which
+/// the exchange borrows separately).
+struct Asker<'a>(&'a mut Session);
+
+impl Ask for Asker<'_> {
+    async fn ask(&mut self, request: MessageRequest) -> Result<MessageResponse, FetchError> {
+        self.0
+            .tx
+            .send(ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            })
+            .await
+            .map_err(|_| FetchError::Transport("reflection stream closed".into()))?;
+        self.0.reply().await
+    }
+}
+
+impl From<FetchError> for DiscoverError {
+    fn from(error: FetchError) -> DiscoverError {
+        if error.is_transport() {
+            DiscoverError::NotReady(error.to_string())
+        } else {
+            DiscoverError::Wrong(error.to_string())
         }
-        Ok(FileDescriptorSet {
-            file: files.into_values().collect(),
-        })
     }
 }
 
