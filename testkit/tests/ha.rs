@@ -20,10 +20,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use testkit::{Process, READY_TIMEOUT, Registry, TempDir};
+use testkit::{NodeHost, Process, READY_TIMEOUT, Registry, TempDir};
 
 /// `registry 127.0.0.1:4711: lease 3 granted` (or `resumed`) in a node's
 /// log: the replica's address and the lease id.
@@ -50,17 +49,13 @@ fn wait_lease(node: &Process, cursor: usize, verb: &str, within: Duration) -> (u
     }
 }
 
-fn start_node(name: &str, config: &Path, registries: &str) -> Process {
-    let mut cmd = testkit::command("node-host");
-    cmd.arg("--config")
-        .arg(config)
-        .args(["--registry", registries, "--advertise", "127.0.0.1"])
-        .env_remove("REGISTRY_TOKEN")
-        .env_remove("REGISTRY_ADDR");
-    let node = Process::spawn(name, cmd);
-    node.wait_for_line("node-host serving on", READY_TIMEOUT);
-    node
+/// A node host serving the calculator (weight 1), registering with
+/// `registries`; its process.
+fn start_node(registries: &str) -> Process {
+    NodeHost::start(registries, CALCULATOR).process
 }
+
+const CALCULATOR: &str = "[plugins.calculator]\nweight = 1\n";
 
 fn client(registries: &str) -> std::process::Command {
     let mut cmd = testkit::command("client");
@@ -98,10 +93,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     let addrs = vec![a.addr.to_string(), b_addr.to_string()];
     // In either order: where each starts is random anyway.
     let list = format!("{b_addr},{}", a.addr);
-    let dir = TempDir::new("testkit-ha");
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
-    let node = start_node("node", &config, &list);
+    let node = start_node(&list);
     let (cursor, first, lease) = wait_lease(&node, 0, "granted", READY_TIMEOUT);
     assert_eq!(first, addrs[0]);
 
@@ -211,10 +203,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
 fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() {
     let registry = Registry::start(&[]);
     let addr = registry.addr.to_string();
-    let dir = TempDir::new("testkit-ha");
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
-    let mut node = start_node("node", &config, &addr);
+    let mut node = start_node(&addr);
     let mut watch_cmd = client(&addr);
     watch_cmd.arg("watch");
     let watch = Process::spawn("watch", watch_cmd);
@@ -250,10 +239,7 @@ fn a_stalled_replica_is_left_after_the_ttl_not_waited_for() {
     let a = Registry::start(&[]);
     let b_addr = free_addr();
     let list = format!("{b_addr},{}", a.addr);
-    let dir = TempDir::new("testkit-ha");
-    let config = dir.path().join("node.toml");
-    std::fs::write(&config, "[plugins.calculator]\nweight = 1\n").unwrap();
-    let node = start_node("node", &config, &list);
+    let node = start_node(&list);
     let (cursor, first, _) = wait_lease(&node, 0, "granted", READY_TIMEOUT);
     assert_eq!(first, a.addr.to_string());
     let _b = Registry::start_on(&b_addr.to_string(), &[]);
@@ -323,11 +309,10 @@ const REGISTRY_PORT: u16 = 50051;
 struct Ha {
     /// `None` while killed.
     replicas: Vec<Option<Process>>,
-    nodes: Vec<Process>,
+    nodes: Vec<NodeHost>,
     /// `--store` of every replica; `None`: each its own memory store.
     store: Option<String>,
     etcd: EtcdCluster,
-    dir: TempDir,
     /// Dropped before `front`: it only removes the interfaces it plugged
     /// into the replicas' hosts.
     store_lan: Lan,
@@ -351,7 +336,6 @@ impl Ha {
             nodes: Vec::new(),
             store: None,
             etcd,
-            dir: TempDir::new("testkit-ha"),
             store_lan,
             front,
         }
@@ -403,23 +387,11 @@ impl Ha {
     /// Starts node `i` (calculator, weight 1 + i) on its host, registering
     /// with `registries`.
     fn start_node(&mut self, i: usize, registries: &str) {
-        let config = self.dir.path().join(format!("n{i}.toml"));
-        std::fs::write(
-            &config,
-            format!("[plugins.calculator]\nweight = {}\n", 1 + i),
-        )
-        .unwrap();
-        let node = self.node_host(i).spawn(
-            &format!("n{i}"),
-            "node-host",
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--registry",
-                registries,
-            ],
-        );
-        node.wait_for_line("node-host serving on", READY_TIMEOUT);
+        let toml = format!("[plugins.calculator]\nweight = {}\n", 1 + i);
+        let node = NodeHost::launch(registries, &toml)
+            .advertise(None)
+            .command(self.node_host(i).command("node-host"))
+            .start();
         self.nodes.push(node);
     }
 
@@ -562,13 +534,18 @@ fn ha_memory_store_replica_killed_nodes_move_and_no_call_fails() {
     );
     calls.wait_for_line("\"value\"", READY_TIMEOUT);
     ha.start_replica(1);
-    let cursors: Vec<usize> = ha.nodes.iter().map(Process::line_count).collect();
+    let cursors: Vec<usize> = ha.nodes.iter().map(|n| n.process.line_count()).collect();
 
     let killed = Instant::now();
     ha.kill_replica(0);
     let r1 = ha.replica_addr(1);
     for (i, cursor) in cursors.iter().enumerate() {
-        let (_, addr, _) = wait_lease(&ha.nodes[i], *cursor, "granted", Duration::from_secs(10));
+        let (_, addr, _) = wait_lease(
+            &ha.nodes[i].process,
+            *cursor,
+            "granted",
+            Duration::from_secs(10),
+        );
         assert_eq!(addr, r1);
     }
     let took = killed.elapsed();
