@@ -637,7 +637,6 @@ async fn a_plugin_never_healthy_times_out_naming_its_health() {
 
 #[tokio::test]
 async fn the_nodes_tls_covers_an_external_plugin() {
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let registry = Registry::start(&[]);
     let dir = testkit::TempDir::new("external-tls");
     let ca = testkit::certs::TestCa::new(dir.path(), "test");
@@ -658,16 +657,7 @@ async fn the_nodes_tls_covers_an_external_plugin() {
         "plugin inventory (inventory.v1.Inventory) is SERVING",
         PLUGIN_READY,
     );
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&ca.ca_pem).unwrap()))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{}", node.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = ca.channel(node.addr, "localhost").await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let reply = grpc
@@ -681,7 +671,11 @@ async fn the_nodes_tls_covers_an_external_plugin() {
         .into_inner();
     assert!(reply.windows(8).any(|w| w == b"over-tls"), "{reply:?}");
     // Plaintext is refused (at connect or at the call).
-    let plain = match Channel::from_shared(node.url()).unwrap().connect().await {
+    let plain = match tonic::transport::Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+    {
         Ok(channel) => {
             let mut grpc = tonic::client::Grpc::new(channel);
             match grpc.ready().await {

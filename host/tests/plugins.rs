@@ -326,7 +326,6 @@ async fn reflection_v1_and_v1alpha_list_the_mounted_plugins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_serves_the_plugins() {
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig};
     let registry = Registry::start(&[]);
     let dir = common::TempDir::new("node-host-test");
     let ca = testkit::certs::TestCa::new(dir.path(), "test");
@@ -347,23 +346,18 @@ async fn tls_listener_serves_the_plugins() {
     let mut client = registry.client().await;
     common::wait_for_weights(&mut client, node.addr, &[("calculator", 7)]).await;
 
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(std::fs::read(&ca.ca_pem).unwrap()))
-        .domain_name("localhost");
-    let channel = Channel::from_shared(format!("https://{}", node.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = ca.channel(node.addr, "localhost").await;
     let r = CalculatorClient::new(channel)
         .add(req(20.0, 22.0))
         .await
         .unwrap();
     assert_eq!(r.into_inner().value, 42.0);
     // Plaintext is refused (at connect or at the call).
-    let plain = match Channel::from_shared(node.url()).unwrap().connect().await {
+    let plain = match tonic::transport::Channel::from_shared(node.url())
+        .unwrap()
+        .connect()
+        .await
+    {
         Ok(channel) => CalculatorClient::new(channel)
             .add(req(1.0, 1.0))
             .await

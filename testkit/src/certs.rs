@@ -43,6 +43,26 @@ impl TestCa {
         }
     }
 
+    /// A channel to `addr` over TLS trusting this CA only, checking the
+    /// server's certificate against `domain`.
+    pub async fn channel(
+        &self,
+        addr: std::net::SocketAddr,
+        domain: &str,
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(std::fs::read(&self.ca_pem).unwrap()))
+            .domain_name(domain);
+        Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
     /// A server certificate valid for `names` (DNS names or IP addresses).
     pub fn server(&self, file_stem: &str, names: &[&str]) -> CertFiles {
         self.issue(file_stem, names, ExtendedKeyUsagePurpose::ServerAuth)
