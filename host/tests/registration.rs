@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use common::{CHANGE, Node, resolve, wait_for_weights};
 use registry_proto::registry::v1::GetDescriptorsRequest;
+use registry_proto::registry::v1::registry_client::RegistryClient;
 use testkit::Registry;
+use tonic::transport::Channel;
 
 const BOTH: &str = r#"
 [plugins.calculator]
@@ -157,14 +159,7 @@ async fn u_unregisters_r_registers_q_deregisters_and_exits_zero() {
     assert!(line.starts_with("commands:"), "{line}");
 
     node.process.send_line("q");
-    let status = node.process.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "{status:?}");
-    // Gone because the lease was revoked (the registry reported removing
-    // both), not merely because the exit broke the KeepAlive stream.
-    node.process
-        .wait_for_line("deregistered 2 services", CHANGE);
-    assert!(resolve(&mut client, "calculator").await.is_empty());
-    assert!(resolve(&mut client, "echo").await.is_empty());
+    left_cleanly(&mut node, &mut client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,12 +175,7 @@ async fn closed_stdin_keeps_running_and_sigterm_acts_like_q() {
     wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
 
     node.process.signal(15);
-    let status = node.process.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "{status:?}");
-    node.process
-        .wait_for_line("deregistered 2 services", CHANGE);
-    assert!(resolve(&mut client, "calculator").await.is_empty());
-    assert!(resolve(&mut client, "echo").await.is_empty());
+    left_cleanly(&mut node, &mut client).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,4 +289,16 @@ async fn a_rate_limited_register_is_retried_until_it_passes() {
     let node = Node::start(registry.addr, BOTH);
     let mut client = registry.client().await;
     wait_for_weights(&mut client, node.addr, &[("calculator", 7), ("echo", 3)]).await;
+}
+
+/// Waits for `node` to exit with success, its lease revoked: gone because
+/// the registry reported removing both services, not merely because the
+/// exit broke the KeepAlive stream.
+async fn left_cleanly(node: &mut Node, client: &mut RegistryClient<Channel>) {
+    let status = node.process.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    node.process
+        .wait_for_line("deregistered 2 services", CHANGE);
+    assert!(resolve(client, "calculator").await.is_empty());
+    assert!(resolve(client, "echo").await.is_empty());
 }
