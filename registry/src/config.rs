@@ -29,4 +29,8 @@ pub struct Config {
     pub http: crate::http::HttpConfig,
     /// The DNS interface (`--dns`); `None`: off.
     pub dns: Option<crate::dns::DnsConfig>,
+    /// Where the registry's state lives (`--store`): memory by default.
+    pub store: crate::store::etcd::StoreUrl,
+    /// TLS to etcd (`--etcd-ca` ...); `None`: plaintext.
+    pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
 }

@@ -66,6 +66,10 @@ pub enum Error {
         /// How long until a retry can succeed.
         retry_after: Duration,
     },
+    /// The store behind this replica (etcd) cannot be reached or did not
+    /// answer: another replica may.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// The limits a call can run into: the `limit` label of
@@ -154,6 +158,7 @@ impl Error {
             | Error::NoDescriptors(_) => Code::NotFound,
             Error::WrongSecret(_) | Error::NotOwner { .. } => Code::PermissionDenied,
             Error::Limit { .. } | Error::RateLimit { .. } => Code::ResourceExhausted,
+            Error::Unavailable(_) => Code::Unavailable,
         }
     }
 }

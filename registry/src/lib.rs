@@ -30,7 +30,11 @@
 //!   layout (lease records with a hash of the secret, content-addressed
 //!   descriptor chunks); `store/etcd_client.rs`: the connection to etcd
 //!   (every endpoint, optional TLS) and the cluster identity that becomes
-//!   the registry id shared by every replica.
+//!   the registry id shared by every replica; `store/etcd_store.rs`: the
+//!   etcd store itself (`--store etcd://...`): writes as etcd
+//!   transactions, the local store a mirror fed by a watch of the prefix,
+//!   registry leases backed by etcd leases and adopted by another replica
+//!   when theirs dies.
 //! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
 //!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
 //!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one

@@ -4,6 +4,7 @@
 //! a shutdown future resolves.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use registry_proto::registry::v1::registry_server::RegistryServer;
@@ -16,6 +17,9 @@ use tower::util::MapResponseLayer;
 use crate::config::Config;
 use crate::limits::PeerLimits;
 use crate::service::{RegistryService, WithWatch};
+use crate::store::Writes;
+use crate::store::etcd::StoreUrl;
+use crate::store::etcd_store::EtcdStore;
 use crate::watch::Watchers;
 use crate::xds::XdsService;
 
@@ -66,6 +70,9 @@ pub enum ServeError {
     /// The DNS interface could not start.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// The etcd store could not start.
+    #[error(transparent)]
+    Etcd(#[from] crate::store::etcd_client::EtcdError),
 }
 
 /// Serves a registry with `config` on `listener` until `shutdown` resolves,
@@ -86,7 +93,25 @@ pub async fn run_with_http(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let watchers = Watchers::new(config.ttl, config.quotas, config.watch);
+    let (watchers, writes, _etcd) = match &config.store {
+        StoreUrl::Memory => (
+            Watchers::new(config.ttl, config.quotas, config.watch),
+            None,
+            None,
+        ),
+        StoreUrl::Etcd(url) => {
+            let (etcd, watchers, guard) = EtcdStore::start(
+                url,
+                config.etcd_tls.clone(),
+                config.ttl,
+                config.quotas,
+                config.watch,
+            )
+            .await?;
+            let writes: Arc<dyn Writes> = Arc::new(etcd);
+            (watchers, Some(writes), Some(guard))
+        }
+    };
     let store = watchers.store().clone();
     let _sweeper = store.spawn_sweeper();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -132,7 +157,10 @@ pub async fn run_with_http(
         stop_rx.clone(),
     )
     .into_server();
-    let service = RegistryService::new(watchers, stop_rx.clone(), peers);
+    let mut service = RegistryService::new(watchers, stop_rx.clone(), peers);
+    if let Some(writes) = writes {
+        service = service.with_writes(writes);
+    }
     let registry = RegistryServer::new(service.clone())
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(crate::validate::MAX_RESPONSE_SIZE);

@@ -60,6 +60,18 @@ impl RegistryService {
         self
     }
 
+    /// A Watch resuming from a revision of this registry (another replica
+    /// of it, over etcd) first lets the local store reach that revision.
+    async fn reach_resumed(&self, request: &Request<pb::WatchRequest>) {
+        let request = request.get_ref();
+        if request.resume_revision > 0
+            && request.registry_id == self.watchers.store().registry_id()
+            && request.resume_revision > self.watchers.store().read(|s| s.revision())
+        {
+            self.store.reach(request.resume_revision).await;
+        }
+    }
+
     /// A Watch call: its messages, already encoded.
     fn open_watch(&self, request: Request<pb::WatchRequest>) -> Result<BoxStream<Encoded>, Status> {
         let guard = self.peers.open_watch(request.remote_addr())?;
@@ -229,6 +241,7 @@ impl Registry for RegistryService {
     ) -> Result<Response<Self::WatchStream>, Status> {
         // Only when served without [`WithWatch`] (which sends the encoded
         // messages as they are): decoded again, to fit the generated type.
+        self.reach_resumed(&request).await;
         let stream = self
             .open_watch(request)?
             .map(|item| item.and_then(|m| m.decode()));
@@ -274,10 +287,16 @@ struct WatchMethod(RegistryService);
 impl tonic::server::ServerStreamingService<pb::WatchRequest> for WatchMethod {
     type Response = Encoded;
     type ResponseStream = BoxStream<Encoded>;
-    type Future = std::future::Ready<Result<Response<BoxStream<Encoded>>, Status>>;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Response<BoxStream<Encoded>>, Status>> + Send>,
+    >;
 
     fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
-        std::future::ready(self.0.open_watch(request).map(Response::new))
+        let service = self.0.clone();
+        Box::pin(async move {
+            service.reach_resumed(&request).await;
+            service.open_watch(request).map(Response::new)
+        })
     }
 }
 

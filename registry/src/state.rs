@@ -599,6 +599,94 @@ impl State {
         }
     }
 
+    // The etcd store's mirror (`crate::store::etcd_store`): changes etcd
+    // already accepted, applied at the revision etcd gave them. No checks
+    // (the mirror must never refuse what etcd holds) and no lease index
+    // (the etcd store keeps its own).
+
+    /// Sets an instance as etcd holds it, at `revision` (above the current
+    /// one): added, or replaced in place. No event if nothing changed.
+    pub fn apply_put(
+        &mut self,
+        mut instance: pb::Instance,
+        descriptors: Option<Arc<[u8]>>,
+        revision: u64,
+    ) -> Option<Event> {
+        let before = self.revision;
+        if revision <= before {
+            return None;
+        }
+        let descriptors = descriptors.map(|bytes| self.intern_shared(bytes));
+        let key = self.key_for(&instance.service, &instance.instance_id);
+        let proto_service = (!instance.proto_service.is_empty())
+            .then(|| Arc::new(std::mem::take(&mut instance.proto_service)));
+        let stored = Stored::new(instance, descriptors, proto_service);
+        self.revision = revision - 1;
+        let event = match self.services.get(&key.0).and_then(|s| s.get(&key.1)) {
+            Some(old) => self.replace(&key, Stored::clone(old), stored),
+            None => Some(self.insert(key, stored)),
+        };
+        if event.is_none() {
+            self.revision = before;
+        }
+        event
+    }
+
+    /// Removes an instance etcd deleted, at `revision` (above the current
+    /// one), with `reason`. No event if it was not there.
+    pub fn apply_delete(
+        &mut self,
+        service: &str,
+        instance_id: &str,
+        reason: RemovalReason,
+        revision: u64,
+    ) -> Option<Event> {
+        let before = self.revision;
+        if revision <= before {
+            return None;
+        }
+        let key = self.key_for(service, instance_id);
+        self.revision = revision - 1;
+        let event = self.remove_instance(&key, reason);
+        if event.is_none() {
+            self.revision = before;
+        }
+        event
+    }
+
+    /// Moves the revision forward to `revision` (where a load from etcd
+    /// stood), never back.
+    pub fn advance_to(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    /// The instance `instance_id` of `service`, if registered.
+    pub fn get(&self, service: &str, instance_id: &str) -> Option<pb::Instance> {
+        self.services
+            .get(service)
+            .and_then(|s| s.get(instance_id))
+            .map(|s| s.to_pb(service, instance_id))
+    }
+
+    /// How many instances `service` has.
+    pub fn service_len(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, |s| s.len())
+    }
+
+    /// The shared copy of `bytes` (already shared elsewhere), counted as
+    /// one more user.
+    fn intern_shared(&mut self, bytes: Arc<[u8]>) -> Arc<[u8]> {
+        if let Some((shared, users)) = self.descriptors.get_key_value(&*bytes) {
+            let shared = shared.clone();
+            let users = users + 1;
+            self.descriptors.insert(shared.clone(), users);
+            return shared;
+        }
+        self.descriptor_bytes += bytes.len();
+        self.descriptors.insert(bytes.clone(), 1);
+        bytes
+    }
+
     /// Services with at least one instance, sorted by name. A service's
     /// proto_service is that of its first instance (by id) that names one.
     pub fn list_services(&self) -> Vec<pb::ServiceSummary> {

@@ -102,3 +102,28 @@ fn spawn(data: &std::path::Path, endpoint: &str, peer: &str) -> Process {
     process.wait_for_line("serving client traffic", READY_TIMEOUT);
     process
 }
+
+/// `TESTKIT_ETCD=HOST:PORT` runs every [`crate::Registry`] a test starts
+/// over that etcd (each under a prefix of its own) instead of in memory, so
+/// the registry's behavioural tests run against both stores
+/// (`scripts/test.sh` runs them a second time so). A registry started with
+/// its own `--store` keeps it.
+pub fn store_hook(cmd: &mut Command, extra_args: &[std::ffi::OsString]) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let Some(endpoint) = std::env::var_os("TESTKIT_ETCD") else {
+        return;
+    };
+    if extra_args
+        .iter()
+        .any(|a| a.to_string_lossy().starts_with("--store"))
+    {
+        return;
+    }
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    cmd.arg("--store").arg(format!(
+        "etcd://{}/t{}-{n}",
+        endpoint.to_string_lossy(),
+        std::process::id()
+    ));
+}

@@ -186,6 +186,7 @@ impl RegistryBuilder {
             cmd.arg("--http").arg(http);
         }
         cmd.args(&self.args).envs(self.env);
+        crate::etcd::store_hook(&mut cmd, &self.args);
         if let Some(level) = self.log {
             cmd.env("RUST_LOG", level);
         }

@@ -125,6 +125,29 @@ struct Args {
     /// The DNS zone answered for with --dns: names are SERVICE.service.DOMAIN.
     #[arg(long, value_name = "DOMAIN", default_value = registry::dns::DEFAULT_DOMAIN)]
     dns_domain: String,
+    /// Where the registry's state lives: `memory` (this process; lost when
+    /// it stops) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (an etcd
+    /// cluster, keys under PREFIX, default /registry): any number of
+    /// registries over the same cluster and prefix are replicas of one
+    /// registry, and nodes and clients may use any of them.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "REGISTRY_STORE",
+        default_value = "memory"
+    )]
+    store: registry::store::etcd::StoreUrl,
+    /// PEM CA certificate that etcd's certificate must chain to (TLS to
+    /// etcd; without it, --store talks plaintext).
+    #[arg(long, value_name = "PATH")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate presented to etcd (with --etcd-key), for an
+    /// etcd started with --client-cert-auth.
+    #[arg(long, value_name = "PATH", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, value_name = "PATH", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -139,6 +162,7 @@ const EXAMPLES: &str = "Examples:
   registry --tls-cert reg.pem --tls-key reg-key.pem
   registry --http 0.0.0.0:8080              # metrics at /metrics, dashboard at /
   registry --dns 127.0.0.1:8600             # dig @127.0.0.1 -p 8600 calculator.service.registry SRV
+  registry --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379   # a replica over etcd
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
@@ -195,6 +219,12 @@ async fn main() -> anyhow::Result<()> {
             addr,
             domain: args.dns_domain.clone(),
         }),
+        store: args.store.clone(),
+        etcd_tls: registry::store::etcd_client::tls_config(
+            args.etcd_ca.as_deref(),
+            args.etcd_cert.as_deref(),
+            args.etcd_key.as_deref(),
+        )?,
     };
     // A bad zone name is refused before anything listens.
     registry::dns::parse_domain(&args.dns_domain)?;

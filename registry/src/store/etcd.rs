@@ -137,10 +137,62 @@ impl EtcdUrl {
         format!("{}/desc/{hash}/{n:04x}", self.prefix).into_bytes()
     }
 
+    /// The key every transaction that removes instances also puts, with
+    /// the reason (a `RemovalReason` number): watchers learn why.
+    pub fn reason_key(&self) -> Vec<u8> {
+        format!("{}/reason", self.prefix).into_bytes()
+    }
+
+    /// What a key of this store is.
+    pub fn parse(&self, key: &[u8]) -> Key {
+        let Some(rest) = key
+            .strip_prefix(self.prefix.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"/"))
+        else {
+            return Key::Other;
+        };
+        if rest == b"reason" {
+            return Key::Reason;
+        }
+        if let Some(id) = rest.strip_prefix(b"lease/") {
+            return std::str::from_utf8(id)
+                .ok()
+                .and_then(|id| u64::from_str_radix(id, 16).ok())
+                .map_or(Key::Other, Key::Lease);
+        }
+        if rest.starts_with(b"inst/") {
+            return Key::Instance;
+        }
+        if let Some(chunk) = rest.strip_prefix(b"desc/") {
+            let text = String::from_utf8_lossy(chunk);
+            if let Some((hash, n)) = text.split_once('/')
+                && let Ok(n) = u16::from_str_radix(n, 16)
+            {
+                return Key::Chunk(hash.to_string(), n);
+            }
+        }
+        Key::Other
+    }
+
     /// The prefix of every key of this store.
     pub fn all_keys(&self) -> Vec<u8> {
         format!("{}/", self.prefix).into_bytes()
     }
+}
+
+/// What a key under the prefix holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// A lease record.
+    Lease(u64),
+    /// An instance.
+    Instance,
+    /// Chunk `n` of the descriptor set with this hash.
+    Chunk(String, u16),
+    /// Why the instances deleted in the same revision went.
+    Reason,
+    /// Anything else (ignored).
+    Other,
 }
 
 /// SHA-256 of `bytes`, in lowercase hex.
@@ -160,6 +212,25 @@ pub struct LeaseRecord {
     /// SHA-256 of the secret, hex.
     #[prost(string, tag = "2")]
     pub secret_sha256: String,
+    /// The replica keeping the etcd lease alive (a random id per process);
+    /// a replica that sees another's name here stops keeping it.
+    #[prost(string, tag = "3")]
+    pub holder: String,
+}
+
+/// An instance as etcd holds it (`PREFIX/inst/...`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InstanceRecord {
+    /// The instance, with its lease id (its revision is etcd's: unset).
+    #[prost(message, optional, tag = "1")]
+    pub instance: Option<registry_proto::registry::v1::Instance>,
+    /// SHA-256 of its descriptor set (chunks under `PREFIX/desc/`), or "".
+    #[prost(string, tag = "2")]
+    pub descriptors_sha256: String,
+    /// Its place among the instances put by the same etcd transaction:
+    /// the low bits of its registry revision (see `etcd_store`).
+    #[prost(uint32, tag = "3")]
+    pub index: u32,
 }
 
 impl LeaseRecord {
@@ -168,6 +239,7 @@ impl LeaseRecord {
         LeaseRecord {
             ttl_ms,
             secret_sha256: sha256_hex(secret.as_bytes()),
+            holder: String::new(),
         }
     }
 
@@ -252,6 +324,14 @@ mod tests {
             b"/r/inst/calc/1.2.3.4:5"
         );
         assert_eq!(url.chunk_key("ff", 2), b"/r/desc/ff/0002");
+        assert_eq!(
+            url.parse(&url.chunk_key("ff", 2)),
+            Key::Chunk("ff".into(), 2)
+        );
+        assert_eq!(url.parse(&url.lease_key(0xab)), Key::Lease(0xab));
+        assert_eq!(url.parse(&url.instance_key("s", "i")), Key::Instance);
+        assert_eq!(url.parse(&url.reason_key()), Key::Reason);
+        assert_eq!(url.parse(b"/rx/lease/01"), Key::Other);
         for key in [
             url.lease_key(1),
             url.instance_key("s", "i"),

@@ -17,12 +17,53 @@ use crate::store::etcd::{EtcdUrl, sha256_hex};
 /// gives up with an error naming the endpoints.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Largest answer read from etcd: a page of descriptor chunks, or a
+/// watch response catching up over many revisions.
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+/// The TLS settings for etcd from the `--etcd-ca`, `--etcd-cert` and
+/// `--etcd-key` files: `None` when none is given (plaintext).
+pub fn tls_config(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+) -> Result<Option<ClientTlsConfig>, EtcdError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| EtcdError::Tls(format!("{}: {e}", path.display())))
+    };
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(EtcdError::Tls(
+                "--etcd-cert and --etcd-key go together (a client certificate and its key)".into(),
+            ));
+        }
+    }
+    Ok(Some(tls))
+}
+
 /// Why etcd could not be reached.
 #[derive(Debug, Error)]
 pub enum EtcdError {
     /// An endpoint or the TLS settings were refused by the transport.
     #[error("etcd store: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The TLS files for etcd are missing, unreadable or incomplete.
+    #[error("etcd store TLS: {0}")]
+    Tls(String),
     /// etcd did not answer, or answered with an error.
     #[error("etcd store: etcd at {endpoints} did not answer a read: {status}")]
     Unreachable {
@@ -88,8 +129,8 @@ impl EtcdClient {
             .header
             .unwrap_or_default();
         Ok(EtcdClient {
-            kv,
-            watch: WatchClient::new(channel.clone()),
+            kv: kv.max_decoding_message_size(MAX_ANSWER_BYTES),
+            watch: WatchClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER_BYTES),
             lease: LeaseClient::new(channel),
             cluster_id: header.cluster_id,
         })

@@ -15,6 +15,7 @@
 
 pub mod etcd;
 pub mod etcd_client;
+pub mod etcd_store;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -73,6 +74,12 @@ pub trait Writes: Send + Sync + std::fmt::Debug {
     async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)>;
     /// Deregisters an instance; returns the revision.
     async fn deregister(&self, request: validate::Deregister) -> Result<u64>;
+
+    /// Waits (briefly) until the local store has reached `revision`, which
+    /// a client saw on another replica: a watcher resuming here must not
+    /// get a snapshot just because this replica is a moment behind. The
+    /// memory store is always there.
+    async fn reach(&self, _revision: u64) {}
 }
 
 /// The memory store: every write applied to the state at once.
@@ -165,9 +172,20 @@ impl Store {
         quotas: Quotas,
         make: impl FnOnce(&str) -> Arc<dyn Publish>,
     ) -> Store {
+        Store::with_id(ttl, quotas, format!("{:016x}", rand::random::<u64>()), make)
+    }
+
+    /// [`Store::with_publisher`] with the registry id `registry_id` (the
+    /// etcd store's, shared by every replica over the same cluster and
+    /// prefix) instead of a random one.
+    pub fn with_id(
+        ttl: Ttl,
+        quotas: Quotas,
+        registry_id: String,
+        make: impl FnOnce(&str) -> Arc<dyn Publish>,
+    ) -> Store {
         let mut state = State::new(ttl);
         state.set_quotas(quotas);
-        let registry_id = format!("{:016x}", rand::random::<u64>());
         Store {
             shared: Arc::new(Shared {
                 state: Mutex::new(state),
@@ -300,6 +318,25 @@ impl Store {
     /// short: writers and heartbeats wait for it.
     pub fn read<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.lock())
+    }
+
+    /// Applies changes made elsewhere (the etcd store's mirror): `f`'s
+    /// events are published under the lock, like a write's, with the
+    /// revision after them.
+    pub fn apply(&self, f: impl FnOnce(&mut State) -> Vec<Event>) {
+        let mut state = self.lock();
+        let events = f(&mut state);
+        let revision = state.revision();
+        self.publish(revision, events);
+    }
+
+    /// Loads the state from elsewhere before anyone watches: `f`'s changes
+    /// are not published, and the sink starts at the revision after them
+    /// (nothing before it can be replayed).
+    pub fn load(&self, f: impl FnOnce(&mut State)) {
+        let mut state = self.lock();
+        f(&mut state);
+        self.shared.publisher.start(state.revision());
     }
 
     /// Hands a mutation's events to the sink (under the lock).

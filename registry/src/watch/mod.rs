@@ -91,6 +91,20 @@ impl Watchers {
         Watchers { store, hub }
     }
 
+    /// [`Watchers::new`] for the registry `registry_id` (the etcd store's
+    /// mirror: every replica sends watchers the same id).
+    pub fn with_registry_id(
+        ttl: Ttl,
+        quotas: Quotas,
+        limits: WatchLimits,
+        registry_id: String,
+    ) -> Watchers {
+        let hub = Arc::new(Hub::new(limits, &registry_id));
+        let publish = hub.clone();
+        let store = Store::with_id(ttl, quotas, registry_id, move |_| publish);
+        Watchers { store, hub }
+    }
+
     /// The registry.
     pub fn store(&self) -> &Store {
         &self.store

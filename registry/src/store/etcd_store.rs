@@ -1,0 +1,1274 @@
+//! The etcd store: the registry's [`Writes`] committed to etcd as
+//! transactions, and the local [`Store`] (which serves reads and Watch) a
+//! mirror of the prefix, fed by one etcd watch. Any number of replicas can
+//! run over the same cluster and prefix; each serves any request.
+//!
+//! # Writes
+//! A write is checked against the mirror first (ownership, quotas), so
+//! the mirror never has to refuse what etcd accepted, then committed as a
+//! transaction that compares the instance key's `mod_revision` with the
+//! one the check saw and that the lease record still exists: a concurrent
+//! write on another replica makes it fail, and it is checked again once
+//! the mirror has caught up. It returns once the mirror has applied the
+//! transaction's revision, so a read on the same replica sees it.
+//!
+//! # Revisions
+//! One etcd revision can carry several instance changes (a lease's
+//! instances all go in one transaction), but a Watch stream's revisions
+//! strictly increase: a change's revision is `etcd_revision << 20 |
+//! index` ([`revision`]), the index being its place in the transaction
+//! (stored in the instance record for a put; counted for deletes, which
+//! etcd delivers in the same order to every watcher). So every replica
+//! gives every change the same revision, and a watcher resumes on any.
+//!
+//! # Leases
+//! A registry lease is an etcd lease (the same id) of the registry TTL
+//! rounded up to whole seconds plus [`FAILOVER_MARGIN`]; its record and
+//! instances are attached to it. The replica holding it (the one that
+//! granted it or last got a heartbeat for it, named in its record)
+//! enforces the registry TTL itself, keeps the etcd lease alive, and ends
+//! the lease at once when its KeepAlive stream breaks. A replica that gets
+//! a heartbeat for a lease it does not hold checks the secret against the
+//! record's hash and adopts it: nothing is removed, nothing re-registered.
+//! If no replica adopts a lease, etcd expires it after its own TTL.
+//!
+//! Instances removed together go in one transaction that also puts
+//! `PREFIX/reason` (why), so watchers on every replica get the reason;
+//! deletes without it are an etcd lease that expired.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use etcd_api::pb as etcd;
+use etcd_api::pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use etcd_api::pb::request_op::Request as Op;
+use prost::Message;
+use registry_proto::registry::v1 as pb;
+use support::AbortOnDropHandle;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::ClientTlsConfig;
+
+use crate::error::{Error, Limit, Result};
+use crate::lease::Ttl;
+use crate::limits::Quotas;
+use crate::state::{Event, Granted, RemovalReason, State};
+use crate::store::etcd::{EtcdUrl, InstanceRecord, Key, LeaseRecord};
+use crate::store::etcd_client::{EtcdClient, EtcdError};
+use crate::store::{Store, Writes};
+use crate::validate::{self, Limits};
+use crate::watch::{WatchLimits, Watchers};
+
+/// How much longer than the registry TTL an etcd lease lives: the time a
+/// node has to reconnect its KeepAlive to another replica after the one
+/// holding its lease died (etcd's TTL has whole-second steps and a 2 s
+/// floor anyway; the registry TTL is enforced by the holding replica).
+pub const FAILOVER_MARGIN: Duration = Duration::from_secs(2);
+
+/// Bits of a registry revision below the etcd revision.
+pub const INDEX_BITS: u32 = 20;
+
+/// How often the etcd leases this replica holds are kept alive.
+const ETCD_KEEPALIVE_EVERY: Duration = Duration::from_millis(500);
+
+/// Most instance deletes in one transaction (etcd's default
+/// `--max-txn-ops` is 128).
+const DELETES_PER_TXN: usize = 100;
+
+/// How often a write is checked and tried again after its transaction
+/// lost a race with another replica's.
+const RETRIES: usize = 8;
+
+/// How long an etcd call, or the mirror catching up with one, may take
+/// before the write is UNAVAILABLE.
+const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a Watch resuming from a revision this replica has not reached
+/// yet waits for it before it gets a snapshot instead.
+const REACH_WAIT: Duration = Duration::from_secs(1);
+
+/// How often the holding replica looks for leases past their registry TTL
+/// when none is due sooner (so a gap means it was not scheduled).
+const TICK: Duration = Duration::from_millis(250);
+
+/// Keys per page when loading the prefix (descriptor chunks: fewer).
+const PAGE: i64 = 2000;
+const CHUNK_PAGE: i64 = 8;
+
+/// The registry revision of the change at `index` in etcd revision
+/// `etcd_revision`.
+pub fn revision(etcd_revision: i64, index: u32) -> u64 {
+    (u64::try_from(etcd_revision).unwrap_or(0) << INDEX_BITS) | u64::from(index)
+}
+
+/// The etcd store. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.inner.url.prefix)
+            .field("replica", &self.inner.replica)
+            .finish()
+    }
+}
+
+/// Stops the etcd store's tasks (the mirror's watch, the lease keeper)
+/// when dropped.
+#[derive(Debug)]
+pub struct EtcdGuard {
+    _tasks: Vec<AbortOnDropHandle<()>>,
+}
+
+struct Inner {
+    client: EtcdClient,
+    url: EtcdUrl,
+    /// The mirror: serves reads and Watch.
+    mirror: Store,
+    ttl: Ttl,
+    quotas: Quotas,
+    limits: Limits,
+    /// This process's name in the lease records it holds.
+    replica: String,
+    /// What the mirror knows beyond the state: lease records, instance
+    /// keys, descriptor chunks.
+    view: Mutex<View>,
+    /// The last etcd revision the mirror applied.
+    applied: tokio::sync::watch::Sender<i64>,
+    /// The leases this replica holds.
+    held: Mutex<Holding>,
+    /// Wakes the expiry task (an earlier deadline) and the etcd keeper (a
+    /// lease adopted).
+    wake_expiry: Notify,
+    wake_keeper: Notify,
+}
+
+#[derive(Default)]
+struct View {
+    leases: HashMap<u64, LeaseRecord>,
+    instances: HashMap<Vec<u8>, Seen>,
+    per_lease: HashMap<u64, BTreeSet<Vec<u8>>>,
+    chunks: HashMap<String, BTreeMap<u16, Vec<u8>>>,
+    sets: HashMap<String, Arc<[u8]>>,
+}
+
+/// An instance key as the mirror last saw it.
+struct Seen {
+    service: String,
+    instance_id: String,
+    lease_id: u64,
+    mod_revision: i64,
+    descriptors_sha256: String,
+}
+
+struct Holding {
+    leases: HashMap<u64, Held>,
+    /// When the expiry task last ran (a long gap: the process was stopped).
+    ticked: Instant,
+}
+
+/// A lease this replica holds.
+struct Held {
+    ttl: Duration,
+    deadline: Instant,
+    attached: Option<u64>,
+    secret_sha256: String,
+    /// The etcd revision of the record naming this replica the holder
+    /// (`i64::MAX` until it is written): only a later record naming
+    /// another holder takes the lease away.
+    since: i64,
+}
+
+impl View {
+    /// The descriptor set `hash`, if all its chunks arrived.
+    fn set(&mut self, hash: &str) -> Option<Arc<[u8]>> {
+        if let Some(set) = self.sets.get(hash) {
+            return Some(set.clone());
+        }
+        let chunks = self.chunks.get(hash)?;
+        let joined = crate::store::etcd::join_chunks(hash, chunks.values().map(Vec::as_slice))?;
+        let set: Arc<[u8]> = joined.into();
+        self.sets.insert(hash.to_string(), set.clone());
+        Some(set)
+    }
+}
+
+fn unavailable(what: &str, status: &tonic::Status) -> Error {
+    Error::Unavailable(format!("etcd {what}: {}", status.message()))
+}
+
+fn put(key: Vec<u8>, value: Vec<u8>, lease: u64) -> etcd::RequestOp {
+    etcd::RequestOp {
+        request: Some(Op::RequestPut(etcd::PutRequest {
+            key,
+            value,
+            lease: i64::try_from(lease).unwrap_or(0),
+            prev_kv: false,
+        })),
+    }
+}
+
+fn delete(key: Vec<u8>) -> etcd::RequestOp {
+    etcd::RequestOp {
+        request: Some(Op::RequestDeleteRange(etcd::DeleteRangeRequest {
+            key,
+            ..Default::default()
+        })),
+    }
+}
+
+/// `key` exists.
+fn exists(key: Vec<u8>) -> etcd::Compare {
+    etcd::Compare {
+        result: CompareResult::Greater as i32,
+        target: CompareTarget::Version as i32,
+        key,
+        target_union: Some(TargetUnion::Version(0)),
+        range_end: Vec::new(),
+    }
+}
+
+/// `key` was last changed at `mod_revision` (0: does not exist).
+fn unchanged(key: Vec<u8>, mod_revision: i64) -> etcd::Compare {
+    etcd::Compare {
+        result: CompareResult::Equal as i32,
+        target: CompareTarget::Mod as i32,
+        key,
+        target_union: Some(TargetUnion::ModRevision(mod_revision)),
+        range_end: Vec::new(),
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lease_i64(id: u64) -> i64 {
+    i64::try_from(id).unwrap_or(0)
+}
+
+impl EtcdStore {
+    /// Connects to etcd at `url`, loads the prefix into a mirror and
+    /// follows it. Returns the store (for writes), the mirror's watchers
+    /// (for reads and Watch) and the guard of its tasks.
+    pub async fn start(
+        url: &EtcdUrl,
+        tls: Option<ClientTlsConfig>,
+        ttl: Ttl,
+        quotas: Quotas,
+        limits: WatchLimits,
+    ) -> Result<(EtcdStore, Watchers, EtcdGuard), EtcdError> {
+        let client = EtcdClient::connect(url, tls).await?;
+        let registry_id = crate::store::etcd_client::registry_id(client.cluster_id, &url.prefix);
+        let watchers = Watchers::with_registry_id(ttl, quotas, limits, registry_id);
+        let (applied, _) = tokio::sync::watch::channel(0);
+        let inner = Arc::new(Inner {
+            client,
+            url: url.clone(),
+            mirror: watchers.store().clone(),
+            ttl,
+            quotas,
+            limits: Limits::default(),
+            replica: format!("{:016x}", rand::random::<u64>()),
+            view: Mutex::new(View::default()),
+            applied,
+            held: Mutex::new(Holding {
+                leases: HashMap::new(),
+                ticked: Instant::now(),
+            }),
+            wake_expiry: Notify::new(),
+            wake_keeper: Notify::new(),
+        });
+        let at = inner
+            .load()
+            .await
+            .map_err(|status| EtcdError::Unreachable {
+                endpoints: url.endpoints.join(","),
+                status,
+            })?;
+        tracing::info!(
+            store = %crate::store::etcd::StoreUrl::Etcd(url.clone()),
+            revision = at,
+            instances = inner.mirror.read(State::instance_count),
+            "etcd store loaded"
+        );
+        let tasks = vec![
+            AbortOnDropHandle::new(tokio::spawn(follow(inner.clone(), at + 1))),
+            AbortOnDropHandle::new(tokio::spawn(expire(inner.clone()))),
+            AbortOnDropHandle::new(tokio::spawn(keep_etcd_leases(inner.clone()))),
+        ];
+        Ok((EtcdStore { inner }, watchers, EtcdGuard { _tasks: tasks }))
+    }
+}
+
+impl Inner {
+    fn view(&self) -> MutexGuard<'_, View> {
+        lock(&self.view)
+    }
+
+    fn held(&self) -> MutexGuard<'_, Holding> {
+        lock(&self.held)
+    }
+
+    /// Reads every key of the prefix at one revision into the mirror;
+    /// returns that revision.
+    async fn load(&self) -> Result<i64, tonic::Status> {
+        let mut kvs = Vec::new();
+        let mut at = 0;
+        for (under, page) in [("desc/", CHUNK_PAGE), ("inst/", PAGE), ("lease/", PAGE)] {
+            let prefix = format!("{}/{under}", self.url.prefix).into_bytes();
+            let end = etcd_api::prefix_end(&prefix);
+            let mut from = prefix;
+            loop {
+                let response = self
+                    .client
+                    .kv
+                    .clone()
+                    .range(etcd::RangeRequest {
+                        key: from.clone(),
+                        range_end: end.clone(),
+                        limit: page,
+                        revision: at,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                if at == 0 {
+                    at = response.header.map_or(0, |h| h.revision);
+                }
+                let more = response.more;
+                if let Some(last) = response.kvs.last() {
+                    from = last.key.clone();
+                    from.push(0);
+                }
+                kvs.extend(response.kvs);
+                if !more {
+                    break;
+                }
+            }
+        }
+        // Instances in revision order, after the chunks and leases they use.
+        let mut instances = Vec::new();
+        let mut view = self.view();
+        for kv in kvs {
+            match self.url.parse(&kv.key) {
+                Key::Chunk(hash, n) => {
+                    view.chunks.entry(hash).or_default().insert(n, kv.value);
+                }
+                Key::Lease(id) => {
+                    if let Ok(record) = LeaseRecord::decode(kv.value.as_slice()) {
+                        view.leases.insert(id, record);
+                    }
+                }
+                Key::Instance => {
+                    if let Ok(record) = InstanceRecord::decode(kv.value.as_slice()) {
+                        instances.push((revision(kv.mod_revision, record.index), kv, record));
+                    }
+                }
+                Key::Reason | Key::Other => {}
+            }
+        }
+        instances.sort_by_key(|(revision, _, _)| *revision);
+        self.mirror.load(|state| {
+            for (revision, kv, record) in instances {
+                mirror_put(&mut view, state, kv, record, revision);
+            }
+            state.advance_to(crate::store::etcd_store::revision(
+                at,
+                (1 << INDEX_BITS) - 1,
+            ));
+        });
+        drop(view);
+        self.applied.send_replace(at);
+        Ok(at)
+    }
+
+    /// Applies the events of etcd revision `at` to the view and the
+    /// mirror (publishing the mirror's changes as one batch).
+    fn apply(&self, at: i64, events: &[etcd::Event]) {
+        let is_put = |e: &etcd::Event| e.r#type == etcd::event::EventType::Put as i32;
+        let reason = events
+            .iter()
+            .filter(|e| is_put(e))
+            .filter_map(|e| e.kv.as_ref())
+            .find(|kv| self.url.parse(&kv.key) == Key::Reason)
+            .and_then(|kv| std::str::from_utf8(&kv.value).ok()?.parse::<i32>().ok())
+            .and_then(|n| RemovalReason::try_from(n).ok())
+            .unwrap_or(RemovalReason::LeaseExpired);
+        tracing::debug!(
+            revision = at,
+            events = events.len(),
+            "etcd revision applied"
+        );
+        let mut lost = Vec::new();
+        let mut view = self.view();
+        self.mirror.apply(|state| {
+            let mut out = Vec::new();
+            let mut deletes = 0u32;
+            for event in events {
+                let Some(kv) = &event.kv else { continue };
+                let put = is_put(event);
+                match self.url.parse(&kv.key) {
+                    Key::Lease(id) if put => match LeaseRecord::decode(kv.value.as_slice()) {
+                        Ok(record) => {
+                            if record.holder != self.replica {
+                                lost.push((id, kv.mod_revision));
+                            }
+                            view.leases.insert(id, record);
+                        }
+                        Err(e) => tracing::warn!(lease = id, "unreadable lease record: {e}"),
+                    },
+                    Key::Lease(id) => {
+                        view.leases.remove(&id);
+                        lost.push((id, i64::MAX));
+                    }
+                    Key::Instance if put => match InstanceRecord::decode(kv.value.as_slice()) {
+                        Ok(record) => {
+                            let revision = revision(kv.mod_revision, record.index);
+                            out.extend(mirror_put(&mut view, state, kv.clone(), record, revision));
+                        }
+                        Err(e) => tracing::warn!("unreadable instance record: {e}"),
+                    },
+                    Key::Instance => {
+                        let Some(seen) = view.instances.remove(&kv.key) else {
+                            continue;
+                        };
+                        if let Some(keys) = view.per_lease.get_mut(&seen.lease_id) {
+                            keys.remove(&kv.key);
+                            if keys.is_empty() {
+                                view.per_lease.remove(&seen.lease_id);
+                            }
+                        }
+                        let revision = revision(at, deletes);
+                        deletes += 1;
+                        out.extend(state.apply_delete(
+                            &seen.service,
+                            &seen.instance_id,
+                            reason,
+                            revision,
+                        ));
+                    }
+                    Key::Chunk(hash, n) if put => {
+                        view.chunks
+                            .entry(hash)
+                            .or_default()
+                            .insert(n, kv.value.clone());
+                    }
+                    Key::Chunk(..) | Key::Reason | Key::Other => {}
+                }
+            }
+            out
+        });
+        drop(view);
+        if !lost.is_empty() {
+            let mut held = self.held();
+            for (id, at) in lost {
+                let taken = held
+                    .leases
+                    .get(&id)
+                    .is_some_and(|lease| at == i64::MAX || at > lease.since);
+                if taken && held.leases.remove(&id).is_some() {
+                    tracing::info!(lease = id, "lease taken over by another replica, or gone");
+                }
+            }
+        }
+        self.applied.send_if_modified(|applied| {
+            let newer = at > *applied;
+            *applied = (*applied).max(at);
+            newer
+        });
+    }
+
+    /// Lease `id`'s record naming this replica was written at `at`.
+    fn hold_since(&self, id: u64, at: i64) {
+        if let Some(lease) = self.held().leases.get_mut(&id) {
+            lease.since = at;
+        }
+    }
+
+    /// Waits until the mirror has applied etcd revision `at`.
+    async fn caught_up(&self, at: i64) -> Result<()> {
+        let mut applied = self.applied.subscribe();
+        match tokio::time::timeout(ETCD_TIMEOUT, applied.wait_for(|a| *a >= at)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "this replica's view of etcd did not reach revision {at} within {ETCD_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn txn(&self, request: etcd::TxnRequest) -> Result<etcd::TxnResponse> {
+        match tokio::time::timeout(ETCD_TIMEOUT, self.client.kv.clone().txn(request)).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(unavailable("transaction", &status)),
+            Err(_) => Err(Error::Unavailable(format!(
+                "etcd did not answer a transaction within {ETCD_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    /// A transaction that must succeed; returns its revision.
+    async fn commit(&self, success: Vec<etcd::RequestOp>) -> Result<i64> {
+        let response = self
+            .txn(etcd::TxnRequest {
+                compare: Vec::new(),
+                success,
+                failure: Vec::new(),
+            })
+            .await?;
+        Ok(response.header.map_or(0, |h| h.revision))
+    }
+
+    /// The record of lease `id`: from the view, else read from etcd (a
+    /// lease granted on another replica a moment ago).
+    async fn lease_record(&self, id: u64) -> Result<LeaseRecord> {
+        if let Some(record) = self.view().leases.get(&id) {
+            return Ok(record.clone());
+        }
+        let mut kv = self.client.kv.clone();
+        let read = kv.range(etcd::RangeRequest {
+            key: self.url.lease_key(id),
+            ..Default::default()
+        });
+        let response = match tokio::time::timeout(ETCD_TIMEOUT, read).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Err(unavailable("read", &status)),
+            Err(_) => return Err(Error::Unavailable("etcd did not answer a read".into())),
+        };
+        response
+            .kvs
+            .first()
+            .and_then(|kv| LeaseRecord::decode(kv.value.as_slice()).ok())
+            .ok_or(Error::LeaseNotFound(id))
+    }
+
+    /// The record of lease `id` if `secret` opens it.
+    async fn owned_lease(&self, id: u64, secret: &str) -> Result<LeaseRecord> {
+        let record = self.lease_record(id).await?;
+        if !record.opens_with(secret) {
+            return Err(Error::WrongSecret(id));
+        }
+        Ok(record)
+    }
+
+    /// Stores a descriptor set's chunks (once: content-addressed); returns
+    /// its hash.
+    async fn put_descriptors(&self, set: &[u8]) -> Result<String> {
+        let (hash, parts) = crate::store::etcd::chunks(set);
+        if self.view().set(&hash).is_some() {
+            return Ok(hash);
+        }
+        let mut last = 0;
+        for (n, part) in parts.iter().enumerate() {
+            last = self
+                .commit(vec![put(self.url.chunk_key(&hash, n), part.to_vec(), 0)])
+                .await?;
+        }
+        self.caught_up(last).await?;
+        Ok(hash)
+    }
+
+    /// Removes lease `id` and its instances with `reason`; returns how
+    /// many instances went.
+    async fn end_lease(&self, id: u64, reason: RemovalReason) -> Result<usize> {
+        let keys: Vec<Vec<u8>> = self
+            .view()
+            .per_lease
+            .get(&id)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        let why = put(
+            self.url.reason_key(),
+            (reason as i32).to_string().into_bytes(),
+            0,
+        );
+        let batches: Vec<&[Vec<u8>]> = if keys.is_empty() {
+            vec![&[]]
+        } else {
+            keys.chunks(DELETES_PER_TXN).collect()
+        };
+        let mut last = 0;
+        for (n, batch) in batches.iter().enumerate() {
+            let mut ops = vec![why.clone()];
+            ops.extend(batch.iter().cloned().map(delete));
+            if n + 1 == batches.len() {
+                ops.push(delete(self.url.lease_key(id)));
+            }
+            last = self.commit(ops).await?;
+        }
+        // Anything registered under it meanwhile goes with the etcd lease.
+        let mut leases = self.client.lease.clone();
+        let revoke = leases.lease_revoke(etcd::LeaseRevokeRequest { id: lease_i64(id) });
+        match tokio::time::timeout(ETCD_TIMEOUT, revoke).await {
+            Ok(Ok(response)) => {
+                last = last.max(response.into_inner().header.map_or(0, |h| h.revision));
+            }
+            Ok(Err(status)) if status.message().contains("not found") => {}
+            Ok(Err(status)) => {
+                tracing::warn!(lease = id, "etcd lease revoke: {}", status.message())
+            }
+            Err(_) => tracing::warn!(lease = id, "etcd lease revoke: no answer"),
+        }
+        self.caught_up(last).await?;
+        Ok(keys.len())
+    }
+
+    /// Ends a lease this replica held, logging a failure (etcd then
+    /// expires it after its own TTL).
+    async fn end_held(&self, id: u64, reason: RemovalReason) -> Option<usize> {
+        match self.end_lease(id, reason).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!(lease = id, "could not end the lease in etcd: {e}");
+                None
+            }
+        }
+    }
+
+    /// Checks a put of `instance` under `lease_id` at `key` against the
+    /// view; returns the key's mod_revision (0: new).
+    fn check_put(&self, key: &[u8], instance: &pb::Instance, lease_id: u64) -> Result<i64> {
+        let view = self.view();
+        if let Some(seen) = view.instances.get(key) {
+            if seen.lease_id != lease_id {
+                return Err(Error::NotOwner {
+                    service: instance.service.clone(),
+                    instance_id: instance.instance_id.clone(),
+                });
+            }
+            return Ok(seen.mod_revision);
+        }
+        let held = view.per_lease.get(&lease_id).map_or(0, BTreeSet::len);
+        self.quotas.check_lease(lease_id, held)?;
+        let (count, total) = self
+            .mirror
+            .read(|s| (s.service_len(&instance.service), s.instance_count()));
+        self.quotas.check_service(&instance.service, count)?;
+        if total >= self.limits.instances {
+            return Err(Error::limit(
+                Limit::Instances,
+                format!("at most {} instances", self.limits.instances),
+            ));
+        }
+        Ok(0)
+    }
+
+    /// The instance at `key` if lease `lease_id` owns it: its mod_revision,
+    /// descriptor hash, and the instance.
+    fn owned_instance(
+        &self,
+        key: &[u8],
+        lease_id: u64,
+        service: &str,
+        instance_id: &str,
+    ) -> Result<(i64, String, pb::Instance)> {
+        let view = self.view();
+        let not_found = || Error::InstanceNotFound {
+            service: service.to_string(),
+            instance_id: instance_id.to_string(),
+        };
+        let seen = view.instances.get(key).ok_or_else(not_found)?;
+        if seen.lease_id != lease_id {
+            return Err(Error::NotOwner {
+                service: service.to_string(),
+                instance_id: instance_id.to_string(),
+            });
+        }
+        let instance = self
+            .mirror
+            .read(|s| s.get(service, instance_id))
+            .ok_or_else(not_found)?;
+        Ok((seen.mod_revision, seen.descriptors_sha256.clone(), instance))
+    }
+
+    /// Puts an instance record under `lease_id` if the lease still exists
+    /// and `key` is still at `mod_revision`; the transaction's revision and
+    /// whether it did.
+    async fn put_instance(
+        &self,
+        key: &[u8],
+        mod_revision: i64,
+        lease_id: u64,
+        record: InstanceRecord,
+    ) -> Result<(bool, i64)> {
+        let response = self
+            .txn(etcd::TxnRequest {
+                compare: vec![
+                    exists(self.url.lease_key(lease_id)),
+                    unchanged(key.to_vec(), mod_revision),
+                ],
+                success: vec![put(key.to_vec(), record.encode_to_vec(), lease_id)],
+                failure: Vec::new(),
+            })
+            .await?;
+        let at = response.header.map_or(0, |h| h.revision);
+        self.caught_up(at).await?;
+        Ok((response.succeeded, at))
+    }
+
+    /// The instance as the mirror holds it after a write.
+    fn stored(&self, service: &str, instance_id: &str) -> Result<(pb::Instance, u64)> {
+        let instance = self
+            .mirror
+            .read(|s| s.get(service, instance_id))
+            .ok_or_else(|| Error::InstanceNotFound {
+                service: service.to_string(),
+                instance_id: instance_id.to_string(),
+            })?;
+        let revision = instance.revision;
+        Ok((instance, revision))
+    }
+}
+
+/// Sets an instance put in etcd in the view and the mirror's state.
+fn mirror_put(
+    view: &mut View,
+    state: &mut State,
+    kv: etcd::KeyValue,
+    record: InstanceRecord,
+    revision: u64,
+) -> Option<Event> {
+    let mut instance = record.instance?;
+    instance.revision = 0;
+    let descriptors = if record.descriptors_sha256.is_empty() {
+        None
+    } else {
+        let set = view.set(&record.descriptors_sha256);
+        if set.is_none() {
+            tracing::warn!(
+                service = %instance.service,
+                instance = %instance.instance_id,
+                "descriptor chunks missing in etcd"
+            );
+        }
+        set
+    };
+    let lease_id = instance.lease_id;
+    if let Some(old) = view.instances.get(&kv.key)
+        && old.lease_id != lease_id
+        && let Some(keys) = view.per_lease.get_mut(&old.lease_id)
+    {
+        keys.remove(&kv.key);
+    }
+    view.per_lease
+        .entry(lease_id)
+        .or_default()
+        .insert(kv.key.clone());
+    view.instances.insert(
+        kv.key,
+        Seen {
+            service: instance.service.clone(),
+            instance_id: instance.instance_id.clone(),
+            lease_id,
+            mod_revision: kv.mod_revision,
+            descriptors_sha256: record.descriptors_sha256,
+        },
+    );
+    state.apply_put(instance, descriptors, revision)
+}
+
+#[tonic::async_trait]
+impl Writes for EtcdStore {
+    async fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
+        let inner = &self.inner;
+        let ttl = inner.ttl.granted(ttl_ms);
+        if inner.view().leases.len() >= inner.limits.leases {
+            return Err(Error::limit(
+                Limit::Leases,
+                format!("at most {} live leases", inner.limits.leases),
+            ));
+        }
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0) + FAILOVER_MARGIN.as_secs();
+        let mut leases = inner.client.lease.clone();
+        let grant = leases.lease_grant(etcd::LeaseGrantRequest {
+            ttl: i64::try_from(seconds).unwrap_or(i64::MAX),
+            id: 0,
+        });
+        let granted = match tokio::time::timeout(ETCD_TIMEOUT, grant).await {
+            Ok(Ok(response)) => response.into_inner(),
+            Ok(Err(status)) => return Err(unavailable("lease grant", &status)),
+            Err(_) => return Err(Error::Unavailable("etcd did not grant a lease".into())),
+        };
+        if !granted.error.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "etcd lease grant: {}",
+                granted.error
+            )));
+        }
+        let id = u64::try_from(granted.id).unwrap_or(0);
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let mut record =
+            LeaseRecord::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), &secret);
+        record.holder = inner.replica.clone();
+        inner.held().leases.insert(
+            id,
+            Held {
+                ttl,
+                deadline: Instant::now() + ttl,
+                attached: None,
+                secret_sha256: record.secret_sha256.clone(),
+                since: i64::MAX,
+            },
+        );
+        inner.wake_expiry.notify_one();
+        let at = inner
+            .commit(vec![put(
+                inner.url.lease_key(id),
+                record.encode_to_vec(),
+                id,
+            )])
+            .await;
+        let at = match at {
+            Ok(at) => at,
+            Err(e) => {
+                inner.held().leases.remove(&id);
+                return Err(e);
+            }
+        };
+        inner.hold_since(id, at);
+        inner.caught_up(at).await?;
+        Ok(Granted {
+            lease_id: id,
+            lease_secret: secret,
+            ttl,
+        })
+    }
+
+    async fn keep_alive(
+        &self,
+        lease_id: u64,
+        secret: &str,
+        stream: Option<u64>,
+    ) -> Result<Duration> {
+        let inner = &self.inner;
+        {
+            let mut held = inner.held();
+            if let Some(lease) = held.leases.get_mut(&lease_id) {
+                let record = LeaseRecord {
+                    secret_sha256: lease.secret_sha256.clone(),
+                    ..Default::default()
+                };
+                if !record.opens_with(secret) {
+                    return Err(Error::WrongSecret(lease_id));
+                }
+                lease.deadline = Instant::now() + lease.ttl;
+                if stream.is_some() {
+                    lease.attached = stream;
+                }
+                return Ok(lease.ttl);
+            }
+        }
+        // Held by another replica (or by one that died): adopt it.
+        let mut record = inner.owned_lease(lease_id, secret).await?;
+        let ttl = Duration::from_millis(record.ttl_ms);
+        inner.held().leases.insert(
+            lease_id,
+            Held {
+                ttl,
+                deadline: Instant::now() + ttl,
+                attached: stream,
+                secret_sha256: record.secret_sha256.clone(),
+                since: i64::MAX,
+            },
+        );
+        inner.wake_keeper.notify_one();
+        inner.wake_expiry.notify_one();
+        record.holder = inner.replica.clone();
+        let key = inner.url.lease_key(lease_id);
+        let adopted = inner
+            .txn(etcd::TxnRequest {
+                compare: vec![exists(key.clone())],
+                success: vec![put(key, record.encode_to_vec(), lease_id)],
+                failure: Vec::new(),
+            })
+            .await;
+        match adopted {
+            Ok(response) if response.succeeded => {
+                inner.hold_since(lease_id, response.header.map_or(0, |h| h.revision));
+                tracing::info!(lease = lease_id, "lease adopted from another replica");
+                Ok(ttl)
+            }
+            Ok(_) => {
+                inner.held().leases.remove(&lease_id);
+                Err(Error::LeaseNotFound(lease_id))
+            }
+            Err(e) => {
+                inner.held().leases.remove(&lease_id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize> {
+        let inner = &self.inner;
+        {
+            let mut held = inner.held();
+            let attached = held
+                .leases
+                .get(&lease_id)
+                .is_some_and(|lease| lease.attached == Some(stream));
+            if !attached {
+                return None;
+            }
+            held.leases.remove(&lease_id);
+        }
+        inner
+            .end_held(lease_id, RemovalReason::KeepaliveClosed)
+            .await
+    }
+
+    async fn revoke_lease(&self, lease_id: u64, secret: &str) -> Result<u32> {
+        let inner = &self.inner;
+        inner.owned_lease(lease_id, secret).await?;
+        inner.held().leases.remove(&lease_id);
+        let removed = inner
+            .end_lease(lease_id, RemovalReason::LeaseRevoked)
+            .await?;
+        Ok(u32::try_from(removed).unwrap_or(u32::MAX))
+    }
+
+    async fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)> {
+        let inner = &self.inner;
+        let validate::Register {
+            lease_id,
+            lease_secret,
+            mut instance,
+            descriptors,
+        } = request;
+        inner.owned_lease(lease_id, &lease_secret).await?;
+        instance.lease_id = lease_id;
+        instance.revision = 0;
+        let hash = match &descriptors {
+            Some(set) => inner.put_descriptors(set).await?,
+            None => String::new(),
+        };
+        let key = inner
+            .url
+            .instance_key(&instance.service, &instance.instance_id);
+        for _ in 0..RETRIES {
+            let seen = inner.check_put(&key, &instance, lease_id)?;
+            let record = InstanceRecord {
+                instance: Some(instance.clone()),
+                descriptors_sha256: hash.clone(),
+                index: 0,
+            };
+            let (done, _) = inner.put_instance(&key, seen, lease_id, record).await?;
+            if done {
+                return inner.stored(&instance.service, &instance.instance_id);
+            }
+            if !inner.view().leases.contains_key(&lease_id) {
+                return Err(Error::LeaseNotFound(lease_id));
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "register kept losing races with other replicas' writes ({RETRIES} tries)"
+        )))
+    }
+
+    async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
+        let inner = &self.inner;
+        inner
+            .owned_lease(request.lease_id, &request.lease_secret)
+            .await?;
+        let key = inner
+            .url
+            .instance_key(&request.service, &request.instance_id);
+        for _ in 0..RETRIES {
+            let (seen, hash, mut instance) = inner.owned_instance(
+                &key,
+                request.lease_id,
+                &request.service,
+                &request.instance_id,
+            )?;
+            if let Some(weight) = request.weight {
+                instance.weight = Some(weight);
+            }
+            if let Some(labels) = &request.metadata {
+                instance.metadata = labels.clone();
+            }
+            instance.revision = 0;
+            let record = InstanceRecord {
+                instance: Some(instance),
+                descriptors_sha256: hash,
+                index: 0,
+            };
+            let (done, _) = inner
+                .put_instance(&key, seen, request.lease_id, record)
+                .await?;
+            if done {
+                return inner.stored(&request.service, &request.instance_id);
+            }
+            if !inner.view().leases.contains_key(&request.lease_id) {
+                return Err(Error::LeaseNotFound(request.lease_id));
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "update kept losing races with other replicas' writes ({RETRIES} tries)"
+        )))
+    }
+
+    async fn reach(&self, revision: u64) {
+        let at = i64::try_from(revision >> INDEX_BITS).unwrap_or(i64::MAX);
+        let mut applied = self.inner.applied.subscribe();
+        let _ = tokio::time::timeout(REACH_WAIT, applied.wait_for(|a| *a >= at)).await;
+    }
+
+    async fn deregister(&self, request: validate::Deregister) -> Result<u64> {
+        let inner = &self.inner;
+        inner
+            .owned_lease(request.lease_id, &request.lease_secret)
+            .await?;
+        let key = inner
+            .url
+            .instance_key(&request.service, &request.instance_id);
+        for _ in 0..RETRIES {
+            let (seen, _, _) = inner.owned_instance(
+                &key,
+                request.lease_id,
+                &request.service,
+                &request.instance_id,
+            )?;
+            let response = inner
+                .txn(etcd::TxnRequest {
+                    compare: vec![
+                        exists(inner.url.lease_key(request.lease_id)),
+                        unchanged(key.clone(), seen),
+                    ],
+                    success: vec![
+                        put(
+                            inner.url.reason_key(),
+                            (RemovalReason::Deregistered as i32)
+                                .to_string()
+                                .into_bytes(),
+                            0,
+                        ),
+                        delete(key.clone()),
+                    ],
+                    failure: Vec::new(),
+                })
+                .await?;
+            let at = response.header.map_or(0, |h| h.revision);
+            inner.caught_up(at).await?;
+            if response.succeeded {
+                return Ok(revision(at, 0));
+            }
+            if !inner.view().leases.contains_key(&request.lease_id) {
+                return Err(Error::LeaseNotFound(request.lease_id));
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "deregister kept losing races with other replicas' writes ({RETRIES} tries)"
+        )))
+    }
+}
+
+/// The mirror's feed: watches the prefix from etcd revision `next` and
+/// applies each revision; reconnects after a break.
+async fn follow(inner: Arc<Inner>, mut next: i64) {
+    loop {
+        match watch_from(&inner, next).await {
+            Ok(()) => tracing::warn!("etcd watch ended; watching again"),
+            Err(status) => {
+                tracing::warn!("etcd watch failed: {}; watching again", status.message())
+            }
+        }
+        next = *inner.applied.borrow() + 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
+    let (tx, rx) = mpsc::channel(1);
+    let key = inner.url.all_keys();
+    let create = etcd::WatchRequest {
+        request_union: Some(etcd::watch_request::RequestUnion::CreateRequest(
+            etcd::WatchCreateRequest {
+                range_end: etcd_api::prefix_end(&key),
+                key,
+                start_revision: start,
+                progress_notify: true,
+                prev_kv: false,
+                fragment: false,
+            },
+        )),
+    };
+    tx.send(create)
+        .await
+        .map_err(|_| tonic::Status::internal("watch request not sent"))?;
+    let mut stream = inner
+        .client
+        .watch
+        .clone()
+        .watch(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    while let Some(response) = stream.message().await? {
+        if response.compact_revision > 0 {
+            // A replica that fell behind etcd's compaction (a long
+            // partition) must be restarted to reload the prefix.
+            return Err(tonic::Status::data_loss(format!(
+                "etcd compacted past revision {start} (now {}): restart this replica to reload",
+                response.compact_revision
+            )));
+        }
+        if response.canceled {
+            return Err(tonic::Status::aborted(format!(
+                "etcd cancelled the watch: {}",
+                response.cancel_reason
+            )));
+        }
+        let mut events = response.events.as_slice();
+        while let Some(first) = events.first() {
+            let at = first.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+            let len = events
+                .iter()
+                .take_while(|e| e.kv.as_ref().map_or(0, |kv| kv.mod_revision) == at)
+                .count();
+            inner.apply(at, &events[..len]);
+            events = &events[len..];
+        }
+        if response.events.is_empty()
+            && let Some(header) = response.header
+            && !response.created
+        {
+            // A progress notification: everything up to it was sent.
+            inner.applied.send_if_modified(|applied| {
+                let newer = header.revision > *applied;
+                *applied = (*applied).max(header.revision);
+                newer
+            });
+        }
+    }
+    drop(tx);
+    Ok(())
+}
+
+/// Ends the leases this replica holds once their registry TTL passed
+/// without a heartbeat.
+async fn expire(inner: Arc<Inner>) {
+    loop {
+        let now = Instant::now();
+        let (due, next) = {
+            let mut held = inner.held();
+            let gap = now.saturating_duration_since(held.ticked);
+            held.ticked = now;
+            if gap > crate::lease::STALL {
+                tracing::warn!(
+                    stalled_ms = u64::try_from(gap.as_millis()).unwrap_or(u64::MAX),
+                    "the registry was not running for a while: every lease it holds gets a fresh TTL"
+                );
+                for lease in held.leases.values_mut() {
+                    lease.deadline = now + lease.ttl;
+                }
+            }
+            let due: Vec<u64> = held
+                .leases
+                .iter()
+                .filter(|(_, lease)| lease.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &due {
+                held.leases.remove(id);
+            }
+            let next = held.leases.values().map(|lease| lease.deadline).min();
+            (due, next)
+        };
+        for id in due {
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                if let Some(removed) = inner.end_held(id, RemovalReason::LeaseExpired).await {
+                    tracing::info!(lease = id, removed, "lease expired");
+                }
+            });
+        }
+        let tick = now + TICK;
+        let wake = next.map_or(tick, |next| next.min(tick));
+        tokio::select! {
+            () = tokio::time::sleep_until(wake) => {}
+            () = inner.wake_expiry.notified() => {}
+        }
+    }
+}
+
+/// Keeps the etcd leases of the leases this replica holds alive, over one
+/// LeaseKeepAlive stream (opened again when it breaks).
+async fn keep_etcd_leases(inner: Arc<Inner>) {
+    loop {
+        let (tx, rx) = mpsc::channel(1024);
+        // Sending runs beside the opening: etcd answers the call (and so
+        // lets it open) only once it has a first request.
+        let sender = AbortOnDropHandle::new(tokio::spawn(send_keepalives(inner.clone(), tx)));
+        let opened = inner
+            .client
+            .lease
+            .clone()
+            .lease_keep_alive(ReceiverStream::new(rx))
+            .await;
+        match opened {
+            Ok(response) => {
+                let mut responses = response.into_inner();
+                loop {
+                    match responses.message().await {
+                        Ok(Some(response)) if response.ttl <= 0 => {
+                            let id = u64::try_from(response.id).unwrap_or(0);
+                            if inner.held().leases.remove(&id).is_some() {
+                                tracing::warn!(lease = id, "etcd lease already gone");
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::warn!("etcd lease keepalive broke: {}", status.message());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => tracing::warn!("etcd lease keepalive: {}", status.message()),
+        }
+        drop(sender);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends a keepalive for every held lease every [`ETCD_KEEPALIVE_EVERY`],
+/// and at once when a lease is adopted.
+async fn send_keepalives(inner: Arc<Inner>, tx: mpsc::Sender<etcd::LeaseKeepAliveRequest>) {
+    let mut every = tokio::time::interval(ETCD_KEEPALIVE_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = inner.wake_keeper.notified() => {}
+        }
+        let ids: Vec<u64> = inner.held().leases.keys().copied().collect();
+        for id in ids {
+            let request = etcd::LeaseKeepAliveRequest { id: lease_i64(id) };
+            if tx.send(request).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revisions_order_by_etcd_revision_then_index() {
+        assert!(revision(5, (1 << INDEX_BITS) - 1) < revision(6, 0));
+        assert!(revision(6, 0) < revision(6, 1));
+        assert_eq!(revision(1, 0), 1 << INDEX_BITS);
+        assert_eq!(revision(-1, 0), 0);
+    }
+
+    #[test]
+    fn a_hash_is_hex_sha256() {
+        assert_eq!(crate::store::etcd::sha256_hex(b"").len(), 64);
+    }
+}

@@ -1,0 +1,337 @@
+//! The etcd store (`registry --store etcd://...`) against a real etcd that
+//! the test starts: replicas over one cluster and prefix serve one
+//! registry; leases end as with the memory store; a replica's death loses
+//! no lease; a restart of every replica loses nothing.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use registry_proto::registry::v1 as pb;
+use testkit::Registry;
+use testkit::etcd::Etcd;
+
+/// A registry over `etcd`'s prefix `prefix`.
+fn replica(etcd: &Etcd, prefix: &str) -> Registry {
+    Registry::start(&["--store", &etcd.store(prefix)])
+}
+
+/// The next Watch message, or a panic after [`PROMPTLY`].
+async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(PROMPTLY, stream.message())
+        .await
+        .expect("no watch message in time")
+        .unwrap()
+        .expect("watch stream ended")
+}
+
+/// Waits for the first snapshot into a new replica copy.
+async fn synced(stream: &mut tonic::Streaming<pb::WatchResponse>) -> Replica {
+    let mut copy = Replica::default();
+    follow_until(stream, &mut copy, |r| r.resets == 1 && !r.more).await;
+    copy
+}
+
+#[tokio::test]
+async fn a_write_on_one_replica_is_read_and_watched_on_another() {
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let b = replica(&etcd, "r");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut stream = watch(&mut cb, &[]).await;
+    let mut copy = synced(&mut stream).await;
+
+    let lease = grant(&mut ca, LONG_TTL).await;
+    let registered = register(&mut ca, &lease, instance("calc", "c1", 7001)).await;
+    // Read your writes on the replica that took it...
+    assert_eq!(ids(&mut ca, "calc").await, ["c1"]);
+    // ...and the same instance, same revision, everywhere.
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 1).await;
+    let seen = &copy.instances[&("calc".to_string(), "c1".to_string())];
+    assert_eq!(seen.revision, registered.revision);
+    assert_eq!(
+        resolve(&mut cb, "calc").await[0].revision,
+        registered.revision
+    );
+
+    // Ownership holds across replicas: another lease cannot take it.
+    let other = grant(&mut cb, LONG_TTL).await;
+    let err = cb
+        .register(register_request(&other, instance("calc", "c1", 7001)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // A wrong secret is refused by a replica that did not grant the lease.
+    let mut forged = lease.clone();
+    forged.secret = "0".repeat(32);
+    let err = cb
+        .register(register_request(&forged, instance("calc", "c2", 7002)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+
+    // An update and a deregistration on B reach A's watcher in order.
+    let mut sa = watch(&mut ca, &[]).await;
+    let mut copy_a = synced(&mut sa).await;
+    let mut changed = instance("calc", "c1", 7001);
+    changed.weight = Some(4);
+    register(&mut cb, &lease, changed).await;
+    register(&mut cb, &lease, instance("calc", "c3", 7003)).await;
+    deregister(&mut cb, &lease, "calc", "c3").await.unwrap();
+    follow_until(&mut sa, &mut copy_a, |r| r.log.len() == 3).await;
+    use pb::event::Kind;
+    let kinds: Vec<_> = copy_a.log.iter().map(|e| e.kind()).collect();
+    assert_eq!(kinds, [Kind::Updated, Kind::Added, Kind::Removed]);
+    assert_eq!(copy_a.log[2].reason(), pb::RemovalReason::Deregistered);
+    assert_eq!(copy_a.instances.len(), 1);
+}
+
+#[tokio::test]
+async fn a_broken_keepalive_stream_removes_its_instances_at_once_on_every_replica() {
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let b = replica(&etcd, "r");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let lease = grant(&mut ca, LONG_TTL).await;
+    for i in 0..3 {
+        register(
+            &mut ca,
+            &lease,
+            instance("calc", &format!("c{i}"), 7000 + i),
+        )
+        .await;
+    }
+    let keepalive = keep_alive(&mut ca, &lease).await;
+    let mut stream = watch(&mut cb, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    // B follows A a moment behind.
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 3).await;
+    let before = copy.log.len();
+
+    let broke = Instant::now();
+    drop(keepalive);
+    follow_until(&mut stream, &mut copy, |r| r.instances.is_empty()).await;
+    println!(
+        "TIMING etcd store: KeepAlive stream closed -> REMOVED at a watcher on another replica: {:?}",
+        broke.elapsed()
+    );
+    assert!(
+        copy.log[before..]
+            .iter()
+            .all(|e| e.reason() == pb::RemovalReason::KeepaliveClosed),
+        "{:?}",
+        copy.log
+    );
+    // The lease is gone everywhere.
+    let err = cb
+        .register(register_request(&lease, instance("calc", "c9", 7009)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn a_lease_without_heartbeats_expires_after_the_registry_ttl_not_etcds() {
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let mut client = a.client().await;
+    // 300 ms: etcd's own lease would last 3 s (rounded up, plus the margin).
+    let lease = grant(&mut client, 300).await;
+    register(&mut client, &lease, instance("calc", "c1", 7001)).await;
+    let mut stream = watch(&mut client, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    let granted = Instant::now();
+    follow_until(&mut stream, &mut copy, |r| r.instances.is_empty()).await;
+    let took = granted.elapsed();
+    println!("TIMING etcd store: 300 ms lease without heartbeats -> REMOVED: {took:?}");
+    assert!(
+        took < Duration::from_millis(2500),
+        "expired by etcd, not the registry: {took:?}"
+    );
+    assert_eq!(copy.log[0].reason(), pb::RemovalReason::LeaseExpired);
+}
+
+#[tokio::test]
+async fn when_the_replica_holding_a_lease_dies_another_adopts_it_and_nothing_is_removed() {
+    let etcd = Etcd::start();
+    let mut a = replica(&etcd, "r");
+    let b = replica(&etcd, "r");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let lease = grant(&mut ca, 1000).await;
+    register(&mut ca, &lease, instance("calc", "c1", 7001)).await;
+    let keepalive = keep_alive(&mut ca, &lease).await;
+    let mut stream = watch(&mut cb, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 1).await;
+    let before = copy.log.len();
+
+    a.process.kill9();
+    drop(keepalive);
+    // The node's KeepAlive moves to B with the same lease and secret.
+    let mut moved = keep_alive(&mut cb, &lease).await;
+    let stop = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < stop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        moved
+            .tx
+            .send(pb::KeepAliveRequest {
+                lease_id: lease.id,
+                lease_secret: lease.secret.clone(),
+            })
+            .await
+            .unwrap();
+        let answer = moved.responses.message().await.unwrap().unwrap();
+        assert_eq!(answer.lease_id, lease.id);
+        // Nothing was removed at the watcher meanwhile.
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(1), stream.message()).await
+        {
+            copy.apply(message.unwrap().unwrap());
+        }
+    }
+    assert_eq!(
+        copy.log.len(),
+        before,
+        "changes while failing over: {:?}",
+        &copy.log[before..]
+    );
+    assert_eq!(ids(&mut cb, "calc").await, ["c1"]);
+    // B now enforces the lease: its stream breaking removes the instance.
+    drop(moved);
+    follow_until(&mut stream, &mut copy, |r| r.instances.is_empty()).await;
+    assert_eq!(
+        copy.log[before].reason(),
+        pb::RemovalReason::KeepaliveClosed
+    );
+}
+
+#[tokio::test]
+async fn a_watcher_resumes_on_another_replica_from_its_last_revision() {
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let b = replica(&etcd, "r");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let lease = grant(&mut ca, LONG_TTL).await;
+    register(&mut ca, &lease, instance("calc", "c0", 7000)).await;
+    let mut stream = watch(&mut ca, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    register(&mut ca, &lease, instance("calc", "c1", 7001)).await;
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 2).await;
+    drop(stream);
+
+    // Missed while away: an add, an update, a removal of several at once.
+    let other = grant(&mut ca, LONG_TTL).await;
+    register(&mut ca, &other, instance("db", "d0", 7100)).await;
+    register(&mut ca, &other, instance("db", "d1", 7101)).await;
+    let mut changed = instance("calc", "c0", 7000);
+    changed.weight = Some(3);
+    register(&mut ca, &lease, changed).await;
+    ca.revoke_lease(pb::RevokeLeaseRequest {
+        lease_id: other.id,
+        lease_secret: other.secret.clone(),
+    })
+    .await
+    .unwrap();
+
+    let mut stream = cb
+        .watch(pb::WatchRequest {
+            resume_revision: copy.revision,
+            registry_id: copy.registry_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let accepted = next(&mut stream).await;
+    assert!(
+        !accepted.reset,
+        "resumed on B, not a snapshot: {accepted:?}"
+    );
+    assert_eq!(accepted.revision, copy.revision);
+    let before = copy.log.len();
+    follow_until(&mut stream, &mut copy, |r| r.log.len() == before + 5).await;
+    use pb::event::Kind;
+    let kinds: Vec<_> = copy.log[before..].iter().map(|e| e.kind()).collect();
+    assert_eq!(
+        kinds,
+        [
+            Kind::Added,
+            Kind::Added,
+            Kind::Updated,
+            Kind::Removed,
+            Kind::Removed
+        ]
+    );
+    assert_eq!(copy.resets, 1, "no second snapshot");
+    let (_, everything) = everything(&mut cb).await;
+    assert_eq!(everything.len(), copy.instances.len());
+}
+
+#[tokio::test]
+async fn every_replica_restarted_finds_the_state_intact() {
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let mut ca = a.client().await;
+    let lease = grant(&mut ca, LONG_TTL).await;
+    let mut descriptors_registered = register_request(&lease, instance("calc", "c0", 7000));
+    descriptors_registered.file_descriptor_set = testkit::descriptors_defining("calc.Calc");
+    ca.register(descriptors_registered).await.unwrap();
+    for i in 1..4 {
+        register(
+            &mut ca,
+            &lease,
+            instance("calc", &format!("c{i}"), 7000 + i),
+        )
+        .await;
+    }
+    let before = resolve(&mut ca, "calc").await;
+    drop(ca);
+    drop(a);
+
+    let b = replica(&etcd, "r");
+    let mut cb = b.client().await;
+    assert_eq!(
+        resolve(&mut cb, "calc").await,
+        before,
+        "same instances, same revisions"
+    );
+    let got = cb
+        .get_descriptors(pb::GetDescriptorsRequest {
+            service: "calc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.file_descriptor_set,
+        testkit::descriptors_defining("calc.Calc")
+    );
+    // The lease survived too: its owner carries on on the new replica.
+    register(&mut cb, &lease, instance("calc", "c9", 7009)).await;
+    assert_eq!(resolve(&mut cb, "calc").await.len(), 5);
+}
+
+#[tokio::test]
+async fn an_unreachable_etcd_is_an_error_naming_it_and_the_registry_exits() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = testkit::command("registry");
+    cmd.args(["--listen", "127.0.0.1:0", "--store"])
+        .arg(format!("etcd://127.0.0.1:{port}/r"));
+    let (status, _out, err) = testkit::run(cmd, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+}
+
+#[tokio::test]
+async fn a_bad_store_url_is_refused_naming_the_problem() {
+    let mut cmd = testkit::command("registry");
+    cmd.args(["--store", "etcd://a:1/p/"]);
+    let (status, _out, err) = testkit::run(cmd, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(err.contains("not ending in /"), "{err}");
+}
