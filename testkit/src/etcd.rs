@@ -127,3 +127,11 @@ pub fn store_hook(cmd: &mut Command, extra_args: &[std::ffi::OsString]) {
         std::process::id()
     ));
 }
+
+/// Whether the registries tests start run over etcd (`TESTKIT_ETCD`, see
+/// [`store_hook`]). Revisions are then etcd's (`etcd_revision << 20 |
+/// index`), not 1, 2, 3...: a test asserting the memory store's exact
+/// numbering asserts it only without etcd (the order is checked either way).
+pub fn under_test() -> bool {
+    std::env::var_os("TESTKIT_ETCD").is_some()
+}

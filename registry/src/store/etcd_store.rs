@@ -146,6 +146,8 @@ struct Inner {
     /// lease adopted).
     wake_expiry: Notify,
     wake_keeper: Notify,
+    /// Asks the mirror's watch for a progress report (see `caught_up`).
+    want_progress: Notify,
 }
 
 #[derive(Default)]
@@ -283,6 +285,7 @@ impl EtcdStore {
             }),
             wake_expiry: Notify::new(),
             wake_keeper: Notify::new(),
+            want_progress: Notify::new(),
         });
         let at = inner
             .load()
@@ -491,14 +494,32 @@ impl Inner {
         }
     }
 
-    /// Waits until the mirror has applied etcd revision `at`.
+    /// Waits until the mirror has applied etcd revision `at`. A revision
+    /// may carry no change under the prefix (a failed comparison answers
+    /// with etcd's current revision, which other prefixes move on): if
+    /// the watch brings nothing for a moment, the mirror asks etcd for a
+    /// progress report, which says the watch has seen all up to it.
     async fn caught_up(&self, at: i64) -> Result<()> {
         let mut applied = self.applied.subscribe();
-        match tokio::time::timeout(ETCD_TIMEOUT, applied.wait_for(|a| *a >= at)).await {
-            Ok(Ok(_)) => Ok(()),
-            _ => Err(Error::Unavailable(format!(
-                "this replica's view of etcd did not reach revision {at} within {ETCD_TIMEOUT:?}"
-            ))),
+        let deadline = Instant::now() + ETCD_TIMEOUT;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            if *applied.borrow_and_update() >= at {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "this replica's view of etcd did not reach revision {at} within {ETCD_TIMEOUT:?}"
+                )));
+            }
+            if tokio::time::timeout_at((now + wait).min(deadline), applied.changed())
+                .await
+                .is_err()
+            {
+                self.want_progress.notify_one();
+                wait = Duration::from_millis(250);
+            }
         }
     }
 
@@ -604,10 +625,10 @@ impl Inner {
         // Anything registered under it meanwhile goes with the etcd lease.
         let mut leases = self.client.lease.clone();
         let revoke = leases.lease_revoke(etcd::LeaseRevokeRequest { id: lease_i64(id) });
+        // (Its revision is not waited for: with nothing left to delete it
+        // is just etcd's current one.)
         match tokio::time::timeout(ETCD_TIMEOUT, revoke).await {
-            Ok(Ok(response)) => {
-                last = last.max(response.into_inner().header.map_or(0, |h| h.revision));
-            }
+            Ok(Ok(_)) => {}
             Ok(Err(status)) if status.message().contains("not found") => {}
             Ok(Err(status)) => {
                 tracing::warn!(lease = id, "etcd lease revoke: {}", status.message())
@@ -1107,7 +1128,22 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
         .watch(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    while let Some(response) = stream.message().await? {
+    loop {
+        let response = tokio::select! {
+            response = stream.message() => response?,
+            () = inner.want_progress.notified() => {
+                let progress = etcd::WatchRequest {
+                    request_union: Some(etcd::watch_request::RequestUnion::ProgressRequest(
+                        etcd::WatchProgressRequest {},
+                    )),
+                };
+                tx.send(progress)
+                    .await
+                    .map_err(|_| tonic::Status::internal("watch request not sent"))?;
+                continue;
+            }
+        };
+        let Some(response) = response else { break };
         if response.compact_revision > 0 {
             // A replica that fell behind etcd's compaction (a long
             // partition) must be restarted to reload the prefix.
