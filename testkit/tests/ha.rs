@@ -9,14 +9,36 @@
 //!   tries the next replica; with every replica down, the error names them
 //!   all; a watch whose stream broke resumes from its last revision and
 //!   gets what it missed as events.
+//! - A stalled replica (SIGSTOP) is left after the lease TTL, not waited
+//!   for as a single registry is.
 //! - In network namespaces (root): a front LAN (replicas, two node hosts, a
 //!   client host) and a store LAN (a three-member etcd, one member per
 //!   host, and a second interface of every replica, so a replica can be cut
-//!   off from etcd alone).
+//!   off from etcd alone). The harness itself; a memory-store replica
+//!   killed; and with three replicas over the etcd cluster
+//!   (`--store etcd://...`), two node hosts, two `client watch`es and a
+//!   client calling in a loop:
+//!   - kill -9 of the replica the nodes are on: they resume their leases
+//!     (same ids) elsewhere, the watch resumes, nothing is removed, no call
+//!     fails;
+//!   - kill -9 of an etcd member: writes (`u`, `r` on a node) reach every
+//!     watcher, nothing else is removed;
+//!   - every replica killed and started again: the same instances with the
+//!     same revisions on every replica, leases kept, nothing removed, no
+//!     call failed;
+//!   - kill -9 of a node host reaches every watcher at once; a cut node
+//!     link expires within the TTL.
 //!
 //! Timings are printed as `TIMING name=value` lines
-//! (`cargo test -p testkit --test ha -- --nocapture | grep TIMING`):
-//! memory_failover_node_reregistered_ms.
+//! (`cargo test -p testkit --test ha -- --include-ignored --nocapture |
+//! grep TIMING`): memory_failover_node_reregistered_ms,
+//! stalled_replica_left_ms, etcd_member_killed_to_healthy_ms,
+//! memory_replica_killed_to_nodes_reregistered_ms,
+//! etcd_replica_killed_to_leases_resumed_ms,
+//! etcd_replica_killed_to_watch_resumed_ms,
+//! etcd_member_killed_to_write_seen_ms, etcd_all_replicas_restart_ms,
+//! etcd_all_replicas_killed_to_watchers_back_ms,
+//! etcd_node_killed_to_every_watcher_ms, etcd_node_cut_to_expired_ms.
 
 #![allow(clippy::unwrap_used)]
 
@@ -561,4 +583,343 @@ fn ha_memory_store_replica_killed_nodes_move_and_no_call_fails() {
     assert_eq!(removals(&watch), Vec::<String>::new());
     let summary = finish_calls(calls);
     println!("calls across the failover: {summary}");
+}
+
+// ---------------------------------------------------------------------------
+// Over etcd: three replicas of one registry (`--store etcd://...`), two node
+// hosts, a client calling in a loop and two `client watch`es.
+// ---------------------------------------------------------------------------
+
+/// A running etcd-backed cluster: the nodes, the first watcher and the
+/// calls all on replica 0 (started alone first); replicas 1 and 2 up after,
+/// and a second watcher on whichever replica it picks.
+struct EtcdHa {
+    ha: Ha,
+    watches: Vec<Process>,
+    calls: Option<Process>,
+    /// Each node's lease id when everything was up.
+    leases: Vec<u64>,
+}
+
+impl EtcdHa {
+    fn start() -> EtcdHa {
+        let mut ha = Ha::new(3);
+        ha.store = Some(ha.etcd.store("/registry-ha"));
+        ha.start_replica(0);
+        let list = ha.list();
+        ha.start_node(0, &list);
+        ha.start_node(1, &list);
+        let r0 = ha.replica_addr(0);
+        let leases = (0..2)
+            .map(|i| {
+                let (_, addr, id) = wait_lease(&ha.nodes[i].process, 0, "granted", READY_TIMEOUT);
+                assert_eq!(addr, r0);
+                id
+            })
+            .collect();
+        let first = ha.client("w0", &["watch"]);
+        for i in 0..2 {
+            let ip = ha.node_host(i).ip();
+            first.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
+        }
+        let calls = ha.client(
+            "calls",
+            &[
+                "call",
+                "calculator/Add",
+                "a=1",
+                "b=2",
+                "--repeat",
+                "10000000",
+            ],
+        );
+        calls.wait_for_line("\"value\"", READY_TIMEOUT);
+        ha.start_replica(1);
+        ha.start_replica(2);
+        let second = ha.client("w1", &["watch"]);
+        let cluster = EtcdHa {
+            ha,
+            watches: vec![first, second],
+            calls: Some(calls),
+            leases,
+        };
+        for w in &cluster.watches {
+            for i in 0..2 {
+                let ip = cluster.ha.node_host(i).ip();
+                w.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
+            }
+        }
+        // A change once every replica runs: a replica holds changes to
+        // resume from only from its start on, and in a cluster that has run
+        // for a while the last change a watcher saw is after every start.
+        cluster.ha.nodes[1].write_config("[plugins.calculator]\nweight = 3\n");
+        let ip = cluster.ha.node_host(1).ip();
+        for w in &cluster.watches {
+            w.wait_for_line(&format!("~ calculator {ip}:"), READY_TIMEOUT);
+        }
+        cluster
+    }
+
+    fn node_cursors(&self) -> Vec<usize> {
+        self.ha
+            .nodes
+            .iter()
+            .map(|n| n.process.line_count())
+            .collect()
+    }
+
+    fn watch_cursors(&self) -> Vec<usize> {
+        self.watches.iter().map(Process::line_count).collect()
+    }
+
+    /// Waits until every watcher printed a line containing `needle` after
+    /// its cursor; returns how long after `since` the last one did.
+    fn seen_by_all(
+        &self,
+        cursors: &[usize],
+        needle: &str,
+        within: Duration,
+        since: Instant,
+    ) -> Duration {
+        let mut slowest = Duration::ZERO;
+        for (w, cursor) in self.watches.iter().zip(cursors) {
+            w.wait_for_line_after(*cursor, needle, within);
+            slowest = slowest.max(since.elapsed());
+        }
+        slowest
+    }
+
+    /// Waits until every node resumed its lease (the same id) on a replica
+    /// other than `left`, from `cursors` on; returns when the last did.
+    fn wait_resumed(&self, cursors: &[usize], left: &str, since: Instant) -> Duration {
+        let mut last = Duration::ZERO;
+        for (i, cursor) in cursors.iter().enumerate() {
+            let (_, addr, id) = wait_lease(
+                &self.ha.nodes[i].process,
+                *cursor,
+                "resumed",
+                Duration::from_secs(15),
+            );
+            last = last.max(since.elapsed());
+            assert_ne!(addr, left, "node {i} resumed on the replica it left");
+            assert_eq!(id, self.leases[i], "node {i} changed lease");
+        }
+        last
+    }
+
+    /// Nothing was removed at any watcher and no node took a new lease
+    /// since `cursors`.
+    fn assert_nothing_lost(&self, cursors: &[usize]) {
+        for w in &self.watches {
+            assert_eq!(removals(w), Vec::<String>::new());
+        }
+        for (i, cursor) in cursors.iter().enumerate() {
+            let granted: Vec<String> = self.ha.nodes[i].process.lines()[*cursor..]
+                .iter()
+                .filter(|l| lease_line(l, "granted").is_some())
+                .cloned()
+                .collect();
+            assert!(granted.is_empty(), "node {i} registered again: {granted:?}");
+        }
+    }
+
+    fn finish_calls(&mut self) {
+        if let Some(calls) = self.calls.take() {
+            let summary = finish_calls(calls);
+            println!("calls across the failure: {summary}");
+        }
+    }
+}
+
+/// The calculator's instances as replica `addr` resolves them: instance id
+/// to (lease id, revision).
+fn resolved(addr: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
+    use registry_proto::registry::v1::ResolveRequest;
+    use registry_proto::registry::v1::registry_client::RegistryClient;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = RegistryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let reply = client
+            .resolve(ResolveRequest {
+                service: "calculator".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        reply
+            .instances
+            .into_iter()
+            .map(|i| (i.instance_id, (i.lease_id, i.revision)))
+            .collect()
+    })
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_etcd_replica_killed_nodes_keep_their_leases_and_nothing_is_removed() {
+    let mut cl = EtcdHa::start();
+    let cursors = cl.node_cursors();
+    let watch_cursor = cl.watches[0].line_count();
+    let r0 = cl.ha.replica_addr(0);
+    let killed = Instant::now();
+    cl.ha.kill_replica(0);
+    let resumed = cl.wait_resumed(&cursors, &r0, killed);
+    println!(
+        "TIMING etcd_replica_killed_to_leases_resumed_ms={}",
+        resumed.as_millis()
+    );
+    cl.watches[0].wait_for_line_after(watch_cursor, "watch resumed", Duration::from_secs(15));
+    println!(
+        "TIMING etcd_replica_killed_to_watch_resumed_ms={}",
+        killed.elapsed().as_millis()
+    );
+    // Past the lease TTL: nothing expired behind the nodes' backs.
+    std::thread::sleep(2 * TTL);
+    cl.assert_nothing_lost(&cursors);
+    let (status, out, err) = cl.ha.run_client(&["call", "calculator/Add", "a=2", "b=3"]);
+    assert!(status.success(), "{out}{err}");
+    cl.finish_calls();
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_etcd_member_killed_writes_and_watches_go_on() {
+    let mut cl = EtcdHa::start();
+    let cursors = cl.node_cursors();
+    let watch_cursors = cl.watch_cursors();
+    cl.ha.etcd.kill9(0);
+    let killed = Instant::now();
+    // A write: node 1 deregisters everything (`u`) and registers again (`r`).
+    let ip = cl.ha.node_host(1).ip();
+    let within = Duration::from_secs(15);
+    cl.ha.nodes[1].process.send_line("u");
+    let seen = cl.seen_by_all(
+        &watch_cursors,
+        &format!("- calculator {ip}:"),
+        within,
+        killed,
+    );
+    println!(
+        "TIMING etcd_member_killed_to_write_seen_ms={}",
+        seen.as_millis()
+    );
+    cl.ha.nodes[1].process.send_line("r");
+    cl.seen_by_all(
+        &watch_cursors,
+        &format!("+ calculator {ip}:"),
+        within,
+        killed,
+    );
+    std::thread::sleep(2 * TTL);
+    // Only the removal asked for: node 0 is still there everywhere.
+    let ip0 = cl.ha.node_host(0).ip();
+    for w in &cl.watches {
+        let removed = removals(w);
+        assert!(
+            removed.iter().all(|l| !l.contains(&format!("{ip0}:"))),
+            "{removed:?}"
+        );
+    }
+    let granted_again = cl.ha.nodes[0].process.lines()[cursors[0]..]
+        .iter()
+        .any(|l| lease_line(l, "granted").is_some());
+    assert!(!granted_again, "node 0 registered again");
+    cl.finish_calls();
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_etcd_every_replica_restarted_state_intact_and_the_watch_misses_nothing() {
+    let mut cl = EtcdHa::start();
+    let before = resolved(&cl.ha.replica_addr(1));
+    assert_eq!(before.len(), 2, "{before:?}");
+    let cursors = cl.node_cursors();
+    let watch_cursors = cl.watch_cursors();
+    let killed = Instant::now();
+    for i in 0..3 {
+        cl.ha.kill_replica(i);
+    }
+    for i in 0..3 {
+        cl.ha.start_replica(i);
+    }
+    println!(
+        "TIMING etcd_all_replicas_restart_ms={}",
+        killed.elapsed().as_millis()
+    );
+    let back = cl.seen_by_all(
+        &watch_cursors,
+        "! reconnected to the registry",
+        Duration::from_secs(15),
+        killed,
+    );
+    println!(
+        "TIMING etcd_all_replicas_killed_to_watchers_back_ms={}",
+        back.as_millis()
+    );
+    // Whether the watch resumed or took a snapshot: a replica holds changes
+    // to resume from only from its own start on, so one that just started
+    // answers a resume from before with a snapshot, of the same registry id
+    // (same cluster and prefix), which holds everything: no removal, no
+    // stale fallback, nothing missed.
+    let resumed = cl.watches[0].lines()[watch_cursors[0]..]
+        .iter()
+        .any(|l| l.contains("watch resumed"));
+    println!(
+        "after a restart of every replica the watch {}",
+        if resumed {
+            "resumed"
+        } else {
+            "took a snapshot"
+        }
+    );
+    // Every replica serves the same state as before, revisions included.
+    for i in 0..3 {
+        assert_eq!(resolved(&cl.ha.replica_addr(i)), before, "replica {i}");
+    }
+    std::thread::sleep(2 * TTL);
+    cl.assert_nothing_lost(&cursors);
+    for w in &cl.watches {
+        assert!(
+            !w.lines()
+                .iter()
+                .any(|l| l.contains("gone while disconnected")),
+            "{:?}",
+            w.lines()
+        );
+    }
+    cl.finish_calls();
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_etcd_a_killed_node_reaches_every_watcher_at_once_and_a_cut_one_expires_within_the_ttl() {
+    let mut cl = EtcdHa::start();
+    let watch_cursors = cl.watch_cursors();
+    let ip0 = cl.ha.node_host(0).ip();
+    let crash = Instant::now();
+    cl.ha.nodes[0].process.kill9();
+    let gone = format!("- calculator {ip0}:");
+    let slowest = cl.seen_by_all(&watch_cursors, &gone, Duration::from_secs(10), crash);
+    println!(
+        "TIMING etcd_node_killed_to_every_watcher_ms={}",
+        slowest.as_millis()
+    );
+    // The issue's bound is 100 ms; asserted generously (CI machines are
+    // busy): well under the TTL, which only a missed KeepAlive break would
+    // take.
+    assert!(slowest < TTL, "took {slowest:?}");
+
+    let ip1 = cl.ha.node_host(1).ip();
+    let node1 = cl.ha.node_host(1).clone();
+    let cut = Instant::now();
+    cl.ha.front.cut(&node1);
+    let gone = format!("- calculator {ip1}:");
+    let within = 3 * TTL + Duration::from_secs(5);
+    let slowest = cl.seen_by_all(&watch_cursors, &gone, within, cut);
+    println!("TIMING etcd_node_cut_to_expired_ms={}", slowest.as_millis());
+    assert!(slowest < 2 * TTL, "took {slowest:?}");
+    cl.ha.front.heal(&node1);
+    cl.calls.take();
 }
