@@ -144,6 +144,24 @@ pub async fn run_with_http(
         &["registry.v1.Registry", "grpc.health.v1.Health"],
     )?;
 
+    if let Some(mut lost) = writes.as_ref().and_then(|w| w.lost()) {
+        // NOT_SERVING while the store is lost, so health-checking balancers
+        // and operators see it.
+        let health = health.clone();
+        tokio::spawn(async move {
+            while lost.changed().await.is_ok() {
+                if *lost.borrow_and_update() {
+                    health
+                        .set_not_serving::<RegistryServer<RegistryService>>()
+                        .await;
+                } else {
+                    health
+                        .set_serving::<RegistryServer<RegistryService>>()
+                        .await;
+                }
+            }
+        });
+    }
     let peers = PeerLimits::new(config.peers);
     let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop_rx.clone());
     let _dns = match config.dns {

@@ -81,6 +81,7 @@ impl RegistryService {
         let stream = self
             .watchers
             .open_resumed(services, resume, self.shutdown.clone())?;
+        let stream = until_lost(stream, self.store.lost())?;
         // The guard lives as long as the stream: dropping the stream (the
         // client went away) uncounts it.
         let counted = crate::metrics::watcher();
@@ -93,6 +94,31 @@ impl RegistryService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A Watch stream that ends with UNAVAILABLE once `lost` turns true (the
+/// replica lost its store: its watchers must move to another one rather
+/// than be served a view that no longer changes). Refused at once if it
+/// already is.
+fn until_lost<T: Send + 'static>(
+    stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    lost: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<BoxStream<T>, Status> {
+    let Some(mut lost) = lost else {
+        return Ok(Box::pin(stream));
+    };
+    let unavailable =
+        || Status::unavailable("this registry replica lost its store (etcd): use another replica");
+    if *lost.borrow() {
+        return Err(unavailable());
+    }
+    let mut ended = lost.clone();
+    let stream = futures::StreamExt::take_until(stream, async move {
+        let _ = lost.wait_for(|lost| *lost).await;
+    });
+    let last = futures::stream::once(async move { *ended.borrow_and_update() })
+        .filter_map(move |lost| lost.then(|| Err(unavailable())));
+    Ok(Box::pin(stream.chain(last)))
+}
 
 #[tonic::async_trait]
 impl Registry for RegistryService {

@@ -335,3 +335,78 @@ async fn a_bad_store_url_is_refused_naming_the_problem() {
     assert!(!status.success());
     assert!(err.contains("not ending in /"), "{err}");
 }
+
+#[tokio::test]
+async fn a_replica_that_loses_etcd_refuses_heartbeats_and_ends_its_watches_with_unavailable() {
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    let etcd = Etcd::start();
+    let a = replica(&etcd, "r");
+    let mut client = a.client().await;
+    let lease = grant(&mut client, 1000).await;
+    register(&mut client, &lease, instance("calc", "c1", 7001)).await;
+    let mut keepalive = keep_alive(&mut client, &lease).await;
+    let mut stream = watch(&mut client, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    assert_eq!(copy.instances.len(), 1);
+
+    etcd.process.signal(SIGSTOP);
+    let cut = Instant::now();
+    // The watch ends with UNAVAILABLE...
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => copy.apply(message),
+                Ok(None) => panic!("the watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the watch went on while etcd did not answer");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended}");
+    println!(
+        "TIMING etcd store: etcd stopped -> Watch ended UNAVAILABLE: {:?}",
+        cut.elapsed()
+    );
+    // ...and so does the next heartbeat.
+    keepalive
+        .tx
+        .send(pb::KeepAliveRequest {
+            lease_id: lease.id,
+            lease_secret: lease.secret.clone(),
+        })
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(5), keepalive.responses.message())
+        .await
+        .expect("no answer to a heartbeat")
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    println!(
+        "TIMING etcd store: etcd stopped -> heartbeat refused UNAVAILABLE: {:?}",
+        cut.elapsed()
+    );
+    // A new watch is refused meanwhile; nothing was removed at the watcher.
+    let err = client
+        .watch(pb::WatchRequest::default())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(copy.log.is_empty(), "{:?}", copy.log);
+
+    // Back: it serves again.
+    etcd.process.signal(SIGCONT);
+    testkit::eventually(Duration::from_secs(10), "serving again", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .watch(pb::WatchRequest::default())
+                .await
+                .ok()
+                .map(|_| ())
+        }
+    })
+    .await;
+}

@@ -89,6 +89,13 @@ const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 /// yet waits for it before it gets a snapshot instead.
 const REACH_WAIT: Duration = Duration::from_secs(1);
 
+/// How long etcd may fail to answer this replica's probes (a quorum
+/// read every [`PROBE_EVERY`]) before it counts as lost: then the replica
+/// refuses writes and heartbeats and ends its Watch streams, so its nodes
+/// and watchers move on within about 2 s.
+pub const LOST_AFTER: Duration = Duration::from_millis(1000);
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
 /// How often the holding replica looks for leases past their registry TTL
 /// when none is due sooner (so a gap means it was not scheduled).
 const TICK: Duration = Duration::from_millis(250);
@@ -148,6 +155,8 @@ struct Inner {
     wake_keeper: Notify,
     /// Asks the mirror's watch for a progress report (see `caught_up`).
     want_progress: Notify,
+    /// True while etcd does not answer this replica (see [`LOST_AFTER`]).
+    lost: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -286,6 +295,7 @@ impl EtcdStore {
             wake_expiry: Notify::new(),
             wake_keeper: Notify::new(),
             want_progress: Notify::new(),
+            lost: tokio::sync::watch::channel(false).0,
         });
         let at = inner
             .load()
@@ -304,6 +314,7 @@ impl EtcdStore {
             AbortOnDropHandle::new(tokio::spawn(follow(inner.clone(), at + 1))),
             AbortOnDropHandle::new(tokio::spawn(expire(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(keep_etcd_leases(inner.clone()))),
+            AbortOnDropHandle::new(tokio::spawn(probe(inner.clone()))),
         ];
         Ok((EtcdStore { inner }, watchers, EtcdGuard { _tasks: tasks }))
     }
@@ -487,6 +498,17 @@ impl Inner {
         });
     }
 
+    /// UNAVAILABLE while etcd is lost: a heartbeat answered here would
+    /// keep a node on a replica whose etcd lease for it nobody renews.
+    fn check_reachable(&self) -> Result<()> {
+        if *self.lost.borrow() {
+            return Err(Error::Unavailable(format!(
+                "this replica cannot reach etcd (no answer for over {LOST_AFTER:?}): use another replica"
+            )));
+        }
+        Ok(())
+    }
+
     /// Lease `id`'s record naming this replica was written at `at`.
     fn hold_since(&self, id: u64, at: i64) {
         if let Some(lease) = self.held().leases.get_mut(&id) {
@@ -596,7 +618,9 @@ impl Inner {
 
     /// Removes lease `id` and its instances with `reason`; returns how
     /// many instances went.
-    async fn end_lease(&self, id: u64, reason: RemovalReason) -> Result<usize> {
+    /// With `since` (the revision of the record naming this replica the
+    /// holder), only while no other replica has adopted it meanwhile.
+    async fn end_lease(&self, id: u64, reason: RemovalReason, since: Option<i64>) -> Result<usize> {
         let keys: Vec<Vec<u8>> = self
             .view()
             .per_lease
@@ -620,7 +644,26 @@ impl Inner {
             if n + 1 == batches.len() {
                 ops.push(delete(self.url.lease_key(id)));
             }
-            last = self.commit(ops).await?;
+            let compare = since
+                .filter(|since| *since != i64::MAX)
+                .map(|since| unchanged(self.url.lease_key(id), since))
+                .into_iter()
+                .collect();
+            let response = self
+                .txn(etcd::TxnRequest {
+                    compare,
+                    success: ops,
+                    failure: Vec::new(),
+                })
+                .await?;
+            if !response.succeeded {
+                tracing::info!(
+                    lease = id,
+                    "lease adopted by another replica: not ended here"
+                );
+                return Ok(0);
+            }
+            last = response.header.map_or(0, |h| h.revision);
         }
         // Anything registered under it meanwhile goes with the etcd lease.
         let mut leases = self.client.lease.clone();
@@ -641,8 +684,16 @@ impl Inner {
 
     /// Ends a lease this replica held, logging a failure (etcd then
     /// expires it after its own TTL).
-    async fn end_held(&self, id: u64, reason: RemovalReason) -> Option<usize> {
-        match self.end_lease(id, reason).await {
+    async fn end_held(&self, id: u64, reason: RemovalReason, since: i64) -> Option<usize> {
+        if *self.lost.borrow() {
+            // Its node is moving to another replica, which adopts it.
+            tracing::warn!(
+                lease = id,
+                "etcd lost: the lease is left to another replica or to etcd's expiry"
+            );
+            return None;
+        }
+        match self.end_lease(id, reason, Some(since)).await {
             Ok(n) => Some(n),
             Err(e) => {
                 tracing::warn!(lease = id, "could not end the lease in etcd: {e}");
@@ -797,6 +848,7 @@ fn mirror_put(
 impl Writes for EtcdStore {
     async fn grant_lease(&self, ttl_ms: u64) -> Result<Granted> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         let ttl = inner.ttl.granted(ttl_ms);
         if inner.view().leases.len() >= inner.limits.leases {
             return Err(Error::limit(
@@ -867,6 +919,7 @@ impl Writes for EtcdStore {
         stream: Option<u64>,
     ) -> Result<Duration> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         {
             let mut held = inner.held();
             if let Some(lease) = held.leases.get_mut(&lease_id) {
@@ -927,7 +980,7 @@ impl Writes for EtcdStore {
 
     async fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize> {
         let inner = &self.inner;
-        {
+        let since = {
             let mut held = inner.held();
             let attached = held
                 .leases
@@ -936,25 +989,27 @@ impl Writes for EtcdStore {
             if !attached {
                 return None;
             }
-            held.leases.remove(&lease_id);
-        }
+            held.leases.remove(&lease_id)?.since
+        };
         inner
-            .end_held(lease_id, RemovalReason::KeepaliveClosed)
+            .end_held(lease_id, RemovalReason::KeepaliveClosed, since)
             .await
     }
 
     async fn revoke_lease(&self, lease_id: u64, secret: &str) -> Result<u32> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         inner.owned_lease(lease_id, secret).await?;
         inner.held().leases.remove(&lease_id);
         let removed = inner
-            .end_lease(lease_id, RemovalReason::LeaseRevoked)
+            .end_lease(lease_id, RemovalReason::LeaseRevoked, None)
             .await?;
         Ok(u32::try_from(removed).unwrap_or(u32::MAX))
     }
 
     async fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         let validate::Register {
             lease_id,
             lease_secret,
@@ -993,6 +1048,7 @@ impl Writes for EtcdStore {
 
     async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         inner
             .owned_lease(request.lease_id, &request.lease_secret)
             .await?;
@@ -1033,6 +1089,10 @@ impl Writes for EtcdStore {
         )))
     }
 
+    fn lost(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.inner.lost.subscribe())
+    }
+
     async fn reach(&self, revision: u64) {
         let at = i64::try_from(revision >> INDEX_BITS).unwrap_or(i64::MAX);
         let mut applied = self.inner.applied.subscribe();
@@ -1041,6 +1101,7 @@ impl Writes for EtcdStore {
 
     async fn deregister(&self, request: validate::Deregister) -> Result<u64> {
         let inner = &self.inner;
+        inner.check_reachable()?;
         inner
             .owned_lease(request.lease_id, &request.lease_secret)
             .await?;
@@ -1184,6 +1245,38 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
     Ok(())
 }
 
+/// Reads from etcd (a quorum read: a member cut off from the others
+/// does not answer it) every [`PROBE_EVERY`]; no answer for
+/// [`LOST_AFTER`] marks etcd lost until the next answer.
+async fn probe(inner: Arc<Inner>) {
+    let mut answered = Instant::now();
+    loop {
+        let mut kv = inner.client.kv.clone();
+        let read = kv.range(etcd::RangeRequest {
+            key: inner.url.reason_key(),
+            count_only: true,
+            ..Default::default()
+        });
+        let ok = matches!(tokio::time::timeout(LOST_AFTER, read).await, Ok(Ok(_)));
+        let now = Instant::now();
+        if ok {
+            answered = now;
+        }
+        let lost = now.saturating_duration_since(answered) >= LOST_AFTER;
+        inner.lost.send_if_modified(|was| {
+            let changed = *was != lost;
+            if changed && lost {
+                tracing::error!("etcd does not answer: this replica stops serving until it does");
+            } else if changed {
+                tracing::info!("etcd answers again: serving");
+            }
+            *was = lost;
+            changed
+        });
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}
+
 /// Ends the leases this replica holds once their registry TTL passed
 /// without a heartbeat.
 async fn expire(inner: Arc<Inner>) {
@@ -1202,22 +1295,23 @@ async fn expire(inner: Arc<Inner>) {
                     lease.deadline = now + lease.ttl;
                 }
             }
-            let due: Vec<u64> = held
+            let due: Vec<(u64, i64)> = held
                 .leases
                 .iter()
                 .filter(|(_, lease)| lease.deadline <= now)
-                .map(|(id, _)| *id)
+                .map(|(id, lease)| (*id, lease.since))
                 .collect();
-            for id in &due {
+            for (id, _) in &due {
                 held.leases.remove(id);
             }
             let next = held.leases.values().map(|lease| lease.deadline).min();
             (due, next)
         };
-        for id in due {
+        for (id, since) in due {
             let inner = inner.clone();
             tokio::spawn(async move {
-                if let Some(removed) = inner.end_held(id, RemovalReason::LeaseExpired).await {
+                if let Some(removed) = inner.end_held(id, RemovalReason::LeaseExpired, since).await
+                {
                     tracing::info!(lease = id, removed, "lease expired");
                 }
             });

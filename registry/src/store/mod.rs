@@ -80,6 +80,14 @@ pub trait Writes: Send + Sync + std::fmt::Debug {
     /// get a snapshot just because this replica is a moment behind. The
     /// memory store is always there.
     async fn reach(&self, _revision: u64) {}
+
+    /// Turns true while this replica cannot reach its store (etcd
+    /// partitioned away): it then refuses writes and heartbeats, reports
+    /// NOT_SERVING and ends its Watch streams with UNAVAILABLE, so nodes
+    /// and watchers move to another replica. `None`: never (memory).
+    fn lost(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
 
 /// The memory store: every write applied to the state at once.
