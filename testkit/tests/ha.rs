@@ -97,6 +97,10 @@ fn lease_lines_parse() {
     assert_eq!(lease_line(line, "resumed"), None);
 }
 
+/// Each loopback replica with a state of its own, even where testkit's
+/// TESTKIT_ETCD would put registries over etcd.
+const MEMORY: &[&str] = &["--store", "memory"];
+
 /// A loopback address nothing listens on (one the OS just handed out).
 fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -110,7 +114,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     // With the memory store each replica has a state of its own, so all
     // must start on the same one: B is down at first (everyone starting on
     // it moves to A at once), and started once everyone is on A.
-    let mut a = Registry::start(&[]);
+    let mut a = Registry::start(MEMORY);
     let b_addr = free_addr();
     let addrs = vec![a.addr.to_string(), b_addr.to_string()];
     // In either order: where each starts is random anyway.
@@ -137,7 +141,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     let mut calls = Process::spawn("calls", calls_cmd);
     calls.wait_for_line("\"value\"", READY_TIMEOUT);
 
-    let mut b = Registry::start_on(&addrs[1], &[]);
+    let mut b = Registry::start_on(&addrs[1], MEMORY);
     // Kill the replica the node is on.
     let other = addrs[1].clone();
     let killed = Instant::now();
@@ -223,7 +227,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
 
 #[test]
 fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() {
-    let registry = Registry::start(&[]);
+    let registry = Registry::start(MEMORY);
     let addr = registry.addr.to_string();
     let mut node = start_node(&addr);
     let mut watch_cmd = client(&addr);
@@ -258,13 +262,13 @@ fn a_broken_watch_resumes_from_its_revision_and_gets_what_it_missed_as_events() 
 #[test]
 fn a_stalled_replica_is_left_after_the_ttl_not_waited_for() {
     // Memory store: everyone on A first (B down), then B started.
-    let a = Registry::start(&[]);
+    let a = Registry::start(MEMORY);
     let b_addr = free_addr();
     let list = format!("{b_addr},{}", a.addr);
     let node = start_node(&list);
     let (cursor, first, _) = wait_lease(&node, 0, "granted", READY_TIMEOUT);
     assert_eq!(first, a.addr.to_string());
-    let _b = Registry::start_on(&b_addr.to_string(), &[]);
+    let _b = Registry::start_on(&b_addr.to_string(), MEMORY);
 
     // A stalls (SIGSTOP): no reset, no error, only silence. With another
     // replica to go to, the node does not give it the single registry's
