@@ -410,3 +410,58 @@ async fn a_replica_that_loses_etcd_refuses_heartbeats_and_ends_its_watches_with_
     })
     .await;
 }
+
+#[tokio::test]
+async fn concurrent_registrations_share_etcd_transactions() {
+    const WRITERS: u32 = 40;
+    let etcd = Etcd::start();
+    let a = Registry::start(&[
+        "--store",
+        &etcd.store("r"),
+        "--max-registrations-per-sec-per-ip",
+        "0",
+    ]);
+    let mut client = a.client().await;
+    let mut stream = watch(&mut client, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    let leases: Vec<Lease> = {
+        let mut leases = Vec::new();
+        for _ in 0..4 {
+            leases.push(grant(&mut client, LONG_TTL).await);
+        }
+        leases
+    };
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let (mut client, lease) = (client.clone(), leases[n as usize % 4].clone());
+            tokio::spawn(async move {
+                register(
+                    &mut client,
+                    &lease,
+                    instance("calc", &format!("c{n}"), 7000 + n),
+                )
+                .await
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    follow_until(&mut stream, &mut copy, |r| {
+        r.instances.len() == WRITERS as usize
+    })
+    .await;
+    // Registrations that arrived while a transaction was in flight went
+    // together in the next one: several changes in one etcd revision.
+    let shared = copy
+        .log
+        .iter()
+        .filter(|e| e.revision & ((1 << 20) - 1) != 0)
+        .count();
+    println!("etcd store: {shared} of {WRITERS} registrations rode in another's transaction");
+    assert!(
+        shared > 0,
+        "every registration had a transaction of its own"
+    );
+    assert_eq!(resolve(&mut client, "calc").await.len(), WRITERS as usize);
+}

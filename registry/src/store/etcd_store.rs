@@ -32,6 +32,9 @@
 //! record's hash and adopts it: nothing is removed, nothing re-registered.
 //! If no replica adopts a lease, etcd expires it after its own TTL.
 //!
+//! Registrations and updates made while a transaction is in flight share
+//! the next one ([`batch_puts`]).
+//!
 //! Instances removed together go in one transaction that also puts
 //! `PREFIX/reason` (why), so watchers on every replica get the reason;
 //! deletes without it are an etcd lease that expired.
@@ -157,6 +160,8 @@ struct Inner {
     want_progress: Notify,
     /// True while etcd does not answer this replica (see [`LOST_AFTER`]).
     lost: tokio::sync::watch::Sender<bool>,
+    /// Puts on their way to [`batch_puts`].
+    puts: mpsc::Sender<PendingPut>,
 }
 
 #[derive(Default)]
@@ -278,6 +283,7 @@ impl EtcdStore {
         let registry_id = crate::store::etcd_client::registry_id(client.cluster_id, &url.prefix);
         let watchers = Watchers::with_registry_id(ttl, quotas, limits, registry_id);
         let (applied, _) = tokio::sync::watch::channel(0);
+        let (puts, waiting) = mpsc::channel(4 * BATCH_PUTS);
         let inner = Arc::new(Inner {
             client,
             url: url.clone(),
@@ -296,6 +302,7 @@ impl EtcdStore {
             wake_keeper: Notify::new(),
             want_progress: Notify::new(),
             lost: tokio::sync::watch::channel(false).0,
+            puts,
         });
         let at = inner
             .load()
@@ -315,6 +322,7 @@ impl EtcdStore {
             AbortOnDropHandle::new(tokio::spawn(expire(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(keep_etcd_leases(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(probe(inner.clone()))),
+            AbortOnDropHandle::new(tokio::spawn(batch_puts(inner.clone(), waiting))),
         ];
         Ok((EtcdStore { inner }, watchers, EtcdGuard { _tasks: tasks }))
     }
@@ -760,7 +768,8 @@ impl Inner {
 
     /// Puts an instance record under `lease_id` if the lease still exists
     /// and `key` is still at `mod_revision`; the transaction's revision and
-    /// whether it did.
+    /// whether it did. Puts made meanwhile by other calls share one
+    /// transaction ([`batch_puts`]).
     async fn put_instance(
         &self,
         key: &[u8],
@@ -768,19 +777,50 @@ impl Inner {
         lease_id: u64,
         record: InstanceRecord,
     ) -> Result<(bool, i64)> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = PendingPut {
+            key: key.to_vec(),
+            mod_revision,
+            lease_id,
+            record,
+            reply,
+        };
+        let gone = || Error::Unavailable("the etcd store is shutting down".into());
+        self.puts.send(pending).await.map_err(|_| gone())?;
+        let (done, at) = answer.await.map_err(|_| gone())??;
+        self.caught_up(at).await?;
+        Ok((done, at))
+    }
+
+    /// One transaction putting `batch` (each under its comparisons): whether
+    /// every comparison held, and its revision.
+    async fn put_together(&self, batch: &mut [PendingPut]) -> Result<(bool, i64)> {
+        let mut compare = Vec::new();
+        let mut leases = BTreeSet::new();
+        let mut success = Vec::new();
+        for (index, pending) in batch.iter_mut().enumerate() {
+            if leases.insert(pending.lease_id) {
+                compare.push(exists(self.url.lease_key(pending.lease_id)));
+            }
+            compare.push(unchanged(pending.key.clone(), pending.mod_revision));
+            pending.record.index = u32::try_from(index).unwrap_or(0);
+            success.push(put(
+                pending.key.clone(),
+                pending.record.encode_to_vec(),
+                pending.lease_id,
+            ));
+        }
         let response = self
             .txn(etcd::TxnRequest {
-                compare: vec![
-                    exists(self.url.lease_key(lease_id)),
-                    unchanged(key.to_vec(), mod_revision),
-                ],
-                success: vec![put(key.to_vec(), record.encode_to_vec(), lease_id)],
+                compare,
+                success,
                 failure: Vec::new(),
             })
             .await?;
-        let at = response.header.map_or(0, |h| h.revision);
-        self.caught_up(at).await?;
-        Ok((response.succeeded, at))
+        Ok((
+            response.succeeded,
+            response.header.map_or(0, |h| h.revision),
+        ))
     }
 
     /// The instance as the mirror holds it after a write.
@@ -794,6 +834,76 @@ impl Inner {
             })?;
         let revision = instance.revision;
         Ok((instance, revision))
+    }
+}
+
+/// A put waiting for [`batch_puts`].
+struct PendingPut {
+    key: Vec<u8>,
+    mod_revision: i64,
+    lease_id: u64,
+    record: InstanceRecord,
+    reply: tokio::sync::oneshot::Sender<Result<(bool, i64)>>,
+}
+
+/// Most puts in one transaction (each brings a comparison or two; etcd's
+/// default `--max-txn-ops` is 128) and most bytes of records in it.
+const BATCH_PUTS: usize = 50;
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// Registrations and updates that arrive while a transaction is in flight
+/// go together in the next one (one etcd round trip and disk sync for all
+/// of them). If its comparisons fail (one of them lost a race), each is
+/// tried alone, so one conflict does not fail the others.
+async fn batch_puts(inner: Arc<Inner>, mut puts: mpsc::Receiver<PendingPut>) {
+    let mut next = None;
+    loop {
+        let first = match next.take() {
+            Some(first) => first,
+            None => match puts.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut bytes = first.record.encoded_len();
+        let mut keys = std::collections::HashSet::from([first.key.clone()]);
+        let mut batch = vec![first];
+        while batch.len() < BATCH_PUTS && bytes < BATCH_BYTES {
+            let Ok(pending) = puts.try_recv() else { break };
+            if !keys.insert(pending.key.clone()) {
+                // etcd refuses a key twice in one transaction.
+                next = Some(pending);
+                break;
+            }
+            bytes += pending.record.encoded_len();
+            batch.push(pending);
+        }
+        tracing::debug!(puts = batch.len(), "puts in one etcd transaction");
+        let together = inner.put_together(&mut batch).await;
+        match together {
+            Ok((true, at)) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Ok((true, at)));
+                }
+            }
+            Ok((false, _)) if batch.len() > 1 => {
+                for mut pending in batch {
+                    let alone = inner.put_together(std::slice::from_mut(&mut pending)).await;
+                    let _ = pending.reply.send(alone);
+                }
+            }
+            Ok(answer) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for pending in batch {
+                    let _ = pending.reply.send(Err(Error::Unavailable(message.clone())));
+                }
+            }
+        }
     }
 }
 
