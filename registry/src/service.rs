@@ -1,5 +1,5 @@
 //! The gRPC face of the registry: each call is validated
-//! ([`crate::validate`]), applied to the [`Store`], and its error turned
+//! ([`crate::validate`]), applied to the store ([`crate::store`]), and its error turned
 //! into a status ([`crate::error`]).
 
 use std::pin::Pin;

@@ -972,6 +972,35 @@ fn event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mirror_applies_changes_at_the_revisions_etcd_gave_them() {
+        let mut s = State::new(Ttl::default());
+        let mut i = instance("svc", "a", 1);
+        i.lease_id = 7;
+        let added = s.apply_put(i.clone(), None, 100).unwrap();
+        assert_eq!((added.kind(), added.revision), (Kind::Added, 100));
+        assert_eq!(s.revision(), 100);
+        assert!(s.apply_put(i.clone(), None, 101).is_none(), "unchanged");
+        assert_eq!(s.revision(), 100, "no change, no revision");
+        assert!(s.apply_put(i.clone(), None, 99).is_none(), "never back");
+        i.weight = Some(3);
+        let updated = s.apply_put(i, None, 200).unwrap();
+        assert_eq!((updated.kind(), updated.revision), (Kind::Updated, 200));
+        assert_eq!(s.get("svc", "a").unwrap().revision, 200);
+        let removed = s
+            .apply_delete("svc", "a", RemovalReason::KeepaliveClosed, 300)
+            .unwrap();
+        assert_eq!(removed.reason(), RemovalReason::KeepaliveClosed);
+        assert!(s.get("svc", "a").is_none());
+        assert!(
+            s.apply_delete("svc", "a", RemovalReason::Deregistered, 301)
+                .is_none()
+        );
+        s.advance_to(400);
+        assert_eq!(s.revision(), 400);
+        assert_eq!(s.service_len("svc"), 0);
+    }
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

@@ -33,7 +33,7 @@
 //! If no replica adopts a lease, etcd expires it after its own TTL.
 //!
 //! Registrations and updates made while a transaction is in flight share
-//! the next one ([`batch_puts`]).
+//! the next one (`batch_puts`).
 //!
 //! Instances removed together go in one transaction that also puts
 //! `PREFIX/reason` (why), so watchers on every replica get the reason;
@@ -162,6 +162,10 @@ struct Inner {
     lost: tokio::sync::watch::Sender<bool>,
     /// Puts on their way to [`batch_puts`].
     puts: mpsc::Sender<PendingPut>,
+    /// Set when the mirror fell behind etcd's compaction: it can no longer
+    /// follow, so the replica stops serving (as if etcd were lost) until
+    /// restarted, rather than serve a view that no longer changes.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -303,6 +307,7 @@ impl EtcdStore {
             want_progress: Notify::new(),
             lost: tokio::sync::watch::channel(false).0,
             puts,
+            stale: std::sync::atomic::AtomicBool::new(false),
         });
         let at = inner
             .load()
@@ -1316,6 +1321,10 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
         };
         let Some(response) = response else { break };
         if response.compact_revision > 0 {
+            inner
+                .stale
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            inner.lost.send_replace(true);
             // A replica that fell behind etcd's compaction (a long
             // partition) must be restarted to reload the prefix.
             return Err(tonic::Status::data_loss(format!(
@@ -1372,7 +1381,8 @@ async fn probe(inner: Arc<Inner>) {
         if ok {
             answered = now;
         }
-        let lost = now.saturating_duration_since(answered) >= LOST_AFTER;
+        let lost = now.saturating_duration_since(answered) >= LOST_AFTER
+            || inner.stale.load(std::sync::atomic::Ordering::Relaxed);
         inner.lost.send_if_modified(|was| {
             let changed = *was != lost;
             if changed && lost {
