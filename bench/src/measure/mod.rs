@@ -3,6 +3,7 @@
 
 pub mod failure;
 pub mod generic;
+pub mod heartbeat;
 pub mod register;
 pub mod resolve;
 pub mod scale;

@@ -104,6 +104,56 @@ async fn level(system: System, url: &str, watchers: usize, changes: usize) -> Re
     }
 }
 
+/// KeepAlive round trips idle and under watch load, on every system.
+async fn heartbeats(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
+    let size = super::heartbeat::Size::new(ctx.cfg.quick);
+    let mut results = Vec::new();
+    for (system, url) in ctx.systems() {
+        tracing::info!(
+            "watch: heartbeats of {} under {} watchers",
+            system.name(),
+            size.watchers
+        );
+        results.push((system, super::heartbeat::measure(system, &url, size).await?));
+    }
+    let pick = |system: System, loaded: bool, stat: fn(Summary) -> f64| {
+        results
+            .iter()
+            .find(|(s, _)| *s == system)
+            .map(|(_, h)| stat(if loaded { h.loaded } else { h.idle }))
+    };
+    for (loaded, what) in [
+        (false, "idle".to_string()),
+        (
+            true,
+            format!("under {} watchers + snapshots", size.watchers),
+        ),
+    ] {
+        for (label, stat) in [
+            ("p50", (|s: Summary| s.p50_ms) as fn(Summary) -> f64),
+            ("p99", |s: Summary| s.p99_ms),
+            ("max", |s: Summary| s.max_ms),
+        ] {
+            let mut f = Figure::new(
+                "watch",
+                format!("KeepAlive round trip {label}, {what}"),
+                "ms",
+                Better::Lower,
+                pick(System::Ours, loaded, stat),
+            )
+            .vs("etcd", pick(System::Etcd, loaded, stat));
+            if loaded {
+                f = f.note(format!(
+                    "{} heartbeats, {} instances; a writer changing them, 8 clients taking full snapshots in a loop",
+                    size.heartbeats, size.instances
+                ));
+            }
+            figures.push(f);
+        }
+    }
+    Ok(())
+}
+
 /// Runs every watcher level on every system.
 pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
@@ -149,6 +199,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             figures.push(f);
         }
     }
+    heartbeats(ctx, &mut figures).await?;
     // The same change reaching an xDS client (an ADS stream subscribed to
     // the service's endpoints), beside the Watch figure of one watcher.
     tracing::info!("watch: xDS, 1 client");
