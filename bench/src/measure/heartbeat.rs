@@ -108,6 +108,7 @@ impl KeepAlive {
                     id: lease.id,
                 }
             }
+            Backend::Rnacos(_) => bail!("r-nacos has no lease keep-alive stream"),
         };
         match &mut opened {
             KeepAlive::Ours { rx, .. } => {
@@ -271,6 +272,7 @@ pub async fn measure(system: System, url: &str, size: Size) -> Result<Heartbeats
                     Backend::Etcd { kv, .. } => {
                         crate::backend::range(kv, None).await?;
                     }
+                    Backend::Rnacos(_) => bail!("not measured on r-nacos"),
                 }
             }
             Ok(())

@@ -108,7 +108,12 @@ async fn level(system: System, url: &str, watchers: usize, changes: usize) -> Re
 async fn heartbeats(ctx: &Ctx, figures: &mut Vec<Figure>) -> Result<()> {
     let size = super::heartbeat::Size::new(ctx.cfg.quick);
     let mut results = Vec::new();
-    for (system, url) in ctx.systems() {
+    // A lease kept alive by a stream: ours and etcd's (r-nacos has none).
+    for (system, url) in ctx
+        .systems()
+        .into_iter()
+        .filter(|(s, _)| matches!(s, System::Ours | System::Etcd))
+    {
         tracing::info!(
             "watch: heartbeats of {} under {} watchers",
             system.name(),
