@@ -68,6 +68,20 @@ pub enum CallError {
     /// The service has no instance to call.
     #[error("service `{0}` has no instances")]
     NoInstances(String),
+    /// Every instance of the service is drained (weight 0): listed, but
+    /// taking no new calls. The status is UNAVAILABLE, as gRPC's own
+    /// balancers say when no endpoint can take a call: draining is
+    /// temporary, and the same call succeeds once one is undrained, so it
+    /// is worth retrying with backoff (FAILED_PRECONDITION would tell the
+    /// caller not to retry until it changes something itself).
+    #[error("{}", status_text(.status))]
+    Drained {
+        /// The service called.
+        service: String,
+        /// UNAVAILABLE, naming the service and how many instances are
+        /// drained.
+        status: Status,
+    },
     /// The instance answered with an error (or could not be reached).
     #[error("{method} on {instance} failed: {}", status_text(.status))]
     Status {
@@ -94,7 +108,7 @@ impl CallError {
     /// The gRPC status, if the call reached the point of having one.
     pub fn status(&self) -> Option<&Status> {
         match self {
-            CallError::Status { status, .. } => Some(status),
+            CallError::Status { status, .. } | CallError::Drained { status, .. } => Some(status),
             CallError::NoInstances(_) | CallError::RequestCount { .. } => None,
         }
     }
@@ -145,6 +159,21 @@ pub struct Caller {
     policies: Mutex<HashMap<String, Arc<dyn Policy>>>,
     /// One channel per `host:port`, reused across calls and services.
     channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// The error of a call whose service has `count` instances, all drained.
+fn drained(service: &str, count: usize) -> CallError {
+    let (all, plural) = if count == 1 {
+        ("its one instance is", "")
+    } else {
+        ("all its instances are", "s")
+    };
+    CallError::Drained {
+        service: service.to_string(),
+        status: Status::unavailable(format!(
+            "service `{service}`: {all} drained (weight 0; {count} instance{plural} listed, none takes new calls)"
+        )),
+    }
 }
 
 impl Caller {
@@ -217,6 +246,9 @@ impl Caller {
                 })
                 .collect();
             let Some(pick) = policy.pick(&endpoints) else {
+                if last_error.is_none() && !endpoints.is_empty() {
+                    last_error = Some(drained(&target.service, endpoints.len()));
+                }
                 break;
             };
             let instance = Instance::clone(instances[pick.index]);

@@ -93,7 +93,9 @@ pub enum Command {
     List {
         /// Print JSON instead of a table: {"services": [{"name",
         /// "proto_service", "stale", "instances": [{"instance_id", "host",
-        /// "port", "address", "weight", "metadata"}]}]}.
+        /// "port", "address", "weight", "drained", "metadata"}]}]}. A drained
+        /// instance (weight 0) shows as `weight=0 (drained)`: listed, but
+        /// sent no new calls.
         #[arg(long)]
         json: bool,
     },

@@ -10,7 +10,7 @@
 //! http = "0.0.0.0:9101"          # optional; --http wins; Prometheus /metrics
 //!
 //! [plugins.calculator]
-//! weight = 5                     # 1..=1000; missing = random 1..=10
+//! weight = 5                     # 0..=1000; 0 = drained; missing = random 1..=10
 //! metadata = { zone = "lab" }
 //!
 //! [plugins.echo]
@@ -38,9 +38,10 @@ use registry_proto::limits;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// Weights a plugin may be given (the registry's range: a weight of 0 would
-/// mean its default).
-pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=limits::MAX_WEIGHT;
+/// Weights a plugin may be given (the registry's range). 0 registers it
+/// *drained*: listed, but clients send it no new calls, so an edit to 0 and
+/// back empties a node and refills it without removing it.
+pub const WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 0..=limits::MAX_WEIGHT;
 /// Weights drawn for a plugin that names none. Small, like the original's
 /// dummy random weights that simulated load.
 pub const RANDOM_WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10;
@@ -761,11 +762,18 @@ weight = 3
     }
 
     #[test]
+    fn weight_zero_is_drained_and_written() {
+        let c = parse("[plugins.echo]\nweight = 0\n").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.plugins["echo"].weight, 0);
+        assert_eq!(c.plugins["echo"].weight_source, WeightSource::Configured);
+    }
+
+    #[test]
     fn bad_values_name_the_line() {
-        let e = parse_err("[plugins.echo]\nweight = 0\n");
+        let e = parse_err("[plugins.echo]\nweight = 1001\n");
         assert_eq!(
             e,
-            "services.toml:2: plugin `echo`: weight 0 is out of range 1..=1000"
+            "services.toml:2: plugin `echo`: weight 1001 is out of range 0..=1000"
         );
         let e = parse_err("[plugins.echo]\n\nweight = 1001\n");
         assert!(e.starts_with("services.toml:3: "), "{e}");

@@ -218,7 +218,7 @@ mod tests {
                 "unknown plugin `calcualtor`, known: calculator, echo",
                 "unknown_plugin",
             ),
-            ("weight 0 is out of range 1..=1000", "invalid"),
+            ("weight 1001 is out of range 0..=1000", "invalid"),
             ("expected `=`", "invalid"),
         ] {
             let got = refusal_reason(&error(problem));

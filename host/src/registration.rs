@@ -886,9 +886,14 @@ async fn reconcile(
                         .map(|i| i.instance_id)
                         .unwrap_or_else(|| settings.advertised.to_string());
                     info!(
-                        "{} {name} ({instance_id}) weight {} metadata {:?}",
+                        "{} {name} ({instance_id}) weight {}{} metadata {:?}",
                         if updating { "updated" } else { "registered" },
                         config.weight,
+                        if config.weight == 0 {
+                            " (drained: listed, no new calls)"
+                        } else {
+                            ""
+                        },
                         config.metadata
                     );
                     held.insert(

@@ -16,9 +16,9 @@ pub const MAX_HOST: usize = 253;
 /// Resolve and Watch sends it, so without a bound a name taken from a 4 MiB
 /// descriptor set would cost megabytes per instance.
 pub const MAX_PROTO_SERVICE: usize = 512;
-/// Largest weight; 0 in a request means [`DEFAULT_WEIGHT`].
+/// Largest weight. 0 is the smallest: drained (listed, no new calls).
 pub const MAX_WEIGHT: u32 = 1000;
-/// Weight stored when a request leaves it at 0.
+/// Weight stored when a request leaves it absent.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// Most metadata entries per instance.
 pub const MAX_METADATA_ENTRIES: usize = 64;

@@ -189,7 +189,7 @@ impl Harness {
                                     (sent.service.as_str(), sent.instance_id.as_str())
                                 );
                                 assert!(
-                                    (1..=validate::MAX_WEIGHT).contains(&stored.effective_weight())
+                                    (0..=validate::MAX_WEIGHT).contains(&stored.effective_weight())
                                 );
                                 assert!(
                                     stored.revision > 0 && stored.revision <= self.state.revision()

@@ -83,7 +83,7 @@ pub struct Update {
     pub service: String,
     /// The instance to change.
     pub instance_id: String,
-    /// New weight (already mapped 0 -> 1), if any.
+    /// New weight (0 drains), if any.
     pub weight: Option<u32>,
     /// New metadata, if it is to be replaced.
     pub metadata: Option<HashMap<String, String>>,
@@ -214,14 +214,15 @@ pub fn port(field: &str, port: u32) -> Result<u16> {
     }
 }
 
-/// A weight: 0 to 1000, where 0 means "not set" and becomes 1.
-pub fn weight(field: &str, weight: u32) -> Result<u32> {
+/// A weight: absent becomes 1; 0 to 1000 is kept as given, 0 meaning
+/// drained (listed, but balancers send it no new calls).
+pub fn weight(field: &str, weight: Option<u32>) -> Result<u32> {
     match weight {
-        0 => Ok(DEFAULT_WEIGHT),
-        w if w <= MAX_WEIGHT => Ok(w),
-        w => Err(Error::invalid(
+        None => Ok(DEFAULT_WEIGHT),
+        Some(w) if w <= MAX_WEIGHT => Ok(w),
+        Some(w) => Err(Error::invalid(
             field,
-            format!("must be 0..={MAX_WEIGHT} (0 means {DEFAULT_WEIGHT}), got {w}"),
+            format!("must be 0..={MAX_WEIGHT} (0 = drained), got {w}"),
         )),
     }
 }
@@ -341,7 +342,7 @@ pub fn register(request: pb::RegisterRequest) -> Result<Register> {
             &instance.instance_id,
         )?;
     }
-    instance.weight = Some(weight("instance.weight", instance.weight.unwrap_or(0))?);
+    instance.weight = Some(weight("instance.weight", instance.weight)?);
     metadata("instance.metadata", &instance.metadata)?;
     proto_service("instance.proto_service", &instance.proto_service)?;
     let descriptors = descriptors(request.file_descriptor_set, &instance.proto_service)?;
@@ -369,7 +370,10 @@ pub fn update(request: pb::UpdateRequest) -> Result<Update> {
     lease(request.lease_id, &request.lease_secret)?;
     service_name("service", &request.service)?;
     required_instance_id(&request.instance_id)?;
-    let weight = request.weight.map(|w| weight("weight", w)).transpose()?;
+    let weight = request
+        .weight
+        .map(|w| weight("weight", Some(w)))
+        .transpose()?;
     let metadata = if request.replace_metadata {
         metadata("metadata", &request.metadata)?;
         Some(request.metadata)
@@ -489,6 +493,8 @@ mod tests {
         let r = register_with(|_| {}).unwrap();
         assert_eq!(r.instance.instance_id, "10.0.0.1:7000");
         assert_eq!(r.instance.weight, Some(1));
+        let r = register_with(|r| r.instance.as_mut().unwrap().weight = Some(0)).unwrap();
+        assert_eq!(r.instance.weight, Some(0), "0 is drained, not a default");
         let r = register_with(|r| r.instance.as_mut().unwrap().host = "::1".into()).unwrap();
         assert_eq!(r.instance.instance_id, "[::1]:7000");
     }

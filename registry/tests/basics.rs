@@ -18,14 +18,14 @@ async fn register_list_resolve_deregister() {
     assert_eq!(lease.secret.len(), 32);
 
     let mut calc = instance("calculator", "", 7001);
-    calc.weight = Some(0);
+    calc.weight = None;
     let r = register(&mut client, &lease, calc).await;
     let stored = r.instance.unwrap();
     assert_eq!(
         stored.instance_id, "127.0.0.1:7001",
         "default id is host:port"
     );
-    assert_eq!(stored.weight, Some(1), "weight 0 is stored as 1");
+    assert_eq!(stored.weight, Some(1), "an absent weight is stored as 1");
     assert_eq!(stored.lease_id, lease.id);
     assert_eq!(stored.revision, r.revision);
     let mut b = instance("calculator", "b", 7002);
@@ -122,6 +122,26 @@ async fn update_changes_weight_and_metadata() {
     assert_eq!(stored.metadata["zone"], "b");
     let err = client.update(update(Some(7), false)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // 0 drains: stored and returned as 0 (not the default 1), still listed,
+    // until a weight brings it back.
+    let mut drain = update(Some(0), false);
+    drain.metadata.clear();
+    let r = client.update(drain).await.unwrap().into_inner();
+    assert_eq!(r.instance.unwrap().weight, Some(0));
+    let listed = client
+        .resolve(pb::ResolveRequest {
+            service: "echo".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .instances;
+    assert_eq!(listed.len(), 1, "a drained instance stays listed");
+    assert_eq!(listed[0].weight, Some(0));
+    let mut undrain = update(Some(3), false);
+    undrain.metadata.clear();
+    let r = client.update(undrain).await.unwrap().into_inner();
+    assert_eq!(r.instance.unwrap().weight, Some(3));
     let mut missing = update(None, true);
     missing.instance_id = "nope".into();
     assert_eq!(

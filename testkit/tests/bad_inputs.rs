@@ -608,7 +608,7 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
     };
     let unknown_plugin = file("unknown.toml", "[plugins.calcualtor]\n");
     let not_toml = file("garbage.toml", "[plugins.calculator\nweight = \n");
-    let weight_zero = file("zero.toml", "[plugins.calculator]\nweight = 0\n");
+    let weight_over = file("over.toml", "[plugins.calculator]\nweight = 1001\n");
     let empty_key = file("key.toml", "[plugins.echo]\nmetadata = { \"\" = \"x\" }\n");
     let good = file("good.toml", CALC);
     let bad_tokens = file("tokens.toml", "writ = \"x\"\n");
@@ -628,10 +628,10 @@ async fn bad_inputs_each_get_their_documented_error_and_a_good_node_loses_nothin
             "garbage.toml:1",
         ),
         (
-            "node-host: weight 0 in the file",
+            "node-host: weight 1001 in the file",
             "node-host",
-            vec!["--config", &weight_zero],
-            "weight 0 is out of range 1..=1000",
+            vec!["--config", &weight_over],
+            "weight 1001 is out of range 0..=1000",
         ),
         (
             "node-host: empty metadata key",

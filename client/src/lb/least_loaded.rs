@@ -5,7 +5,7 @@
 //! random and taking the less loaded one is nearly as good and avoids the herd
 //! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing").
 
-use super::policy::{Endpoint, InFlightGuard, Pick, Policy};
+use super::policy::{Endpoint, InFlightGuard, Pick, Policy, live};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 
 /// Power of two choices on the number of calls in flight per endpoint.
 /// A call counts as in flight from its pick until its [`Pick`] is dropped.
+/// Drained endpoints (weight 0) are never sampled; weights are otherwise
+/// ignored.
 #[derive(Debug, Default)]
 pub struct LeastLoaded {
     /// In-flight counters by endpoint key. Counters are shared with the
@@ -30,7 +32,7 @@ impl LeastLoaded {
 
 impl Policy for LeastLoaded {
     fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick> {
-        let n = endpoints.len();
+        let n = live(endpoints).count();
         if n == 0 {
             return None;
         }
@@ -39,14 +41,17 @@ impl Policy for LeastLoaded {
         } else {
             let mut rng = rand::rng();
             let a = rng.random_range(0..n);
-            // A second, distinct index.
+            // A second, distinct one.
             let b = (a + rng.random_range(1..n)) % n;
             (a, b)
         };
+        // From the a-th and b-th live endpoints to their indices.
+        let index_of = |nth: usize| live(endpoints).nth(nth).map_or(0, |(i, _)| i);
+        let (a, b) = (index_of(a), index_of(b));
         let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         // Drop idle counters of endpoints that left; busy ones stay until
         // their guards finish.
-        if map.len() > 2 * n {
+        if map.len() > 2 * endpoints.len() {
             map.retain(|k, c| {
                 c.load(Ordering::Acquire) > 0 || endpoints.iter().any(|e| e.key == k)
             });
@@ -123,6 +128,25 @@ mod tests {
         let eps = endpoints(&keys, &[1, 5, 9]);
         let counts = counts(&LeastLoaded::default(), &eps, 6000);
         assert_binomial(&counts, &[1.0 / 3.0; 3]);
+    }
+
+    #[test]
+    fn never_picks_a_drained_endpoint() {
+        let keys = keys(3);
+        let p2c = LeastLoaded::default();
+        // e1 is drained and idle, the least loaded of all: still never
+        // picked, while the calls stay in flight.
+        let eps = endpoints(&keys, &[1, 0, 1]);
+        let held: Vec<Pick> = (0..3000)
+            .map(|_| p2c.pick(&eps).expect("two live endpoints"))
+            .collect();
+        assert_eq!(p2c.in_flight("e1"), 0);
+        assert!(p2c.in_flight("e0").abs_diff(p2c.in_flight("e2")) <= 12);
+        drop(held);
+        assert!(p2c.pick(&endpoints(&keys, &[0, 0, 0])).is_none());
+        // Only one live endpoint left: it takes every call.
+        let one = endpoints(&keys, &[0, 0, 7]);
+        assert!((0..100).all(|_| p2c.pick(&one).map(|p| p.index) == Some(2)));
     }
 
     #[test]

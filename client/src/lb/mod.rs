@@ -2,7 +2,10 @@
 //!
 //! # The problem
 //! The registry lists several instances of a service, each with a weight
-//! (1..=1000) that says what share of the traffic it should take. The client
+//! (1..=1000) that says what share of the traffic it should take, or 0: the
+//! instance is *drained*, still listed but taking no new calls (how an
+//! operator empties a node before taking it down). Every policy skips
+//! drained instances, the ones that ignore weights too. The client
 //! connects to instances directly, so the client decides where each call goes.
 //! A policy makes that decision from the current list of [`Endpoint`]s; the
 //! list changes as instances come and go, and a policy must cope with that.
@@ -80,6 +83,16 @@ mod tests {
                 .get_name()
                 .to_string();
             assert_eq!(kind.build().name(), name);
+        }
+    }
+
+    #[test]
+    fn all_drained_gives_no_pick() {
+        use clap::ValueEnum;
+        let keys = test_support::keys(3);
+        let eps = test_support::endpoints(&keys, &[0, 0, 0]);
+        for kind in PolicyKind::value_variants() {
+            assert!(kind.build().pick(&eps).is_none(), "{kind:?}");
         }
     }
 

@@ -10,15 +10,32 @@ pub struct Endpoint<'a> {
     /// Stable identity of the instance (stateful policies key their state by
     /// it, so it must not change while the instance lives), e.g. `host:port`.
     pub key: &'a str,
-    /// Relative share of traffic; 0 is treated as 1, as the registry does.
+    /// Relative share of traffic. 0 means drained: the instance is listed
+    /// but no policy picks it for a new call.
     pub weight: u32,
 }
 
 impl Endpoint<'_> {
-    /// The weight as used for balancing: at least 1.
+    /// The weight as used for balancing (0 for a drained endpoint).
     pub fn effective_weight(&self) -> u64 {
-        u64::from(self.weight.max(1))
+        u64::from(self.weight)
     }
+
+    /// Whether it is drained (weight 0): listed, but taking no new calls.
+    pub fn is_drained(&self) -> bool {
+        self.weight == 0
+    }
+}
+
+/// The endpoints a policy may pick, with their indices: every one that is
+/// not drained.
+pub(super) fn live<'s, 'a>(
+    endpoints: &'s [Endpoint<'a>],
+) -> impl Iterator<Item = (usize, &'s Endpoint<'a>)> + Clone {
+    endpoints
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.is_drained())
 }
 
 /// The outcome of a pick: which endpoint, plus whatever must live as long as
@@ -41,7 +58,8 @@ impl Pick {
 /// A load-balancing policy. Implementations are shared between concurrent
 /// calls, hence `Send + Sync` and `&self`.
 pub trait Policy: Send + Sync + std::fmt::Debug {
-    /// Chooses one of `endpoints`; `None` only when it is empty.
+    /// Chooses one of `endpoints` that is not drained (weight 0); `None`
+    /// only when there is none (the slice is empty or all are drained).
     fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick>;
 
     /// The policy's name as on the command line.

@@ -1,10 +1,11 @@
 //! Random choice proportional to weight.
 
-use super::policy::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, Pick, Policy, live};
 use rand::Rng;
 
-/// Picks endpoint `i` with probability `weight_i / total`. Stateless, so
-/// correct on average but bursty over short runs.
+/// Picks endpoint `i` with probability `weight_i / total`: never a drained
+/// one (weight 0). Stateless, so correct on average but bursty over short
+/// runs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WeightedRandom;
 
@@ -23,7 +24,7 @@ impl Policy for WeightedRandom {
             ticket -= w;
         }
         // Unreachable: the tickets cover exactly 0..total.
-        Some(Pick::index(endpoints.len() - 1))
+        live(endpoints).last().map(|(i, _)| Pick::index(i))
     }
 
     fn name(&self) -> &'static str {
@@ -45,10 +46,12 @@ mod tests {
     }
 
     #[test]
-    fn zero_weight_counts_as_one() {
-        let keys = keys(2);
-        let eps = endpoints(&keys, &[0, 1]);
+    fn never_picks_a_drained_endpoint() {
+        let keys = keys(3);
+        let eps = endpoints(&keys, &[1, 0, 3]);
         let counts = counts(&WeightedRandom, &eps, 4000);
-        assert_binomial(&counts, &[0.5, 0.5]);
+        assert_eq!(counts[1], 0, "{counts:?}");
+        assert_binomial(&counts, &[0.25, 0.0, 0.75]);
+        assert!(WeightedRandom.pick(&endpoints(&keys, &[0, 0, 0])).is_none());
     }
 }

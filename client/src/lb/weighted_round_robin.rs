@@ -6,13 +6,14 @@
 //! picked exactly `weight` times, and the picks interleave: weights 5,1,1 give
 //! `a a b a c a a`, not `a a a a a b c`.
 
-use super::policy::{Endpoint, Pick, Policy};
+use super::policy::{Endpoint, Pick, Policy, live};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Stateful smooth weighted round robin. Scores are kept per endpoint key, so
 /// when the set changes the survivors keep their place in the rotation and a
-/// newcomer starts at zero.
+/// newcomer starts at zero. A drained endpoint (weight 0) is out of the
+/// rotation as if it had left; undrained, it rejoins at zero.
 #[derive(Debug, Default)]
 pub struct WeightedRoundRobin {
     /// Score per endpoint key. A std mutex: held only for the few
@@ -22,34 +23,36 @@ pub struct WeightedRoundRobin {
 
 impl Policy for WeightedRoundRobin {
     fn pick(&self, endpoints: &[Endpoint<'_>]) -> Option<Pick> {
-        if endpoints.is_empty() {
+        let n = live(endpoints).count();
+        if n == 0 {
             return None;
         }
         let mut scores = self.scores.lock().unwrap_or_else(|e| e.into_inner());
-        // Forget endpoints that left, so a key that returns starts afresh and
-        // the map does not grow without bound.
-        if scores.len() != endpoints.len() || endpoints.iter().any(|e| !scores.contains_key(e.key))
-        {
-            scores.retain(|k, _| endpoints.iter().any(|e| e.key == k));
+        // Forget endpoints that left or were drained, so a key that returns
+        // starts afresh and the map does not grow without bound.
+        if scores.len() != n || live(endpoints).any(|(_, e)| !scores.contains_key(e.key)) {
+            scores.retain(|k, _| live(endpoints).any(|(_, e)| e.key == k));
             // Rebalance so the scores sum to zero again: a departed endpoint
             // takes its score with it, which would otherwise bias the rest.
-            let n = scores.len() as i64;
-            if n > 0 {
-                let mean = scores.values().sum::<i64>() / n;
+            let kept = scores.len() as i64;
+            if kept > 0 {
+                let mean = scores.values().sum::<i64>() / kept;
                 scores.values_mut().for_each(|s| *s -= mean);
             }
             // Newcomers start at zero. Done here, on a change only, so a
             // pick over an unchanged set allocates no key.
-            for e in endpoints {
+            for (_, e) in live(endpoints) {
                 if !scores.contains_key(e.key) {
                     scores.insert(e.key.to_string(), 0);
                 }
             }
         }
-        let total: i64 = endpoints.iter().map(|e| e.effective_weight() as i64).sum();
+        let total: i64 = live(endpoints)
+            .map(|(_, e)| e.effective_weight() as i64)
+            .sum();
         let mut best: Option<(usize, i64)> = None;
-        for (i, ep) in endpoints.iter().enumerate() {
-            // Every key was inserted above.
+        for (i, ep) in live(endpoints) {
+            // Every live key was inserted above.
             let Some(score) = scores.get_mut(ep.key) else {
                 continue;
             };
@@ -134,5 +137,27 @@ mod tests {
         for (got, want) in counts.iter().zip([3000, 2000, 1000]) {
             assert!(got.abs_diff(want) <= 1, "{counts:?}");
         }
+    }
+
+    #[test]
+    fn a_drained_endpoint_gets_nothing_and_its_share_back_when_undrained() {
+        let keys = keys(3);
+        let wrr = WeightedRoundRobin::default();
+        let all = endpoints(&keys, &[3, 2, 1]);
+        let _ = sequence(&wrr, &all, 4); // mid-cycle
+        let mut drained = all.clone();
+        drained[1].weight = 0;
+        // One settling cycle, then exact 3:1 shares with e1 never picked.
+        let _ = sequence(&wrr, &drained, 4);
+        for _ in 0..100 {
+            let seq = sequence(&wrr, &drained, 4);
+            assert!(!seq.contains(&1), "{seq:?}");
+            assert_eq!(seq.iter().filter(|&&i| i == 0).count(), 3, "{seq:?}");
+        }
+        let counts = counts(&wrr, &all, 6000);
+        for (got, want) in counts.iter().zip([3000, 2000, 1000]) {
+            assert!(got.abs_diff(want) <= 1, "{counts:?}");
+        }
+        assert!(wrr.pick(&endpoints(&keys, &[0, 0, 0])).is_none());
     }
 }

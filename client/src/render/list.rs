@@ -1,5 +1,6 @@
 //! `list`: the registered services and their instances.
 
+use super::weight_text;
 use crate::directory::{Snapshot, address};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -30,7 +31,7 @@ pub fn list_text(snapshot: &Snapshot) -> String {
             instances.len()
         );
         for i in instances.iter() {
-            let mut line = format!("  {:<22} weight={}", address(i), i.effective_weight());
+            let mut line = format!("  {:<22} weight={}", address(i), weight_text(i));
             if i.instance_id != address(i) {
                 let _ = write!(line, " id={}", i.instance_id);
             }
@@ -60,6 +61,7 @@ pub fn list_json(registry: &str, snapshot: &Snapshot) -> serde_json::Value {
                         "port": i.port,
                         "address": address(i),
                         "weight": i.effective_weight(),
+                        "drained": i.effective_weight() == 0,
                         "metadata": i.metadata.iter().collect::<BTreeMap<_, _>>(),
                     })
                 })

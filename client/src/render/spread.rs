@@ -9,7 +9,8 @@ use std::fmt::Write as _;
 
 /// The table for calls to `service` under `policy`: `served` counts the
 /// calls each address served; `instances` are the service's instances now
-/// (an address that served calls and has left shows with weight 0).
+/// (an address that served calls and has left shows with weight 0). A
+/// weight of 0, drained or departed, is expected to take no calls.
 pub fn spread_table(
     instances: &[Instance],
     service: &str,
@@ -26,7 +27,8 @@ pub fn spread_table(
     }
     let total_calls: u32 = served.values().sum();
     // u64: the weights come from the registry, and their sum must not overflow.
-    let total_weight: u64 = weights.values().map(|w| u64::from((*w).max(1))).sum();
+    let total_weight: u64 = weights.values().map(|w| u64::from(*w)).sum();
+    let live = weights.values().filter(|w| **w > 0).count();
     let weighted = matches!(
         policy,
         PolicyKind::WeightedRandom | PolicyKind::WeightedRoundRobin
@@ -43,10 +45,12 @@ pub fn spread_table(
         "instance", "weight", "expected", "calls", "share"
     );
     for (addr, weight) in &weights {
-        let expected = if weighted {
-            f64::from((*weight).max(1)) / total_weight as f64
+        let expected = if *weight == 0 {
+            0.0
+        } else if weighted {
+            f64::from(*weight) / total_weight as f64
         } else {
-            1.0 / weights.len() as f64
+            1.0 / live as f64
         };
         let calls = served.get(addr).copied().unwrap_or(0);
         let share = f64::from(calls) / f64::from(total_calls.max(1));
@@ -99,19 +103,20 @@ mod tests {
         );
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines[0], "8 calls to calc (weighted-round-robin), 2 failed");
-        // 10.0.0.1:9 served calls and left: weight 0, counted as 1.
+        // 10.0.0.1:9 served calls and left: weight 0, expected none.
         assert_eq!(
             lines[1..],
             [
                 "instance                 weight  expected   calls   share",
-                "10.0.0.1:1                    3     60.0%       3   37.5%",
-                "10.0.0.1:2                    1     20.0%       1   12.5%",
-                "10.0.0.1:9                    0     20.0%       4   50.0%",
+                "10.0.0.1:1                    3     75.0%       3   37.5%",
+                "10.0.0.1:2                    1     25.0%       1   12.5%",
+                "10.0.0.1:9                    0      0.0%       4   50.0%",
             ]
         );
-        // Unweighted policies expect equal shares.
+        // Unweighted policies expect equal shares, but none for a drained
+        // instance.
         let table = spread_table(
-            &[inst(1, 3), inst(2, 1)],
+            &[inst(1, 3), inst(2, 1), inst(3, 0)],
             "calc",
             PolicyKind::Random,
             &BTreeMap::new(),
@@ -119,6 +124,10 @@ mod tests {
         );
         assert!(
             table.contains("10.0.0.1:1                    3     50.0%       0    0.0%"),
+            "{table}"
+        );
+        assert!(
+            table.contains("10.0.0.1:3                    0      0.0%       0    0.0%"),
             "{table}"
         );
     }

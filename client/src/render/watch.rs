@@ -1,5 +1,6 @@
 //! `watch`: one line per change to the registry.
 
+use super::weight_text;
 use crate::directory::{Change, ChangeKind, address};
 
 /// `+ calculator 10.0.0.1:5000 weight=5`, `~ ...` when updated, or
@@ -7,18 +8,8 @@ use crate::directory::{Change, ChangeKind, address};
 pub fn change_line(change: &Change) -> String {
     let i = &change.instance;
     match change.kind {
-        ChangeKind::Added => format!(
-            "+ {} {} weight={}",
-            i.service,
-            address(i),
-            i.effective_weight()
-        ),
-        ChangeKind::Updated => format!(
-            "~ {} {} weight={}",
-            i.service,
-            address(i),
-            i.effective_weight()
-        ),
+        ChangeKind::Added => format!("+ {} {} weight={}", i.service, address(i), weight_text(i)),
+        ChangeKind::Updated => format!("~ {} {} weight={}", i.service, address(i), weight_text(i)),
         ChangeKind::Removed(cause) => format!("- {} {} ({cause})", i.service, address(i)),
     }
 }
@@ -56,6 +47,14 @@ mod tests {
         };
         assert_eq!(line(ChangeKind::Added), "+ calc [::1]:5 weight=2");
         assert_eq!(line(ChangeKind::Updated), "~ calc [::1]:5 weight=2");
+        let drained = Change {
+            kind: ChangeKind::Updated,
+            instance: Instance {
+                weight: Some(0),
+                ..instance.clone()
+            },
+        };
+        assert_eq!(change_line(&drained), "~ calc [::1]:5 weight=0 (drained)");
         let expired = RemovalCause::Registry(RemovalReason::LeaseExpired);
         assert_eq!(
             line(ChangeKind::Removed(expired)),

@@ -276,9 +276,14 @@ fn describe_update(old: &pb::Instance, new: &pb::Instance) -> String {
     let mut what = Vec::new();
     if old.effective_weight() != new.effective_weight() {
         what.push(format!(
-            "weight {} → {}",
+            "weight {} → {}{}",
             old.effective_weight(),
-            new.effective_weight()
+            new.effective_weight(),
+            if new.effective_weight() == 0 {
+                " (drained)"
+            } else {
+                ""
+            }
         ));
     }
     if old.metadata != new.metadata {
@@ -307,6 +312,7 @@ fn instance_json(i: &pb::Instance, leases: &HashMap<u64, (u64, usize)>, changed:
         "host": i.host,
         "port": i.port,
         "weight": i.effective_weight(),
+        "drained": i.effective_weight() == 0,
         "metadata": i.metadata,
         "proto": i.proto_service,
         "lease": i.lease_id.to_string(),

@@ -93,7 +93,9 @@ const instanceList = new VirtualList($("instances"), (i) => {
   const fresh = state.fresh.has(i.service + "/" + i.id) ? " fresh" : "";
   return `<div class="instance-row${fresh}" data-instance="${esc(i.id)}">` +
     `<span class="addr" title="${esc(i.id)}">${esc(address(i))}</span>` +
-    `<span class="weight">${i.weight}</span>` +
+    (i.drained
+      ? `<span class="weight drained" title="drained: listed, no new calls">0 drained</span>`
+      : `<span class="weight">${i.weight}</span>`) +
     `<span class="meta">${tags}</span>` +
     `<span class="lease" title="lease ${i.lease}">${age(i.leaseSince)}</span>` +
     `<span class="changed" title="${esc(clock(i.changed))}">${age(i.changed)} ago</span></div>`;
