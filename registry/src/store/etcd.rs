@@ -246,14 +246,17 @@ impl LeaseRecord {
     /// Whether `secret` is this lease's. Compares digests, so the time it
     /// takes says nothing about the secret.
     pub fn opens_with(&self, secret: &str) -> bool {
-        let given = sha256_hex(secret.as_bytes());
-        given.len() == self.secret_sha256.len()
-            && given
-                .bytes()
-                .zip(self.secret_sha256.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        secret_matches(&self.secret_sha256, secret)
     }
+}
+
+/// Whether `secret` hashes to `secret_sha256` (hex). Compares digests in
+/// constant time, so the time it takes says nothing about the secret.
+pub fn secret_matches(secret_sha256: &str, secret: &str) -> bool {
+    support::constant_time_eq(
+        sha256_hex(secret.as_bytes()).as_bytes(),
+        secret_sha256.as_bytes(),
+    )
 }
 
 /// A descriptor set cut into chunks of at most [`CHUNK_BYTES`], under its

@@ -58,7 +58,7 @@ use crate::error::{Error, Limit, Result};
 use crate::lease::Ttl;
 use crate::limits::Quotas;
 use crate::state::{Event, Granted, RemovalReason, State};
-use crate::store::etcd::{EtcdUrl, InstanceRecord, Key, LeaseRecord};
+use crate::store::etcd::{EtcdUrl, InstanceRecord, Key, LeaseRecord, secret_matches};
 use crate::store::etcd_client::{EtcdClient, EtcdError};
 use crate::store::{Store, Writes};
 use crate::validate::{self, Limits};
@@ -202,6 +202,19 @@ struct Held {
     /// (`i64::MAX` until it is written): only a later record naming
     /// another holder takes the lease away.
     since: i64,
+}
+
+impl Held {
+    /// A lease this replica starts holding now, its record not yet written.
+    fn new(ttl: Duration, attached: Option<u64>, secret_sha256: String) -> Held {
+        Held {
+            ttl,
+            deadline: Instant::now() + ttl,
+            attached,
+            secret_sha256,
+            since: i64::MAX,
+        }
+    }
 }
 
 impl View {
@@ -993,16 +1006,10 @@ impl Writes for EtcdStore {
         let mut record =
             LeaseRecord::new(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX), &secret);
         record.holder = inner.replica.clone();
-        inner.held().leases.insert(
-            id,
-            Held {
-                ttl,
-                deadline: Instant::now() + ttl,
-                attached: None,
-                secret_sha256: record.secret_sha256.clone(),
-                since: i64::MAX,
-            },
-        );
+        inner
+            .held()
+            .leases
+            .insert(id, Held::new(ttl, None, record.secret_sha256.clone()));
         inner.wake_expiry.notify_one();
         let at = inner
             .commit(vec![put(
@@ -1038,11 +1045,7 @@ impl Writes for EtcdStore {
         {
             let mut held = inner.held();
             if let Some(lease) = held.leases.get_mut(&lease_id) {
-                let record = LeaseRecord {
-                    secret_sha256: lease.secret_sha256.clone(),
-                    ..Default::default()
-                };
-                if !record.opens_with(secret) {
+                if !secret_matches(&lease.secret_sha256, secret) {
                     return Err(Error::WrongSecret(lease_id));
                 }
                 lease.deadline = Instant::now() + lease.ttl;
@@ -1057,13 +1060,7 @@ impl Writes for EtcdStore {
         let ttl = Duration::from_millis(record.ttl_ms);
         inner.held().leases.insert(
             lease_id,
-            Held {
-                ttl,
-                deadline: Instant::now() + ttl,
-                attached: stream,
-                secret_sha256: record.secret_sha256.clone(),
-                since: i64::MAX,
-            },
+            Held::new(ttl, stream, record.secret_sha256.clone()),
         );
         inner.wake_keeper.notify_one();
         inner.wake_expiry.notify_one();
