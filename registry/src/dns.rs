@@ -51,6 +51,7 @@ use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 use rand::seq::SliceRandom;
+use support::CancellationToken;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
@@ -139,11 +140,11 @@ impl Drop for Dns {
 }
 
 /// Binds UDP and TCP on `config.addr` (the same port for both) and
-/// answers from `snapshots` until `shutdown` turns true.
+/// answers from `snapshots` until `shutdown` is cancelled.
 pub async fn start(
     config: DnsConfig,
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> Result<Dns, DnsError> {
     let zone = parse_domain(&config.domain)?;
     let (udp, tcp) = bind(config.addr).await?;
@@ -159,7 +160,7 @@ pub async fn start(
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE, 16);
     let task = tokio::spawn(async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
+        shutdown.cancelled().await;
         if let Err(error) = server.shutdown_gracefully().await {
             tracing::debug!(%error, "DNS stopped");
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use registry_proto::registry::v1::registry_server::RegistryServer;
-use support::AuthLayer;
+use support::{AuthLayer, CancellationToken};
 use tokio::net::TcpListener;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
@@ -114,14 +114,15 @@ pub async fn run_with_http(
     };
     let store = watchers.store().clone();
     let _sweeper = store.spawn_sweeper();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Cancelled once, at shutdown: every task and stream holding a clone ends.
+    let stop = CancellationToken::new();
     if let Some(http) = http {
         let serve = crate::http::serve(
             http,
             watchers.clone(),
             config.tokens.clone(),
             config.http,
-            stop_rx.clone(),
+            stop.clone(),
         );
         tokio::spawn(async move {
             if let Err(e) = serve.await {
@@ -163,19 +164,19 @@ pub async fn run_with_http(
         });
     }
     let peers = PeerLimits::new(config.peers);
-    let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop_rx.clone());
+    let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop.clone());
     let _dns = match config.dns {
-        Some(dns) => Some(crate::dns::start(dns, snapshots.clone(), stop_rx.clone()).await?),
+        Some(dns) => Some(crate::dns::start(dns, snapshots.clone(), stop.clone()).await?),
         None => None,
     };
     let xds = XdsService::new(
         snapshots.clone(),
         watchers.clone(),
         peers.clone(),
-        stop_rx.clone(),
+        stop.clone(),
     )
     .into_server();
-    let mut service = RegistryService::new(watchers, stop_rx.clone(), peers);
+    let mut service = RegistryService::new(watchers, stop.clone(), peers);
     if let Some(writes) = writes {
         service = service.with_writes(writes);
     }
@@ -185,13 +186,16 @@ pub async fn run_with_http(
     let registry = WithWatch::new(registry, service, MAX_MESSAGE_SIZE);
 
     tracing::info!(registry_id = store.registry_id(), "registry serving");
-    let signal = async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        health
-            .set_not_serving::<RegistryServer<RegistryService>>()
-            .await;
-        let _ = stop_tx.send(true);
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            health
+                .set_not_serving::<RegistryServer<RegistryService>>()
+                .await;
+            stop.cancel();
+        }
     };
     let mut builder = Server::builder();
     if let Some(tls) = config.tls {
@@ -225,9 +229,8 @@ pub async fn run_with_http(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             signal,
         );
-    let mut stopped = stop_rx;
     let grace = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
+        stop.cancelled().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {

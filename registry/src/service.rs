@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::registry_server::Registry;
+use support::CancellationToken;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -30,19 +31,19 @@ pub struct RegistryService {
     store: std::sync::Arc<dyn Writes>,
     /// Its watchers.
     watchers: Watchers,
-    /// Turns true when the server shuts down: long-lived streams (Watch,
+    /// Cancelled when the server shuts down: long-lived streams (Watch,
     /// KeepAlive) end then, or graceful shutdown would wait for them forever.
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
     /// Per-peer limits: registration rate, Watch streams per connection.
     peers: PeerLimits,
 }
 
 impl RegistryService {
     /// Serves the registry of `watchers`, enforcing `peers`; streams end
-    /// when `shutdown` turns true.
+    /// when `shutdown` is cancelled.
     pub fn new(
         watchers: Watchers,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
         peers: PeerLimits,
     ) -> RegistryService {
         RegistryService {
@@ -371,13 +372,13 @@ async fn keep_alive(
     store: std::sync::Arc<dyn Writes>,
     mut inbound: Streaming<pb::KeepAliveRequest>,
     tx: mpsc::Sender<Result<pb::KeepAliveResponse, Status>>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     let stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
     let mut attached: Option<u64> = None;
     let why = loop {
         let message = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => {
+            () = shutdown.cancelled() => {
                 // The process is going away; so are its leases.
                 return;
             }

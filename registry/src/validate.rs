@@ -432,12 +432,23 @@ pub fn watch(request: pb::WatchRequest) -> Result<BTreeSet<String>> {
     Ok(request.services.into_iter().collect())
 }
 
+/// Where a Watch asks to resume a broken stream: after `revision`, as seen
+/// from the registry `registry_id` (`WatchRequest.resume_revision` and
+/// `registry_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resume {
+    /// The last revision the watcher applied.
+    pub revision: u64,
+    /// The registry it came from.
+    pub registry_id: String,
+}
+
 /// Longest `WatchRequest.registry_id` (ids this registry sends are 16
 /// to about 40 bytes).
 pub const MAX_REGISTRY_ID: usize = 128;
 
 /// Where a Watch asks to resume, if it does (`resume_revision` set).
-pub fn watch_resume(request: &pb::WatchRequest) -> Result<Option<crate::watch::Resume>> {
+pub fn watch_resume(request: &pb::WatchRequest) -> Result<Option<Resume>> {
     if request.registry_id.len() > MAX_REGISTRY_ID {
         return Err(Error::invalid(
             "registry_id",
@@ -448,11 +459,9 @@ pub fn watch_resume(request: &pb::WatchRequest) -> Result<Option<crate::watch::R
         ));
     }
     Ok(
-        (request.resume_revision > 0 && !request.registry_id.is_empty()).then(|| {
-            crate::watch::Resume {
-                revision: request.resume_revision,
-                registry_id: request.registry_id.clone(),
-            }
+        (request.resume_revision > 0 && !request.registry_id.is_empty()).then(|| Resume {
+            revision: request.resume_revision,
+            registry_id: request.registry_id.clone(),
         }),
     )
 }

@@ -15,6 +15,7 @@ use registry_proto::registry::v1 as pb;
 use registry_proto::registry::v1::RemovalReason;
 use registry_proto::registry::v1::event::Kind;
 use serde_json::{Value, json};
+use support::CancellationToken;
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt;
 
@@ -77,15 +78,15 @@ pub fn now_ms() -> u64 {
 }
 
 impl Fleet {
-    /// Starts following the registry's watch until `shutdown` turns true.
-    pub fn spawn(watchers: Watchers, shutdown: tokio::sync::watch::Receiver<bool>) -> Fleet {
+    /// Starts following the registry's watch until `shutdown` is cancelled.
+    pub fn spawn(watchers: Watchers, shutdown: CancellationToken) -> Fleet {
         let fleet = Fleet {
             view: Arc::default(),
             updates: broadcast::channel(FANOUT_CAPACITY).0,
         };
         let follower = fleet.clone();
         tokio::spawn(async move {
-            while !*shutdown.borrow() {
+            while !shutdown.is_cancelled() {
                 // A stream that ends (it could not keep up) or cannot open
                 // (the watch memory budget is spent) is opened again: its
                 // first message is a fresh snapshot.

@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use support::TokenPolicy;
+use support::{CancellationToken, TokenPolicy};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_stream::wrappers::BroadcastStream;
@@ -70,20 +70,20 @@ struct App {
     fleet: Fleet,
     tokens: Arc<TokenPolicy>,
     clients: Arc<Semaphore>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 }
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE_CSS: &str = include_str!("assets/style.css");
 
-/// Serves the HTTP listener until `shutdown` turns true.
+/// Serves the HTTP listener until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
     watchers: Watchers,
     tokens: TokenPolicy,
     config: HttpConfig,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = App {
         fleet: Fleet::spawn(watchers.clone(), shutdown.clone()),
@@ -109,11 +109,7 @@ pub async fn serve(
         .route("/metrics", get(metrics_page))
         .layer(middleware::from_fn_with_state(app.clone(), authorize))
         .with_state(app);
-    let mut stop = shutdown;
-    support::metrics::serve_http(listener, router, async move {
-        let _ = stop.wait_for(|s| *s).await;
-    })
-    .await
+    support::metrics::serve_http(listener, router, shutdown.cancelled_owned()).await
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -171,16 +167,14 @@ async fn events(State(app): State<App>) -> Response {
             Event::default().event("snapshot").data(fleet.subscribe().0)
         }
     });
-    let mut stop = app.shutdown.clone();
+    let stop = app.shutdown.clone();
     let stream = first
         .chain(rest)
         .map(move |event| {
             let _held = (&permit, &counted);
             Ok::<_, Infallible>(event)
         })
-        .take_until(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        });
+        .take_until(stop.cancelled_owned());
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(SSE_KEEPALIVE))
         .into_response()

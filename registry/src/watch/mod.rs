@@ -45,6 +45,7 @@ use std::pin::pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use support::CancellationToken;
 use tonic::Status;
 
 use crate::lease::Ttl;
@@ -58,16 +59,9 @@ pub use hub::{
     DEFAULT_BUFFER_BYTES, DEFAULT_MEMORY_BYTES, DEFAULT_RESUME_BYTES, STREAM_CHARGE, WatchLimits,
 };
 
-/// Where a Watch asks to resume a broken stream: after `revision`, as seen
-/// from the registry `registry_id` (`WatchRequest.resume_revision` and
-/// `registry_id`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resume {
-    /// The last revision the watcher applied.
-    pub revision: u64,
-    /// The registry it came from.
-    pub registry_id: String,
-}
+// Where a resume points is read from the request, so it is defined where
+// requests are checked; the watch only consumes it.
+pub use crate::validate::Resume;
 
 /// The store and the hub its changes go to. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -117,12 +111,12 @@ impl Watchers {
 
     /// The response stream of one Watch call: a reset with the current
     /// state of `services` (all when empty), then every change to them.
-    /// It ends when `shutdown` turns true. Refused with RESOURCE_EXHAUSTED
+    /// It ends when `shutdown` is cancelled. Refused with RESOURCE_EXHAUSTED
     /// when the watch memory budget is used up.
     pub fn open(
         &self,
         services: BTreeSet<String>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
         self.open_resumed(services, None, shutdown)
     }
@@ -134,7 +128,7 @@ impl Watchers {
         &self,
         services: BTreeSet<String>,
         resume: Option<Resume>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
         let charge = self.hub.charge_stream()?;
         let mut watcher = Watcher {
@@ -179,7 +173,7 @@ struct Watcher {
     hub: Arc<Hub>,
     store: Store,
     services: Services,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
     /// Its position in the log: the next batch it takes.
     cursor: u64,
     /// The position the hub counts it at (until it leaves).
@@ -284,7 +278,7 @@ impl Watcher {
             return Some(Ok(accepted));
         }
         loop {
-            if *self.shutdown.borrow() {
+            if self.shutdown.is_cancelled() {
                 return None;
             }
             let hub = self.hub.clone();
@@ -339,7 +333,7 @@ impl Watcher {
                         Read::Nothing => {
                             tokio::select! {
                                 () = appended => {}
-                                _ = self.shutdown.wait_for(|stop| *stop) => return None,
+                                () = self.shutdown.cancelled() => return None,
                             }
                         }
                     }

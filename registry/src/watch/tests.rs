@@ -114,7 +114,7 @@ async fn a_watcher_that_stops_reading_falls_behind_then_catches_up_with_an_exact
     for id in 0..200 {
         register(&store, &lease, id, 1, 100);
     }
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
     let mut replica = Replica::default();
     follow(&mut stream, &mut replica, store.read(State::revision)).await;
@@ -151,7 +151,7 @@ async fn falling_behind_again_during_the_fresh_snapshot_ends_the_stream() {
     for id in 0..300 {
         register(&store, &lease, id, 1, 1000);
     }
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
     let churn = |round: u32| {
         for id in 0..100 {
@@ -183,7 +183,7 @@ async fn watchers_of_the_same_services_at_the_same_revision_share_one_snapshot()
     for id in 0..2000 {
         register(&store, &lease, id, 1, 200);
     }
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     let mut a = Box::pin(w.open(BTreeSet::new(), stopped.clone()).unwrap());
     let used_by_one = w.hub().memory_used();
     let mut b = Box::pin(w.open(BTreeSet::new(), stopped.clone()).unwrap());
@@ -218,7 +218,7 @@ async fn the_memory_budget_refuses_a_watch_beyond_it() {
             resume_bytes: 0,
         },
     );
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     // Each watcher costs its stream and its job's parts: one fits, two not.
     let a = w.open(BTreeSet::new(), stopped.clone()).unwrap();
     let status = w
@@ -239,7 +239,7 @@ async fn a_filtered_watcher_gets_only_its_services_and_the_revision() {
     let w = watchers(DEFAULT_BUFFER_BYTES);
     let store = w.store().clone();
     let lease = store.grant_lease(0).unwrap();
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     let only: BTreeSet<String> = ["odd".to_string()].into();
     let mut stream = Box::pin(w.open(only, stopped).unwrap());
     let first = stream.next().await.unwrap().unwrap().decode().unwrap();
@@ -258,8 +258,8 @@ async fn a_filtered_watcher_gets_only_its_services_and_the_revision() {
 #[tokio::test]
 async fn the_stream_ends_on_shutdown() {
     let w = watchers(DEFAULT_BUFFER_BYTES);
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
+    let stop = CancellationToken::new();
+    let mut stream = Box::pin(w.open(BTreeSet::new(), stop.clone()).unwrap());
     assert!(
         stream
             .next()
@@ -270,7 +270,7 @@ async fn the_stream_ends_on_shutdown() {
             .unwrap()
             .reset
     );
-    stop.send(true).unwrap();
+    stop.cancel();
     assert!(stream.next().await.is_none());
 }
 
@@ -283,7 +283,7 @@ async fn the_log_keeps_only_what_some_watcher_has_yet_to_take() {
         register(&store, &lease, id, 1, 100);
     }
     assert_eq!(w.hub().log_bytes(), 0, "nobody watches: nothing is kept");
-    let (_stop, stopped) = tokio::sync::watch::channel(false);
+    let stopped = CancellationToken::new();
     let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
     let mut replica = Replica::default();
     follow(&mut stream, &mut replica, 100).await;

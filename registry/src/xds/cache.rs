@@ -15,6 +15,7 @@ use std::sync::Arc;
 use envoy_types::pb::google::protobuf::Any;
 use futures::{FutureExt, Stream, StreamExt};
 use registry_proto::registry::v1 as pb;
+use support::CancellationToken;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -129,14 +130,14 @@ impl Snapshot {
     }
 }
 
-/// Follows the registry of `watchers` until `shutdown` turns true,
+/// Follows the registry of `watchers` until `shutdown` is cancelled,
 /// publishing each new snapshot on the returned channel. It reads the
 /// registry as any watcher does (a Watch stream of every service: a
 /// snapshot, then each change); until its first snapshot has arrived the
 /// channel holds an empty state at revision 0.
 pub fn follow(
     watchers: Watchers,
-    shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let task = tokio::spawn(async move {

@@ -48,6 +48,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 
+use support::CancellationToken;
 use tokio::sync::watch;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -73,8 +74,8 @@ pub struct XdsService {
     peers: PeerLimits,
     /// Whose memory budget ADS streams are charged to, as Watch streams.
     watchers: Watchers,
-    /// Turns true at shutdown: every stream ends.
-    shutdown: watch::Receiver<bool>,
+    /// Cancelled at shutdown: every stream ends.
+    shutdown: CancellationToken,
 }
 
 impl XdsService {
@@ -84,7 +85,7 @@ impl XdsService {
         snapshots: watch::Receiver<Arc<Snapshot>>,
         watchers: Watchers,
         peers: PeerLimits,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) -> XdsService {
         XdsService {
             snapshots,
@@ -112,8 +113,8 @@ struct Ads {
     requests: Streaming<DiscoveryRequest>,
     /// The newest state.
     snapshots: watch::Receiver<Arc<Snapshot>>,
-    /// Turns true at shutdown.
-    shutdown: watch::Receiver<bool>,
+    /// Cancelled at shutdown.
+    shutdown: CancellationToken,
     /// Responses decided but not yet taken by the transport (at most one
     /// per type).
     pending: VecDeque<DiscoveryResponse>,
@@ -160,7 +161,7 @@ impl Ads {
                     None => return None,
                 },
                 changed = self.snapshots.changed() => if changed.is_err() { return None } else { None },
-                _ = self.shutdown.wait_for(|stop| *stop) => return None,
+                () = self.shutdown.cancelled() => return None,
             };
             if let Some(request) = request
                 && let Err(status) = self.ads.request(request)
