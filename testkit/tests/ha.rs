@@ -23,6 +23,11 @@
 //!     fails;
 //!   - kill -9 of an etcd member: writes (`u`, `r` on a node) reach every
 //!     watcher, nothing else is removed;
+//!   - the replica the nodes are on cut off from etcd (its store cable
+//!     down, its front one up): it refuses heartbeats and writes, its nodes
+//!     resume their leases elsewhere and its watch resumes elsewhere within
+//!     2 s, nothing is removed, no call fails; with the cable back it
+//!     serves again, caught up with a change made meanwhile;
 //!   - every replica killed and started again: the same instances with the
 //!     same revisions on every replica, leases kept, nothing removed, no
 //!     call failed;
@@ -36,7 +41,10 @@
 //! memory_replica_killed_to_nodes_reregistered_ms,
 //! etcd_replica_killed_to_leases_resumed_ms,
 //! etcd_replica_killed_to_watch_resumed_ms,
-//! etcd_member_killed_to_write_seen_ms, etcd_all_replicas_restart_ms,
+//! etcd_member_killed_to_write_seen_ms, etcd_replica_cut_to_refusing_ms,
+//! etcd_replica_cut_to_leases_resumed_ms,
+//! etcd_replica_cut_to_watch_resumed_ms, etcd_replica_healed_to_serving_ms,
+//! etcd_all_replicas_restart_ms,
 //! etcd_all_replicas_killed_to_watchers_back_ms,
 //! etcd_node_killed_to_every_watcher_ms, etcd_node_cut_to_expired_ms.
 
@@ -760,6 +768,24 @@ fn resolved(addr: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
     })
 }
 
+/// A GrantLease on replica `addr` (default TTL): its lease id or the
+/// refusal.
+fn grant_lease(addr: &str) -> Result<u64, tonic::Status> {
+    use registry_proto::registry::v1::GrantLeaseRequest;
+    use registry_proto::registry::v1::registry_client::RegistryClient;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = RegistryClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let reply = client
+            .grant_lease(GrantLeaseRequest::default())
+            .await?
+            .into_inner();
+        Ok(reply.lease_id)
+    })
+}
+
 #[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
 #[test]
 fn ha_etcd_replica_killed_nodes_keep_their_leases_and_nothing_is_removed() {
@@ -784,6 +810,91 @@ fn ha_etcd_replica_killed_nodes_keep_their_leases_and_nothing_is_removed() {
     cl.assert_nothing_lost(&cursors);
     let (status, out, err) = cl.ha.run_client(&["call", "calculator/Add", "a=2", "b=3"]);
     assert!(status.success(), "{out}{err}");
+    cl.finish_calls();
+}
+
+#[ignore = "needs root (network namespaces); scripts/test.sh runs it as root"]
+#[test]
+fn ha_etcd_replica_cut_off_from_etcd_stops_serving_and_its_nodes_and_watchers_move() {
+    let mut cl = EtcdHa::start();
+    let cursors = cl.node_cursors();
+    let watch_cursor = cl.watches[0].line_count();
+    let r0 = cl.ha.replica_addr(0);
+    let log_cursor = cl.ha.replicas[0].as_ref().unwrap().line_count();
+    // Replica 0's cable to the store LAN (members are its hosts 0..3, the
+    // replicas' second interfaces after them); its front cable stays up.
+    let cable = cl.ha.store_lan.host(3).clone();
+    let cut = Instant::now();
+    cl.ha.store_lan.cut(&cable);
+    let replica = cl.ha.replicas[0].as_ref().unwrap();
+    replica.wait_for_line_after(log_cursor, "etcd does not answer", Duration::from_secs(10));
+    println!(
+        "TIMING etcd_replica_cut_to_refusing_ms={}",
+        cut.elapsed().as_millis()
+    );
+    let resumed = cl.wait_resumed(&cursors, &r0, cut);
+    println!(
+        "TIMING etcd_replica_cut_to_leases_resumed_ms={}",
+        resumed.as_millis()
+    );
+    cl.watches[0].wait_for_line_after(watch_cursor, "watch resumed", Duration::from_secs(15));
+    let watch_moved = cut.elapsed();
+    println!(
+        "TIMING etcd_replica_cut_to_watch_resumed_ms={}",
+        watch_moved.as_millis()
+    );
+    // The 2 s, plus a second for a loaded machine.
+    let bound = Duration::from_secs(3);
+    assert!(resumed < bound, "the nodes moved after {resumed:?}");
+    assert!(watch_moved < bound, "the watch moved after {watch_moved:?}");
+    // Past the etcd leases' own TTL (the registry TTL rounded up, + 2 s):
+    // the replicas the nodes moved to keep them alive; nothing expired.
+    std::thread::sleep(TTL + Duration::from_secs(4));
+    cl.assert_nothing_lost(&cursors);
+    let (status, out, err) = cl.ha.run_client(&["call", "calculator/Add", "a=2", "b=3"]);
+    assert!(status.success(), "{out}{err}");
+    // The cut replica refuses writes meanwhile, naming the reason.
+    let refused = grant_lease(&r0).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("cannot reach etcd"),
+        "{refused:?}"
+    );
+
+    // A change while it is cut off (node 1 is on another replica now):
+    // the cut replica must catch up with it once back.
+    let ip1 = cl.ha.node_host(1).ip();
+    let watch_cursors = cl.watch_cursors();
+    cl.ha.nodes[1].write_config("[plugins.calculator]\nweight = 4\n");
+    cl.seen_by_all(
+        &watch_cursors,
+        &format!("~ calculator {ip1}:"),
+        READY_TIMEOUT,
+        Instant::now(),
+    );
+
+    // Cable back: it serves again, the same state as the others.
+    let log_cursor = cl.ha.replicas[0].as_ref().unwrap().line_count();
+    let healed = Instant::now();
+    cl.ha.store_lan.heal(&cable);
+    let replica = cl.ha.replicas[0].as_ref().unwrap();
+    replica.wait_for_line_after(log_cursor, "etcd answers again", Duration::from_secs(15));
+    println!(
+        "TIMING etcd_replica_healed_to_serving_ms={}",
+        healed.elapsed().as_millis()
+    );
+    let expected = resolved(&cl.ha.replica_addr(1));
+    assert_eq!(expected.len(), 2, "{expected:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while resolved(&r0) != expected {
+        assert!(
+            Instant::now() < deadline,
+            "replica 0 serves {:?}, the others {expected:?}",
+            resolved(&r0)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cl.assert_nothing_lost(&cursors);
     cl.finish_calls();
 }
 
