@@ -29,31 +29,45 @@
 //!
 //! Packets are parsed and replies written by `hickory-server`; a packet
 //! that does not parse is answered FORMERR (or dropped when even its
-//! header does not parse). This module only decides the records, from the
-//! same follower of the registry's watch that xDS serves from
-//! ([`crate::xds::cache`]).
+//! header does not parse). UDP is served by hickory's `Server`; TCP
+//! connections are accepted here (hickory's listener has no cap), framed
+//! by `hickory-net` and given to the same [`Handler`], so there is one
+//! place that turns a query into a reply. This module only decides the
+//! records, from the same follower of the registry's watch that xDS serves
+//! from ([`crate::xds::cache`]).
 //!
-//! Limits: TCP connections idle for [`TCP_IDLE`] are closed; hickory
-//! serves each UDP query in its own task and each TCP connection's queries
-//! one after another.
+//! Limits: at most `--dns-max-tcp-connections` TCP connections
+//! ([`DEFAULT_MAX_TCP_CONNECTIONS`] by default) are open at once; one past
+//! that is closed as soon as it is accepted. A TCP connection that sends
+//! no complete query for [`TCP_IDLE`] is closed, and its queries are
+//! answered one after another. hickory serves each UDP query in its own
+//! task.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use hickory_server::Server;
-use hickory_server::net::runtime::Time;
+use hickory_server::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_server::net::runtime::{Time, TokioTime};
+use hickory_server::net::tcp::TcpStream as FramedTcp;
+use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{
-    Edns, Header, HeaderCounts, LowerQuery, Metadata, OpCode, ResponseCode,
+    Edns, Header, HeaderCounts, LowerQuery, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
 use hickory_server::proto::rr::{DNSClass, Name, RData, Record, RecordType};
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
-use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::proto::serialize::binary::{BinDecodable, BinDecoder};
+use hickory_server::server::{
+    Request, RequestHandler, ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream,
+};
+use hickory_server::zone_handler::{MessageResponseBuilder, Queries};
 use rand::seq::SliceRandom;
 use support::CancellationToken;
-use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
 
 use crate::xds::cache::Snapshot;
 
@@ -68,6 +82,12 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 pub const TCP_IDLE: Duration = Duration::from_secs(5);
 /// The default zone.
 pub const DEFAULT_DOMAIN: &str = "registry";
+/// Default of `--dns-max-tcp-connections`: DNS over TCP is for the few
+/// replies cut over UDP, each a short connection; 256 of them at once is
+/// plenty, and far below a process's usual 1024 file descriptors.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 256;
+/// Replies queued on one TCP connection before its reader waits.
+const TCP_REPLY_QUEUE: usize = 16;
 
 /// Where and for which zone to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +96,8 @@ pub struct DnsConfig {
     pub addr: SocketAddr,
     /// The zone, e.g. `registry` (no trailing dot needed).
     pub domain: String,
+    /// Most TCP connections open at once (`--dns-max-tcp-connections`).
+    pub max_tcp_connections: usize,
 }
 
 /// Why the DNS interface could not start.
@@ -153,20 +175,101 @@ pub async fn start(
         proto: "UDP",
         source,
     })?;
-    let mut server = Server::new(Handler {
+    let handler = Handler {
         zone: Zones::new(zone),
         snapshots,
-    });
+    };
+    let mut server = Server::new(handler.clone());
     server.register_socket(udp);
-    server.register_listener(tcp, TCP_IDLE, 16);
+    let connections = config.max_tcp_connections;
     let task = tokio::spawn(async move {
-        shutdown.cancelled().await;
-        if let Err(error) = server.shutdown_gracefully().await {
-            tracing::debug!(%error, "DNS stopped");
-        }
+        let udp = async {
+            shutdown.cancelled().await;
+            if let Err(error) = server.shutdown_gracefully().await {
+                tracing::debug!(%error, "DNS stopped");
+            }
+        };
+        tokio::join!(udp, serve_tcp(tcp, handler, connections, shutdown.clone()));
     });
     tracing::info!(%addr, domain = config.domain, "DNS listening (UDP and TCP)");
     Ok(Dns { addr, task })
+}
+
+/// Accepts TCP connections until `shutdown`, at most `max` open at once.
+///
+/// One past the cap is closed at once rather than left waiting (in our
+/// queue or the kernel's backlog): a client learns straight away and can
+/// retry, instead of hanging behind connections that may be held for
+/// [`TCP_IDLE`] per query they trickle; and accepting keeps the backlog
+/// drained, so the closing costs one accept, not a file descriptor held.
+async fn serve_tcp(
+    listener: TcpListener,
+    handler: Handler,
+    max: usize,
+    shutdown: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(max));
+    // Dropped with this future: every connection goes with the listener.
+    let mut connections = JoinSet::new();
+    let mut full = false;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors, say: wait a little rather
+                    // than spin on a listener that cannot accept.
+                    tracing::debug!(%error, "DNS TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            if !full {
+                tracing::warn!(
+                    max,
+                    "DNS TCP connections at --dns-max-tcp-connections; closing new ones"
+                );
+                full = true;
+            }
+            tracing::debug!(%peer, "DNS TCP connection past the cap, closed");
+            // A reset, not a FIN: nothing is left in TIME_WAIT on our side.
+            if let Err(error) = stream.set_zero_linger() {
+                tracing::debug!(%error, "SO_LINGER");
+            }
+            drop(stream);
+            continue;
+        };
+        full = false;
+        let handler = handler.clone();
+        connections.spawn(async move {
+            serve_connection(stream, peer, &handler).await;
+            drop(slot);
+        });
+    }
+}
+
+/// One TCP connection's queries, one after another, until it closes, errs
+/// or is idle for [`TCP_IDLE`].
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, handler: &Handler) {
+    let (framed, replies) =
+        FramedTcp::from_stream_with_buffer_size(AsyncIoTokioAsStd(stream), peer, TCP_REPLY_QUEUE);
+    let mut messages = TimeoutStream::new(framed, TCP_IDLE);
+    while let Some(message) = messages.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "DNS TCP connection closed");
+                return;
+            }
+        };
+        let (bytes, src) = message.into_parts();
+        let reply = ResponseHandle::new(src, replies.clone(), Protocol::Tcp);
+        handler.handle_raw(bytes, src, reply).await;
+    }
 }
 
 /// UDP on `addr`, then TCP on the port UDP got (with port 0, retried a
@@ -414,12 +517,41 @@ fn answer(zones: &Zones, snapshot: &Snapshot, name: &Name, kind: RecordType) -> 
 
 /// hickory's request handler: parses nothing itself, answers from the
 /// newest snapshot.
+#[derive(Clone)]
 struct Handler {
     zone: Zones,
     snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl Handler {
+    /// A message off a TCP connection, as hickory's server treats one
+    /// before its handler sees it: dropped when its header does not parse
+    /// or it is a response (no reflection), FORMERR when the rest does not
+    /// parse, else [`RequestHandler::handle_request`].
+    async fn handle_raw(&self, bytes: Vec<u8>, src: SocketAddr, mut reply: ResponseHandle) {
+        let Ok(header) = Header::read(&mut BinDecoder::new(&bytes)) else {
+            return;
+        };
+        match Request::from_bytes(bytes, src, Protocol::Tcp) {
+            Ok(request) if request.metadata.message_type == MessageType::Response => {}
+            Ok(request) => {
+                self.handle_request::<_, TokioTime>(&request, reply).await;
+            }
+            Err(error) => {
+                tracing::debug!(%src, %error, "DNS query does not parse: FORMERR");
+                // No question in the reply: it is the one that did not parse.
+                let Ok(queries) = Queries::read(&mut BinDecoder::new(&[]), 0) else {
+                    return;
+                };
+                let response = MessageResponseBuilder::new(&queries, None)
+                    .error_msg(&header.metadata, ResponseCode::FormErr);
+                if let Err(error) = reply.send_response(response).await {
+                    tracing::debug!(%error, "DNS reply not sent");
+                }
+            }
+        }
+    }
+
     fn failed(request: &Request, code: ResponseCode) -> ResponseInfo {
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.response_code = code;

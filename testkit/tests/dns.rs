@@ -13,7 +13,14 @@ use testkit::Registry;
 
 /// A registry with DNS on a free port, and that port's address.
 fn registry() -> (Registry, SocketAddr) {
-    let registry = Registry::start(&["--dns", "127.0.0.1:0"]);
+    registry_with(&[])
+}
+
+/// [`registry`] with more flags.
+fn registry_with(extra: &[&str]) -> (Registry, SocketAddr) {
+    let mut args = vec!["--dns", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let registry = Registry::start(&args);
     let line = registry
         .process
         .wait_for_line("DNS listening", testkit::READY_TIMEOUT);
@@ -303,6 +310,157 @@ async fn malformed_packets_leave_the_registry_serving() {
         .list_services(pb::ListServicesRequest::default())
         .await
         .unwrap();
+}
+
+/// A query for `name` A, framed for TCP (two length bytes first).
+fn tcp_query(id: u16, name: &str) -> Vec<u8> {
+    let mut message = id.to_be_bytes().to_vec();
+    // RD; one question.
+    message.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        message.push(label.len() as u8);
+        message.extend_from_slice(label.as_bytes());
+    }
+    // The root, type A, class IN.
+    message.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut framed = (message.len() as u16).to_be_bytes().to_vec();
+    framed.extend(message);
+    framed
+}
+
+/// What became of a query sent on a held TCP connection.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// A reply with this id, this RCODE and this many answers.
+    Answered { id: u16, rcode: u8, answers: u16 },
+    /// The server closed the connection (EOF or reset) without replying.
+    Closed,
+}
+
+/// Sends one A query on `stream` and reads its reply (up to 10 s).
+fn ask_tcp(stream: &mut std::net::TcpStream, id: u16) -> Outcome {
+    use std::io::{ErrorKind, Read, Write};
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let closed = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof
+        )
+    };
+    if let Err(e) = stream.write_all(&tcp_query(id, "calculator.service.registry")) {
+        assert!(closed(&e), "write: {e}");
+        return Outcome::Closed;
+    }
+    let mut len = [0u8; 2];
+    if let Err(e) = stream.read_exact(&mut len) {
+        assert!(closed(&e), "no reply and not closed within 10 s: {e}");
+        return Outcome::Closed;
+    }
+    let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    stream.read_exact(&mut reply).unwrap();
+    assert!(reply.len() >= 12, "{reply:?}");
+    Outcome::Answered {
+        id: u16::from_be_bytes([reply[0], reply[1]]),
+        rcode: reply[3] & 0x0f,
+        answers: u16::from_be_bytes([reply[6], reply[7]]),
+    }
+}
+
+/// `dig +tcp` without asserting it succeeded: whether it got an answer,
+/// and what it printed.
+fn dig_tcp(dns: SocketAddr) -> (bool, String) {
+    let mut cmd = Command::new("dig");
+    cmd.arg(format!("@{}", dns.ip()))
+        .arg("-p")
+        .arg(dns.port().to_string())
+        .args([
+            "+tries=1",
+            "+time=3",
+            "+tcp",
+            "calculator.service.registry",
+            "A",
+        ]);
+    let (status, text, _) = testkit::run(cmd, Duration::from_secs(20));
+    (status.success() && text.contains("status: NOERROR"), text)
+}
+
+#[tokio::test]
+async fn tcp_connections_past_the_cap_are_closed_while_udp_keeps_answering() {
+    const CAP: u16 = 8;
+    let (mut registry, dns) = registry_with(&["--dns-max-tcp-connections", "8"]);
+    register(&registry, &[("calculator", "127.0.0.1", 7001, 1)]).await;
+    let served = |id| Outcome::Answered {
+        id,
+        rcode: 0,
+        answers: 1,
+    };
+
+    // CAP connections, each shown to hold its place by an answered query.
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
+    for id in 0..CAP {
+        let mut stream = std::net::TcpStream::connect(dns).unwrap();
+        assert_eq!(ask_tcp(&mut stream, id), served(id), "connection {id}");
+        held.push(stream);
+    }
+    // Past the cap: closed by the registry, never answered.
+    for id in 100..105 {
+        let mut stream = std::net::TcpStream::connect(dns).unwrap();
+        assert_eq!(ask_tcp(&mut stream, id), Outcome::Closed, "connection {id}");
+    }
+    let (answered, text) = dig_tcp(dns);
+    assert!(!answered, "dig +tcp past the cap: {text}");
+    // UDP is not held up by the TCP connections.
+    let a = dig(dns, &["calculator.service.registry", "A"]);
+    assert_eq!(
+        (a.status.as_str(), a.answers.len()),
+        ("NOERROR", 1),
+        "{}",
+        a.text
+    );
+    // The held connections are still open and served: the cap refused
+    // the others, not the idle timeout.
+    for (id, stream) in (200..).zip(held.iter_mut()) {
+        assert_eq!(ask_tcp(stream, id), served(id));
+    }
+
+    // Half of them close: dig +tcp gets in (once the registry has seen
+    // them go; within 10 s).
+    held.truncate(usize::from(CAP / 2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (answered, text) = dig_tcp(dns);
+        if answered {
+            assert!(text.contains("127.0.0.1"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dig +tcp not served after connections closed: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (id, stream) in (300..).zip(held.iter_mut()) {
+        assert_eq!(ask_tcp(stream, id), served(id));
+    }
+    let a = dig(dns, &["calculator.service.registry", "A"]);
+    assert_eq!(a.answers.len(), 1, "{}", a.text);
+
+    // The registry kept running, with what was registered.
+    assert!(registry.process.is_running(), "the registry is still up");
+    let mut client = registry.client().await;
+    let services = client
+        .list_services(pb::ListServicesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<(&str, u32)> = services
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.instance_count))
+        .collect();
+    assert_eq!(names, [("calculator", 1)], "{services:?}");
 }
 
 #[test]

@@ -125,6 +125,11 @@ struct Args {
     /// The DNS zone answered for with --dns: names are SERVICE.service.DOMAIN.
     #[arg(long, value_name = "DOMAIN", default_value = registry::dns::DEFAULT_DOMAIN)]
     dns_domain: String,
+    /// Most DNS-over-TCP connections open at once with --dns; one past
+    /// that is closed as soon as it is accepted (UDP is not affected).
+    #[arg(long, value_name = "N", default_value_t = registry::dns::DEFAULT_MAX_TCP_CONNECTIONS,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    dns_max_tcp_connections: usize,
     /// Where the registry's state lives: `memory` (this process; lost when
     /// it stops) or `etcd://HOST:PORT[,HOST:PORT...][/PREFIX]` (an etcd
     /// cluster, keys under PREFIX, default /registry): any number of
@@ -218,6 +223,7 @@ async fn main() -> anyhow::Result<()> {
         dns: args.dns.map(|addr| registry::dns::DnsConfig {
             addr,
             domain: args.dns_domain.clone(),
+            max_tcp_connections: args.dns_max_tcp_connections,
         }),
         store: args.store.clone(),
         etcd_tls: registry::store::etcd_client::tls_config(
