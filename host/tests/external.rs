@@ -638,21 +638,7 @@ async fn a_plugin_never_healthy_times_out_naming_its_health() {
 #[tokio::test]
 async fn the_nodes_tls_covers_an_external_plugin() {
     let registry = Registry::start(&[]);
-    let dir = testkit::TempDir::new("external-tls");
-    let ca = testkit::certs::TestCa::new(dir.path(), "test");
-    let server = ca.server("node", &["127.0.0.1", "localhost"]);
-    let node = Node::start_with(
-        registry.addr,
-        &inventory_table(1, ""),
-        &[
-            "--advertise",
-            "127.0.0.1",
-            "--tls-cert",
-            server.cert.to_str().unwrap(),
-            "--tls-key",
-            server.key.to_str().unwrap(),
-        ],
-    );
+    let (node, ca, _dir) = common::tls_node(registry.addr, &inventory_table(1, ""));
     node.process.wait_for_line(
         "plugin inventory (inventory.v1.Inventory) is SERVING",
         PLUGIN_READY,

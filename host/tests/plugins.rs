@@ -327,21 +327,7 @@ async fn reflection_v1_and_v1alpha_list_the_mounted_plugins() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_listener_serves_the_plugins() {
     let registry = Registry::start(&[]);
-    let dir = common::TempDir::new("node-host-test");
-    let ca = testkit::certs::TestCa::new(dir.path(), "test");
-    let server = ca.server("node", &["127.0.0.1", "localhost"]);
-    let node = Node::start_with(
-        registry.addr,
-        CALC_ONLY,
-        &[
-            "--advertise",
-            "127.0.0.1",
-            "--tls-cert",
-            server.cert.to_str().unwrap(),
-            "--tls-key",
-            server.key.to_str().unwrap(),
-        ],
-    );
+    let (node, ca, _dir) = common::tls_node(registry.addr, CALC_ONLY);
     // Registered as usual (the registry link itself is plaintext here).
     let mut client = registry.client().await;
     common::wait_for_weights(&mut client, node.addr, &[("calculator", 7)]).await;

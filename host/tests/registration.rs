@@ -95,13 +95,7 @@ async fn disabled_and_absent_plugins_are_not_registered_and_missing_weight_is_ra
     assert!(resolve(&mut client, "calculator").await.is_empty());
     // Nor is it served by either node.
     for node in [&absent, &disabled] {
-        let mut calc = registry_proto::calculator::v1::calculator_client::CalculatorClient::new(
-            node.channel().await,
-        );
-        let err = calc
-            .add(registry_proto::calculator::v1::BinaryRequest { a: 1.0, b: 1.0 })
-            .await
-            .unwrap_err();
+        let err = common::calculator_refused(node).await;
         assert_eq!(err.code(), tonic::Code::Unimplemented, "{}", node.addr);
     }
 }

@@ -61,13 +61,7 @@ async fn add_change_and_remove_plugins_by_editing_the_file() {
         CHANGE,
     );
     // And it is no longer served.
-    let mut calc = registry_proto::calculator::v1::calculator_client::CalculatorClient::new(
-        node.channel().await,
-    );
-    let err = calc
-        .add(registry_proto::calculator::v1::BinaryRequest { a: 1.0, b: 1.0 })
-        .await
-        .unwrap_err();
+    let err = common::calculator_refused(&node).await;
     assert_eq!(err.code(), tonic::Code::Unimplemented);
 }
 

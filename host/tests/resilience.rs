@@ -11,7 +11,9 @@ use common::{CHANGE, Node, resolve, wait_for_weights};
 use futures::StreamExt;
 use registry_proto::echo::v1::EchoStreamRequest;
 use registry_proto::echo::v1::echo_client::EchoClient;
+use registry_proto::registry::v1::registry_client::RegistryClient;
 use testkit::Registry;
+use tonic::transport::Channel;
 
 const BOTH: &str = "[plugins.calculator]\nweight = 7\n\n[plugins.echo]\nweight = 3\n";
 
@@ -48,14 +50,16 @@ async fn registry_restart_on_the_same_port_brings_every_instance_back() {
         Node::start(addr, BOTH),
         Node::start(addr, "[plugins.echo]\nweight = 9\n"),
     ];
-    let mut client = first.client().await;
-    wait_for_weights(
-        &mut client,
-        nodes[0].addr,
-        &[("calculator", 7), ("echo", 3)],
-    )
-    .await;
-    wait_for_weights(&mut client, nodes[1].addr, &[("echo", 9)]).await;
+    // Both nodes' instances, with their weights, at `client`'s registry.
+    let registered = |mut client: RegistryClient<Channel>| {
+        let nodes = [nodes[0].addr, nodes[1].addr];
+        async move {
+            wait_for_weights(&mut client, nodes[0], &[("calculator", 7), ("echo", 3)]).await;
+            wait_for_weights(&mut client, nodes[1], &[("echo", 9)]).await;
+            client
+        }
+    };
+    registered(first.client().await).await;
 
     first.process.kill9();
     for node in &nodes {
@@ -63,14 +67,7 @@ async fn registry_restart_on_the_same_port_brings_every_instance_back() {
             .wait_for_line("still serving, retrying", CHANGE);
     }
     let second = Registry::start_on(&addr.to_string(), &[]);
-    let mut client = second.client().await;
-    wait_for_weights(
-        &mut client,
-        nodes[0].addr,
-        &[("calculator", 7), ("echo", 3)],
-    )
-    .await;
-    wait_for_weights(&mut client, nodes[1].addr, &[("echo", 9)]).await;
+    let mut client = registered(second.client().await).await;
     assert_eq!(resolve(&mut client, "echo").await.len(), 2);
 
     // And the new registration is a live one: q still removes it.

@@ -18,15 +18,6 @@ fn replica(etcd: &Etcd, prefix: &str) -> Registry {
     Registry::start(&["--store", &etcd.store(prefix)])
 }
 
-/// The next Watch message, or a panic after [`PROMPTLY`].
-async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
-    tokio::time::timeout(PROMPTLY, stream.message())
-        .await
-        .expect("no watch message in time")
-        .unwrap()
-        .expect("watch stream ended")
-}
-
 /// Waits for the first snapshot into a new replica copy.
 async fn synced(stream: &mut tonic::Streaming<pb::WatchResponse>) -> Replica {
     let mut copy = Replica::default();
@@ -174,14 +165,7 @@ async fn when_the_replica_holding_a_lease_dies_another_adopts_it_and_nothing_is_
     let stop = tokio::time::Instant::now() + Duration::from_secs(5);
     while tokio::time::Instant::now() < stop {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        moved
-            .tx
-            .send(pb::KeepAliveRequest {
-                lease_id: lease.id,
-                lease_secret: lease.secret.clone(),
-            })
-            .await
-            .unwrap();
+        moved.send(&lease).await;
         let answer = moved.responses.message().await.unwrap().unwrap();
         assert_eq!(answer.lease_id, lease.id);
         // Nothing was removed at the watcher meanwhile.
@@ -370,14 +354,7 @@ async fn a_replica_that_loses_etcd_refuses_heartbeats_and_ends_its_watches_with_
         cut.elapsed()
     );
     // ...and so does the next heartbeat.
-    keepalive
-        .tx
-        .send(pb::KeepAliveRequest {
-            lease_id: lease.id,
-            lease_secret: lease.secret.clone(),
-        })
-        .await
-        .unwrap();
+    keepalive.send(&lease).await;
     let refused = tokio::time::timeout(Duration::from_secs(5), keepalive.responses.message())
         .await
         .expect("no answer to a heartbeat")

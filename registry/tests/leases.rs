@@ -72,13 +72,7 @@ async fn lease_expires_after_its_ttl_when_heartbeats_stop() {
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         last_heartbeat = tokio::time::Instant::now();
-        ka.tx
-            .send(pb::KeepAliveRequest {
-                lease_id: lease.id,
-                lease_secret: lease.secret.clone(),
-            })
-            .await
-            .unwrap();
+        ka.send(&lease).await;
         let answer = ka.responses.message().await.unwrap().unwrap();
         assert_eq!(answer.ttl_ms, 2000);
     }
@@ -96,13 +90,7 @@ async fn lease_expires_after_its_ttl_when_heartbeats_stop() {
     assert!(ids(&mut client, "svc").await.is_empty());
 
     // The next heartbeat learns the lease is gone.
-    ka.tx
-        .send(pb::KeepAliveRequest {
-            lease_id: lease.id,
-            lease_secret: lease.secret.clone(),
-        })
-        .await
-        .unwrap();
+    ka.send(&lease).await;
     let err = ka.responses.message().await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     // And so does everything else under it.

@@ -26,15 +26,6 @@ async fn resume(
         .into_inner()
 }
 
-/// The next message (panics after a generous timeout).
-async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
-    tokio::time::timeout(PROMPTLY, stream.message())
-        .await
-        .expect("no watch message in time")
-        .unwrap()
-        .expect("watch stream ended")
-}
-
 /// A watcher follows, its stream breaks while changes go on, and it resumes
 /// from its last revision: it gets an acceptance, then exactly the changes
 /// it missed (the replica's checks catch a gap or a duplicate), and ends up

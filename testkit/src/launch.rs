@@ -94,10 +94,56 @@ pub struct Registry {
 pub struct RegistryBuilder {
     listen: String,
     http: Option<String>,
+    child: Child,
+}
+
+/// What both builders pass to their child the same way: extra flags, its
+/// environment, `RUST_LOG`, and the command that runs it.
+#[derive(Default)]
+struct Child {
     args: Vec<OsString>,
     env: Vec<(OsString, OsString)>,
     log: Option<String>,
     cmd: Option<Command>,
+}
+
+impl Child {
+    /// The command to run `program` with, before any flag.
+    fn command(&mut self, program: &str) -> Command {
+        self.cmd.take().unwrap_or_else(|| command(program))
+    }
+
+    /// Adds the extra flags and the environment to `cmd`.
+    fn finish(self, cmd: &mut Command) {
+        cmd.args(&self.args).envs(self.env);
+        if let Some(level) = self.log {
+            cmd.env("RUST_LOG", level);
+        }
+    }
+}
+
+/// The builder methods that only fill [`Child`], written once for both
+/// builders.
+macro_rules! child_methods {
+    ($program:literal) => {
+        /// An environment variable for the child.
+        pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+            self.child.env.push((key.into(), value.into()));
+            self
+        }
+
+        /// `RUST_LOG` for the child (the bench keeps its children quiet).
+        pub fn log(mut self, level: &str) -> Self {
+            self.child.log = Some(level.into());
+            self
+        }
+
+        #[doc = concat!("Runs it as `cmd` (e.g. inside a network namespace: `ip netns exec HOST ", $program, "`) instead of [`command`]`(\"", $program, "\")`.")]
+        pub fn command(mut self, cmd: Command) -> Self {
+            self.child.cmd = Some(cmd);
+            self
+        }
+    };
 }
 
 impl Registry {
@@ -116,10 +162,7 @@ impl Registry {
         RegistryBuilder {
             listen: "127.0.0.1:0".into(),
             http: None,
-            args: Vec::new(),
-            env: Vec::new(),
-            log: None,
-            cmd: None,
+            child: Child::default(),
         }
     }
 
@@ -154,42 +197,23 @@ impl RegistryBuilder {
 
     /// More flags.
     pub fn args<S: AsRef<std::ffi::OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
-        self.args
+        self.child
+            .args
             .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
-    /// An environment variable for the child.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// `RUST_LOG` for the child (the bench keeps its children quiet).
-    pub fn log(mut self, level: &str) -> Self {
-        self.log = Some(level.into());
-        self
-    }
-
-    /// Runs it as `cmd` (e.g. inside a network namespace: `ip netns exec
-    /// HOST registry`) instead of [`command`]`("registry")`.
-    pub fn command(mut self, cmd: Command) -> Self {
-        self.cmd = Some(cmd);
-        self
-    }
+    child_methods!("registry");
 
     /// Starts it and waits for its ready line.
-    pub fn start(self) -> Registry {
-        let mut cmd = self.cmd.unwrap_or_else(|| command("registry"));
+    pub fn start(mut self) -> Registry {
+        let mut cmd = self.child.command("registry");
         cmd.arg("--listen").arg(&self.listen);
         if let Some(http) = &self.http {
             cmd.arg("--http").arg(http);
         }
-        cmd.args(&self.args).envs(self.env);
-        crate::etcd::store_hook(&mut cmd, &self.args);
-        if let Some(level) = self.log {
-            cmd.env("RUST_LOG", level);
-        }
+        crate::etcd::store_hook(&mut cmd, &self.child.args);
+        self.child.finish(&mut cmd);
         let process = Process::spawn("registry", cmd);
         let http = self
             .http
@@ -224,10 +248,7 @@ pub struct NodeHostBuilder {
     toml: String,
     advertise: Option<String>,
     http: bool,
-    args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    log: Option<String>,
-    cmd: Option<Command>,
+    child: Child,
 }
 
 impl NodeHost {
@@ -251,10 +272,7 @@ impl NodeHost {
             toml: toml.into(),
             advertise: Some("127.0.0.1".into()),
             http: false,
-            args: Vec::new(),
-            env: Vec::new(),
-            log: None,
-            cmd: None,
+            child: Child::default(),
         }
     }
 
@@ -314,36 +332,19 @@ impl NodeHostBuilder {
             if arg == "--advertise" {
                 self.advertise = None;
             }
-            self.args.push(arg.to_owned());
+            self.child.args.push(arg.to_owned());
         }
         self
     }
 
-    /// An environment variable for the child.
-    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// `RUST_LOG` for the child.
-    pub fn log(mut self, level: &str) -> Self {
-        self.log = Some(level.into());
-        self
-    }
-
-    /// Runs it as `cmd` (e.g. inside a network namespace: `ip netns exec
-    /// HOST node-host`) instead of [`command`]`("node-host")`.
-    pub fn command(mut self, cmd: Command) -> Self {
-        self.cmd = Some(cmd);
-        self
-    }
+    child_methods!("node-host");
 
     /// Writes the file, starts the node and waits as told.
-    pub fn start(self) -> NodeHost {
+    pub fn start(mut self) -> NodeHost {
         let dir = TempDir::new("node-host");
         let config = dir.join("services.toml");
         std::fs::write(&config, &self.toml).unwrap();
-        let mut cmd = self.cmd.unwrap_or_else(|| command("node-host"));
+        let mut cmd = self.child.command("node-host");
         cmd.arg("--config").arg(&config);
         if let Some(registry) = &self.registry {
             cmd.arg("--registry").arg(registry);
@@ -359,10 +360,7 @@ impl NodeHostBuilder {
         if http {
             cmd.args(["--http", "127.0.0.1:0"]);
         }
-        cmd.args(&self.args).envs(self.env);
-        if let Some(level) = self.log {
-            cmd.env("RUST_LOG", level);
-        }
+        self.child.finish(&mut cmd);
         let process = Process::spawn("node-host", cmd);
         let http = self
             .http

@@ -10,6 +10,8 @@
 //! - [`Registry`], [`NodeHost`] (`launch.rs`): the one way tests and the
 //!   bench start `registry` and `node-host`, with a clean environment
 //!   ([`command`]) and their files in a [`TempDir`].
+//! - [`calls`]: the registry calls every crate's tests make (Resolve,
+//!   Watch), for a client with or without a token.
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`http`]: a minimal HTTP client (`/metrics`, Prometheus' API, event
 //!   streams).
@@ -29,6 +31,7 @@
 
 #![allow(clippy::unwrap_used)] // test support: a failed unwrap is a failed test
 
+pub mod calls;
 pub mod certs;
 pub mod etcd;
 pub mod http;

@@ -64,3 +64,35 @@ pub async fn wait_for_weights(
     })
     .await;
 }
+
+/// A node host serving `toml` over TLS (`--tls-cert/--tls-key`, names
+/// 127.0.0.1 and localhost) with a certificate from a fresh test CA. The
+/// CA's files live in the returned directory: keep it while the node runs.
+pub fn tls_node(registry: SocketAddr, toml: &str) -> (Node, testkit::certs::TestCa, TempDir) {
+    let dir = TempDir::new("node-host-tls");
+    let ca = testkit::certs::TestCa::new(dir.path(), "test");
+    let server = ca.server("node", &["127.0.0.1", "localhost"]);
+    let node = Node::start_with(
+        registry,
+        toml,
+        &[
+            "--advertise",
+            "127.0.0.1",
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+        ],
+    );
+    (node, ca, dir)
+}
+
+/// Calls `calculator.v1.Calculator/Add` on `node`, which must refuse it.
+pub async fn calculator_refused(node: &Node) -> tonic::Status {
+    let mut calc = registry_proto::calculator::v1::calculator_client::CalculatorClient::new(
+        node.channel().await,
+    );
+    calc.add(registry_proto::calculator::v1::BinaryRequest { a: 1.0, b: 1.0 })
+        .await
+        .unwrap_err()
+}

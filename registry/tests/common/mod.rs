@@ -92,17 +92,8 @@ pub async fn ids(client: &mut Client, service: &str) -> Vec<String> {
         .collect()
 }
 
-/// Instances of `service`.
-pub async fn resolve(client: &mut Client, service: &str) -> Vec<pb::Instance> {
-    client
-        .resolve(pb::ResolveRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .instances
-}
+#[allow(unused_imports)] // not every test file uses both
+pub use testkit::calls::{resolve, watch};
 
 /// Everything observable: the service list and every service's instances.
 pub async fn everything(client: &mut Client) -> (Vec<pb::ServiceSummary>, Vec<pb::Instance>) {
@@ -217,18 +208,6 @@ impl Replica {
     }
 }
 
-/// Opens a Watch of `services` (all when empty).
-pub async fn watch(client: &mut Client, services: &[&str]) -> tonic::Streaming<pb::WatchResponse> {
-    client
-        .watch(pb::WatchRequest {
-            services: services.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// Reads Watch messages into `replica` until `done` holds (panics after a
 /// generous timeout).
 pub async fn follow_until(
@@ -247,10 +226,33 @@ pub async fn follow_until(
     }
 }
 
+/// The next Watch message, or a panic after [`PROMPTLY`].
+pub async fn next(stream: &mut tonic::Streaming<pb::WatchResponse>) -> pb::WatchResponse {
+    tokio::time::timeout(PROMPTLY, stream.message())
+        .await
+        .expect("no watch message in time")
+        .unwrap()
+        .expect("watch stream ended")
+}
+
 /// A KeepAlive stream: the sender of heartbeats and the stream of answers.
 pub struct KeepAlive {
     pub tx: tokio::sync::mpsc::Sender<pb::KeepAliveRequest>,
     pub responses: tonic::Streaming<pb::KeepAliveResponse>,
+}
+
+impl KeepAlive {
+    /// Sends one heartbeat for `lease` (its answer is read from
+    /// `responses`: a test may wait for it, or expect a refusal).
+    pub async fn send(&self, lease: &Lease) {
+        self.tx
+            .send(pb::KeepAliveRequest {
+                lease_id: lease.id,
+                lease_secret: lease.secret.clone(),
+            })
+            .await
+            .expect("the KeepAlive stream is open");
+    }
 }
 
 /// Opens a KeepAlive stream for `lease` and sends the first heartbeat.

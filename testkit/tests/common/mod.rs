@@ -58,17 +58,7 @@ pub async fn instances(client: &mut RegistryConn) -> Vec<pb::Instance> {
     all
 }
 
-/// The instances of `service`.
-pub async fn resolve(client: &mut RegistryConn, service: &str) -> Vec<pb::Instance> {
-    client
-        .resolve(pb::ResolveRequest {
-            service: service.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .instances
-}
+pub use testkit::calls::resolve;
 
 /// Waits until calculator and echo have `n` instances together.
 pub async fn wait_for_count(client: &mut RegistryConn, n: usize) {
