@@ -10,8 +10,10 @@
 //! Every metric is listed in README's "Metrics" table.
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 use registry_proto::registry::v1::{RemovalReason, ServiceSummary};
 use support::metrics::GrpcMetrics;
 
@@ -39,6 +41,10 @@ pub struct Metrics {
     /// `registry_watch_resets_total`: watchers that fell behind and were
     /// sent a fresh snapshot.
     pub watch_resets: IntCounter,
+    /// `registry_watch_open_lock_max_seconds`: the longest a new watcher
+    /// held the store's lock (writers and heartbeats wait meanwhile), set
+    /// at each scrape from [`OPEN_LOCK_MAX_NANOS`].
+    watch_open_lock_max: Gauge,
     /// `registry_instance_removals_total{reason}`.
     pub instance_removals: IntCounterVec,
     /// `registry_lease_removals_total{reason}`: leases that went with their
@@ -74,6 +80,10 @@ fn build() -> prometheus::Result<Metrics> {
     let watch_resets = IntCounter::new(
         "registry_watch_resets_total",
         "Watchers that fell behind and were sent a fresh snapshot instead.",
+    )?;
+    let watch_open_lock_max = Gauge::new(
+        "registry_watch_open_lock_max_seconds",
+        "Longest time one new Watch stream held the store's lock to take its snapshot and place (writers wait meanwhile), since start.",
     )?;
     let instance_removals = IntCounterVec::new(
         Opts::new(
@@ -131,6 +141,7 @@ fn build() -> prometheus::Result<Metrics> {
         Box::new(watch_log_bytes.clone()),
         Box::new(watch_memory_bytes.clone()),
         Box::new(watch_resets.clone()),
+        Box::new(watch_open_lock_max.clone()),
         Box::new(instance_removals.clone()),
         Box::new(lease_removals.clone()),
         Box::new(refused.clone()),
@@ -150,6 +161,7 @@ fn build() -> prometheus::Result<Metrics> {
         watch_log_bytes,
         watch_memory_bytes,
         watch_resets,
+        watch_open_lock_max,
         instance_removals,
         lease_removals,
         refused,
@@ -184,6 +196,17 @@ pub fn reason_label(reason: RemovalReason) -> &'static str {
         RemovalReason::Deregistered => "deregistered",
         RemovalReason::Unspecified => "unspecified",
     }
+}
+
+/// The longest lock hold of a new watcher so far, in nanoseconds: an
+/// atomic maximum (a gauge has no `fetch_max`), copied to the gauge at
+/// each scrape.
+static OPEN_LOCK_MAX_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// A new watcher held the store's lock for `held`.
+pub fn watch_open_locked(held: Duration) {
+    let nanos = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+    OPEN_LOCK_MAX_NANOS.fetch_max(nanos, Ordering::Relaxed);
 }
 
 /// Counts a call refused by `limit`.
@@ -249,6 +272,8 @@ pub fn render(gauges: &Gauges) -> String {
             .set(i64::from(service.instance_count));
     }
     metrics.leases.set(gauge(gauges.leases));
+    let held = OPEN_LOCK_MAX_NANOS.load(Ordering::Relaxed);
+    metrics.watch_open_lock_max.set(held as f64 / 1e9);
     support::metrics::render(&metrics.registry)
 }
 
@@ -272,6 +297,7 @@ mod tests {
             "registry_leases 1",
             "registry_watchers",
             "registry_watch_resets_total",
+            "registry_watch_open_lock_max_seconds",
             "registry_instance_removals_total{reason=\"keepalive_closed\"} 0",
             "registry_lease_removals_total{reason=\"expired\"} 0",
             "registry_refused_total{limit=\"registrations_per_sec\"} 0",

@@ -11,10 +11,14 @@
 //!   subscription to each service, [`SUBSCRIBE_IN_FLIGHT`] at a time, on one
 //!   connection);
 //! - resolve latency of one service (100 instances) at that size;
-//! - ours only: how long new watchers hold writers back. A writer
-//!   re-registers one instance in a loop while new watchers of every service
-//!   open one after another (each until its first message): its worst
-//!   latency then, next to its worst latency with no watcher opening.
+//! - ours only, on a second registry that serves `/metrics` (loaded with
+//!   up to 100 000 instances): how long new watchers hold writers back. A
+//!   writer re-registers one instance in a loop while new watchers of every
+//!   service open one after another (each until its first message): its
+//!   worst latency then, next to its worst latency with no watcher opening;
+//!   and the longest a new watcher held the store's lock, as the registry
+//!   itself timed it (`registry_watch_open_lock_max_seconds`), which is
+//!   what writers wait for, without the wait for a free runtime thread.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +51,8 @@ struct Scale {
     /// Writer latency max (ms) with no watcher opening, then while new
     /// watchers open (ours only).
     writer: Option<(f64, f64)>,
+    /// The longest a new watcher held the store's lock, in ms (ours only).
+    lock_ms: Option<f64>,
 }
 
 /// New watchers of everything opened while the writer runs.
@@ -115,16 +121,16 @@ fn service_name(s: usize) -> String {
     format!("svc-{s:04}")
 }
 
-async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale> {
-    let services = ctx.cfg.scale_services;
-    let total = ctx.cfg.scale_instances;
+/// Loads `total` instances in `services` services, [`LOADERS`] clients
+/// at a time; returns the rate (instances per second) and the loaders'
+/// connections (r-nacos's instances live only as long as those).
+async fn load(
+    system: System,
+    url: &str,
+    services: usize,
+    total: usize,
+) -> Result<(f64, Vec<Backend>)> {
     let per_service = total.div_ceil(services);
-    // Settle: one connection open and used, so its buffers are in the
-    // baseline rather than counted against the instances.
-    let mut probe = Backend::connect(system, url).await?;
-    probe.resolve("nothing").await?;
-    let before = rss_bytes(pid)?;
-
     // One lease per service; loaders take services round robin.
     let start = Instant::now();
     let mut loaders = Vec::new();
@@ -141,8 +147,6 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
             loop {
                 let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if s >= services {
-                    // Handed back: r-nacos's instances live only as long
-                    // as the connection that registered them.
                     return Ok::<Backend, anyhow::Error>(b);
                 }
                 let lease = b.grant(LEASE_TTL).await?;
@@ -156,12 +160,23 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
             }
         });
     }
-    // Held to the end of the measure.
     let mut held = Vec::new();
     while let Some(r) = tasks.join_next().await {
         held.push(r.context("a loader panicked")??);
     }
-    let load_per_sec = total as f64 / start.elapsed().as_secs_f64();
+    Ok((total as f64 / start.elapsed().as_secs_f64(), held))
+}
+
+async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale> {
+    let services = ctx.cfg.scale_services;
+    let total = ctx.cfg.scale_instances;
+    // Settle: one connection open and used, so its buffers are in the
+    // baseline rather than counted against the instances.
+    let mut probe = Backend::connect(system, url).await?;
+    probe.resolve("nothing").await?;
+    let before = rss_bytes(pid)?;
+    // Held to the end of the measure.
+    let (load_per_sec, _held) = load(system, url, services, total).await?;
     let after = rss_bytes(pid)?;
     let bytes_per_instance = after.saturating_sub(before) as f64 / total as f64;
 
@@ -200,17 +215,58 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
         (b, r)
     })
     .await;
-    let writer = match system {
-        System::Ours => Some(writer_blocking(url).await?),
-        System::Etcd | System::Rnacos => None,
-    };
     Ok(Scale {
         load_per_sec,
         bytes_per_instance,
         snapshot_ms,
         resolve: Summary::of(&mut lat.latencies),
-        writer,
+        writer: None,
+        lock_ms: None,
     })
+}
+
+/// Instances loaded for the writer-blocking measure: the target
+/// is at 100 000.
+const BLOCKING_INSTANCES: usize = 100_000;
+
+/// Ours only, on a registry of its own that serves `/metrics` (its
+/// dashboard's own watch holds a copy of every instance, so the memory
+/// figure is taken on one without it): loads up to [`BLOCKING_INSTANCES`],
+/// times a writer while new watchers open, and reads the longest time one
+/// new watcher held the store's lock, as the registry timed it
+/// (`registry_watch_open_lock_max_seconds`). Returns the writer's maxima
+/// (ms) and that lock time (ms).
+async fn blocking(ctx: &Ctx) -> Result<((f64, f64), f64)> {
+    let registry = testkit::Registry::launch()
+        .log("warn")
+        .http("127.0.0.1:0")
+        // As `RegistryProc::start`: the per-peer and per-lease limits lifted.
+        .args([
+            "--max-registrations-per-sec-per-ip",
+            "0",
+            "--max-instances-per-lease",
+            "0",
+            "--max-instances-per-service",
+            "0",
+        ])
+        .start();
+    let url = registry.url();
+    let http = registry
+        .http
+        .context("the registry printed no http address")?;
+    let total = ctx.cfg.scale_instances.min(BLOCKING_INSTANCES);
+    let (_, _held) = load(System::Ours, &url, ctx.cfg.scale_services, total).await?;
+    let writer = writer_blocking(&url).await?;
+    let metrics = tokio::task::spawn_blocking(move || testkit::http::get(http, "/metrics", &[]))
+        .await
+        .context("the /metrics scrape panicked")?;
+    let lock_s = metrics
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix("registry_watch_open_lock_max_seconds "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .context("no registry_watch_open_lock_max_seconds in /metrics")?;
+    Ok((writer, lock_s * 1000.0))
 }
 
 /// Runs the scale measure on fresh processes of both systems.
@@ -223,7 +279,12 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ctx.cfg.scale_services
         );
         let fresh = RegistryProc::start()?;
-        let r = measure(System::Ours, &fresh.url, fresh.process.pid(), ctx).await?;
+        let mut r = measure(System::Ours, &fresh.url, fresh.process.pid(), ctx).await?;
+        drop(fresh);
+        tracing::info!("scale: ours, new watchers against a writer");
+        let (writer, lock_ms) = blocking(ctx).await?;
+        r.writer = Some(writer);
+        r.lock_ms = Some(lock_ms);
         results.push((System::Ours, r));
     }
     if let Some(bin) = &ctx.etcd_bin {
@@ -315,6 +376,18 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             "<= quiet max + 1 ms",
             ours.and_then(|r| r.writer).map(|w| w.1 <= w.0 + 1.0),
         ),
+        Figure::new(
+            "scale",
+            format!(
+                "store lock held by a new watcher of all, max ({} instances)",
+                n.min(BLOCKING_INSTANCES)
+            ),
+            "ms",
+            Better::Lower,
+            ours.and_then(|r| r.lock_ms),
+        )
+        .target("<= 1 ms", ours.and_then(|r| r.lock_ms).map(|ms| ms <= 1.0))
+        .note("timed in the registry: registry_watch_open_lock_max_seconds"),
         Figure::new(
             "scale",
             "resolve latency p50",

@@ -203,9 +203,12 @@ impl Drop for Watcher {
 impl Watcher {
     /// Starts (over) with a snapshot of the current state.
     fn start(&mut self) -> Result<(), Status> {
-        let (job, cursor) = self
-            .store
-            .read(|state| self.hub.open_job(state, &self.services))?;
+        let (job, cursor) = self.store.read(|state| {
+            let held = std::time::Instant::now();
+            let opened = self.hub.open_job(state, &self.services);
+            crate::metrics::watch_open_locked(held.elapsed());
+            opened
+        })?;
         if let Some(old) = self.registered.replace(cursor) {
             self.hub.leave(old);
         }
@@ -217,10 +220,13 @@ impl Watcher {
 
     /// Resumes after `revision` if the log still holds every change since.
     fn resume(&mut self, revision: u64) -> bool {
-        let Some(cursor) = self
-            .store
-            .read(|state| self.hub.resume(state.revision(), revision))
-        else {
+        let resumed = self.store.read(|state| {
+            let held = std::time::Instant::now();
+            let resumed = self.hub.resume(state.revision(), revision);
+            crate::metrics::watch_open_locked(held.elapsed());
+            resumed
+        });
+        let Some(cursor) = resumed else {
             return false;
         };
         self.registered = Some(cursor);
