@@ -38,7 +38,8 @@
 //!
 //! Limits: at most `--dns-max-tcp-connections` TCP connections
 //! ([`DEFAULT_MAX_TCP_CONNECTIONS`] by default) are open at once; one past
-//! that is closed as soon as it is accepted. A TCP connection that sends
+//! that is closed as soon as it is accepted (and counted in
+//! `registry_dns_tcp_refused_total`). A TCP connection that sends
 //! no complete query for [`TCP_IDLE`] is closed, and its queries are
 //! answered one after another. hickory serves each UDP query in its own
 //! task.
@@ -236,6 +237,7 @@ async fn serve_tcp(
                 full = true;
             }
             tracing::debug!(%peer, "DNS TCP connection past the cap, closed");
+            crate::metrics::get().dns_tcp_refused.inc();
             // A reset, not a FIN: nothing is left in TIME_WAIT on our side.
             if let Err(error) = stream.set_zero_linger() {
                 tracing::debug!(%error, "SO_LINGER");

@@ -54,6 +54,9 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     /// `registry_dashboard_clients`: open dashboard event streams.
     pub dashboard_clients: IntGauge,
+    /// `registry_dns_tcp_refused_total`: DNS-over-TCP connections closed
+    /// at accept by `--dns-max-tcp-connections`.
+    pub dns_tcp_refused: IntCounter,
     /// `registry_allocator_allocated_bytes` and `..._resident_bytes`: the
     /// allocator's own statistics, set at each scrape.
     allocated_bytes: IntGauge,
@@ -110,6 +113,10 @@ fn build() -> prometheus::Result<Metrics> {
         "registry_dashboard_clients",
         "Open event streams of the web dashboard.",
     )?;
+    let dns_tcp_refused = IntCounter::new(
+        "registry_dns_tcp_refused_total",
+        "DNS-over-TCP connections closed at once because --dns-max-tcp-connections were open.",
+    )?;
     let allocated_bytes = IntGauge::new(
         "registry_allocator_allocated_bytes",
         "Bytes allocated and not yet freed, by the allocator's own count.",
@@ -146,6 +153,7 @@ fn build() -> prometheus::Result<Metrics> {
         Box::new(lease_removals.clone()),
         Box::new(refused.clone()),
         Box::new(dashboard_clients.clone()),
+        Box::new(dns_tcp_refused.clone()),
         Box::new(allocated_bytes.clone()),
         Box::new(resident_bytes.clone()),
         Box::new(build_info),
@@ -166,6 +174,7 @@ fn build() -> prometheus::Result<Metrics> {
         lease_removals,
         refused,
         dashboard_clients,
+        dns_tcp_refused,
         allocated_bytes,
         resident_bytes,
     })
@@ -303,6 +312,7 @@ mod tests {
             "registry_refused_total{limit=\"registrations_per_sec\"} 0",
             "registry_build_info{version=",
             "registry_grpc_requests_in_flight",
+            "registry_dns_tcp_refused_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -16,11 +16,11 @@ fn registry() -> (Registry, SocketAddr) {
     registry_with(&[])
 }
 
-/// [`registry`] with more flags.
+/// [`registry`] with more flags, and `--http` on a free port.
 fn registry_with(extra: &[&str]) -> (Registry, SocketAddr) {
     let mut args = vec!["--dns", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    let registry = Registry::start(&args);
+    let registry = Registry::launch().http("127.0.0.1:0").args(&args).start();
     let line = registry
         .process
         .wait_for_line("DNS listening", testkit::READY_TIMEOUT);
@@ -411,6 +411,14 @@ async fn tcp_connections_past_the_cap_are_closed_while_udp_keeps_answering() {
     }
     let (answered, text) = dig_tcp(dns);
     assert!(!answered, "dig +tcp past the cap: {text}");
+    // Each of the 5 and dig's one connection counted.
+    let metrics = testkit::http::get(registry.http.unwrap(), "/metrics", &[]).body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "registry_dns_tcp_refused_total 6"),
+        "{metrics}"
+    );
     // UDP is not held up by the TCP connections.
     let a = dig(dns, &["calculator.service.registry", "A"]);
     assert_eq!(
