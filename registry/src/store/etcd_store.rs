@@ -88,6 +88,16 @@ const RETRIES: usize = 8;
 /// before the write is UNAVAILABLE.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many etcd revisions of history before its start a replica
+/// replays into its mirror (etcd keeps them until compaction), so a
+/// watcher whose last revision is older than every replica's start (all
+/// restarted) still resumes. What the mirror's log keeps of them is
+/// bounded by `--watch-resume-bytes`, as for any change.
+const HISTORY_REVISIONS: i64 = 10_000;
+
+/// How long that replay may take before the replica gives up starting.
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a Watch resuming from a revision this replica has not reached
 /// yet waits for it before it gets a snapshot instead.
 const REACH_WAIT: Duration = Duration::from_secs(1);
@@ -322,19 +332,28 @@ impl EtcdStore {
             puts,
             stale: std::sync::atomic::AtomicBool::new(false),
         });
-        let at = inner
-            .load()
-            .await
-            .map_err(|status| EtcdError::Unreachable {
-                endpoints: url.endpoints.join(","),
-                status,
-            })?;
-        tracing::info!(
-            store = %crate::store::etcd::StoreUrl::Etcd(url.clone()),
-            revision = at,
-            instances = inner.mirror.read(State::instance_count),
-            "etcd store loaded"
-        );
+        let unreachable = |status| EtcdError::Unreachable {
+            endpoints: url.endpoints.join(","),
+            status,
+        };
+        // The prefix as it was HISTORY_REVISIONS ago, then etcd's history
+        // since replayed through the watch: the mirror's log then holds the
+        // changes from before this replica started, and a watcher that
+        // last saw one of them resumes here (every replica restarted).
+        let now = inner.current_revision().await.map_err(unreachable)?;
+        let from = (now - HISTORY_REVISIONS).max(1);
+        let at = match inner.load(from).await {
+            Ok(at) => at,
+            Err(status) if status.code() == tonic::Code::OutOfRange => {
+                // Compacted: no history to replay, the prefix as it is now.
+                tracing::info!(
+                    revision = from,
+                    "etcd compacted its history: a watcher resuming from before this replica's start gets a snapshot"
+                );
+                inner.load(0).await.map_err(unreachable)?
+            }
+            Err(status) => return Err(unreachable(status)),
+        };
         let tasks = vec![
             AbortOnDropHandle::new(tokio::spawn(follow(inner.clone(), at + 1))),
             AbortOnDropHandle::new(tokio::spawn(expire(inner.clone()))),
@@ -342,6 +361,24 @@ impl EtcdStore {
             AbortOnDropHandle::new(tokio::spawn(probe(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(batch_puts(inner.clone(), waiting))),
         ];
+        // Served only once the replay reached the last change under the
+        // prefix. Not by a progress report: etcd 3.4 sends one with its
+        // current revision even while the watch is still replaying.
+        let last = inner.last_change(now).await.map_err(unreachable)?;
+        let mut applied = inner.applied.subscribe();
+        let replayed = tokio::time::timeout(REPLAY_TIMEOUT, applied.wait_for(|a| *a >= last));
+        if !matches!(replayed.await, Ok(Ok(_))) {
+            return Err(unreachable(tonic::Status::deadline_exceeded(format!(
+                "replaying etcd's history from revision {at} to {last} took over {REPLAY_TIMEOUT:?}"
+            ))));
+        }
+        tracing::info!(
+            store = %crate::store::etcd::StoreUrl::Etcd(url.clone()),
+            revision = now,
+            history_from = at,
+            instances = inner.mirror.read(State::instance_count),
+            "etcd store loaded"
+        );
         Ok((EtcdStore { inner }, watchers, EtcdGuard { _tasks: tasks }))
     }
 }
@@ -355,11 +392,62 @@ impl Inner {
         lock(&self.held)
     }
 
-    /// Reads every key of the prefix at one revision into the mirror;
-    /// returns that revision.
-    async fn load(&self) -> Result<i64, tonic::Status> {
+    /// etcd's current revision.
+    async fn current_revision(&self) -> Result<i64, tonic::Status> {
+        let mut kv = self.client.kv.clone();
+        let read = kv.range(etcd::RangeRequest {
+            key: self.url.reason_key(),
+            count_only: true,
+            ..Default::default()
+        });
+        let response = tokio::time::timeout(ETCD_TIMEOUT, read)
+            .await
+            .map_err(|_| tonic::Status::deadline_exceeded("etcd did not answer a read"))??;
+        Ok(response.into_inner().header.map_or(0, |h| h.revision))
+    }
+
+    /// The etcd revision of the last put under the prefix as of revision
+    /// `at` (0: none): the prefix's keys only, page by page.
+    async fn last_change(&self, at: i64) -> Result<i64, tonic::Status> {
+        let prefix = self.url.all_keys();
+        let end = etcd_api::prefix_end(&prefix);
+        let mut from = prefix;
+        let mut last = 0;
+        loop {
+            let mut kv = self.client.kv.clone();
+            let read = kv.range(etcd::RangeRequest {
+                key: from.clone(),
+                range_end: end.clone(),
+                limit: PAGE,
+                revision: at,
+                keys_only: true,
+                ..Default::default()
+            });
+            let response = tokio::time::timeout(ETCD_TIMEOUT, read)
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("etcd did not answer a read"))??
+                .into_inner();
+            last = response
+                .kvs
+                .iter()
+                .map(|kv| kv.mod_revision)
+                .fold(last, i64::max);
+            match response.kvs.last() {
+                Some(kv) if response.more => {
+                    from = kv.key.clone();
+                    from.push(0);
+                }
+                _ => return Ok(last),
+            }
+        }
+    }
+
+    /// Reads every key of the prefix at etcd revision `at` (0: the current
+    /// one) into the mirror; returns that revision. OUT_OF_RANGE: `at` was
+    /// compacted.
+    async fn load(&self, at: i64) -> Result<i64, tonic::Status> {
         let mut kvs = Vec::new();
-        let mut at = 0;
+        let mut at = at;
         for (under, page) in [("desc/", CHUNK_PAGE), ("inst/", PAGE), ("lease/", PAGE)] {
             let prefix = format!("{}/{under}", self.url.prefix).into_bytes();
             let end = etcd_api::prefix_end(&prefix);
