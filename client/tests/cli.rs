@@ -461,10 +461,7 @@ fn repeated_calls_survive_a_node_killed_midway_and_ctrl_c_prints_the_table() {
 fn watch_prints_changes_as_they_happen() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let mut cmd = command("client");
-    cmd.env("REGISTRY_ADDR", reg.to_string()).arg("watch");
-    let watch = Process::spawn("watch", cmd);
-    watch.wait_for_line("watching the registry", READY_TIMEOUT);
+    let watch = client_watch(reg);
 
     let mut node = Node::start(reg, "[plugins.calculator]\nweight = 3\n");
     let added = format!("+ calculator {} weight=3", node.addr);

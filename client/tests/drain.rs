@@ -8,7 +8,7 @@
 mod common;
 
 use common::*;
-use testkit::{Process, READY_TIMEOUT, Registry, command};
+use testkit::{READY_TIMEOUT, Registry};
 
 const POLICIES: [&str; 4] = [
     "random",
@@ -81,10 +81,7 @@ fn wait_listed(reg: std::net::SocketAddr, addr: std::net::SocketAddr, weight: &s
 fn a_node_drained_in_services_toml_gets_no_calls_stays_listed_and_comes_back() {
     let registry = Registry::start(&[]);
     let reg = registry.addr;
-    let mut cmd = command("client");
-    cmd.env("REGISTRY_ADDR", reg.to_string()).arg("watch");
-    let watch = Process::spawn("watch", cmd);
-    watch.wait_for_line("watching the registry", READY_TIMEOUT);
+    let watch = client_watch(reg);
     let drained = Node::start(reg, "[plugins.calculator]\nweight = 3\n");
     let other = Node::start(reg, "[plugins.calculator]\nweight = 1\n");
     wait_instances(reg, "calculator", 2);

@@ -7,7 +7,6 @@ mod common;
 use std::time::Duration;
 
 use common::{CHANGE, Node, resolve, wait_for_weights};
-use registry_proto::registry::v1::GetDescriptorsRequest;
 use registry_proto::registry::v1::registry_client::RegistryClient;
 use testkit::Registry;
 use tonic::transport::Channel;
@@ -45,13 +44,7 @@ async fn mounted_plugins_are_registered_with_weight_metadata_and_address() {
     assert!(echo.metadata.is_empty());
 
     // The descriptors registered are the plugin's own.
-    let d = client
-        .get_descriptors(GetDescriptorsRequest {
-            service: "calculator".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = testkit::calls::descriptors(&mut client, "calculator").await;
     assert_eq!(d.proto_service, "calculator.v1.Calculator");
     assert_eq!(
         d.file_descriptor_set,

@@ -116,19 +116,12 @@ async fn q_lets_in_flight_calls_finish() {
 /// registers only once the lease is attached to that stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_right_after_registering_is_noticed_by_the_stream_not_the_ttl() {
-    use registry_proto::registry::v1::{RemovalReason, WatchRequest, event::Kind};
+    use registry_proto::registry::v1::{RemovalReason, event::Kind};
 
     // A TTL far longer than the wait below: expiry cannot be the cause.
     let registry = Registry::start(&["--default-ttl-ms", "60000"]);
     let mut client = registry.client().await;
-    let mut watch = client
-        .watch(WatchRequest {
-            services: vec!["calculator".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = testkit::calls::watch(&mut client, &["calculator"]).await;
     let mut node = Node::start(registry.addr, "[plugins.calculator]\nweight = 2\n");
     let mut seen_added = false;
     let removed = tokio::time::timeout(Duration::from_secs(20), async {

@@ -161,13 +161,7 @@ async fn descriptors_round_trip() {
     request.file_descriptor_set = registry_proto::CALCULATOR_DESCRIPTORS.to_vec();
     client.register(request).await.unwrap();
 
-    let d = client
-        .get_descriptors(pb::GetDescriptorsRequest {
-            service: "calculator".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = testkit::calls::descriptors(&mut client, "calculator").await;
     assert_eq!(d.proto_service, "calculator.v1.Calculator");
     assert_eq!(
         d.file_descriptor_set,

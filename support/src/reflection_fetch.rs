@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use prost::Message;
 use prost_types::FileDescriptorProto;
+use tonic_reflection::pb::v1::ServerReflectionResponse;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
@@ -93,6 +94,30 @@ pub trait Ask {
         &mut self,
         request: MessageRequest,
     ) -> impl Future<Output = Result<MessageResponse, FetchError>> + Send;
+}
+
+/// The next reply on a reflection stream. A broken or ended stream is a
+/// [`FetchError::Transport`]; the server's `ErrorResponse`, a
+/// [`FetchError::Answered`].
+pub async fn next_reply(
+    replies: &mut tonic::Streaming<ServerReflectionResponse>,
+) -> Result<MessageResponse, FetchError> {
+    let reply = replies
+        .message()
+        .await
+        .map_err(|s| {
+            FetchError::Transport(if s.message().is_empty() {
+                format!("reflection: {:?}", s.code())
+            } else {
+                format!("reflection: {:?}: {}", s.code(), s.message())
+            })
+        })?
+        .and_then(|r| r.message_response)
+        .ok_or_else(|| FetchError::Transport("reflection stream ended".into()))?;
+    match reply {
+        MessageResponse::ErrorResponse(e) => Err(FetchError::Answered(e.error_message)),
+        other => Ok(other),
+    }
 }
 
 /// Sends one request, unless the request limit is reached; `what` names

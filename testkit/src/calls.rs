@@ -8,13 +8,32 @@ use registry_proto::registry::v1::registry_client::RegistryClient;
 
 type StdError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// What a generated `RegistryClient<T>` asks of its `T` (a channel, or one
+/// wrapped in an interceptor), named once.
+pub trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Error: Into<StdError>,
+        ResponseBody: http_body::Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+    >
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Error: Into<StdError>,
+            ResponseBody: http_body::Body<Data = Bytes, Error: Into<StdError> + Send>
+                              + Send
+                              + 'static,
+        >
+{
+}
+
 /// The instances the registry lists for `service`.
 pub async fn resolve<T>(client: &mut RegistryClient<T>, service: &str) -> Vec<pb::Instance>
 where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<StdError>,
-    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<StdError> + Send,
+    T: Transport,
 {
     client
         .resolve(pb::ResolveRequest {
@@ -32,10 +51,7 @@ pub async fn watch<T>(
     services: &[&str],
 ) -> tonic::Streaming<pb::WatchResponse>
 where
-    T: tonic::client::GrpcService<tonic::body::Body>,
-    T::Error: Into<StdError>,
-    T::ResponseBody: http_body::Body<Data = Bytes> + Send + 'static,
-    <T::ResponseBody as http_body::Body>::Error: Into<StdError> + Send,
+    T: Transport,
 {
     client
         .watch(pb::WatchRequest {
@@ -44,5 +60,22 @@ where
         })
         .await
         .unwrap_or_else(|e| panic!("Watch {services:?}: {e}"))
+        .into_inner()
+}
+
+/// The descriptors the registry holds for `service`.
+pub async fn descriptors<T>(
+    client: &mut RegistryClient<T>,
+    service: &str,
+) -> pb::GetDescriptorsResponse
+where
+    T: Transport,
+{
+    client
+        .get_descriptors(pb::GetDescriptorsRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("GetDescriptors {service}: {e}"))
         .into_inner()
 }

@@ -9,7 +9,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use registry_proto::registry::v1::WatchRequest;
 use registry_proto::registry::v1::event::Kind;
 use testkit::Registry;
 
@@ -46,14 +45,7 @@ async fn a_registry_stopped_for_3_s_keeps_healthy_leases_and_expires_a_dead_node
     })
     .await;
 
-    let mut watch = client
-        .watch(WatchRequest {
-            services: vec!["calculator".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watch = testkit::calls::watch(&mut client, &["calculator"]).await;
     let snapshot = watch.message().await.unwrap().unwrap();
     assert!(snapshot.reset);
 

@@ -76,17 +76,7 @@ impl Ask for ReflectionStream {
             })
             .await
             .map_err(|_| FetchError::Transport("reflection stream closed".into()))?;
-        let reply = self
-            .replies
-            .message()
-            .await
-            .map_err(|s| FetchError::Transport(format!("reflection: {}", status_text(&s))))?
-            .and_then(|r| r.message_response)
-            .ok_or_else(|| FetchError::Transport("reflection stream ended".into()))?;
-        match reply {
-            MessageResponse::ErrorResponse(e) => Err(FetchError::Answered(e.error_message)),
-            other => Ok(other),
-        }
+        reflection_fetch::next_reply(&mut self.replies).await
     }
 }
 

@@ -35,6 +35,15 @@ pub fn client(registry: SocketAddr, args: &[&str]) -> (ExitStatus, String, Strin
     testkit::run(cmd, Duration::from_secs(60))
 }
 
+/// `client watch` against `registry`, once it says it is watching.
+pub fn client_watch(registry: SocketAddr) -> testkit::Process {
+    let mut cmd = command("client");
+    cmd.env("REGISTRY_ADDR", registry.to_string()).arg("watch");
+    let watch = testkit::Process::spawn("watch", cmd);
+    watch.wait_for_line("watching the registry", READY_TIMEOUT);
+    watch
+}
+
 /// Runs `client ARGS`, asserts success and returns stdout.
 pub fn client_ok(registry: SocketAddr, args: &[&str]) -> String {
     let (status, out, err) = client(registry, args);

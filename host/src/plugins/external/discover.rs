@@ -116,19 +116,7 @@ impl Session {
     }
 
     async fn reply(&mut self) -> Result<MessageResponse, FetchError> {
-        let reply = self
-            .replies
-            .message()
-            .await
-            .map_err(|s| {
-                FetchError::Transport(format!("reflection: {}: {}", s.code(), s.message()))
-            })?
-            .and_then(|r| r.message_response)
-            .ok_or_else(|| FetchError::Transport("reflection stream ended".into()))?;
-        match reply {
-            MessageResponse::ErrorResponse(e) => Err(FetchError::Answered(e.error_message)),
-            other => Ok(other),
-        }
+        reflection_fetch::next_reply(&mut self.replies).await
     }
 
     async fn run(
