@@ -1,6 +1,6 @@
 //! `list`: the registered services and their instances.
 
-use super::weight_text;
+use super::weight::weight_text;
 use crate::directory::{Snapshot, address};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -6,24 +6,16 @@
 //! - `describe.rs`: `describe`, a service's methods with their fields.
 //! - `spread.rs`: the table after `call --repeat`: calls per instance.
 //! - `watch.rs`: `watch`, one line per change.
+//! - `weight.rs`: how both show an instance's weight.
 
 mod describe;
 mod list;
 mod spread;
 mod watch;
+mod weight;
 
 pub use describe::{describe_service, describe_text, signature};
 pub use list::{list_json, list_text};
 pub use spread::{policy_name, spread_table};
 pub use watch::{change_line, connection_line};
-
-use registry_proto::registry::v1::Instance;
-
-/// An instance's weight as `list` and `watch` print it: `5`, or
-/// `0 (drained)` for one that is listed but takes no new calls.
-pub fn weight_text(i: &Instance) -> String {
-    match i.effective_weight() {
-        0 => "0 (drained)".to_string(),
-        w => w.to_string(),
-    }
-}
+pub use weight::weight_text;

@@ -1,6 +1,6 @@
 //! `watch`: one line per change to the registry.
 
-use super::weight_text;
+use super::weight::weight_text;
 use crate::directory::{Change, ChangeKind, address};
 
 /// `+ calculator 10.0.0.1:5000 weight=5`, `~ ...` when updated, or
