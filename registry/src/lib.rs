@@ -84,4 +84,4 @@ pub mod watch;
 pub mod xds;
 
 pub use config::Config;
-pub use server::{run, run_with_http};
+pub use server::{Backend, run, run_with_http, serve};

@@ -93,25 +93,71 @@ pub async fn run_with_http(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let (watchers, writes, _etcd) = match &config.store {
-        StoreUrl::Memory => (
-            Watchers::new(config.ttl, config.quotas, config.watch),
-            None,
-            None,
-        ),
-        StoreUrl::Etcd(url) => {
-            let (etcd, watchers, guard) = EtcdStore::start(
-                url,
-                config.etcd_tls.clone(),
-                config.ttl,
-                config.quotas,
-                config.watch,
-            )
-            .await?;
-            let writes: Arc<dyn Writes> = Arc::new(etcd);
-            (watchers, Some(writes), Some(guard))
-        }
-    };
+    let backend = Backend::open(&config).await?;
+    serve(listener, http, config, backend, shutdown).await
+}
+
+/// The state a registry serves: its own memory, or a mirror of etcd with
+/// the store its writes go to. Opened before the registry says it listens,
+/// so a replica whose etcd does not answer fails at once, naming it, and is
+/// never reported ready.
+pub struct Backend {
+    watchers: Watchers,
+    writes: Option<Arc<dyn Writes>>,
+    _etcd: Option<crate::store::etcd_store::EtcdGuard>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("etcd", &self.writes.is_some())
+            .finish()
+    }
+}
+
+impl Backend {
+    /// The memory store, or the etcd store of `config.store` (connected,
+    /// loaded and following etcd).
+    pub async fn open(config: &Config) -> Result<Backend, ServeError> {
+        Ok(match &config.store {
+            StoreUrl::Memory => Backend {
+                watchers: Watchers::new(config.ttl, config.quotas, config.watch),
+                writes: None,
+                _etcd: None,
+            },
+            StoreUrl::Etcd(url) => {
+                let (etcd, watchers, guard) = EtcdStore::start(
+                    url,
+                    config.etcd_tls.clone(),
+                    config.ttl,
+                    config.quotas,
+                    config.watch,
+                )
+                .await?;
+                let writes: Arc<dyn Writes> = Arc::new(etcd);
+                Backend {
+                    watchers,
+                    writes: Some(writes),
+                    _etcd: Some(guard),
+                }
+            }
+        })
+    }
+}
+
+/// [`run_with_http`] over a [`Backend`] already open.
+pub async fn serve(
+    listener: TcpListener,
+    http: Option<TcpListener>,
+    config: Config,
+    backend: Backend,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let Backend {
+        watchers,
+        writes,
+        _etcd,
+    } = backend;
     let store = watchers.store().clone();
     let _sweeper = store.spawn_sweeper();
     // Cancelled once, at shutdown: every task and stream holding a clone ends.

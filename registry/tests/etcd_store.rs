@@ -306,9 +306,11 @@ async fn an_unreachable_etcd_is_an_error_naming_it_and_the_registry_exits() {
     let mut cmd = testkit::command("registry");
     cmd.args(["--listen", "127.0.0.1:0", "--store"])
         .arg(format!("etcd://127.0.0.1:{port}/r"));
-    let (status, _out, err) = testkit::run(cmd, Duration::from_secs(30));
+    let (status, out, err) = testkit::run(cmd, Duration::from_secs(30));
     assert!(!status.success());
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    // Never ready: scripts and balancers wait for the ready line.
+    assert!(!out.contains("registry listening"), "{out}");
 }
 
 #[tokio::test]

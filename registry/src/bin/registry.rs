@@ -261,10 +261,13 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The store first (etcd connected and loaded): the ready line means
+    // ready to serve.
+    let backend = registry::Backend::open(&config).await?;
     // The ready line: scripts and tests wait for it (on stdout, not a log).
     println!("registry listening on {local}");
     std::io::stdout().flush().context("stdout")?;
-    registry::run_with_http(listener, http, config, shutdown).await?;
+    registry::serve(listener, http, config, backend, shutdown).await?;
     tracing::info!("stopped");
     Ok(())
 }
