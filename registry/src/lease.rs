@@ -80,13 +80,67 @@ pub struct Lease {
     pub ttl: Duration,
     /// When it dies unless a heartbeat comes first.
     pub deadline: Instant,
-    /// The instances registered under it, removed with it; each once. A
-    /// `Vec` rather than a set: it is only pushed to, iterated and (on
-    /// Deregister) searched, and costs about half as much per instance.
-    pub instances: Vec<InstanceKey>,
+    /// The instances registered under it, removed with it; each once.
+    pub instances: LeaseInstances,
     /// The KeepAlive stream the lease is attached to, if any: when that
     /// stream ends, the lease is revoked. A newer stream takes it over.
     pub attached: Option<u64>,
+}
+
+/// The instances a lease holds, grouped by service: a lease nearly always
+/// holds instances of one service or a few, so each instance costs its id
+/// (an `Arc<str>`, 16 bytes) here rather than a whole [`InstanceKey`] (32).
+/// Vectors rather than sets: they are only pushed to, iterated and (on
+/// Deregister) searched, and cost about half as much per instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseInstances {
+    /// Each service with the ids held in it, in the order first held.
+    services: Vec<(Arc<str>, Vec<Arc<str>>)>,
+    /// How many ids, all services together.
+    len: usize,
+}
+
+impl LeaseInstances {
+    /// How many instances.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Holds `key` too (the caller holds each key once).
+    pub fn push(&mut self, key: InstanceKey) {
+        let (service, id) = key;
+        match self.services.iter_mut().find(|(s, _)| *s == service) {
+            Some((_, ids)) => ids.push(id),
+            None => self.services.push((service, vec![id])),
+        }
+        self.len += 1;
+    }
+
+    /// No longer holds `key`.
+    pub fn remove(&mut self, key: &InstanceKey) {
+        let Some(at) = self.services.iter().position(|(s, _)| *s == key.0) else {
+            return;
+        };
+        let ids = &mut self.services[at].1;
+        let before = ids.len();
+        ids.retain(|id| *id != key.1);
+        self.len -= before - ids.len();
+        if ids.is_empty() {
+            self.services.swap_remove(at);
+        }
+    }
+
+    /// Every key held, service by service.
+    pub fn iter(&self) -> impl Iterator<Item = InstanceKey> + '_ {
+        self.services
+            .iter()
+            .flat_map(|(service, ids)| ids.iter().map(|id| (service.clone(), id.clone())))
+    }
 }
 
 /// Lease deadlines in time order.
@@ -196,7 +250,7 @@ impl Leases {
             secret: format!("{:032x}", rand::random::<u128>()),
             ttl,
             deadline,
-            instances: Vec::new(),
+            instances: LeaseInstances::default(),
             attached: None,
         })
     }
