@@ -166,7 +166,15 @@ impl Host {
 impl std::fmt::Display for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Host::V4(ip) => ip.fmt(f),
+            // Digit by digit (see `write_ipv4`): every Resolve and event
+            // writes the host of each instance it carries, and core's
+            // `Ipv4Addr` Display took about 1 600 instructions an address,
+            // 17% of a Resolve of 10 instances (callgrind).
+            Host::V4(ip) => {
+                let mut text = [0u8; 15];
+                let len = write_ipv4(*ip, &mut text);
+                f.pad(std::str::from_utf8(&text[..len]).unwrap_or_default())
+            }
             Host::V6(ip) => ip.fmt(f),
             Host::Name(name) => f.write_str(name),
         }
@@ -1017,6 +1025,23 @@ fn event(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv4_hosts_are_written_as_core_writes_them() {
+        let mut ips: Vec<Ipv4Addr> = [0u32, 1, 9, 10, 99, 100, 255]
+            .iter()
+            .flat_map(|&o| [o, o << 8, o << 16, o << 24, o * 0x0101_0101, !o])
+            .map(Ipv4Addr::from)
+            .collect();
+        // And a spread of addresses over the whole space.
+        ips.extend((0..10_000u32).map(|k| Ipv4Addr::from(k.wrapping_mul(2_654_435_761))));
+        for ip in ips {
+            assert_eq!(Host::V4(ip).to_string(), ip.to_string());
+        }
+        // Width and alignment still apply, as for Ipv4Addr.
+        let ip = Ipv4Addr::new(10, 0, 0, 1);
+        assert_eq!(format!("{:>12}|", Host::V4(ip)), format!("{ip:>12}|"));
+    }
 
     #[test]
     fn the_mirror_applies_changes_at_the_revisions_etcd_gave_them() {
