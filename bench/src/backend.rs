@@ -2,6 +2,9 @@
 //! and r-nacos. Each measure is written once against [`Backend`] so all
 //! systems run exactly the same workload.
 //!
+//! `etcd-store` is our registry again, started over etcd: it takes our
+//! client unchanged, so its column differs from ours only in the store.
+//!
 //! The mapping onto etcd is the usual way a registry is built on it: an
 //! instance is a key `/registry/<service>/<instance_id>` holding the encoded
 //! [`Instance`] and attached to a lease; resolving a service is a range read
@@ -39,8 +42,11 @@ const MAX_MESSAGE: usize = 1 << 30;
 /// Which system a [`Backend`] talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum System {
-    /// Our `registry` binary.
+    /// Our `registry` binary (the memory store).
     Ours,
+    /// Our `registry` binary over etcd (`--store etcd://...`): the same
+    /// client, the same server code, the state in etcd.
+    EtcdStore,
     /// An `etcd` server.
     Etcd,
     /// An r-nacos server, over the Nacos 2.x gRPC protocol.
@@ -52,6 +58,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Ours => "ours",
+            System::EtcdStore => "etcd-store",
             System::Etcd => "etcd",
             System::Rnacos => "r-nacos",
         }
@@ -162,7 +169,7 @@ impl Backend {
     pub async fn connect(system: System, url: &str) -> Result<Backend> {
         let ch = channel(url).await?;
         Ok(match system {
-            System::Ours => Backend::Ours(
+            System::Ours | System::EtcdStore => Backend::Ours(
                 RegistryClient::new(ch)
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE),

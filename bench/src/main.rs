@@ -4,7 +4,8 @@
 //!
 //! It starts everything it measures itself: our `registry` and `node-host`
 //! (built next to the bench by the same `cargo` profile) and, when their
-//! binaries are found, a single-member etcd and an r-nacos, each on a scratch
+//! binaries are found, a single-member etcd (and our registry over it, the
+//! etcd store, afresh for each measure) and an r-nacos, each on a scratch
 //! data directory and free loopback ports.
 //!
 //! # Layout
@@ -16,6 +17,8 @@
 //!   memory.
 //! - `measure/*`: one file per figure group of issue 7.
 //! - `stats`: percentiles and throughput; `report`: the table and JSON.
+//! - `profile`: hidden helpers that run one measure's workload against a
+//!   server started by hand, for a profiler attached to that server.
 //! - `etcdpb`: etcd's gRPC API, from the `etcd-api` crate (compiled with
 //!   protox: no protoc needed); `nacospb`: the Nacos protocol, compiled from
 //!   `proto/nacos/nacos_grpc_service.proto` by `build.rs`, the same way.
@@ -25,6 +28,7 @@ mod measure;
 mod nacos;
 mod ours_client;
 mod procs;
+mod profile;
 mod report;
 mod stats;
 
@@ -68,10 +72,12 @@ progress logs (on stderr).";
 /// Run it from the workspace with `cargo run --release -p bench` (add `--` and
 /// flags after it). It builds and starts our `registry` and `node-host`
 /// itself, starts `etcd` when it is installed (`apt-get install etcd-server`)
-/// and `rnacos` when it is (`cargo install rnacos`), runs each measure on
-/// every system with the same workload, and prints one row per figure: our
-/// value, etcd's (or the typed tonic client's, for the generic call), their
-/// ratio, r-nacos's value and our ratio to it, and the goal from issue 7. "↑"
+/// and, over it, our registry with `--store etcd://...` (the etcd-store
+/// column), and `rnacos` when it is installed (`cargo install rnacos`),
+/// runs each measure on every system with the same workload, and prints one
+/// row per figure: our value, etcd's (or the typed tonic client's, for the
+/// generic call), their ratio, etcd-store's value and its ratio to etcd,
+/// r-nacos's value and our ratio to it, and the goal from issue 7. "↑"
 /// marks figures where higher is better, "↓" where lower is.
 ///
 /// A full run takes a few minutes; `--quick` runs every measure with small
@@ -93,7 +99,8 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Measure>,
 
-    /// Do not start etcd even if it is installed: report our side only.
+    /// Do not start etcd even if it is installed: report our side only
+    /// (and no etcd-store column: our registry over that etcd).
     #[arg(long)]
     no_etcd: bool,
 
@@ -217,6 +224,47 @@ enum Helper {
         #[arg(long)]
         id: String,
     },
+    /// Registers instances of one service and resolves it back to back on
+    /// one connection (the resolve latency measure), for a profiler
+    /// attached to the server.
+    #[command(hide = true)]
+    ResolveLoop {
+        /// `ours`, `etcd` or `r-nacos`.
+        #[arg(long)]
+        system: String,
+        /// The server's gRPC URL.
+        #[arg(long)]
+        url: String,
+        /// Instances of the service.
+        #[arg(long, default_value_t = 10)]
+        instances: usize,
+        /// Resolve calls.
+        #[arg(long, default_value_t = 20_000)]
+        calls: u64,
+    },
+    /// Loads instances, then takes full snapshots one after another (the
+    /// scale measure's), for a profiler attached to the server.
+    #[command(hide = true)]
+    SnapshotLoop {
+        /// `ours`, `etcd` or `r-nacos`.
+        #[arg(long)]
+        system: String,
+        /// The server's gRPC URL.
+        #[arg(long)]
+        url: String,
+        /// Instances to load.
+        #[arg(long, default_value_t = 100_000)]
+        instances: usize,
+        /// Services they are spread over.
+        #[arg(long, default_value_t = 1000)]
+        services: usize,
+        /// Snapshots to take.
+        #[arg(long, default_value_t = 10)]
+        snapshots: usize,
+        /// Pause between loading and the first snapshot, in milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        pause_ms: u64,
+    },
 }
 
 /// Counts and durations of one run, from the flags.
@@ -336,6 +384,31 @@ fn main() -> Result<()> {
     if let Some(Helper::HoldRnacosInstance { url, service, id }) = &args.helper {
         return rt.block_on(measure::failure::hold_rnacos_instance(url, service, id));
     }
+    if let Some(Helper::ResolveLoop {
+        system,
+        url,
+        instances,
+        calls,
+    }) = &args.helper
+    {
+        let system = profile::system(system)?;
+        return rt.block_on(profile::resolve_loop(system, url, *instances, *calls));
+    }
+    if let Some(Helper::SnapshotLoop {
+        system,
+        url,
+        instances,
+        services,
+        snapshots,
+        pause_ms,
+    }) = &args.helper
+    {
+        let system = profile::system(system)?;
+        let pause = Duration::from_millis(*pause_ms);
+        return rt.block_on(profile::snapshot_loop(
+            system, url, *instances, *services, *snapshots, pause,
+        ));
+    }
     rt.block_on(run(args))
 }
 
@@ -389,6 +462,24 @@ async fn run(args: Args) -> Result<()> {
     let mut ctx = Ctx::new(config.clone(), etcd_bin, etcd_data, rnacos_bin, rnacos_data).await?;
     let mut figures = Vec::new();
     for m in measures {
+        // Our registry over etcd takes part in the measures issue 16 names.
+        let etcd_store = matches!(
+            m,
+            Measure::Register | Measure::Resolve | Measure::Watch | Measure::Failure
+        );
+        if let Err(e) = ctx.fresh_etcd_store(measure_name(m), etcd_store) {
+            tracing::error!("our registry over etcd did not start: {e:#}");
+            figures.push(
+                Figure::new(
+                    measure_name(m),
+                    "etcd-store",
+                    "",
+                    report::Better::Higher,
+                    None,
+                )
+                .note(format!("not measured: {e:#}")),
+            );
+        }
         tracing::info!("measuring {m:?}");
         let result = match m {
             Measure::Register => measure::register::run(&mut ctx).await,

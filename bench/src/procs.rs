@@ -115,8 +115,25 @@ pub struct RegistryProc {
 }
 
 impl RegistryProc {
-    /// Starts our registry on a free loopback port and waits for its ready line.
+    /// Starts our registry (memory store) on a free loopback port and waits
+    /// for its ready line.
     pub fn start() -> Result<RegistryProc> {
+        // Said explicitly: testkit's launcher would put it over etcd when
+        // TESTKIT_ETCD is set in the environment.
+        RegistryProc::with_store("memory")
+    }
+
+    /// Starts our registry over the etcd whose client API is `etcd_url`
+    /// (`http://127.0.0.1:PORT`), its keys under `prefix` (`/name`): the
+    /// etcd store (`--store etcd://...`), on a free loopback port.
+    pub fn over_etcd(etcd_url: &str, prefix: &str) -> Result<RegistryProc> {
+        let endpoint = etcd_url
+            .strip_prefix("http://")
+            .with_context(|| format!("etcd URL {etcd_url} is not http://"))?;
+        RegistryProc::with_store(&format!("etcd://{endpoint}{prefix}"))
+    }
+
+    fn with_store(store: &str) -> Result<RegistryProc> {
         // The registry's protective limits (registrations per second from one
         // IP, instances per lease and per service) exist to stop one machine
         // starving others; the bench is one machine measuring raw capacity,
@@ -138,6 +155,8 @@ impl RegistryProc {
                 "0",
                 "--watch-memory-bytes",
                 "17179869184",
+                "--store",
+                store,
             ])
             .start();
         let addr = registry.addr.to_string();

@@ -57,8 +57,13 @@ pub struct Other {
     pub name: &'static str,
     /// Its figure, when measured.
     pub value: Option<f64>,
-    /// `ours / value`, when both exist.
+    /// `ours / value` (or `value / reference`, see `ratio_name`), when
+    /// both exist.
     pub ratio: Option<f64>,
+    /// Names the ratio's column: `ours/<name>`, or `<name>/<reference>` for
+    /// a system compared with the reference rather than with us (our
+    /// registry over etcd, against raw etcd).
+    pub ratio_name: String,
     /// False when the system has no equivalent of the measure (the table
     /// says `n/a`, and the note says why), rather than a figure that was not
     /// measured (`-`).
@@ -96,6 +101,22 @@ impl Figure {
             name,
             value,
             ratio,
+            ratio_name: format!("ours/{name}"),
+            equivalent: true,
+        });
+        self
+    }
+
+    /// Adds another system's value in its own column, with its ratio to
+    /// the reference set by [`vs`](Self::vs) (call that first): for our
+    /// registry over etcd, whose question is what it costs over raw etcd.
+    pub fn and_over_reference(mut self, name: &'static str, value: Option<f64>) -> Figure {
+        let ratio = ratio(value, self.reference);
+        self.others.push(Other {
+            name,
+            value,
+            ratio,
+            ratio_name: format!("{name}/{}", self.reference_name),
             equivalent: true,
         });
         self
@@ -108,6 +129,7 @@ impl Figure {
             name,
             value: None,
             ratio: None,
+            ratio_name: format!("ours/{name}"),
             equivalent: false,
         });
         self.note(format!("{name}: no equivalent ({why})"))
@@ -190,21 +212,23 @@ fn group_thousands(v: i64) -> String {
 }
 
 /// The figures as a Markdown table (readable in a terminal and pasteable into
-/// BENCHMARKS.md). Each other system any figure has (r-nacos) gets two
-/// columns after the main reference's: its value and `ours/<name>`.
+/// BENCHMARKS.md). Each other system any figure has (etcd-store, r-nacos)
+/// gets two columns after the main reference's: its value and its ratio,
+/// named as the first figure with that system names it (`ours/<name>` or
+/// `<name>/etcd`).
 pub fn table(figures: &[Figure]) -> String {
-    let mut others: Vec<&'static str> = Vec::new();
+    let mut others: Vec<(&'static str, &str)> = Vec::new();
     for o in figures.iter().flat_map(|f| &f.others) {
-        if !others.contains(&o.name) {
-            others.push(o.name);
+        if !others.iter().any(|(n, _)| *n == o.name) {
+            others.push((o.name, &o.ratio_name));
         }
     }
     let mut header: Vec<String> = ["measure", "unit", "ours", "reference", "value", "ours/ref"]
         .map(String::from)
         .to_vec();
-    for name in &others {
+    for (name, ratio_name) in &others {
         header.push(name.to_string());
-        header.push(format!("ours/{name}"));
+        header.push(ratio_name.to_string());
     }
     header.push("target".into());
     header.push("note".into());
@@ -223,7 +247,7 @@ pub fn table(figures: &[Figure]) -> String {
                 num(f.reference),
                 times(f.ratio),
             ];
-            for name in &others {
+            for (name, _) in &others {
                 match f.others.iter().find(|o| o.name == *name) {
                     Some(o) if !o.equivalent => {
                         row.push("n/a".into());
@@ -349,6 +373,32 @@ mod tests {
         assert!(lines.iter().all(|l| l.chars().count() == width), "{t}");
         // No other system, no extra column.
         assert!(!table(&figs[2..]).contains("r-nacos"));
+    }
+
+    #[test]
+    fn a_system_compared_with_the_reference_gets_its_ratio_to_it() {
+        let figs = [Figure::new(
+            "register",
+            "1 client",
+            "inst/s",
+            Better::Higher,
+            Some(900.0),
+        )
+        .vs("etcd", Some(300.0))
+        .and_over_reference("etcd-store", Some(150.0))
+        .and("r-nacos", Some(100.0))];
+        assert_eq!(figs[0].others[0].ratio, Some(0.5));
+        assert_eq!(figs[0].others[1].ratio, Some(9.0));
+        let t = table(&figs);
+        let cells =
+            |line: &str| -> Vec<String> { line.split('|').map(|c| c.trim().to_string()).collect() };
+        let lines: Vec<Vec<String>> = t.lines().map(cells).collect();
+        assert_eq!(
+            lines[0][7..11],
+            ["etcd-store", "etcd-store/etcd", "r-nacos", "ours/r-nacos"],
+            "{t}"
+        );
+        assert_eq!(lines[2][7..11], ["150", "0.50x", "100", "9.00x"], "{t}");
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //!   the signal to the REMOVED (etcd: DELETE) event. Our registry ties a
 //!   lease to its KeepAlive stream, so the broken connection revokes it at
 //!   once; etcd leases are not tied to a connection, so etcd can only wait
-//!   for the TTL. r-nacos's equivalent of a node is a child holding a Nacos
+//!   for the TTL. etcd-store: the same node host, registered with our
+//!   registry over etcd (whose holding replica revokes the etcd lease when
+//!   the stream breaks). r-nacos's equivalent of a node is a child holding a Nacos
 //!   connection with an ephemeral instance on it: Nacos too removes a
 //!   connection's instances when it breaks, then pushes to subscribers.
 //! - lease expiry: a lease is granted with a TTL, an instance registered
@@ -21,7 +23,7 @@ use tokio::time::timeout;
 
 use super::{Ctx, of};
 use crate::backend::{Backend, Change, Lease, System, WatchBatch, WatchStream};
-use crate::procs::NodeHostProc;
+use crate::procs::{NodeHostProc, RegistryProc};
 use crate::report::{Better, Figure};
 use crate::stats::{Summary, ms};
 
@@ -62,10 +64,11 @@ async fn watcher(system: System, url: &str, service: &str) -> Result<WatchStream
     }
 }
 
-/// One kill -9 on our side: node host up, registered, killed.
-async fn kill_ours(ctx: &Ctx) -> Result<Duration> {
-    let mut stream = watcher(System::Ours, &ctx.ours.url, "calculator").await?;
-    let mut node = NodeHostProc::start(&ctx.ours.addr)?;
+/// One kill -9 on our side (memory store or etcd store): node host up,
+/// registered, killed.
+async fn kill_ours(registry: &RegistryProc) -> Result<Duration> {
+    let mut stream = watcher(System::Ours, &registry.url, "calculator").await?;
+    let mut node = NodeHostProc::start(&registry.addr)?;
     let (_, added) = wait_for(&mut stream, Duration::from_secs(10), |c| {
         matches!(c, Change::Put(_))
     })
@@ -228,7 +231,17 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let mut ours = Vec::new();
     for r in 0..repeats {
         tracing::info!("failure: kill -9 of a node host ({}/{repeats})", r + 1);
-        ours.push(kill_ours(ctx).await?);
+        ours.push(kill_ours(&ctx.ours).await?);
+    }
+    let mut store = Vec::new();
+    if let Some(registry) = &ctx.etcd_store {
+        for r in 0..repeats {
+            tracing::info!(
+                "failure: kill -9 of a node host of the registry over etcd ({}/{repeats})",
+                r + 1
+            );
+            store.push(kill_ours(registry).await?);
+        }
     }
     let mut etcd = Vec::new();
     let mut etcd_ttl = Duration::ZERO;
@@ -260,11 +273,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             .join(" ")
     };
     let mut each = format!("ours, each run (ms): {}", runs(&ours));
+    if ctx.etcd_store.is_some() {
+        each.push_str(&format!("; etcd-store: {}", runs(&store)));
+    }
     if ctx.rnacos.is_some() {
         each.push_str(&format!("; r-nacos: {}", runs(&rnacos)));
     }
     let ours_s = summary_of(&mut ours);
     let etcd_s = summary_of(&mut etcd);
+    let store_s = summary_of(&mut store);
     let rnacos_s = summary_of(&mut rnacos);
     let median = Figure::new(
         "failure",
@@ -274,6 +291,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ours_s.map(|s| s.p50_ms),
     )
     .vs("etcd", etcd_s.map(|s| s.p50_ms));
+    let median = ctx.etcd_store_column(median, store_s.map(|s| s.p50_ms));
     figures.push(
         ctx.rnacos_column(median, rnacos_s.map(|s| s.p50_ms))
             .note(if ctx.etcd.is_some() {
@@ -303,6 +321,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ours_s.map(|s| s.max_ms),
     )
     .vs("etcd", etcd_s.map(|s| s.max_ms));
+    let max = ctx.etcd_store_column(max, store_s.map(|s| s.max_ms));
     figures.push(
         ctx.rnacos_column(max, rnacos_s.map(|s| s.max_ms))
             .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
@@ -337,15 +356,21 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
+    let store = of(&results, System::EtcdStore);
     let ttl_note = |x: Option<(Option<Summary>, Option<Summary>, Duration)>| {
         x.map(|(_, _, t)| format!("{:.0} ms", ms(t)))
             .unwrap_or_else(|| "-".into())
     };
     let asked = format!(
-        "asked TTL {} ms; granted: ours {}, etcd {}",
+        "asked TTL {} ms; granted: ours {}, etcd {}{}",
         ctx.cfg.expiry_ttl.as_millis(),
         ttl_note(ours),
-        ttl_note(etcd)
+        ttl_note(etcd),
+        if ctx.etcd_store.is_some() {
+            format!(", etcd-store {}", ttl_note(store))
+        } else {
+            String::new()
+        }
     );
     let no_ttl = "its ephemeral instances have no TTL: they live as long as their \
                   connection, which it probes after 15 s without traffic";
@@ -358,6 +383,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     )
     .vs("etcd", etcd.and_then(|(t, _, _)| t).map(|s| s.p50_ms))
     .note(asked);
+    let f = ctx.etcd_store_column(f, store.and_then(|(t, _, _)| t).map(|s| s.p50_ms));
     figures.push(ctx.rnacos_none(f, no_ttl));
     let f = Figure::new(
         "failure",
@@ -367,6 +393,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ours.and_then(|(_, l, _)| l).map(|s| s.max_ms),
     )
     .vs("etcd", etcd.and_then(|(_, l, _)| l).map(|s| s.max_ms));
+    let f = ctx.etcd_store_column(f, store.and_then(|(_, l, _)| l).map(|s| s.max_ms));
     figures.push(ctx.rnacos_none(f, no_ttl));
     Ok(figures)
 }

@@ -31,6 +31,10 @@ pub struct Ctx {
     pub cfg: Config,
     /// Our registry.
     pub ours: RegistryProc,
+    /// Our registry over `etcd` (`--store etcd://...`), started afresh for
+    /// each measure under a prefix of its own ([`Ctx::fresh_etcd_store`]).
+    /// Before `etcd`, so it is killed first (fields drop in order).
+    pub etcd_store: Option<RegistryProc>,
     /// etcd, when installed and not disabled.
     pub etcd: Option<EtcdProc>,
     /// The etcd binary, to start fresh ones.
@@ -68,6 +72,7 @@ impl Ctx {
             cfg,
             ours,
             etcd,
+            etcd_store: None,
             etcd_bin,
             etcd_data,
             rnacos,
@@ -76,16 +81,49 @@ impl Ctx {
         })
     }
 
-    /// Each running system with its URL: ours first.
+    /// Replaces our registry over etcd by a new one whose keys are under a
+    /// prefix no earlier measure used (`/bench-<measure>-<n>`), so every
+    /// measure starts from an empty state, as on the memory store. Without
+    /// etcd, or with `running` false (a measure that does not use it, and
+    /// the scale measure, which stops etcd), none runs.
+    pub fn fresh_etcd_store(&mut self, measure: &str, running: bool) -> Result<()> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        self.etcd_store = None;
+        if let (true, Some(etcd)) = (running, &self.etcd) {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let prefix = format!("/bench-{measure}-{n}");
+            tracing::info!("etcd-store: our registry over etcd under {prefix}");
+            self.etcd_store = Some(RegistryProc::over_etcd(&etcd.url, &prefix)?);
+        }
+        Ok(())
+    }
+
+    /// Each running system with its URL: ours first, then etcd and our
+    /// registry over it.
     pub fn systems(&self) -> Vec<(System, String)> {
         let mut v = vec![(System::Ours, self.ours.url.clone())];
         if let Some(e) = &self.etcd {
             v.push((System::Etcd, e.url.clone()));
         }
+        if let Some(s) = &self.etcd_store {
+            v.push((System::EtcdStore, s.url.clone()));
+        }
         if let Some(r) = &self.rnacos {
             v.push((System::Rnacos, r.url.clone()));
         }
         v
+    }
+
+    /// `f` with etcd-store's column (`value`, and its ratio to etcd's, the
+    /// reference: call after `vs("etcd", ..)`) when etcd takes part in
+    /// this run.
+    pub fn etcd_store_column(&self, f: Figure, value: Option<f64>) -> Figure {
+        if self.etcd_bin.is_some() {
+            f.and_over_reference(System::EtcdStore.name(), value)
+        } else {
+            f
+        }
     }
 
     /// `f` with r-nacos's column (`value`, and our ratio to it) when r-nacos

@@ -1,7 +1,8 @@
 //! Measure 1: Register throughput: instances registered per second under a lease, by
 //! 1, 16 and 128 concurrent clients, each on its own connection with its own
 //! lease. etcd: a put of the same encoded instance with a lease; r-nacos:
-//! an InstanceRequest registering an ephemeral instance on the connection.
+//! an InstanceRequest registering an ephemeral instance on the connection;
+//! etcd-store: ours, over etcd.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +75,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours,
         )
         .vs("etcd", etcd);
+        let f = ctx.etcd_store_column(f, of(&results, System::EtcdStore));
         figures.push(
             ctx.rnacos_column(f, of(&results, System::Rnacos))
                 .target(">= 3x etcd", met)

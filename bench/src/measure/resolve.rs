@@ -1,5 +1,6 @@
 //! Measure 2: Resolve: one service's instances read from the server (etcd: a range
-//! read of the service's prefix; r-nacos: a ServiceQueryRequest), as
+//! read of the service's prefix; r-nacos: a ServiceQueryRequest; etcd-store:
+//! ours over etcd, which answers from its mirror of etcd), as
 //! throughput with 16 concurrent clients
 //! and as the latency of one client; and from the client library's local
 //! copy (a `Directory` kept current by a watch: no round trip).
@@ -134,19 +135,23 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
+    let store = of(&results, System::EtcdStore);
     let rnacos = of(&results, System::Rnacos);
     let n = ctx.cfg.resolve_instances;
     let c = ctx.cfg.resolve_clients;
     let mut figures = vec![
         ctx.rnacos_column(
-            Figure::new(
-                "resolve",
-                format!("server, {n} instances, {c} clients"),
-                "ops/s",
-                Better::Higher,
-                ours.map(|s| s.per_sec),
-            )
-            .vs("etcd", etcd.map(|s| s.per_sec)),
+            ctx.etcd_store_column(
+                Figure::new(
+                    "resolve",
+                    format!("server, {n} instances, {c} clients"),
+                    "ops/s",
+                    Better::Higher,
+                    ours.map(|s| s.per_sec),
+                )
+                .vs("etcd", etcd.map(|s| s.per_sec)),
+                store.map(|s| s.per_sec),
+            ),
             rnacos.map(|s| s.per_sec),
         )
         .target(
@@ -167,6 +172,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours.and_then(|s| s.latency).map(pick),
         )
         .vs("etcd", etcd.and_then(|s| s.latency).map(pick));
+        let f = ctx.etcd_store_column(f, store.and_then(|s| s.latency).map(pick));
         figures.push(ctx.rnacos_column(f, rnacos.and_then(|s| s.latency).map(pick)));
     }
 

@@ -171,6 +171,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         }
         let ours = of(&results, System::Ours);
         let etcd = of(&results, System::Etcd);
+        let store = of(&results, System::EtcdStore);
         let rnacos = of(&results, System::Rnacos);
         let name = |p: &str| {
             format!(
@@ -185,6 +186,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ] {
             let f = Figure::new("watch", name(label), "ms", Better::Lower, ours.map(pick))
                 .vs("etcd", etcd.map(pick));
+            let f = ctx.etcd_store_column(f, store.map(pick));
             let mut f = ctx.rnacos_column(f, rnacos.map(pick));
             if label == "p99" && watchers >= 10_000 {
                 f = f.target("< 50 ms", ours.map(|s| s.p99_ms < 50.0));
