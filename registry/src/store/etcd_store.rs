@@ -306,6 +306,19 @@ impl EtcdStore {
         quotas: Quotas,
         limits: WatchLimits,
     ) -> Result<(EtcdStore, Watchers, EtcdGuard), EtcdError> {
+        Self::start_with_limits(url, tls, ttl, quotas, limits, Limits::default()).await
+    }
+
+    /// [`EtcdStore::start`] with registry-wide limits other than the
+    /// defaults.
+    pub async fn start_with_limits(
+        url: &EtcdUrl,
+        tls: Option<ClientTlsConfig>,
+        ttl: Ttl,
+        quotas: Quotas,
+        limits: WatchLimits,
+        registry_limits: Limits,
+    ) -> Result<(EtcdStore, Watchers, EtcdGuard), EtcdError> {
         let client = EtcdClient::connect(url, tls).await?;
         let registry_id = crate::store::etcd_client::registry_id(client.cluster_id, &url.prefix);
         let watchers = Watchers::with_registry_id(ttl, quotas, limits, registry_id);
@@ -317,7 +330,7 @@ impl EtcdStore {
             mirror: watchers.store().clone(),
             ttl,
             quotas,
-            limits: Limits::default(),
+            limits: registry_limits,
             replica: format!("{:016x}", rand::random::<u64>()),
             view: Mutex::new(View::default()),
             applied,
@@ -713,10 +726,44 @@ impl Inner {
         Ok(record)
     }
 
+    /// The registry-wide bound on distinct descriptor sets in use
+    /// ([`Limits::descriptor_bytes`], as the memory store counts it): a set
+    /// no instance uses yet must fit beside those that are. Checked against
+    /// this replica's view, so new sets registered at the same moment on
+    /// two replicas may each pass (by at most one set each).
+    fn check_descriptor_bytes(&self, hash: &str, len: usize) -> Result<()> {
+        let mut view = self.view();
+        let used: BTreeSet<String> = view
+            .instances
+            .values()
+            .map(|seen| seen.descriptors_sha256.clone())
+            .filter(|h| !h.is_empty())
+            .collect();
+        if used.contains(hash) {
+            return Ok(());
+        }
+        let bytes: usize = used
+            .iter()
+            .filter_map(|h| view.set(h))
+            .map(|set| set.len())
+            .sum();
+        if bytes + len > self.limits.descriptor_bytes {
+            return Err(Error::limit(
+                Limit::DescriptorBytes,
+                format!(
+                    "at most {} bytes of distinct descriptor sets",
+                    self.limits.descriptor_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Stores a descriptor set's chunks (once: content-addressed); returns
     /// its hash.
     async fn put_descriptors(&self, set: &[u8]) -> Result<String> {
         let (hash, parts) = crate::store::etcd::chunks(set);
+        self.check_descriptor_bytes(&hash, set.len())?;
         if self.view().set(&hash).is_some() {
             return Ok(hash);
         }
@@ -1600,6 +1647,94 @@ mod tests {
         assert!(revision(6, 0) < revision(6, 1));
         assert_eq!(revision(1, 0), 1 << INDEX_BITS);
         assert_eq!(revision(-1, 0), 0);
+    }
+
+    /// `write` again while it is UNAVAILABLE (on a loaded machine etcd may
+    /// miss the 1 s probe deadline, and the replica then refuses for a
+    /// moment), for up to 20 s.
+    async fn settled<T, F: std::future::Future<Output = Result<T>>>(
+        mut write: impl FnMut() -> F,
+    ) -> Result<T> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match write().await {
+                Err(Error::Unavailable(_)) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn distinct_descriptor_sets_in_use_are_bounded_as_in_the_memory_store() {
+        let etcd = testkit::etcd::Etcd::start();
+        let url = match etcd.store("limits").parse() {
+            Ok(crate::store::etcd::StoreUrl::Etcd(url)) => url,
+            other => panic!("{other:?}"),
+        };
+        let limits = Limits {
+            descriptor_bytes: 1000,
+            ..Limits::default()
+        };
+        let (store, watchers, _guard) = EtcdStore::start_with_limits(
+            &url,
+            None,
+            Ttl::default(),
+            Quotas::default(),
+            WatchLimits::default(),
+            limits,
+        )
+        .await
+        .unwrap();
+        let grant = settled(|| store.grant_lease(60_000)).await.unwrap();
+        let register = |id: &str, set: Vec<u8>| validate::Register {
+            lease_id: grant.lease_id,
+            lease_secret: grant.lease_secret.clone(),
+            instance: pb::Instance {
+                service: "svc".into(),
+                instance_id: id.into(),
+                host: "10.0.0.1".into(),
+                port: 1,
+                ..Default::default()
+            },
+            descriptors: Some(set),
+        };
+        let put = |id: &'static str, byte: u8| {
+            let (store, request) = (store.clone(), register(id, vec![byte; 600]));
+            settled(move || {
+                let (store, request) = (store.clone(), request.clone());
+                async move { store.register(request).await }
+            })
+        };
+        put("a", 1).await.unwrap();
+        // The same set again costs nothing.
+        put("b", 1).await.unwrap();
+        // Another one would make 1200 bytes of distinct sets: refused, as
+        // the memory store refuses it (state.rs's limit test).
+        let refused = put("c", 2).await;
+        assert!(
+            matches!(
+                &refused,
+                Err(Error::Limit {
+                    limit: Limit::DescriptorBytes,
+                    ..
+                })
+            ),
+            "{refused:?}"
+        );
+        // Once no instance uses the first set, the second fits.
+        for id in ["a", "b"] {
+            let request = validate::Deregister {
+                lease_id: grant.lease_id,
+                lease_secret: grant.lease_secret.clone(),
+                service: "svc".into(),
+                instance_id: id.into(),
+            };
+            settled(|| store.deregister(request.clone())).await.unwrap();
+        }
+        put("c", 2).await.unwrap();
+        assert_eq!(watchers.store().resolve("svc").0.len(), 1);
     }
 
     #[test]
