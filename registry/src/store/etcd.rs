@@ -143,6 +143,13 @@ impl EtcdUrl {
         format!("{}/reason", self.prefix).into_bytes()
     }
 
+    /// The key a replica writes when it starts watching: the watch is
+    /// caught up once it brings that write back (see `etcd_store`'s
+    /// `watch_from`). Any other kind of key reads it as [`Key::Other`].
+    pub fn sync_key(&self) -> Vec<u8> {
+        format!("{}/sync", self.prefix).into_bytes()
+    }
+
     /// What a key of this store is.
     pub fn parse(&self, key: &[u8]) -> Key {
         let Some(rest) = key

@@ -176,6 +176,13 @@ struct Inner {
     /// follow, so the replica stops serving (as if etcd were lost) until
     /// restarted, rather than serve a view that no longer changes.
     stale: std::sync::atomic::AtomicBool,
+    /// Whether etcd's progress reports on the current watch can be
+    /// believed: only once the watch brought back the replica's own write
+    /// made after it was created. etcd 3.4 answers a progress request with
+    /// its current revision even while the watch is still replaying older
+    /// history: believed then, a write would be answered before the mirror
+    /// has it (seen: a Register answered NOT_FOUND for its own instance).
+    synced: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -344,6 +351,7 @@ impl EtcdStore {
             lost: tokio::sync::watch::channel(false).0,
             puts,
             stale: std::sync::atomic::AtomicBool::new(false),
+            synced: std::sync::atomic::AtomicBool::new(false),
         });
         let unreachable = |status| EtcdError::Unreachable {
             endpoints: url.endpoints.join(","),
@@ -379,7 +387,11 @@ impl EtcdStore {
         // current revision even while the watch is still replaying.
         let last = inner.last_change(now).await.map_err(unreachable)?;
         let mut applied = inner.applied.subscribe();
-        let replayed = tokio::time::timeout(REPLAY_TIMEOUT, applied.wait_for(|a| *a >= last));
+        let replayed = tokio::time::timeout(
+            REPLAY_TIMEOUT,
+            applied
+                .wait_for(|a| *a >= last && inner.synced.load(std::sync::atomic::Ordering::SeqCst)),
+        );
         if !matches!(replayed.await, Ok(Ok(_))) {
             return Err(unreachable(tonic::Status::deadline_exceeded(format!(
                 "replaying etcd's history from revision {at} to {last} took over {REPLAY_TIMEOUT:?}"
@@ -1436,6 +1448,15 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
         .watch(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    inner
+        .synced
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // A write after the watch exists: once the watch brings it back, it has
+    // caught up, and its progress reports tell the truth.
+    let marker = inner
+        .commit(vec![put(inner.url.sync_key(), Vec::new(), 0)])
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     loop {
         let response = tokio::select! {
             response = stream.message() => response?,
@@ -1477,12 +1498,19 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
                 .iter()
                 .take_while(|e| e.kv.as_ref().map_or(0, |kv| kv.mod_revision) == at)
                 .count();
+            if at >= marker {
+                // Before applying, so a waiter woken by this revision sees it.
+                inner
+                    .synced
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             inner.apply(at, &events[..len]);
             events = &events[len..];
         }
         if response.events.is_empty()
             && let Some(header) = response.header
             && !response.created
+            && inner.synced.load(std::sync::atomic::Ordering::SeqCst)
         {
             // A progress notification: everything up to it was sent.
             inner.applied.send_if_modified(|applied| {
