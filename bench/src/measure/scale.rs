@@ -46,6 +46,8 @@ const SUBSCRIBE_IN_FLIGHT: usize = 64;
 struct Scale {
     load_per_sec: f64,
     bytes_per_instance: f64,
+    /// The same, [`SETTLE`] later.
+    settled_bytes_per_instance: f64,
     snapshot_ms: f64,
     resolve: Option<Summary>,
     /// Writer latency max (ms) with no watcher opening, then while new
@@ -54,6 +56,9 @@ struct Scale {
     /// The longest a new watcher held the store's lock, in ms (ours only).
     lock_ms: Option<f64>,
 }
+
+/// How long after the load the memory figure is read again.
+const SETTLE: Duration = Duration::from_secs(3);
 
 /// New watchers of everything opened while the writer runs.
 const NEW_WATCHERS: usize = 20;
@@ -179,6 +184,10 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
     let (load_per_sec, _held) = load(system, url, services, total).await?;
     let after = rss_bytes(pid)?;
     let bytes_per_instance = after.saturating_sub(before) as f64 / total as f64;
+    // Again once an allocator's decay of freed pages (jemalloc: 1 s) has
+    // passed: memory held, apart from memory freed but not yet returned.
+    tokio::time::sleep(SETTLE).await;
+    let settled = rss_bytes(pid)?.saturating_sub(before) as f64 / total as f64;
 
     // Snapshot to a new watcher of everything.
     let mut b = Backend::connect(system, url).await?;
@@ -218,6 +227,7 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
     Ok(Scale {
         load_per_sec,
         bytes_per_instance,
+        settled_bytes_per_instance: settled,
         snapshot_ms,
         resolve: Summary::of(&mut lat.latencies),
         writer: None,
@@ -341,6 +351,18 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ours.map(|r| r.bytes_per_instance <= payload + 200.0),
         )
         .note(format!("encoded instance: {payload:.0} B")),
+        Figure::new(
+            "scale",
+            format!(
+                "settled RSS per instance, {} s after the load",
+                SETTLE.as_secs()
+            ),
+            "B",
+            Better::Lower,
+            ours.map(|r| r.settled_bytes_per_instance),
+        )
+        .vs("etcd", etcd.map(|r| r.settled_bytes_per_instance))
+        .note("freed memory the allocator had not returned yet is gone by then"),
         Figure::new(
             "scale",
             format!("full snapshot to a new watcher ({n} instances)"),
