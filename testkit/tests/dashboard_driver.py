@@ -115,8 +115,12 @@ def main():
                 drain_logs()
                 reply(True, [e for e in logs if e.get("level") == "SEVERE"])
             elif name == "quit":
+                # Before answering: the test kills this script once it has
+                # the answer, and a driver not quit by then leaves its
+                # chromedriver (and Chromium) running.
+                driver.quit()
                 reply(True, "bye")
-                break
+                return
             else:
                 reply(False, f"unknown command {name!r}")
         except Exception as e:  # the test prints it and fails
