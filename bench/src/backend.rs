@@ -293,6 +293,19 @@ impl Backend {
         Ok(())
     }
 
+    /// Opens a watch of everything and waits for its first `ready` batch:
+    /// how many instances the snapshot held.
+    pub async fn snapshot_size(&mut self) -> Result<usize> {
+        let mut stream = self.watch(None).await?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch?;
+            if batch.ready {
+                return Ok(batch.changes.len());
+            }
+        }
+        bail!("the watch ended before its snapshot")
+    }
+
     /// Follows `service` (every service when `None`; not for r-nacos, which
     /// subscribes to one service at a time). The first batch with `ready`
     /// marks the watcher live; for our registry and r-nacos it carries the

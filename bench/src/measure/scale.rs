@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use futures::StreamExt;
 use prost::Message;
 
 use super::{Ctx, closed_loop, of};
@@ -198,18 +197,7 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
             let all: Vec<String> = (0..services).map(service_name).collect();
             c.subscribe_each(&all, SUBSCRIBE_IN_FLIGHT).await?
         }
-        _ => {
-            let mut stream = b.watch(None).await?;
-            let mut got = None;
-            while let Some(batch) = stream.next().await {
-                let batch = batch?;
-                if batch.ready {
-                    got = Some(batch.changes.len());
-                    break;
-                }
-            }
-            got.context("the watch ended before its snapshot")?
-        }
+        _ => b.snapshot_size().await?,
     };
     let snapshot_ms = t0.elapsed().as_secs_f64() * 1000.0;
     if got != total {
