@@ -30,7 +30,9 @@
 //!   layout (lease records with a hash of the secret, content-addressed
 //!   descriptor chunks); `store/etcd_client.rs`: the connection to etcd
 //!   (every endpoint, optional TLS) and the cluster identity that becomes
-//!   the registry id shared by every replica; `store/etcd_store.rs`: the
+//!   the registry id shared by every replica, over
+//!   `store/etcd_failover.rs` (one member at a time, the next as soon as
+//!   it fails); `store/etcd_store.rs`: the
 //!   etcd store itself (`--store etcd://...`): writes as etcd
 //!   transactions, the local store a mirror fed by a watch of the prefix,
 //!   registry leases backed by etcd leases and adopted by another replica

@@ -444,3 +444,41 @@ async fn concurrent_registrations_share_etcd_transactions() {
     );
     assert_eq!(resolve(&mut client, "calc").await.len(), WRITERS as usize);
 }
+
+#[tokio::test]
+async fn an_etcd_endpoint_that_is_down_is_passed_over_and_no_request_fails() {
+    // A member killed, as the replica sees it: one endpoint of the
+    // `--store` URL refuses connections. Listed first and last, so the
+    // replica meets it whichever endpoint it starts on.
+    let etcd = Etcd::start();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    for (n, hosts) in [
+        format!("{dead},{}", etcd.endpoint),
+        format!("{},{dead}", etcd.endpoint),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut registry = Registry::start(&["--store", &format!("etcd://{hosts}/d{n}")]);
+        let mut client = registry.client().await;
+        let lease = grant(&mut client, 0).await;
+        let alive = keep_alive(&mut client, &lease).await;
+        for i in 0..40u32 {
+            alive.send(&lease).await;
+            let request = register_request(&lease, instance("calc", &format!("c{i}"), 7000 + i));
+            if let Err(status) = client.register(request).await {
+                panic!("{hosts}: register {i} failed: {status}");
+            }
+        }
+        assert_eq!(ids(&mut client, "calc").await.len(), 40, "{hosts}");
+        let lines = registry.process.lines();
+        assert!(
+            !lines.iter().any(|l| l.contains("etcd does not answer")),
+            "{hosts}: the replica took etcd for lost: {lines:?}"
+        );
+        assert!(registry.process.is_running(), "{hosts}");
+    }
+}

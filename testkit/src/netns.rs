@@ -536,6 +536,27 @@ impl EtcdCluster {
         )
     }
 
+    /// The member that leads the cluster now: of those that logged etcd's
+    /// `... became leader at term N`, the one with the highest term.
+    /// Panics when none did (the cluster serves only once one has).
+    pub fn leader(&self) -> usize {
+        let term = |line: &str| -> Option<u64> {
+            let (_, after) = line.split_once("became leader at term ")?;
+            let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        self.members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| {
+                let lines = m.process.as_ref()?.lines();
+                Some((lines.iter().filter_map(|l| term(l)).max()?, i))
+            })
+            .max()
+            .map(|(_, i)| i)
+            .unwrap_or_else(|| panic!("no etcd member logged that it became the leader"))
+    }
+
     /// SIGKILL of member `i`.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut p) = self.members[i].process.take() {

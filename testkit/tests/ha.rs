@@ -21,8 +21,9 @@
 //!   - kill -9 of the replica the nodes are on: they resume their leases
 //!     (same ids) elsewhere, the watch resumes, nothing is removed, no call
 //!     fails;
-//!   - kill -9 of an etcd member: writes (`u`, `r` on a node) reach every
-//!     watcher, nothing else is removed;
+//!   - kill -9 of the etcd leader: writes (`u`, `r` on a node) reach every
+//!     watcher, nothing else is removed (the replicas ride out the
+//!     election: no node moves);
 //!   - the replica the nodes are on cut off from etcd (its store cable
 //!     down, its front one up): it refuses heartbeats and writes, its nodes
 //!     resume their leases elsewhere and its watch resumes elsewhere within
@@ -155,7 +156,11 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     let other = addrs[1].clone();
     let killed = Instant::now();
     a.process.kill9();
-    let (_, moved_to, new_lease) = wait_lease(&node, cursor, "granted", Duration::from_secs(10));
+    let (granted, moved_to, new_lease) =
+        wait_lease(&node, cursor, "granted", Duration::from_secs(10));
+    // The lease comes first, the instance a Register later: a fresh client
+    // asking the other replica before that finds no calculator there.
+    node.wait_for_line_after(granted, "registered calculator", Duration::from_secs(5));
     let took = killed.elapsed();
     println!(
         "TIMING memory_failover_node_reregistered_ms={}",
@@ -575,13 +580,11 @@ fn ha_memory_store_replica_killed_nodes_move_and_no_call_fails() {
     ha.kill_replica(0);
     let r1 = ha.replica_addr(1);
     for (i, cursor) in cursors.iter().enumerate() {
-        let (_, addr, _) = wait_lease(
-            &ha.nodes[i].process,
-            *cursor,
-            "granted",
-            Duration::from_secs(10),
-        );
+        let node = &ha.nodes[i].process;
+        let (granted, addr, _) = wait_lease(node, *cursor, "granted", Duration::from_secs(10));
         assert_eq!(addr, r1);
+        // Registered there too, not only leased: the call below may ask r1.
+        node.wait_for_line_after(granted, "registered calculator", Duration::from_secs(5));
     }
     let took = killed.elapsed();
     println!(
@@ -904,7 +907,16 @@ fn ha_etcd_member_killed_writes_and_watches_go_on() {
     let mut cl = EtcdHa::start();
     let cursors = cl.node_cursors();
     let watch_cursors = cl.watch_cursors();
-    cl.ha.etcd.kill9(0);
+    // The leader: the cluster then elects another, and answers no quorum
+    // read meanwhile (1-2 s), which the replicas must ride out.
+    let leader = cl.ha.etcd.leader();
+    let replica_cursors: Vec<usize> = cl
+        .ha
+        .replicas
+        .iter()
+        .map(|r| r.as_ref().map_or(0, Process::line_count))
+        .collect();
+    cl.ha.etcd.kill9(leader);
     let killed = Instant::now();
     // A write: node 1 deregisters everything (`u`) and registers again (`r`).
     let ip = cl.ha.node_host(1).ip();
@@ -941,6 +953,14 @@ fn ha_etcd_member_killed_writes_and_watches_go_on() {
         .iter()
         .any(|l| lease_line(l, "granted").is_some());
     assert!(!granted_again, "node 0 registered again");
+    for (i, (replica, cursor)) in cl.ha.replicas.iter().zip(&replica_cursors).enumerate() {
+        let lines = replica.as_ref().map(Process::lines).unwrap_or_default();
+        let lost: Vec<&String> = lines[*cursor..]
+            .iter()
+            .filter(|l| l.contains("etcd does not answer"))
+            .collect();
+        assert!(lost.is_empty(), "replica {i} took etcd for lost: {lost:?}");
+    }
     cl.finish_calls();
 }
 

@@ -1,5 +1,5 @@
-//! The etcd store's connection to etcd: one channel over every endpoint of
-//! the `--store` URL (plaintext, or TLS with a CA and optionally a client
+//! The etcd store's connection to etcd: a channel per endpoint of the
+//! `--store` URL, one in use at a time ([`Failover`]) (plaintext, or TLS with a CA and optionally a client
 //! certificate), its KV, Watch and Lease clients, and the identity of the
 //! cluster behind them.
 
@@ -9,9 +9,10 @@ use etcd_api::pb::{
     RangeRequest, kv_client::KvClient, lease_client::LeaseClient, watch_client::WatchClient,
 };
 use thiserror::Error;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::store::etcd::{EtcdUrl, sha256_hex};
+use crate::store::etcd_failover::Failover;
 
 /// How long connecting (and the first read) may take before the registry
 /// gives up with an error naming the endpoints.
@@ -78,18 +79,21 @@ pub enum EtcdError {
 #[derive(Debug, Clone)]
 pub struct EtcdClient {
     /// Reads, writes and transactions.
-    pub kv: KvClient<Channel>,
+    pub kv: KvClient<Failover>,
     /// Watches of the prefix.
-    pub watch: WatchClient<Channel>,
+    pub watch: WatchClient<Failover>,
     /// The etcd leases behind registry leases.
-    pub lease: LeaseClient<Channel>,
+    pub lease: LeaseClient<Failover>,
     /// etcd's cluster id (the same from every member).
     pub cluster_id: u64,
+    /// The member in use, and the move to the next.
+    pub members: Failover,
 }
 
 impl EtcdClient {
     /// Connects to `url`'s endpoints (with `tls` if set) and reads once, to
-    /// learn the cluster's id and fail now rather than at the first write.
+    /// learn the cluster's id and fail now rather than at the first write:
+    /// each member in turn until one answers, within [`CONNECT_TIMEOUT`].
     pub async fn connect(
         url: &EtcdUrl,
         tls: Option<ClientTlsConfig>,
@@ -103,36 +107,45 @@ impl EtcdClient {
             if let Some(tls) = &tls {
                 endpoint = endpoint.tls_config(tls.clone())?;
             }
-            endpoints.push(endpoint);
+            endpoints.push((host.clone(), endpoint));
         }
-        let channel = Channel::balance_list(endpoints.into_iter());
-        let mut kv = KvClient::new(channel.clone());
+        let members = Failover::new(endpoints);
+        let mut kv = KvClient::new(members.clone());
         let probe = RangeRequest {
             key: url.all_keys(),
             range_end: etcd_api::prefix_end(&url.all_keys()),
             count_only: true,
             ..Default::default()
         };
-        let unreachable = |status| EtcdError::Unreachable {
-            endpoints: url.endpoints.join(","),
-            status,
-        };
-        let header = tokio::time::timeout(CONNECT_TIMEOUT, kv.range(probe))
-            .await
-            .map_err(|_| {
-                unreachable(tonic::Status::deadline_exceeded(format!(
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut failures = Vec::new();
+        let header = loop {
+            let (member, host) = members.pinned();
+            let host = host.to_string();
+            let status = match tokio::time::timeout_at(deadline, kv.range(probe.clone())).await {
+                Ok(Ok(reply)) => break reply.into_inner().header.unwrap_or_default(),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
                     "no answer within {CONNECT_TIMEOUT:?}"
-                )))
-            })?
-            .map_err(unreachable)?
-            .into_inner()
-            .header
-            .unwrap_or_default();
+                )),
+            };
+            // A refused connection moved on already; a member that
+            // answers with an error (or not at all) is left here.
+            members.failed(member);
+            failures.push(format!("{host}: {}", status.message()));
+            if failures.len() >= members.len() || status.code() == tonic::Code::DeadlineExceeded {
+                return Err(EtcdError::Unreachable {
+                    endpoints: url.endpoints.join(","),
+                    status: tonic::Status::new(status.code(), failures.join("; ")),
+                });
+            }
+        };
         Ok(EtcdClient {
             kv: kv.max_decoding_message_size(MAX_ANSWER_BYTES),
-            watch: WatchClient::new(channel.clone()).max_decoding_message_size(MAX_ANSWER_BYTES),
-            lease: LeaseClient::new(channel),
+            watch: WatchClient::new(members.clone()).max_decoding_message_size(MAX_ANSWER_BYTES),
+            lease: LeaseClient::new(members.clone()),
             cluster_id: header.cluster_id,
+            members,
         })
     }
 }

@@ -102,11 +102,18 @@ const REPLAY_TIMEOUT: Duration = Duration::from_secs(30);
 /// yet waits for it before it gets a snapshot instead.
 const REACH_WAIT: Duration = Duration::from_secs(1);
 
-/// How long etcd may fail to answer this replica's probes (a quorum
-/// read every [`PROBE_EVERY`]) before it counts as lost: then the replica
+/// How long no etcd member may answer this replica's probes (every
+/// [`PROBE_EVERY`]) before etcd counts as lost: then the replica
 /// refuses writes and heartbeats and ends its Watch streams, so its nodes
 /// and watchers move on within about 2 s.
 pub const LOST_AFTER: Duration = Duration::from_millis(1000);
+/// How long members that answer may go without answering a quorum read
+/// before etcd counts as lost: longer than etcd's leader election after
+/// its leader died (a follower notices after its randomized election
+/// timeout, 1-2 s with etcd's defaults, then a vote), so killing the
+/// leader moves no node; short enough that a cluster without its quorum
+/// stops this replica serving a view nobody can change.
+pub const ELECTION_GRACE: Duration = Duration::from_secs(5);
 const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// How often the holding replica looks for leases past their registry TTL
@@ -1524,24 +1531,45 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
     Ok(())
 }
 
-/// Reads from etcd (a quorum read: a member cut off from the others
-/// does not answer it) every [`PROBE_EVERY`]; no answer for
-/// [`LOST_AFTER`] marks etcd lost until the next answer.
+/// Reads from etcd every [`PROBE_EVERY`]: a quorum read (a member cut off
+/// from the others does not answer it), and beside it a read the member
+/// answers alone. etcd lost is no answer at all for [`LOST_AFTER`] (this
+/// replica is cut off), or members that answer but no quorum read for
+/// [`ELECTION_GRACE`] (the cluster lost its quorum). A leader election
+/// in between (the leader died) is ridden out: heartbeats go on here,
+/// writes wait for the new leader.
 async fn probe(inner: Arc<Inner>) {
     let mut answered = Instant::now();
+    let mut reachable = answered;
     loop {
-        let mut kv = inner.client.kv.clone();
-        let read = kv.range(etcd::RangeRequest {
-            key: inner.url.reason_key(),
-            count_only: true,
-            ..Default::default()
-        });
-        let ok = matches!(tokio::time::timeout(LOST_AFTER, read).await, Ok(Ok(_)));
+        let (member, _) = inner.client.members.pinned();
+        let read = |serializable| {
+            let mut kv = inner.client.kv.clone();
+            let key = inner.url.reason_key();
+            async move {
+                let read = kv.range(etcd::RangeRequest {
+                    key,
+                    count_only: true,
+                    serializable,
+                    ..Default::default()
+                });
+                matches!(tokio::time::timeout(LOST_AFTER, read).await, Ok(Ok(_)))
+            }
+        };
+        let (quorum, local) = tokio::join!(read(false), read(true));
         let now = Instant::now();
-        if ok {
+        if quorum {
             answered = now;
+        } else {
+            // Whether this member is down, cut off from the others or
+            // waiting for a leader, another may answer the next probe.
+            inner.client.members.failed(member);
         }
-        let lost = now.saturating_duration_since(answered) >= LOST_AFTER
+        if quorum || local {
+            reachable = now;
+        }
+        let lost = now.saturating_duration_since(reachable) >= LOST_AFTER
+            || now.saturating_duration_since(answered) >= ELECTION_GRACE
             || inner.stale.load(std::sync::atomic::Ordering::Relaxed);
         inner.lost.send_if_modified(|was| {
             let changed = *was != lost;

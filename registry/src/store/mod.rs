@@ -15,6 +15,7 @@
 
 pub mod etcd;
 pub mod etcd_client;
+pub mod etcd_failover;
 pub mod etcd_store;
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
