@@ -62,11 +62,13 @@
 //! - [`config`]: what an operator can tune: TTLs, tokens, TLS, limits.
 //! - [`allocator`]: the binary's allocator (jemalloc, which returns freed
 //!   memory to the system) and its statistics for `/metrics`.
-//! - `bin/registry.rs`: the command line.
+//! - [`cli`]: the command line's flags and the [`Config`] they make;
+//!   `bin/registry.rs` parses them and serves.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod allocator;
+pub mod cli;
 pub mod config;
 pub mod dns;
 pub mod error;
