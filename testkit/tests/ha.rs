@@ -89,6 +89,16 @@ fn start_node(registries: &str) -> Process {
 
 const CALCULATOR: &str = "[plugins.calculator]\nweight = 1\n";
 
+/// `client` arguments that call the calculator until interrupted.
+const CALL_LOOP: &[&str] = &[
+    "call",
+    "calculator/Add",
+    "a=1",
+    "b=2",
+    "--repeat",
+    "10000000",
+];
+
 fn client(registries: &str) -> std::process::Command {
     let mut cmd = testkit::command("client");
     cmd.args(["--registry", registries])
@@ -138,16 +148,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     let watch = Process::spawn("watch", watch_cmd);
     watch.wait_for_line("+ calculator 127.0.0.1:", READY_TIMEOUT);
     let mut calls_cmd = client(&list);
-    calls_cmd
-        .args([
-            "call",
-            "calculator/Add",
-            "a=1",
-            "b=2",
-            "--repeat",
-            "10000000",
-        ])
-        .env("RUST_LOG", "warn");
+    calls_cmd.args(CALL_LOOP).env("RUST_LOG", "warn");
     let mut calls = Process::spawn("calls", calls_cmd);
     calls.wait_for_line("\"value\"", READY_TIMEOUT);
 
@@ -445,6 +446,23 @@ impl Ha {
         Process::spawn(name, cmd)
     }
 
+    /// A `client watch` on the client host, once it lists both nodes.
+    fn watching_both(&self, name: &str) -> Process {
+        let watch = self.client(name, &["watch"]);
+        for i in 0..2 {
+            let ip = self.node_host(i).ip();
+            watch.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
+        }
+        watch
+    }
+
+    /// A client calling the calculator in a loop, once a call answered.
+    fn calling(&self) -> Process {
+        let calls = self.client("calls", CALL_LOOP);
+        calls.wait_for_line("\"value\"", READY_TIMEOUT);
+        calls
+    }
+
     /// `client ARGS` on the client host, to completion.
     fn run_client(&self, args: &[&str]) -> (std::process::ExitStatus, String, String) {
         let mut cmd = self.client_host().command("client");
@@ -556,23 +574,8 @@ fn ha_memory_store_replica_killed_nodes_move_and_no_call_fails() {
     let list = ha.list();
     ha.start_node(0, &list);
     ha.start_node(1, &list);
-    let watch = ha.client("watch", &["watch"]);
-    for i in 0..2 {
-        let ip = ha.node_host(i).ip();
-        watch.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
-    }
-    let calls = ha.client(
-        "calls",
-        &[
-            "call",
-            "calculator/Add",
-            "a=1",
-            "b=2",
-            "--repeat",
-            "10000000",
-        ],
-    );
-    calls.wait_for_line("\"value\"", READY_TIMEOUT);
+    let watch = ha.watching_both("watch");
+    let calls = ha.calling();
     ha.start_replica(1);
     let cursors: Vec<usize> = ha.nodes.iter().map(|n| n.process.line_count()).collect();
 
@@ -633,23 +636,8 @@ impl EtcdHa {
                 id
             })
             .collect();
-        let first = ha.client("w0", &["watch"]);
-        for i in 0..2 {
-            let ip = ha.node_host(i).ip();
-            first.wait_for_line(&format!("+ calculator {ip}:"), READY_TIMEOUT);
-        }
-        let calls = ha.client(
-            "calls",
-            &[
-                "call",
-                "calculator/Add",
-                "a=1",
-                "b=2",
-                "--repeat",
-                "10000000",
-            ],
-        );
-        calls.wait_for_line("\"value\"", READY_TIMEOUT);
+        let first = ha.watching_both("w0");
+        let calls = ha.calling();
         ha.start_replica(1);
         ha.start_replica(2);
         let second = ha.client("w1", &["watch"]);

@@ -89,75 +89,74 @@ async fn kill_ours(registry: &RegistryProc) -> Result<Duration> {
     Ok(at - t0)
 }
 
-/// One kill -9 on etcd's side: a child holding a lease with keepalives.
-async fn kill_etcd(url: &str, repeat: usize) -> Result<(Duration, Duration)> {
+/// One kill -9 of a child of this bench (its hidden `helper` command, with
+/// `extra` arguments) holding instance `holder-REPEAT` of `bench-kill` on
+/// `system`: from the signal to the removal at a watcher. Also the line
+/// the child printed once holding (it contains `holding`).
+async fn kill_holder(
+    system: System,
+    url: &str,
+    repeat: usize,
+    helper: &str,
+    extra: &[&str],
+    holding: &str,
+) -> Result<(Duration, String)> {
     let service = "bench-kill";
     let id = format!("holder-{repeat}");
-    let mut stream = watcher(System::Etcd, url, service).await?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "hold-etcd-lease",
-        "--url",
+    let mut stream = watcher(system, url, service).await?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.args([helper, "--url", url, "--service", service, "--id", &id])
+        .args(extra);
+    let mut holder = testkit::Process::spawn(helper, cmd);
+    let line = holder.wait_for_line(holding, Duration::from_secs(20));
+    wait_for(&mut stream, Duration::from_secs(10), |c| {
+        *c == Change::Put(id.clone())
+    })
+    .await?;
+    let t0 = Instant::now();
+    holder.kill9();
+    let (at, _) = wait_for(&mut stream, Duration::from_secs(60), |c| {
+        *c == Change::Removed(id.clone())
+    })
+    .await?;
+    Ok((at - t0, line))
+}
+
+/// One kill -9 on etcd's side: a child holding a lease with keepalives.
+/// Also the TTL etcd granted.
+async fn kill_etcd(url: &str, repeat: usize) -> Result<(Duration, Duration)> {
+    let extra = ["--ttl-s", "1"];
+    let (took, line) = kill_holder(
+        System::Etcd,
         url,
-        "--service",
-        service,
-        "--id",
-        &id,
-        "--ttl-s",
-        "1",
-    ]);
-    let mut holder = testkit::Process::spawn("etcd-holder", cmd);
-    let line = holder.wait_for_line("holding lease", Duration::from_secs(20));
+        repeat,
+        "hold-etcd-lease",
+        &extra,
+        "holding lease",
+    )
+    .await?;
     let granted = line
         .split("ttl ")
         .nth(1)
         .and_then(|s| s.trim_end_matches('s').trim().parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or_default();
-    wait_for(&mut stream, Duration::from_secs(10), |c| {
-        *c == Change::Put(id.clone())
-    })
-    .await?;
-    let t0 = Instant::now();
-    holder.kill9();
-    let (at, _) = wait_for(&mut stream, Duration::from_secs(60), |c| {
-        *c == Change::Removed(id.clone())
-    })
-    .await?;
-    Ok((at - t0, granted))
+    Ok((took, granted))
 }
 
 /// One kill -9 on r-nacos's side: a child holding a Nacos connection with an
 /// ephemeral instance on it.
 async fn kill_rnacos(url: &str, repeat: usize) -> Result<Duration> {
-    let service = "bench-kill";
-    let id = format!("holder-{repeat}");
-    let mut stream = watcher(System::Rnacos, url, service).await?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args([
-        "hold-rnacos-instance",
-        "--url",
+    let (took, _) = kill_holder(
+        System::Rnacos,
         url,
-        "--service",
-        service,
-        "--id",
-        &id,
-    ]);
-    let mut holder = testkit::Process::spawn("rnacos-holder", cmd);
-    holder.wait_for_line("holding instance", Duration::from_secs(20));
-    wait_for(&mut stream, Duration::from_secs(10), |c| {
-        *c == Change::Put(id.clone())
-    })
+        repeat,
+        "hold-rnacos-instance",
+        &[],
+        "holding instance",
+    )
     .await?;
-    let t0 = Instant::now();
-    holder.kill9();
-    let (at, _) = wait_for(&mut stream, Duration::from_secs(60), |c| {
-        *c == Change::Removed(id.clone())
-    })
-    .await?;
-    Ok(at - t0)
+    Ok(took)
 }
 
 /// The hidden `hold-rnacos-instance` helper: opens a Nacos connection,
