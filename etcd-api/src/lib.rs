@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`pb`]: the generated messages and clients (`KvClient`, `WatchClient`,
-//!   `LeaseClient`).
+//!   `LeaseClient`, `AuthClient`).
 //! - [`prefix_end`]: the `range_end` that selects every key under a prefix.
 
 /// The generated code of `etcdserverpb`.

@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::Config;
 use crate::config::Ttl;
 use crate::limits::{self, PeerConfig, Quotas};
+use crate::store::etcd_failover::Credentials;
 use crate::watch::{self, WatchLimits};
 
 /// The service registry: nodes register their service instances here under
@@ -150,6 +151,16 @@ pub struct Args {
     /// PEM private key of --etcd-cert.
     #[arg(long, value_name = "PATH", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+    /// etcd user the registry authenticates as, for an etcd with auth
+    /// enabled (`etcdctl auth enable`); it needs read and write on the
+    /// --store prefix. Its password comes from REGISTRY_ETCD_PASSWORD or
+    /// --etcd-password-file, never from a flag (`ps` would show it).
+    #[arg(long, value_name = "NAME", env = "REGISTRY_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// File holding --etcd-user's password (one line; a trailing newline
+    /// is dropped). REGISTRY_ETCD_PASSWORD wins over it.
+    #[arg(long, value_name = "PATH", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
     /// TLS on the registry's own port (--tls-cert, --tls-key, ...).
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -166,6 +177,7 @@ const EXAMPLES: &str = "Examples:
   registry --http 0.0.0.0:8080              # metrics at /metrics, dashboard at /
   registry --dns 127.0.0.1:8600             # dig @127.0.0.1 -p 8600 calculator.service.registry SRV
   registry --store etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379   # a replica over etcd
+  REGISTRY_ETCD_PASSWORD=... registry --store etcd://10.0.0.1:2379 --etcd-user registry
 
 Logs go to stderr; RUST_LOG=debug also shows each lease granted and attached.";
 
@@ -203,6 +215,14 @@ pub enum FlagError {
     /// --dns-domain.
     #[error(transparent)]
     Dns(#[from] crate::dns::DnsError),
+    /// --etcd-user without a password, or an unreadable password file.
+    #[error("--etcd-user {user:?}: {problem}")]
+    EtcdPassword {
+        /// --etcd-user.
+        user: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 impl Args {
@@ -250,12 +270,47 @@ impl Args {
                 max_tcp_connections: self.dns_max_tcp_connections,
             }),
             store: self.store.clone(),
-            etcd_tls: crate::store::etcd_client::tls_config(
-                self.etcd_ca.as_deref(),
-                self.etcd_cert.as_deref(),
-                self.etcd_key.as_deref(),
-            )?,
+            etcd_access: crate::store::etcd_client::EtcdAccess {
+                tls: crate::store::etcd_client::tls_config(
+                    self.etcd_ca.as_deref(),
+                    self.etcd_cert.as_deref(),
+                    self.etcd_key.as_deref(),
+                )?,
+                credentials: self.etcd_credentials(std::env::var("REGISTRY_ETCD_PASSWORD").ok())?,
+            },
         })
+    }
+
+    /// --etcd-user with its password: `from_env` (REGISTRY_ETCD_PASSWORD)
+    /// or --etcd-password-file's first line.
+    fn etcd_credentials(&self, from_env: Option<String>) -> Result<Option<Credentials>, FlagError> {
+        let Some(user) = &self.etcd_user else {
+            return Ok(None);
+        };
+        let problem = |problem: String| FlagError::EtcdPassword {
+            user: user.clone(),
+            problem,
+        };
+        let password = match (from_env, &self.etcd_password_file) {
+            (Some(password), _) => password,
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| problem(format!("{}: {e}", path.display())))?;
+                text.lines().next().unwrap_or_default().to_string()
+            }
+            (None, None) => {
+                return Err(problem(
+                    "no password: set REGISTRY_ETCD_PASSWORD or --etcd-password-file".into(),
+                ));
+            }
+        };
+        if password.is_empty() {
+            return Err(problem("the password is empty".into()));
+        }
+        Ok(Some(Credentials {
+            user: user.clone(),
+            password,
+        }))
     }
 }
 
@@ -275,6 +330,46 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "need --min-ttl-ms <= --max-ttl-ms (got 500 and 400)"
+        );
+    }
+
+    #[test]
+    fn the_etcd_password_comes_from_the_environment_or_a_file() {
+        let args = parse(&["--etcd-user", "reg"]);
+        let err = args.etcd_credentials(None).unwrap_err().to_string();
+        assert!(err.contains("\"reg\": no password"), "{err}");
+        let from_env = args.etcd_credentials(Some("pw".into())).unwrap().unwrap();
+        assert_eq!(
+            (from_env.user.as_str(), from_env.password.as_str()),
+            ("reg", "pw")
+        );
+        let err = args.etcd_credentials(Some(String::new())).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+
+        let dir = testkit::TempDir::new("cli");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let file = file.to_str().unwrap();
+        let args = parse(&["--etcd-user", "reg", "--etcd-password-file", file]);
+        let from_file = args.etcd_credentials(None).unwrap().unwrap();
+        assert_eq!(from_file.password, "from-file");
+        // The environment wins.
+        let both = args.etcd_credentials(Some("env".into())).unwrap().unwrap();
+        assert_eq!(both.password, "env");
+        let missing = parse(&[
+            "--etcd-user",
+            "reg",
+            "--etcd-password-file",
+            "/nonexistent/pw",
+        ]);
+        let err = missing.etcd_credentials(None).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/pw"), "{err}");
+        // No user, no credentials, whatever the environment says.
+        assert!(
+            parse(&[])
+                .etcd_credentials(Some("pw".into()))
+                .unwrap()
+                .is_none()
         );
     }
 

@@ -31,6 +31,6 @@ pub struct Config {
     pub dns: Option<crate::dns::DnsConfig>,
     /// Where the registry's state lives (`--store`): memory by default.
     pub store: crate::store::etcd::StoreUrl,
-    /// TLS to etcd (`--etcd-ca` ...); `None`: plaintext.
-    pub etcd_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// TLS (`--etcd-ca` ...) and the user (`--etcd-user`) to etcd.
+    pub etcd_access: crate::store::etcd_client::EtcdAccess,
 }

@@ -128,7 +128,7 @@ impl Backend {
             StoreUrl::Etcd(url) => {
                 let (etcd, watchers, guard) = EtcdStore::start(
                     url,
-                    config.etcd_tls.clone(),
+                    &config.etcd_access,
                     config.ttl,
                     config.quotas,
                     config.watch,

@@ -17,8 +17,12 @@ fn url(s: &str) -> EtcdUrl {
 async fn connecting_learns_the_cluster_whose_id_every_replica_shares() {
     let etcd = Etcd::start();
     let store = url(&etcd.store("registry"));
-    let a = EtcdClient::connect(&store, None).await.unwrap();
-    let b = EtcdClient::connect(&store, None).await.unwrap();
+    let a = EtcdClient::connect(&store, &Default::default())
+        .await
+        .unwrap();
+    let b = EtcdClient::connect(&store, &Default::default())
+        .await
+        .unwrap();
     assert_ne!(a.cluster_id, 0);
     assert_eq!(a.cluster_id, b.cluster_id);
     assert_eq!(
@@ -36,7 +40,9 @@ async fn an_etcd_that_does_not_answer_is_an_error_naming_it() {
         .unwrap()
         .port();
     let store = url(&format!("etcd://127.0.0.1:{port}/r"));
-    let err = EtcdClient::connect(&store, None).await.unwrap_err();
+    let err = EtcdClient::connect(&store, &Default::default())
+        .await
+        .unwrap_err();
     assert!(matches!(err, EtcdError::Unreachable { .. }), "{err:?}");
     assert!(
         err.to_string().contains(&format!("127.0.0.1:{port}")),

@@ -482,3 +482,137 @@ async fn an_etcd_endpoint_that_is_down_is_passed_over_and_no_request_fails() {
         assert!(registry.process.is_running(), "{hosts}");
     }
 }
+
+/// Turns etcd's auth on: `root` (etcd wants it before auth is enabled) and
+/// `reg`, whose role may read and write the keys under `/PREFIX/` only.
+async fn enable_auth(etcd: &Etcd, prefix: &str) {
+    use etcd_api::pb::{self as e, auth_client::AuthClient};
+    let mut auth = AuthClient::connect(etcd.url()).await.unwrap();
+    for (name, password) in [("root", "root-pw"), ("reg", "reg-pw")] {
+        auth.user_add(e::AuthUserAddRequest {
+            name: name.into(),
+            password: password.into(),
+            options: None,
+        })
+        .await
+        .unwrap();
+    }
+    for role in ["root", "registry"] {
+        auth.role_add(e::AuthRoleAddRequest { name: role.into() })
+            .await
+            .unwrap();
+    }
+    let key = format!("/{prefix}/").into_bytes();
+    auth.role_grant_permission(e::AuthRoleGrantPermissionRequest {
+        name: "registry".into(),
+        perm: Some(e::Permission {
+            perm_type: e::permission::Type::Readwrite as i32,
+            range_end: etcd_api::prefix_end(&key),
+            key,
+        }),
+    })
+    .await
+    .unwrap();
+    for (user, role) in [("root", "root"), ("reg", "registry")] {
+        auth.user_grant_role(e::AuthUserGrantRoleRequest {
+            user: user.into(),
+            role: role.into(),
+        })
+        .await
+        .unwrap();
+    }
+    auth.auth_enable(e::AuthEnableRequest {}).await.unwrap();
+}
+
+/// `registry --store etcd://.../PREFIX --etcd-user reg` with `password` in
+/// REGISTRY_ETCD_PASSWORD (none: unset), to completion or to its ready line.
+fn with_user(etcd: &Etcd, prefix: &str, password: Option<&str>) -> testkit::RegistryBuilder {
+    let mut builder =
+        Registry::launch().args(["--store", &etcd.store(prefix), "--etcd-user", "reg"]);
+    if let Some(password) = password {
+        builder = builder.env("REGISTRY_ETCD_PASSWORD", password);
+    }
+    builder
+}
+
+#[tokio::test]
+async fn with_etcd_auth_a_replica_serves_as_its_user_and_a_refused_one_says_why() {
+    // --auth-token-ttl=1: a token unused for a second is dropped by etcd.
+    let etcd = Etcd::start_with(&["--auth-token-ttl=1"]);
+    enable_auth(&etcd, "auth").await;
+
+    let a = with_user(&etcd, "auth", Some("reg-pw")).start();
+    let b = with_user(&etcd, "auth", Some("reg-pw")).start();
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut stream = watch(&mut cb, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    let lease = grant(&mut ca, LONG_TTL).await;
+    register(&mut ca, &lease, instance("calc", "c1", 7001)).await;
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 1).await;
+    assert_eq!(ids(&mut cb, "calc").await, ["c1"]);
+
+    // Stalled past the token's TTL: etcd forgot it, and the replica gets
+    // a new one rather than going on refused.
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    a.process.signal(SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.process.signal(SIGCONT);
+    let mut c = 2;
+    testkit::eventually(PROMPTLY, "a write through the stalled replica", || {
+        let mut ca = ca.clone();
+        let lease = lease.clone();
+        c += 1;
+        let id = format!("c{c}");
+        async move {
+            ca.register(register_request(&lease, instance("calc", &id, 7002)))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    a.process.wait_for_line("etcd token renewed", PROMPTLY);
+
+    // Without the user, with a wrong password: the registry exits naming
+    // the problem, before its ready line.
+    let run = |password: Option<&str>, user: bool| {
+        let mut cmd = testkit::command("registry");
+        cmd.args(["--listen", "127.0.0.1:0", "--store", &etcd.store("auth")]);
+        if user {
+            cmd.args(["--etcd-user", "reg"]);
+        }
+        if let Some(password) = password {
+            cmd.env("REGISTRY_ETCD_PASSWORD", password);
+        }
+        let (status, out, err) = testkit::run(cmd, Duration::from_secs(30));
+        assert!(!status.success(), "{out}{err}");
+        assert!(!out.contains("registry listening"), "{out}");
+        err
+    };
+    let err = run(None, false);
+    assert!(
+        err.contains("user name is empty") && err.contains("--etcd-user"),
+        "{err}"
+    );
+    let err = run(Some("wrong"), true);
+    assert!(
+        err.contains("refused user \"reg\"") && err.contains("authentication failed"),
+        "{err}"
+    );
+    let err = run(None, true);
+    assert!(err.contains("no password"), "{err}");
+    // Outside its prefix the user may do nothing.
+    let mut cmd = testkit::command("registry");
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &etcd.store("elsewhere"),
+        "--etcd-user",
+        "reg",
+    ])
+    .env("REGISTRY_ETCD_PASSWORD", "reg-pw");
+    let (status, _, err) = testkit::run(cmd, Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(err.contains("permission denied"), "{err}");
+}

@@ -19,6 +19,8 @@ pub struct Etcd {
     data: TempDir,
     /// Its peer URL (kept for a restart on the same data).
     peer: String,
+    /// Flags it was started with beyond the ports and the data directory.
+    extra: Vec<String>,
 }
 
 /// The `etcd` binary: `$ETCD_BIN`, else the first `etcd` on `PATH`. Panics
@@ -52,15 +54,22 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Starts etcd on free loopback ports and waits until it serves clients.
     pub fn start() -> Etcd {
+        Etcd::start_with(&[])
+    }
+
+    /// [`Etcd::start`] with more of etcd's flags (`--auth-token-ttl=1`).
+    pub fn start_with(extra: &[&str]) -> Etcd {
         let data = TempDir::new("etcd");
         let endpoint = format!("127.0.0.1:{}", free_port());
         let peer = format!("http://127.0.0.1:{}", free_port());
-        let process = spawn(data.path(), &endpoint, &peer);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let process = spawn(data.path(), &endpoint, &peer, &extra);
         Etcd {
             process,
             endpoint,
             data,
             peer,
+            extra,
         }
     }
 
@@ -81,11 +90,11 @@ impl Etcd {
     /// SIGKILL, then the same member started again on its data and ports.
     pub fn restart(&mut self) {
         self.process.kill9();
-        self.process = spawn(self.data.path(), &self.endpoint, &self.peer);
+        self.process = spawn(self.data.path(), &self.endpoint, &self.peer, &self.extra);
     }
 }
 
-fn spawn(data: &std::path::Path, endpoint: &str, peer: &str) -> Process {
+fn spawn(data: &std::path::Path, endpoint: &str, peer: &str, extra: &[String]) -> Process {
     let client = format!("http://{endpoint}");
     let mut cmd = Command::new(etcd_bin());
     cmd.arg("--name=test")
@@ -96,7 +105,8 @@ fn spawn(data: &std::path::Path, endpoint: &str, peer: &str) -> Process {
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=test={peer}"))
         .arg("--logger=zap")
-        .arg("--log-level=info");
+        .arg("--log-level=info")
+        .args(extra);
     let process = Process::spawn("etcd", cmd);
     // etcd 3.4's zap logger: "serving client traffic insecurely" (or "securely").
     process.wait_for_line("serving client traffic", READY_TIMEOUT);

@@ -16,9 +16,11 @@ use crate::{Process, READY_TIMEOUT, addr_from_line, bin_path};
 /// Environment variables our binaries read. A test sets the ones it means
 /// to with [`RegistryBuilder::env`] / [`NodeHostBuilder::env`]; the test's
 /// own environment never reaches the child.
-pub const BINARY_ENV: [&str; 8] = [
+pub const BINARY_ENV: [&str; 10] = [
     "REGISTRY_ADDR",
     "REGISTRY_STORE",
+    "REGISTRY_ETCD_USER",
+    "REGISTRY_ETCD_PASSWORD",
     "REGISTRY_TOKEN",
     "REGISTRY_WRITE_TOKEN",
     "REGISTRY_READ_TOKEN",

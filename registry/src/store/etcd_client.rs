@@ -12,7 +12,7 @@ use thiserror::Error;
 use tonic::transport::{ClientTlsConfig, Endpoint};
 
 use crate::store::etcd::{EtcdUrl, sha256_hex};
-use crate::store::etcd_failover::Failover;
+use crate::store::etcd_failover::{Credentials, Failover};
 
 /// How long connecting (and the first read) may take before the registry
 /// gives up with an error naming the endpoints.
@@ -56,6 +56,17 @@ pub fn tls_config(
     Ok(Some(tls))
 }
 
+/// How this registry reaches etcd beyond its addresses: TLS (a CA, and a
+/// client certificate for an etcd started with `--client-cert-auth`) and
+/// etcd's own user and password auth. Default: plaintext, no user.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    /// `--etcd-ca`, `--etcd-cert`, `--etcd-key`.
+    pub tls: Option<ClientTlsConfig>,
+    /// `--etcd-user` and its password.
+    pub credentials: Option<Credentials>,
+}
+
 /// Why etcd could not be reached.
 #[derive(Debug, Error)]
 pub enum EtcdError {
@@ -65,8 +76,18 @@ pub enum EtcdError {
     /// The TLS files for etcd are missing, unreadable or incomplete.
     #[error("etcd store TLS: {0}")]
     Tls(String),
+    /// etcd refused `--etcd-user` (a wrong password, an unknown user).
+    #[error("etcd store: etcd at {endpoints} refused user {user:?}: {message}")]
+    Refused {
+        /// The endpoints tried.
+        endpoints: String,
+        /// `--etcd-user`.
+        user: String,
+        /// etcd's reason.
+        message: String,
+    },
     /// etcd did not answer, or answered with an error.
-    #[error("etcd store: etcd at {endpoints} did not answer a read: {status}")]
+    #[error("etcd store: no etcd member at {endpoints} answered a read: {}", status.message())]
     Unreachable {
         /// The endpoints tried.
         endpoints: String,
@@ -88,16 +109,16 @@ pub struct EtcdClient {
     pub cluster_id: u64,
     /// The member in use, and the move to the next.
     pub members: Failover,
+    /// `--etcd-user`, for a new token when etcd refuses the one it gave.
+    pub credentials: Option<Credentials>,
 }
 
 impl EtcdClient {
     /// Connects to `url`'s endpoints (with `tls` if set) and reads once, to
     /// learn the cluster's id and fail now rather than at the first write:
     /// each member in turn until one answers, within [`CONNECT_TIMEOUT`].
-    pub async fn connect(
-        url: &EtcdUrl,
-        tls: Option<ClientTlsConfig>,
-    ) -> Result<EtcdClient, EtcdError> {
+    pub async fn connect(url: &EtcdUrl, access: &EtcdAccess) -> Result<EtcdClient, EtcdError> {
+        let tls = access.tls.as_ref();
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoints = Vec::with_capacity(url.endpoints.len());
         for host in &url.endpoints {
@@ -105,11 +126,14 @@ impl EtcdClient {
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true);
             if let Some(tls) = &tls {
-                endpoint = endpoint.tls_config(tls.clone())?;
+                endpoint = endpoint.tls_config((*tls).clone())?;
             }
             endpoints.push((host.clone(), endpoint));
         }
         let members = Failover::new(endpoints);
+        if let Some(credentials) = &access.credentials {
+            authenticate(url, &members, credentials).await?;
+        }
         let mut kv = KvClient::new(members.clone());
         let probe = RangeRequest {
             key: url.all_keys(),
@@ -132,7 +156,13 @@ impl EtcdClient {
             // A refused connection moved on already; a member that
             // answers with an error (or not at all) is left here.
             members.failed(member);
-            failures.push(format!("{host}: {}", status.message()));
+            let mut failure = format!("{host}: {}", status.message());
+            if status.message().contains("user name is empty") {
+                failure.push_str(
+                    " (etcd has auth enabled: give --etcd-user and REGISTRY_ETCD_PASSWORD)",
+                );
+            }
+            failures.push(failure);
             if failures.len() >= members.len() || status.code() == tonic::Code::DeadlineExceeded {
                 return Err(EtcdError::Unreachable {
                     endpoints: url.endpoints.join(","),
@@ -146,7 +176,78 @@ impl EtcdClient {
             lease: LeaseClient::new(members.clone()),
             cluster_id: header.cluster_id,
             members,
+            credentials: access.credentials.clone(),
         })
+    }
+
+    /// A new token once etcd refused the last one (see
+    /// [`Failover::token_refused`]); nothing to do otherwise.
+    pub async fn renew_token(&self) {
+        let Some(credentials) = &self.credentials else {
+            return;
+        };
+        if !self.members.token_refused() {
+            return;
+        }
+        match self.members.authenticate(credentials).await {
+            Ok(()) => tracing::info!(user = credentials.user, "etcd token renewed"),
+            Err(status) => tracing::warn!(
+                user = credentials.user,
+                "etcd token not renewed: {}",
+                status.message()
+            ),
+        }
+    }
+}
+
+/// The first token, from any member that answers within
+/// [`CONNECT_TIMEOUT`]. A refusal of the user is final; etcd without auth
+/// enabled is told in a warning, and the registry goes on without a token.
+async fn authenticate(
+    url: &EtcdUrl,
+    members: &Failover,
+    credentials: &Credentials,
+) -> Result<(), EtcdError> {
+    let endpoints = url.endpoints.join(",");
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut failures = Vec::new();
+    loop {
+        let (member, host) = members.pinned();
+        let host = host.to_string();
+        let status =
+            match tokio::time::timeout_at(deadline, members.authenticate(credentials)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(status)) => status,
+                Err(_) => tonic::Status::deadline_exceeded(format!(
+                    "no answer within {CONNECT_TIMEOUT:?}"
+                )),
+            };
+        match status.code() {
+            tonic::Code::InvalidArgument => {
+                return Err(EtcdError::Refused {
+                    endpoints,
+                    user: credentials.user.clone(),
+                    message: status.message().to_string(),
+                });
+            }
+            tonic::Code::FailedPrecondition => {
+                tracing::warn!(
+                    user = credentials.user,
+                    "etcd at {host}: {} (--etcd-user is not needed)",
+                    status.message()
+                );
+                return Ok(());
+            }
+            _ => {}
+        }
+        members.failed(member);
+        failures.push(format!("{host}: {}", status.message()));
+        if failures.len() >= members.len() || status.code() == tonic::Code::DeadlineExceeded {
+            return Err(EtcdError::Unreachable {
+                endpoints,
+                status: tonic::Status::new(status.code(), failures.join("; ")),
+            });
+        }
     }
 }
 

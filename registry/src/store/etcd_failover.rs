@@ -8,11 +8,12 @@
 //! moves to the next on the first transport failure, whether of a request
 //! or of a stream already open (a Watch, a LeaseKeepAlive) whose connection
 //! broke. Requests that were in flight fail once; the store's retries go to
-//! the next member.
+//! the next member. It also carries etcd's auth token (`--etcd-user`) in
+//! every request, and notes when etcd refused it, for a new one.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -34,7 +35,34 @@ struct Members {
     channels: Vec<(String, Channel)>,
     /// The member requests go to now.
     pinned: AtomicUsize,
+    /// etcd's auth token, sent as `token` metadata with every request once
+    /// [`Failover::authenticate`] got one.
+    token: std::sync::RwLock<Option<http::HeaderValue>>,
+    /// Set when a request was refused for its token: the next
+    /// [`Failover::authenticate`] is due.
+    token_refused: AtomicBool,
 }
+
+/// etcd's auth: a user and its password (`--etcd-user`). Debug shows the
+/// user only.
+#[derive(Clone)]
+pub struct Credentials {
+    /// The etcd user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The one call that goes without a token.
+const AUTHENTICATE: &str = "/etcdserverpb.Auth/Authenticate";
 
 impl Failover {
     /// A channel per endpoint, connected on first use. Starts on a member
@@ -49,6 +77,8 @@ impl Failover {
             members: Arc::new(Members {
                 channels,
                 pinned: AtomicUsize::new(first),
+                token: std::sync::RwLock::new(None),
+                token_refused: AtomicBool::new(false),
             }),
         }
     }
@@ -63,6 +93,36 @@ impl Failover {
     /// requests failing on one dead member move on once, not once each).
     pub fn failed(&self, failed: usize) {
         self.members.failed(failed);
+    }
+
+    /// Asks etcd for a token for `credentials` (on the pinned member, the
+    /// next on a transport failure, like any call), and sends it with
+    /// every request from now on.
+    pub async fn authenticate(&self, credentials: &Credentials) -> Result<(), tonic::Status> {
+        let mut auth = etcd_api::pb::auth_client::AuthClient::new(self.clone());
+        let reply = auth
+            .authenticate(etcd_api::pb::AuthenticateRequest {
+                name: credentials.user.clone(),
+                password: credentials.password.clone(),
+            })
+            .await?
+            .into_inner();
+        let token = http::HeaderValue::from_str(&reply.token)
+            .map_err(|_| tonic::Status::internal("etcd sent a token that is no header value"))?;
+        *self
+            .members
+            .token
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(token);
+        self.members.token_refused.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// True once etcd refused a request's token (it expired: etcd drops
+    /// a simple token unused for `--auth-token-ttl`, a JWT at its expiry),
+    /// until the next [`authenticate`](Self::authenticate).
+    pub fn token_refused(&self) -> bool {
+        self.members.token_refused.load(Ordering::Acquire)
     }
 
     /// How many members there are.
@@ -104,8 +164,18 @@ impl tower::Service<http::Request<Body>> for Failover {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let members = self.members.clone();
+        if request.uri().path() != AUTHENTICATE {
+            let token = members
+                .token
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if let Some(token) = token {
+                request.headers_mut().insert("token", token);
+            }
+        }
         let index = members.pinned.load(Ordering::Acquire);
         let mut channel = members.channels[index].1.clone();
         Box::pin(async move {
@@ -115,13 +185,24 @@ impl tower::Service<http::Request<Body>> for Failover {
                 Err(e) => Err(e),
             };
             match answer {
-                Ok(response) => Ok(response.map(|body| {
-                    Body::new(Watched {
-                        body,
-                        members,
-                        index,
-                    })
-                })),
+                Ok(response) => {
+                    // A refusal comes before any message, its status in
+                    // the headers (gRPC's trailers-only answer).
+                    let unauthenticated = response
+                        .headers()
+                        .get("grpc-status")
+                        .is_some_and(|code| code.as_bytes() == b"16");
+                    if unauthenticated {
+                        members.token_refused.store(true, Ordering::Release);
+                    }
+                    Ok(response.map(|body| {
+                        Body::new(Watched {
+                            body,
+                            members,
+                            index,
+                        })
+                    }))
+                }
                 Err(e) => {
                     members.failed(index);
                     Err(e)

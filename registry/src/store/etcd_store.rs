@@ -52,14 +52,13 @@ use support::AbortOnDropHandle;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::ClientTlsConfig;
 
 use crate::error::{Error, Limit, Result};
 use crate::lease::Ttl;
 use crate::limits::Quotas;
 use crate::state::{Event, Granted, RemovalReason, State};
 use crate::store::etcd::{EtcdUrl, InstanceRecord, Key, LeaseRecord, secret_matches};
-use crate::store::etcd_client::{EtcdClient, EtcdError};
+use crate::store::etcd_client::{EtcdAccess, EtcdClient, EtcdError};
 use crate::store::{Store, Writes};
 use crate::validate::{self, Limits};
 use crate::watch::{WatchLimits, Watchers};
@@ -315,25 +314,25 @@ impl EtcdStore {
     /// (for reads and Watch) and the guard of its tasks.
     pub async fn start(
         url: &EtcdUrl,
-        tls: Option<ClientTlsConfig>,
+        access: &EtcdAccess,
         ttl: Ttl,
         quotas: Quotas,
         limits: WatchLimits,
     ) -> Result<(EtcdStore, Watchers, EtcdGuard), EtcdError> {
-        Self::start_with_limits(url, tls, ttl, quotas, limits, Limits::default()).await
+        Self::start_with_limits(url, access, ttl, quotas, limits, Limits::default()).await
     }
 
     /// [`EtcdStore::start`] with registry-wide limits other than the
     /// defaults.
     pub async fn start_with_limits(
         url: &EtcdUrl,
-        tls: Option<ClientTlsConfig>,
+        access: &EtcdAccess,
         ttl: Ttl,
         quotas: Quotas,
         limits: WatchLimits,
         registry_limits: Limits,
     ) -> Result<(EtcdStore, Watchers, EtcdGuard), EtcdError> {
-        let client = EtcdClient::connect(url, tls).await?;
+        let client = EtcdClient::connect(url, access).await?;
         let registry_id = crate::store::etcd_client::registry_id(client.cluster_id, &url.prefix);
         let watchers = Watchers::with_registry_id(ttl, quotas, limits, registry_id);
         let (applied, _) = tokio::sync::watch::channel(0);
@@ -1542,6 +1541,7 @@ async fn probe(inner: Arc<Inner>) {
     let mut answered = Instant::now();
     let mut reachable = answered;
     loop {
+        inner.client.renew_token().await;
         let (member, _) = inner.client.members.pinned();
         let read = |serializable| {
             let mut kv = inner.client.kv.clone();
@@ -1735,7 +1735,7 @@ mod tests {
         };
         let (store, watchers, _guard) = EtcdStore::start_with_limits(
             &url,
-            None,
+            &EtcdAccess::default(),
             Ttl::default(),
             Quotas::default(),
             WatchLimits::default(),
