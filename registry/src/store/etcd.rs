@@ -181,6 +181,16 @@ impl EtcdUrl {
         Key::Other
     }
 
+    /// The prefix of every instance key.
+    pub fn instance_keys(&self) -> Vec<u8> {
+        format!("{}/inst/", self.prefix).into_bytes()
+    }
+
+    /// The prefix of every chunk of the descriptor set `hash`.
+    pub fn chunk_keys(&self, hash: &str) -> Vec<u8> {
+        format!("{}/desc/{hash}/", self.prefix).into_bytes()
+    }
+
     /// The prefix of every key of this store.
     pub fn all_keys(&self) -> Vec<u8> {
         format!("{}/", self.prefix).into_bytes()

@@ -386,6 +386,7 @@ impl EtcdStore {
             AbortOnDropHandle::new(tokio::spawn(expire(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(keep_etcd_leases(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(probe(inner.clone()))),
+            AbortOnDropHandle::new(tokio::spawn(collect_descriptors(inner.clone()))),
             AbortOnDropHandle::new(tokio::spawn(batch_puts(inner.clone(), waiting))),
         ];
         // Served only once the replay reached the last change under the
@@ -618,7 +619,17 @@ impl Inner {
                             .or_default()
                             .insert(n, kv.value.clone());
                     }
-                    Key::Chunk(..) | Key::Reason | Key::Other => {}
+                    Key::Chunk(hash, n) => {
+                        // Collected (see `collect_descriptors`).
+                        view.sets.remove(&hash);
+                        if let Some(chunks) = view.chunks.get_mut(&hash) {
+                            chunks.remove(&n);
+                            if chunks.is_empty() {
+                                view.chunks.remove(&hash);
+                            }
+                        }
+                    }
+                    Key::Reason | Key::Other => {}
                 }
             }
             out
@@ -969,9 +980,16 @@ impl Inner {
         let mut compare = Vec::new();
         let mut leases = BTreeSet::new();
         let mut success = Vec::new();
+        let mut sets = BTreeSet::new();
         for (index, pending) in batch.iter_mut().enumerate() {
             if leases.insert(pending.lease_id) {
                 compare.push(exists(self.url.lease_key(pending.lease_id)));
+            }
+            // Its descriptor set is still there: not collected since it
+            // was written or seen (see `collect_descriptors`).
+            let hash = &pending.record.descriptors_sha256;
+            if !hash.is_empty() && sets.insert(hash.clone()) {
+                compare.push(exists(self.url.chunk_key(hash, 0)));
             }
             compare.push(unchanged(pending.key.clone(), pending.mod_revision));
             pending.record.index = u32::try_from(index).unwrap_or(0);
@@ -1019,7 +1037,7 @@ struct PendingPut {
 
 /// Most puts in one transaction (each brings a comparison or two; etcd's
 /// default `--max-txn-ops` is 128) and most bytes of records in it.
-const BATCH_PUTS: usize = 50;
+const BATCH_PUTS: usize = 40;
 const BATCH_BYTES: usize = 512 * 1024;
 
 /// Registrations and updates that arrive while a transaction is in flight
@@ -1284,14 +1302,15 @@ impl Writes for EtcdStore {
         inner.owned_lease(lease_id, &lease_secret).await?;
         instance.lease_id = lease_id;
         instance.revision = 0;
-        let hash = match &descriptors {
-            Some(set) => inner.put_descriptors(set).await?,
-            None => String::new(),
-        };
         let key = inner
             .url
             .instance_key(&instance.service, &instance.instance_id);
         for _ in 0..RETRIES {
+            // Again on each try: a set collected meanwhile is written back.
+            let hash = match &descriptors {
+                Some(set) => inner.put_descriptors(set).await?,
+                None => String::new(),
+            };
             let seen = inner.check_put(&key, &instance, lease_id)?;
             let record = InstanceRecord {
                 instance: Some(instance.clone()),
@@ -1585,6 +1604,97 @@ async fn probe(inner: Arc<Inner>) {
     }
 }
 
+/// How often a replica looks for descriptor sets no instance uses.
+const COLLECT_EVERY: Duration = Duration::from_secs(30);
+
+/// Deletes from etcd the descriptor sets no instance used at two looks in
+/// a row ([`COLLECT_EVERY`] apart: a set just written for a Register on
+/// its way is not taken from under it), so sets a client stops using do
+/// not pile up in etcd and in every replica's memory.
+async fn collect_descriptors(inner: Arc<Inner>) {
+    let mut candidates = BTreeSet::new();
+    loop {
+        tokio::time::sleep(COLLECT_EVERY).await;
+        if let Err(e) = inner.collect_round(&mut candidates).await {
+            tracing::debug!("descriptor sets not collected this time: {e}");
+        }
+    }
+}
+
+impl Inner {
+    /// One look for unused descriptor sets: deletes those that were unused
+    /// at the last look too (`candidates`), and keeps the others unused now
+    /// as the next candidates. Returns how many sets went.
+    ///
+    /// The delete holds only if no instance key changed since the view it
+    /// was decided on (a comparison on the whole instance range): a set a
+    /// Register on another replica just used stays. A Register racing the
+    /// other way, on a set deleted first, fails its own comparison on the
+    /// set's first chunk and writes the set again.
+    async fn collect_round(&self, candidates: &mut BTreeSet<String>) -> Result<usize> {
+        let at = *self.applied.borrow();
+        let unused: BTreeSet<String> = {
+            let view = self.view();
+            let used: BTreeSet<&str> = view
+                .instances
+                .values()
+                .map(|seen| seen.descriptors_sha256.as_str())
+                .collect();
+            view.chunks
+                .keys()
+                .filter(|hash| !used.contains(hash.as_str()))
+                .cloned()
+                .collect()
+        };
+        let due: Vec<String> = unused.intersection(candidates).cloned().collect();
+        *candidates = unused;
+        let mut collected = 0;
+        for batch in due.chunks(DELETES_PER_TXN) {
+            let instances = self.url.instance_keys();
+            let untouched = etcd::Compare {
+                result: CompareResult::Less as i32,
+                target: CompareTarget::Mod as i32,
+                range_end: etcd_api::prefix_end(&instances),
+                key: instances,
+                target_union: Some(TargetUnion::ModRevision(at + 1)),
+            };
+            let deletes = batch
+                .iter()
+                .map(|hash| {
+                    let key = self.url.chunk_keys(hash);
+                    etcd::RequestOp {
+                        request: Some(Op::RequestDeleteRange(etcd::DeleteRangeRequest {
+                            range_end: etcd_api::prefix_end(&key),
+                            key,
+                            ..Default::default()
+                        })),
+                    }
+                })
+                .collect();
+            let response = self
+                .txn(etcd::TxnRequest {
+                    compare: vec![untouched],
+                    success: deletes,
+                    failure: Vec::new(),
+                })
+                .await?;
+            if !response.succeeded {
+                // Instances changed meanwhile: decided again next time.
+                return Ok(collected);
+            }
+            for hash in batch {
+                candidates.remove(hash);
+            }
+            collected += batch.len();
+            tracing::info!(
+                sets = batch.len(),
+                "unused descriptor sets deleted from etcd"
+            );
+        }
+        Ok(collected)
+    }
+}
+
 /// Ends the leases this replica holds once their registry TTL passed
 /// without a heartbeat.
 async fn expire(inner: Arc<Inner>) {
@@ -1791,6 +1901,92 @@ mod tests {
         }
         put("c", 2).await.unwrap();
         assert_eq!(watchers.store().resolve("svc").0.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_descriptor_set_no_instance_uses_is_deleted_and_written_again_when_used() {
+        let etcd = testkit::etcd::Etcd::start();
+        let url = match etcd.store("gc").parse() {
+            Ok(crate::store::etcd::StoreUrl::Etcd(url)) => url,
+            other => panic!("{other:?}"),
+        };
+        let (store, watchers, _guard) = EtcdStore::start(
+            &url,
+            &EtcdAccess::default(),
+            Ttl::default(),
+            Quotas::default(),
+            WatchLimits::default(),
+        )
+        .await
+        .unwrap();
+        let inner = store.inner.clone();
+        let grant = settled(|| store.grant_lease(60_000)).await.unwrap();
+        let register = |id: &str, byte: u8| validate::Register {
+            lease_id: grant.lease_id,
+            lease_secret: grant.lease_secret.clone(),
+            instance: pb::Instance {
+                service: "svc".into(),
+                instance_id: id.into(),
+                host: "10.0.0.1".into(),
+                port: 1,
+                ..Default::default()
+            },
+            descriptors: Some(vec![byte; 600]),
+        };
+        let put = |id: &'static str, byte: u8| {
+            let (store, request) = (store.clone(), register(id, byte));
+            settled(move || {
+                let (store, request) = (store.clone(), request.clone());
+                async move { store.register(request).await }
+            })
+        };
+        let chunks_in_etcd = || async {
+            let mut kv = inner.client.kv.clone();
+            let key = format!("{}/desc/", url.prefix).into_bytes();
+            kv.range(etcd::RangeRequest {
+                range_end: etcd_api::prefix_end(&key),
+                key,
+                count_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .count
+        };
+        put("a", 1).await.unwrap();
+        put("b", 2).await.unwrap();
+        assert_eq!(chunks_in_etcd().await, 2);
+
+        // In use: never collected, however many looks.
+        let mut candidates = BTreeSet::new();
+        for _ in 0..3 {
+            assert_eq!(inner.collect_round(&mut candidates).await.unwrap(), 0);
+        }
+        // b's instance goes: its set is a candidate at the next look and
+        // deleted at the one after, from etcd and from the view.
+        let request = validate::Deregister {
+            lease_id: grant.lease_id,
+            lease_secret: grant.lease_secret.clone(),
+            service: "svc".into(),
+            instance_id: "b".into(),
+        };
+        settled(|| store.deregister(request.clone())).await.unwrap();
+        assert_eq!(inner.collect_round(&mut candidates).await.unwrap(), 0);
+        assert_eq!(inner.collect_round(&mut candidates).await.unwrap(), 1);
+        assert_eq!(chunks_in_etcd().await, 1);
+        let hash_b = crate::store::etcd::chunks(&[2; 600]).0;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while inner.view().set(&hash_b).is_some() {
+            assert!(Instant::now() < deadline, "the view kept the deleted set");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // a's set stays; used again, b's set is written back whole.
+        put("c", 2).await.unwrap();
+        assert_eq!(chunks_in_etcd().await, 2);
+        let (instances, _) = watchers.store().resolve("svc");
+        assert_eq!(instances.len(), 2);
+        assert!(inner.view().set(&hash_b).is_some());
     }
 
     #[test]
