@@ -616,3 +616,84 @@ async fn with_etcd_auth_a_replica_serves_as_its_user_and_a_refused_one_says_why(
     assert!(!status.success());
     assert!(err.contains("permission denied"), "{err}");
 }
+
+#[tokio::test]
+async fn a_replica_behind_etcds_compaction_catches_up_without_a_restart() {
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    let mut etcd = Etcd::start();
+    let a = replica(&etcd, "c");
+    let b = replica(&etcd, "c");
+    let mut ca = a.client().await;
+    let mut stream = watch(&mut ca, &[]).await;
+    let mut copy = synced(&mut stream).await;
+    let mut cb = b.client().await;
+    let lease = grant(&mut cb, LONG_TTL).await;
+    register(&mut cb, &lease, instance("calc", "stays", 7001)).await;
+    register(&mut cb, &lease, instance("calc", "goes", 7002)).await;
+    follow_until(&mut stream, &mut copy, |r| r.instances.len() == 2).await;
+
+    // A frozen while etcd restarts under it (its etcd watch breaks), then
+    // changes it does not see, and etcd's history of them compacted away.
+    a.process.signal(SIGSTOP);
+    etcd.restart();
+    testkit::eventually(PROMPTLY, "a write through B after etcd's restart", || {
+        let mut cb = cb.clone();
+        let lease = lease.clone();
+        async move {
+            cb.register(register_request(&lease, instance("calc", "new", 7003)))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    deregister(&mut cb, &lease, "calc", "goes").await.unwrap();
+    let mut kv = etcd_api::pb::kv_client::KvClient::connect(etcd.url())
+        .await
+        .unwrap();
+    let now = kv
+        .range(etcd_api::pb::RangeRequest {
+            key: b"/".to_vec(),
+            count_only: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .header
+        .unwrap()
+        .revision;
+    kv.compact(etcd_api::pb::CompactionRequest {
+        revision: now,
+        physical: true,
+    })
+    .await
+    .unwrap();
+    a.process.signal(SIGCONT);
+
+    // A catches up from the prefix as it is, and its watcher gets the
+    // difference as changes: no restart, no snapshot.
+    let key = |id: &str| ("calc".to_string(), id.to_string());
+    follow_until(&mut stream, &mut copy, |r| {
+        r.instances.contains_key(&key("new")) && !r.instances.contains_key(&key("goes"))
+    })
+    .await;
+    assert_eq!(copy.resets, 1, "the watcher took a snapshot again");
+    assert!(copy.instances.contains_key(&key("stays")));
+    a.process
+        .wait_for_line("etcd compacted the history this replica missed", PROMPTLY);
+    // And A serves writes again, seen on B.
+    testkit::eventually(PROMPTLY, "a write through A after catching up", || {
+        let mut ca = ca.clone();
+        let lease = lease.clone();
+        async move {
+            ca.register(register_request(&lease, instance("calc", "on-a", 7004)))
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let mut on_b = ids(&mut cb, "calc").await;
+    on_b.sort();
+    assert_eq!(on_b, ["new", "on-a", "stays"]);
+}

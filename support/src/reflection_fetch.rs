@@ -17,9 +17,19 @@ use std::time::Duration;
 
 use prost::Message;
 use prost_types::FileDescriptorProto;
-use tonic_reflection::pb::v1::ServerReflectionResponse;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+use tonic_reflection::pb::v1::{ListServiceResponse, ServerReflectionResponse};
+
+/// The services a ListServices answer names, but reflection's and
+/// health's own: the application's.
+pub fn application_services(list: ListServiceResponse) -> Vec<String> {
+    list.service
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|n| !n.starts_with("grpc.reflection.") && !n.starts_with("grpc.health."))
+        .collect()
+}
 
 /// Bounds on the work of one exchange.
 #[derive(Debug, Clone, Copy)]

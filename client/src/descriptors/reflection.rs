@@ -97,12 +97,7 @@ async fn converse(
                 "unexpected reply to ListServices".into(),
             ));
         };
-        let names: Vec<String> = list
-            .service
-            .into_iter()
-            .map(|s| s.name)
-            .filter(|n| !n.starts_with("grpc.reflection.") && !n.starts_with("grpc.health."))
-            .collect();
+        let names = reflection_fetch::application_services(list);
         match names.as_slice() {
             [one] => one.clone(),
             [] => {

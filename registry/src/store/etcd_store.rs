@@ -178,10 +178,6 @@ struct Inner {
     lost: tokio::sync::watch::Sender<bool>,
     /// Puts on their way to [`batch_puts`].
     puts: mpsc::Sender<PendingPut>,
-    /// Set when the mirror fell behind etcd's compaction: it can no longer
-    /// follow, so the replica stops serving (as if etcd were lost) until
-    /// restarted, rather than serve a view that no longer changes.
-    stale: std::sync::atomic::AtomicBool,
     /// Whether etcd's progress reports on the current watch can be
     /// believed: only once the watch brought back the replica's own write
     /// made after it was created. etcd 3.4 answers a progress request with
@@ -356,7 +352,6 @@ impl EtcdStore {
             want_progress: Notify::new(),
             lost: tokio::sync::watch::channel(false).0,
             puts,
-            stale: std::sync::atomic::AtomicBool::new(false),
             synced: std::sync::atomic::AtomicBool::new(false),
         });
         let unreachable = |status| EtcdError::Unreachable {
@@ -474,10 +469,9 @@ impl Inner {
         }
     }
 
-    /// Reads every key of the prefix at etcd revision `at` (0: the current
-    /// one) into the mirror; returns that revision. OUT_OF_RANGE: `at` was
-    /// compacted.
-    async fn load(&self, at: i64) -> Result<i64, tonic::Status> {
+    /// Every key of the prefix at etcd revision `at` (0: the current one),
+    /// and that revision. OUT_OF_RANGE: `at` was compacted.
+    async fn read_prefix(&self, at: i64) -> Result<(Vec<etcd::KeyValue>, i64), tonic::Status> {
         let mut kvs = Vec::new();
         let mut at = at;
         for (under, page) in [("desc/", CHUNK_PAGE), ("inst/", PAGE), ("lease/", PAGE)] {
@@ -512,6 +506,14 @@ impl Inner {
                 }
             }
         }
+        Ok((kvs, at))
+    }
+
+    /// Reads every key of the prefix at etcd revision `at` (0: the current
+    /// one) into the mirror; returns that revision. OUT_OF_RANGE: `at` was
+    /// compacted.
+    async fn load(&self, at: i64) -> Result<i64, tonic::Status> {
+        let (kvs, at) = self.read_prefix(at).await?;
         // Instances in revision order, after the chunks and leases they use.
         let mut instances = Vec::new();
         let mut view = self.view();
@@ -545,6 +547,111 @@ impl Inner {
         });
         drop(view);
         self.applied.send_replace(at);
+        Ok(at)
+    }
+
+    /// Catches up with etcd after its history was compacted past what this
+    /// replica applied (a long partition): reads the prefix as it is now
+    /// and applies the difference with the mirror as changes (puts in
+    /// revision order, then the removals at the end of the new revision,
+    /// reason `LEASE_EXPIRED`: what a partition's removals were, and the
+    /// history that would say otherwise is gone). Returns the revision.
+    async fn recover(&self) -> Result<i64, tonic::Status> {
+        let (kvs, at) = self.read_prefix(0).await?;
+        let mut leases = HashMap::new();
+        let mut chunks: HashMap<String, BTreeMap<u16, Vec<u8>>> = HashMap::new();
+        let mut instances = HashMap::new();
+        for kv in kvs {
+            match self.url.parse(&kv.key) {
+                Key::Chunk(hash, n) => {
+                    chunks.entry(hash).or_default().insert(n, kv.value);
+                }
+                Key::Lease(id) => {
+                    if let Ok(record) = LeaseRecord::decode(kv.value.as_slice()) {
+                        leases.insert(id, record);
+                    }
+                }
+                Key::Instance => {
+                    if let Ok(record) = InstanceRecord::decode(kv.value.as_slice()) {
+                        instances.insert(kv.key.clone(), (kv, record));
+                    }
+                }
+                Key::Reason | Key::Other => {}
+            }
+        }
+        let mut view = self.view();
+        let lost: Vec<u64> = view
+            .leases
+            .keys()
+            .filter(|id| leases.get(id).is_none_or(|r| r.holder != self.replica))
+            .copied()
+            .collect();
+        view.leases = leases;
+        view.sets.retain(|hash, _| chunks.contains_key(hash));
+        view.chunks = chunks;
+        let gone: Vec<Vec<u8>> = view
+            .instances
+            .keys()
+            .filter(|key| !instances.contains_key(*key))
+            .cloned()
+            .collect();
+        let mut changed: Vec<(u64, etcd::KeyValue, InstanceRecord)> = instances
+            .into_values()
+            .filter(|(kv, _)| {
+                view.instances
+                    .get(&kv.key)
+                    .is_none_or(|seen| seen.mod_revision != kv.mod_revision)
+            })
+            .map(|(kv, record)| (revision(kv.mod_revision, record.index), kv, record))
+            .collect();
+        changed.sort_by_key(|(revision, _, _)| *revision);
+        let (puts, removals) = (changed.len(), gone.len());
+        self.mirror.apply(|state| {
+            let mut out = Vec::new();
+            for (revision, kv, record) in changed {
+                out.extend(mirror_put(&mut view, state, kv, record, revision));
+            }
+            let top = (1u32 << INDEX_BITS) - 1;
+            let first = top - u32::try_from(gone.len()).unwrap_or(top).min(top);
+            for (n, key) in gone.into_iter().enumerate() {
+                let Some(seen) = view.instances.remove(&key) else {
+                    continue;
+                };
+                if let Some(keys) = view.per_lease.get_mut(&seen.lease_id) {
+                    keys.remove(&key);
+                    if keys.is_empty() {
+                        view.per_lease.remove(&seen.lease_id);
+                    }
+                }
+                let index = first
+                    .saturating_add(u32::try_from(n).unwrap_or(top))
+                    .min(top);
+                out.extend(state.apply_delete(
+                    &seen.service,
+                    &seen.instance_id,
+                    RemovalReason::LeaseExpired,
+                    revision(at, index),
+                ));
+            }
+            state.advance_to(revision(at, top));
+            out
+        });
+        drop(view);
+        {
+            let mut held = self.held();
+            for id in lost {
+                if held.leases.remove(&id).is_some() {
+                    tracing::info!(lease = id, "lease taken over by another replica, or gone");
+                }
+            }
+        }
+        self.applied.send_replace(at);
+        tracing::warn!(
+            revision = at,
+            puts,
+            removals,
+            "etcd compacted the history this replica missed: caught up from the prefix as it is"
+        );
         Ok(at)
     }
 
@@ -663,6 +770,21 @@ impl Inner {
             )));
         }
         Ok(())
+    }
+
+    /// The key of instance `instance_id` of `service`, once etcd is
+    /// reachable and `secret` opens lease `lease_id` (whether the lease
+    /// owns the instance is the caller's to check, on its view).
+    async fn owned_key(
+        &self,
+        lease_id: u64,
+        secret: &str,
+        service: &str,
+        instance_id: &str,
+    ) -> Result<Vec<u8>> {
+        self.check_reachable()?;
+        self.owned_lease(lease_id, secret).await?;
+        Ok(self.url.instance_key(service, instance_id))
     }
 
     /// Lease `id`'s record naming this replica was written at `at`.
@@ -1332,13 +1454,14 @@ impl Writes for EtcdStore {
 
     async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
         let inner = &self.inner;
-        inner.check_reachable()?;
-        inner
-            .owned_lease(request.lease_id, &request.lease_secret)
-            .await?;
         let key = inner
-            .url
-            .instance_key(&request.service, &request.instance_id);
+            .owned_key(
+                request.lease_id,
+                &request.lease_secret,
+                &request.service,
+                &request.instance_id,
+            )
+            .await?;
         for _ in 0..RETRIES {
             let (seen, hash, mut instance) = inner.owned_instance(
                 &key,
@@ -1385,13 +1508,14 @@ impl Writes for EtcdStore {
 
     async fn deregister(&self, request: validate::Deregister) -> Result<u64> {
         let inner = &self.inner;
-        inner.check_reachable()?;
-        inner
-            .owned_lease(request.lease_id, &request.lease_secret)
-            .await?;
         let key = inner
-            .url
-            .instance_key(&request.service, &request.instance_id);
+            .owned_key(
+                request.lease_id,
+                &request.lease_secret,
+                &request.service,
+                &request.instance_id,
+            )
+            .await?;
         for _ in 0..RETRIES {
             let (seen, _, _) = inner.owned_instance(
                 &key,
@@ -1499,16 +1623,10 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
         };
         let Some(response) = response else { break };
         if response.compact_revision > 0 {
-            inner
-                .stale
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            inner.lost.send_replace(true);
-            // A replica that fell behind etcd's compaction (a long
-            // partition) must be restarted to reload the prefix.
-            return Err(tonic::Status::data_loss(format!(
-                "etcd compacted past revision {start} (now {}): restart this replica to reload",
-                response.compact_revision
-            )));
+            // Fell behind etcd's compaction: what was missed is read as it
+            // is now, and the watch goes on from there.
+            inner.recover().await?;
+            return Ok(());
         }
         if response.canceled {
             return Err(tonic::Status::aborted(format!(
@@ -1559,7 +1677,16 @@ async fn watch_from(inner: &Inner, start: i64) -> Result<(), tonic::Status> {
 async fn probe(inner: Arc<Inner>) {
     let mut answered = Instant::now();
     let mut reachable = answered;
+    let mut slept = answered;
     loop {
+        // Back from a sleep far longer than asked: this process was not
+        // running (stopped, or its machine paused), which says nothing of
+        // etcd; the silence is measured from now.
+        let woke = Instant::now();
+        if woke.saturating_duration_since(slept) > PROBE_EVERY + crate::lease::STALL {
+            answered = woke;
+            reachable = woke;
+        }
         inner.client.renew_token().await;
         let (member, _) = inner.client.members.pinned();
         let read = |serializable| {
@@ -1577,6 +1704,11 @@ async fn probe(inner: Arc<Inner>) {
         };
         let (quorum, local) = tokio::join!(read(false), read(true));
         let now = Instant::now();
+        if now.saturating_duration_since(woke) > LOST_AFTER + crate::lease::STALL {
+            // Stopped while reading (the reads time out at LOST_AFTER).
+            answered = now;
+            reachable = now;
+        }
         if quorum {
             answered = now;
         } else {
@@ -1588,8 +1720,7 @@ async fn probe(inner: Arc<Inner>) {
             reachable = now;
         }
         let lost = now.saturating_duration_since(reachable) >= LOST_AFTER
-            || now.saturating_duration_since(answered) >= ELECTION_GRACE
-            || inner.stale.load(std::sync::atomic::Ordering::Relaxed);
+            || now.saturating_duration_since(answered) >= ELECTION_GRACE;
         inner.lost.send_if_modified(|was| {
             let changed = *was != lost;
             if changed && lost {
@@ -1600,6 +1731,7 @@ async fn probe(inner: Arc<Inner>) {
             *was = lost;
             changed
         });
+        slept = Instant::now();
         tokio::time::sleep(PROBE_EVERY).await;
     }
 }

@@ -129,12 +129,7 @@ impl Session {
                 "reflection: unexpected reply to ListServices".into(),
             ));
         };
-        let names: Vec<String> = list
-            .service
-            .into_iter()
-            .map(|s| s.name)
-            .filter(|n| !n.starts_with("grpc.reflection.") && !n.starts_with("grpc.health."))
-            .collect();
+        let names = reflection_fetch::application_services(list);
         let service = choose(&names, wanted, table)?;
         let files = self.files_of(&service).await?;
         let defined = files.file.iter().any(|f| {
