@@ -1964,53 +1964,88 @@ mod tests {
         }
     }
 
+    /// An etcd store over a fresh etcd, with a lease granted.
+    struct Fixture {
+        store: EtcdStore,
+        watchers: Watchers,
+        grant: Granted,
+        url: EtcdUrl,
+        _guard: EtcdGuard,
+        _etcd: testkit::etcd::Etcd,
+    }
+
+    impl Fixture {
+        async fn start(prefix: &str, limits: Limits) -> Fixture {
+            let etcd = testkit::etcd::Etcd::start();
+            let url = match etcd.store(prefix).parse() {
+                Ok(crate::store::etcd::StoreUrl::Etcd(url)) => url,
+                other => panic!("{other:?}"),
+            };
+            let (store, watchers, guard) = EtcdStore::start_with_limits(
+                &url,
+                &EtcdAccess::default(),
+                Ttl::default(),
+                Quotas::default(),
+                WatchLimits::default(),
+                limits,
+            )
+            .await
+            .unwrap();
+            let grant = settled(|| store.grant_lease(60_000)).await.unwrap();
+            Fixture {
+                store,
+                watchers,
+                grant,
+                url,
+                _guard: guard,
+                _etcd: etcd,
+            }
+        }
+
+        /// Registers instance `id` of `svc` with a 600-byte descriptor set
+        /// of `byte`s.
+        async fn put(&self, id: &str, byte: u8) -> Result<(pb::Instance, u64)> {
+            let request = validate::Register {
+                lease_id: self.grant.lease_id,
+                lease_secret: self.grant.lease_secret.clone(),
+                instance: pb::Instance {
+                    service: "svc".into(),
+                    instance_id: id.into(),
+                    host: "10.0.0.1".into(),
+                    port: 1,
+                    ..Default::default()
+                },
+                descriptors: Some(vec![byte; 600]),
+            };
+            settled(|| self.store.register(request.clone())).await
+        }
+
+        async fn deregister(&self, id: &str) {
+            let request = validate::Deregister {
+                lease_id: self.grant.lease_id,
+                lease_secret: self.grant.lease_secret.clone(),
+                service: "svc".into(),
+                instance_id: id.into(),
+            };
+            settled(|| self.store.deregister(request.clone()))
+                .await
+                .unwrap();
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn distinct_descriptor_sets_in_use_are_bounded_as_in_the_memory_store() {
-        let etcd = testkit::etcd::Etcd::start();
-        let url = match etcd.store("limits").parse() {
-            Ok(crate::store::etcd::StoreUrl::Etcd(url)) => url,
-            other => panic!("{other:?}"),
-        };
         let limits = Limits {
             descriptor_bytes: 1000,
             ..Limits::default()
         };
-        let (store, watchers, _guard) = EtcdStore::start_with_limits(
-            &url,
-            &EtcdAccess::default(),
-            Ttl::default(),
-            Quotas::default(),
-            WatchLimits::default(),
-            limits,
-        )
-        .await
-        .unwrap();
-        let grant = settled(|| store.grant_lease(60_000)).await.unwrap();
-        let register = |id: &str, set: Vec<u8>| validate::Register {
-            lease_id: grant.lease_id,
-            lease_secret: grant.lease_secret.clone(),
-            instance: pb::Instance {
-                service: "svc".into(),
-                instance_id: id.into(),
-                host: "10.0.0.1".into(),
-                port: 1,
-                ..Default::default()
-            },
-            descriptors: Some(set),
-        };
-        let put = |id: &'static str, byte: u8| {
-            let (store, request) = (store.clone(), register(id, vec![byte; 600]));
-            settled(move || {
-                let (store, request) = (store.clone(), request.clone());
-                async move { store.register(request).await }
-            })
-        };
-        put("a", 1).await.unwrap();
+        let f = Fixture::start("limits", limits).await;
+        f.put("a", 1).await.unwrap();
         // The same set again costs nothing.
-        put("b", 1).await.unwrap();
+        f.put("b", 1).await.unwrap();
         // Another one would make 1200 bytes of distinct sets: refused, as
         // the memory store refuses it (state.rs's limit test).
-        let refused = put("c", 2).await;
+        let refused = f.put("c", 2).await;
         assert!(
             matches!(
                 &refused,
@@ -2023,58 +2058,19 @@ mod tests {
         );
         // Once no instance uses the first set, the second fits.
         for id in ["a", "b"] {
-            let request = validate::Deregister {
-                lease_id: grant.lease_id,
-                lease_secret: grant.lease_secret.clone(),
-                service: "svc".into(),
-                instance_id: id.into(),
-            };
-            settled(|| store.deregister(request.clone())).await.unwrap();
+            f.deregister(id).await;
         }
-        put("c", 2).await.unwrap();
-        assert_eq!(watchers.store().resolve("svc").0.len(), 1);
+        f.put("c", 2).await.unwrap();
+        assert_eq!(f.watchers.store().resolve("svc").0.len(), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_descriptor_set_no_instance_uses_is_deleted_and_written_again_when_used() {
-        let etcd = testkit::etcd::Etcd::start();
-        let url = match etcd.store("gc").parse() {
-            Ok(crate::store::etcd::StoreUrl::Etcd(url)) => url,
-            other => panic!("{other:?}"),
-        };
-        let (store, watchers, _guard) = EtcdStore::start(
-            &url,
-            &EtcdAccess::default(),
-            Ttl::default(),
-            Quotas::default(),
-            WatchLimits::default(),
-        )
-        .await
-        .unwrap();
-        let inner = store.inner.clone();
-        let grant = settled(|| store.grant_lease(60_000)).await.unwrap();
-        let register = |id: &str, byte: u8| validate::Register {
-            lease_id: grant.lease_id,
-            lease_secret: grant.lease_secret.clone(),
-            instance: pb::Instance {
-                service: "svc".into(),
-                instance_id: id.into(),
-                host: "10.0.0.1".into(),
-                port: 1,
-                ..Default::default()
-            },
-            descriptors: Some(vec![byte; 600]),
-        };
-        let put = |id: &'static str, byte: u8| {
-            let (store, request) = (store.clone(), register(id, byte));
-            settled(move || {
-                let (store, request) = (store.clone(), request.clone());
-                async move { store.register(request).await }
-            })
-        };
+        let f = Fixture::start("gc", Limits::default()).await;
+        let inner = f.store.inner.clone();
         let chunks_in_etcd = || async {
             let mut kv = inner.client.kv.clone();
-            let key = format!("{}/desc/", url.prefix).into_bytes();
+            let key = format!("{}/desc/", f.url.prefix).into_bytes();
             kv.range(etcd::RangeRequest {
                 range_end: etcd_api::prefix_end(&key),
                 key,
@@ -2086,8 +2082,8 @@ mod tests {
             .into_inner()
             .count
         };
-        put("a", 1).await.unwrap();
-        put("b", 2).await.unwrap();
+        f.put("a", 1).await.unwrap();
+        f.put("b", 2).await.unwrap();
         assert_eq!(chunks_in_etcd().await, 2);
 
         // In use: never collected, however many looks.
@@ -2097,13 +2093,7 @@ mod tests {
         }
         // b's instance goes: its set is a candidate at the next look and
         // deleted at the one after, from etcd and from the view.
-        let request = validate::Deregister {
-            lease_id: grant.lease_id,
-            lease_secret: grant.lease_secret.clone(),
-            service: "svc".into(),
-            instance_id: "b".into(),
-        };
-        settled(|| store.deregister(request.clone())).await.unwrap();
+        f.deregister("b").await;
         assert_eq!(inner.collect_round(&mut candidates).await.unwrap(), 0);
         assert_eq!(inner.collect_round(&mut candidates).await.unwrap(), 1);
         assert_eq!(chunks_in_etcd().await, 1);
@@ -2114,10 +2104,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // a's set stays; used again, b's set is written back whole.
-        put("c", 2).await.unwrap();
+        f.put("c", 2).await.unwrap();
         assert_eq!(chunks_in_etcd().await, 2);
-        let (instances, _) = watchers.store().resolve("svc");
-        assert_eq!(instances.len(), 2);
+        assert_eq!(f.watchers.store().resolve("svc").0.len(), 2);
         assert!(inner.view().set(&hash_b).is_some());
     }
 
