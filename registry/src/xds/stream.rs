@@ -164,7 +164,7 @@ impl AdsStream {
                 .filter_map(|name| match (snapshot.services.get(*name), kind) {
                     (Some(s), LISTENER) => Some(s.listener.clone()),
                     (Some(s), CLUSTER) => Some(s.cluster.clone()),
-                    (Some(s), _) => Some(s.assignment.clone()),
+                    (Some(s), _) => Some(s.assignment().clone()),
                     (None, ENDPOINTS) => Some(pack_any(ClusterLoadAssignment {
                         cluster_name: name.to_string(),
                         ..Default::default()
