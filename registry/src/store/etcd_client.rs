@@ -1,5 +1,6 @@
 //! The etcd store's connection to etcd: a channel per endpoint of the
-//! `--store` URL, one in use at a time ([`Failover`]) (plaintext, or TLS with a CA and optionally a client
+//! `--store` URL, one in use at a time ([`Failover`]), with etcd's auth
+//! token when `--etcd-user` is given (plaintext, or TLS with a CA and optionally a client
 //! certificate), its KV, Watch and Lease clients, and the identity of the
 //! cluster behind them.
 
@@ -134,42 +135,31 @@ impl EtcdClient {
         if let Some(credentials) = &access.credentials {
             authenticate(url, &members, credentials).await?;
         }
-        let mut kv = KvClient::new(members.clone());
+        let kv = KvClient::new(members.clone());
         let probe = RangeRequest {
             key: url.all_keys(),
             range_end: etcd_api::prefix_end(&url.all_keys()),
             count_only: true,
             ..Default::default()
         };
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-        let mut failures = Vec::new();
-        let header = loop {
-            let (member, host) = members.pinned();
-            let host = host.to_string();
-            let status = match tokio::time::timeout_at(deadline, kv.range(probe.clone())).await {
-                Ok(Ok(reply)) => break reply.into_inner().header.unwrap_or_default(),
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded(format!(
-                    "no answer within {CONNECT_TIMEOUT:?}"
-                )),
-            };
-            // A refused connection moved on already; a member that
-            // answers with an error (or not at all) is left here.
-            members.failed(member);
-            let mut failure = format!("{host}: {}", status.message());
-            if status.message().contains("user name is empty") {
-                failure.push_str(
-                    " (etcd has auth enabled: give --etcd-user and REGISTRY_ETCD_PASSWORD)",
-                );
-            }
-            failures.push(failure);
-            if failures.len() >= members.len() || status.code() == tonic::Code::DeadlineExceeded {
-                return Err(EtcdError::Unreachable {
-                    endpoints: url.endpoints.join(","),
-                    status: tonic::Status::new(status.code(), failures.join("; ")),
-                });
-            }
-        };
+        let header = on_some_member(
+            url,
+            &members,
+            |_| None,
+            || {
+                let mut kv = kv.clone();
+                let probe = probe.clone();
+                async move {
+                    Ok(kv
+                        .range(probe)
+                        .await?
+                        .into_inner()
+                        .header
+                        .unwrap_or_default())
+                }
+            },
+        )
+        .await?;
         Ok(EtcdClient {
             kv: kv.max_decoding_message_size(MAX_ANSWER_BYTES),
             watch: WatchClient::new(members.clone()).max_decoding_message_size(MAX_ANSWER_BYTES),
@@ -208,43 +198,72 @@ async fn authenticate(
     members: &Failover,
     credentials: &Credentials,
 ) -> Result<(), EtcdError> {
-    let endpoints = url.endpoints.join(",");
+    let settle = |status: &tonic::Status, host: &str| match status.code() {
+        tonic::Code::InvalidArgument => Some(Err(EtcdError::Refused {
+            endpoints: url.endpoints.join(","),
+            user: credentials.user.clone(),
+            message: status.message().to_string(),
+        })),
+        tonic::Code::FailedPrecondition => {
+            tracing::warn!(
+                user = credentials.user,
+                "etcd at {host}: {} (--etcd-user is not needed)",
+                status.message()
+            );
+            Some(Ok(()))
+        }
+        _ => None,
+    };
+    on_some_member(
+        url,
+        members,
+        |(status, host)| settle(status, host),
+        || members.authenticate(credentials),
+    )
+    .await
+}
+
+/// `attempt` on the pinned member, then on the next while it fails, until
+/// one answers or every member failed, within [`CONNECT_TIMEOUT`];
+/// `settle` ends the search on a failure no other member would change
+/// (etcd's own answer). Unreachable names every member's failure.
+async fn on_some_member<T, F, Fut>(
+    url: &EtcdUrl,
+    members: &Failover,
+    settle: impl Fn((&tonic::Status, &str)) -> Option<Result<T, EtcdError>>,
+    mut attempt: F,
+) -> Result<T, EtcdError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
     let mut failures = Vec::new();
     loop {
         let (member, host) = members.pinned();
         let host = host.to_string();
-        let status =
-            match tokio::time::timeout_at(deadline, members.authenticate(credentials)).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(status)) => status,
-                Err(_) => tonic::Status::deadline_exceeded(format!(
-                    "no answer within {CONNECT_TIMEOUT:?}"
-                )),
-            };
-        match status.code() {
-            tonic::Code::InvalidArgument => {
-                return Err(EtcdError::Refused {
-                    endpoints,
-                    user: credentials.user.clone(),
-                    message: status.message().to_string(),
-                });
+        let status = match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(answer)) => return Ok(answer),
+            Ok(Err(status)) => status,
+            Err(_) => {
+                tonic::Status::deadline_exceeded(format!("no answer within {CONNECT_TIMEOUT:?}"))
             }
-            tonic::Code::FailedPrecondition => {
-                tracing::warn!(
-                    user = credentials.user,
-                    "etcd at {host}: {} (--etcd-user is not needed)",
-                    status.message()
-                );
-                return Ok(());
-            }
-            _ => {}
+        };
+        if let Some(settled) = settle((&status, &host)) {
+            return settled;
         }
+        // A refused connection moved on already; a member that answers
+        // with an error (or not at all) is left here.
         members.failed(member);
-        failures.push(format!("{host}: {}", status.message()));
+        let mut failure = format!("{host}: {}", status.message());
+        if status.message().contains("user name is empty") {
+            failure
+                .push_str(" (etcd has auth enabled: give --etcd-user and REGISTRY_ETCD_PASSWORD)");
+        }
+        failures.push(failure);
         if failures.len() >= members.len() || status.code() == tonic::Code::DeadlineExceeded {
             return Err(EtcdError::Unreachable {
-                endpoints,
+                endpoints: url.endpoints.join(","),
                 status: tonic::Status::new(status.code(), failures.join("; ")),
             });
         }

@@ -237,6 +237,19 @@ impl Held {
 }
 
 impl View {
+    /// Drops the instance at `key` (and its place in its lease's keys);
+    /// what the view had of it.
+    fn forget_instance(&mut self, key: &[u8]) -> Option<Seen> {
+        let seen = self.instances.remove(key)?;
+        if let Some(keys) = self.per_lease.get_mut(&seen.lease_id) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.per_lease.remove(&seen.lease_id);
+            }
+        }
+        Some(seen)
+    }
+
     /// The descriptor set `hash`, if all its chunks arrived.
     fn set(&mut self, hash: &str) -> Option<Arc<[u8]>> {
         if let Some(set) = self.sets.get(hash) {
@@ -611,21 +624,15 @@ impl Inner {
             for (revision, kv, record) in changed {
                 out.extend(mirror_put(&mut view, state, kv, record, revision));
             }
+            // The removals take the last indexes of the new revision:
+            // after every put, which all came at it or before.
             let top = (1u32 << INDEX_BITS) - 1;
-            let first = top - u32::try_from(gone.len()).unwrap_or(top).min(top);
-            for (n, key) in gone.into_iter().enumerate() {
-                let Some(seen) = view.instances.remove(&key) else {
+            let mut index = top.saturating_sub(u32::try_from(gone.len()).unwrap_or(top));
+            for key in gone {
+                let Some(seen) = view.forget_instance(&key) else {
                     continue;
                 };
-                if let Some(keys) = view.per_lease.get_mut(&seen.lease_id) {
-                    keys.remove(&key);
-                    if keys.is_empty() {
-                        view.per_lease.remove(&seen.lease_id);
-                    }
-                }
-                let index = first
-                    .saturating_add(u32::try_from(n).unwrap_or(top))
-                    .min(top);
+                index = (index + 1).min(top);
                 out.extend(state.apply_delete(
                     &seen.service,
                     &seen.instance_id,
@@ -702,15 +709,9 @@ impl Inner {
                         Err(e) => tracing::warn!("unreadable instance record: {e}"),
                     },
                     Key::Instance => {
-                        let Some(seen) = view.instances.remove(&kv.key) else {
+                        let Some(seen) = view.forget_instance(&kv.key) else {
                             continue;
                         };
-                        if let Some(keys) = view.per_lease.get_mut(&seen.lease_id) {
-                            keys.remove(&kv.key);
-                            if keys.is_empty() {
-                                view.per_lease.remove(&seen.lease_id);
-                            }
-                        }
                         let revision = revision(at, deletes);
                         deletes += 1;
                         out.extend(state.apply_delete(

@@ -4,7 +4,7 @@
 //! `tokio::sync::watch` channel after each change.
 //!
 //! One follower for every ADS stream: a resource is built and encoded once
-//! per change, not once per client, and a stream that is slow to read
+//! per version that is read, not once per client, and a stream that is slow to read
 //! never holds anything up: a watch channel keeps only the newest
 //! snapshot, so a slow stream skips straight to the state as it is now
 //! (state of the world needs no history).
@@ -44,8 +44,8 @@ pub struct Service {
     /// asks for it: a registry nobody asks over xDS encodes none, and one
     /// whose clients read slower than a service changes encodes only the
     /// versions they read (encoding every change made a growing service's
-    /// registrations quadratic: 40% of the registry's CPU at 16 clients
-    /// registering into one service, by perf).
+    /// registrations quadratic: with the copy per change, ~45% of the
+    /// registry's CPU at 16 clients registering into one service, by perf).
     assignment: std::sync::OnceLock<Any>,
 }
 
