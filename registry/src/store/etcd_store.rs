@@ -1684,7 +1684,7 @@ async fn probe(inner: Arc<Inner>) {
         // running (stopped, or its machine paused), which says nothing of
         // etcd; the silence is measured from now.
         let woke = Instant::now();
-        if woke.saturating_duration_since(slept) > PROBE_EVERY + crate::lease::STALL {
+        if woke.saturating_duration_since(slept) > 2 * PROBE_EVERY {
             answered = woke;
             reachable = woke;
         }
