@@ -437,7 +437,7 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let etcd_data = args.etcd_data_dir.clone().unwrap_or_else(memory_dir);
-    let version = etcd_bin.as_ref().map(|b| etcd_version(b));
+    let version = etcd_bin.as_deref().map(procs::etcd_version);
     let rnacos_bin = if args.no_rnacos {
         None
     } else {
@@ -537,21 +537,6 @@ fn measure_name(m: Measure) -> &'static str {
         Measure::Generic => "generic",
         Measure::Scale => "scale",
     }
-}
-
-/// `etcd 3.4.23`, from `etcd --version`.
-fn etcd_version(bin: &std::path::Path) -> String {
-    std::process::Command::new(bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.replace("etcd Version:", "etcd").trim().to_string())
-        })
-        .unwrap_or_else(|| "etcd (unknown version)".into())
 }
 
 #[cfg(test)]

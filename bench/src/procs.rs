@@ -104,6 +104,17 @@ fn child_log() -> String {
     std::env::var("BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into())
 }
 
+/// The registry flags that lift its per-peer, per-lease and per-service
+/// limits (0 = no limit): every registry the bench starts runs with them.
+pub const NO_LIMITS: [&str; 6] = [
+    "--max-registrations-per-sec-per-ip",
+    "0",
+    "--max-instances-per-lease",
+    "0",
+    "--max-instances-per-service",
+    "0",
+];
+
 /// A running `registry`.
 pub struct RegistryProc {
     /// The child; killed when dropped.
@@ -141,13 +152,8 @@ impl RegistryProc {
         // for load tests.
         let registry = testkit::Registry::launch()
             .log(&child_log())
+            .args(NO_LIMITS)
             .args([
-                "--max-registrations-per-sec-per-ip",
-                "0",
-                "--max-instances-per-lease",
-                "0",
-                "--max-instances-per-service",
-                "0",
                 // Watch propagation goes up to 10 000 watchers on 100
                 // connections: past the default 64 streams per connection and
                 // the default watch memory (4096 streams at 512 KiB each).
@@ -248,21 +254,15 @@ impl EtcdProc {
             .arg("--logger=zap")
             .arg("--log-level=warn");
         let mut process = Process::spawn("etcd", cmd);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if !process.is_running() {
-                bail!("etcd exited at start; its output is above");
-            }
-            if let Ok(mut b) = Backend::connect(System::Etcd, &client).await
-                && b.resolve("probe").await.is_ok()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("etcd did not answer within 20 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_answering(
+            &mut process,
+            "etcd",
+            System::Etcd,
+            &client,
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+        )
+        .await?;
         Ok(EtcdProc {
             process,
             url: client,
@@ -310,21 +310,15 @@ impl RnacosProc {
             .env("RNACOS_CONFIG_DB_DIR", data.path());
         let mut process = Process::spawn("rnacos", cmd);
         let url = format!("http://127.0.0.1:{}", ports[1]);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if !process.is_running() {
-                bail!("rnacos exited at start; its output is above");
-            }
-            if let Ok(mut b) = Backend::connect(System::Rnacos, &url).await
-                && b.resolve("probe").await.is_ok()
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("rnacos did not answer within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_answering(
+            &mut process,
+            "rnacos",
+            System::Rnacos,
+            &url,
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+        )
+        .await?;
         Ok(RnacosProc {
             process,
             url,
@@ -333,18 +327,53 @@ impl RnacosProc {
     }
 }
 
+/// Polls `system` at `url` (a resolve of `probe`) every `poll` until it
+/// answers, for at most `within`; fails at once if `process` (`name`) exits.
+async fn wait_answering(
+    process: &mut Process,
+    name: &str,
+    system: System,
+    url: &str,
+    within: Duration,
+    poll: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        if !process.is_running() {
+            bail!("{name} exited at start; its output is above");
+        }
+        if let Ok(mut b) = Backend::connect(system, url).await
+            && b.resolve("probe").await.is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} did not answer within {} s", within.as_secs());
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
+/// The first line `bin --version` prints, `None` when it cannot run.
+fn version_line(bin: &Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+}
+
+/// `etcd 3.4.23`, from `etcd --version`.
+pub fn etcd_version(bin: &Path) -> String {
+    version_line(bin)
+        .map(|l| l.replace("etcd Version:", "etcd").trim().to_string())
+        .unwrap_or_else(|| "etcd (unknown version)".into())
+}
+
 /// `rnacos 0.8.8`, from `rnacos --version`.
 pub fn rnacos_version(bin: &Path) -> String {
-    Command::new(bin)
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .next()
-                .map(|l| l.trim().replace("rnacos", "r-nacos"))
-        })
+    version_line(bin)
+        .map(|l| l.trim().replace("rnacos", "r-nacos"))
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "r-nacos (unknown version)".into())
 }

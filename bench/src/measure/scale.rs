@@ -28,7 +28,7 @@ use prost::Message;
 
 use super::{Ctx, closed_loop, of};
 use crate::backend::{self, Backend, System};
-use crate::procs::{EtcdProc, RegistryProc, RnacosProc, rss_bytes};
+use crate::procs::{EtcdProc, NO_LIMITS, RegistryProc, RnacosProc, rss_bytes};
 use crate::report::{Better, Figure};
 use crate::stats::Summary;
 
@@ -239,14 +239,7 @@ async fn blocking(ctx: &Ctx) -> Result<((f64, f64), f64)> {
         .log("warn")
         .http("127.0.0.1:0")
         // As `RegistryProc::start`: the per-peer and per-lease limits lifted.
-        .args([
-            "--max-registrations-per-sec-per-ip",
-            "0",
-            "--max-instances-per-lease",
-            "0",
-            "--max-instances-per-service",
-            "0",
-        ])
+        .args(NO_LIMITS)
         .start();
     let url = registry.url();
     let http = registry
