@@ -337,22 +337,6 @@ fn list_describe_and_the_default_listing() {
     assert!(out.contains("echo (echo.v1.Echo): 1 instance"), "{out}");
 }
 
-/// Parses the `--repeat` table: instance -> (weight, calls).
-fn spread(out: &str) -> Vec<(String, u32, u32)> {
-    out.lines()
-        .skip_while(|l| !l.starts_with("instance"))
-        .skip(1)
-        .map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (
-                cols[0].to_string(),
-                cols[1].parse().unwrap(),
-                cols[3].parse().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn repeated_calls_spread_over_two_nodes_by_weight() {
     let registry = Registry::start(&[]);
@@ -448,13 +432,11 @@ fn repeated_calls_survive_a_node_killed_midway_and_ctrl_c_prints_the_table() {
     assert!(status.success(), "{status:?}");
     // The run spanned the kill: the survivor took most of the calls.
     let table = calls.lines().join("\n");
-    let rows = spread(&table);
-    let count = |addr: std::net::SocketAddr| {
-        rows.iter()
-            .find(|r| r.0 == addr.to_string())
-            .map_or(0, |r| r.2)
-    };
-    assert!(count(survivor.addr) > count(victim.addr), "{table}");
+    let rows: Vec<(String, u32, u32)> = spread(&table);
+    assert!(
+        calls_to(&rows, survivor.addr) > calls_to(&rows, victim.addr),
+        "{table}"
+    );
 }
 
 #[test]

@@ -37,24 +37,7 @@ fn served(reg: std::net::SocketAddr, lb: &str) -> Vec<(String, String, u32)> {
         out.contains(&format!("200 calls to calculator ({lb}), 0 failed")),
         "{out}"
     );
-    out.lines()
-        .skip_while(|l| !l.starts_with("instance"))
-        .skip(1)
-        .map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            (
-                cols[0].to_string(),
-                cols[1].to_string(),
-                cols[3].parse().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn calls_to(rows: &[(String, String, u32)], addr: std::net::SocketAddr) -> u32 {
-    rows.iter()
-        .find(|r| r.0 == addr.to_string())
-        .map_or(0, |r| r.2)
+    spread(&out)
 }
 
 /// Waits until `client list` shows `addr` with `weight=WEIGHT`.

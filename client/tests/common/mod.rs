@@ -67,6 +67,34 @@ pub fn json_values(out: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The rows of the spread table a `call --repeat` prints: (instance,
+/// weight, calls). The weight is parsed as `W` (`String` keeps it as
+/// printed).
+pub fn spread<W: std::str::FromStr>(out: &str) -> Vec<(String, W, u32)>
+where
+    W::Err: std::fmt::Debug,
+{
+    out.lines()
+        .skip_while(|l| !l.starts_with("instance"))
+        .skip(1)
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (
+                cols[0].to_string(),
+                cols[1].parse().unwrap(),
+                cols[3].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The calls `addr` served in `spread`'s rows (0 when it has no row).
+pub fn calls_to<W>(rows: &[(String, W, u32)], addr: SocketAddr) -> u32 {
+    rows.iter()
+        .find(|r| r.0 == addr.to_string())
+        .map_or(0, |r| r.2)
+}
+
 /// Waits until `client list --json` shows `n` instances of `service`.
 pub fn wait_instances(registry: SocketAddr, service: &str, n: usize) {
     let deadline = std::time::Instant::now() + READY_TIMEOUT;
