@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::backend::{self, Backend, System};
+use crate::measure::scale::{self, service_name};
 use crate::stats::Summary;
 
 /// Long enough for any profile; the process ends (and with it r-nacos's
@@ -63,10 +64,6 @@ pub async fn resolve_loop(system: System, url: &str, instances: usize, calls: u6
     Ok(())
 }
 
-fn service_name(s: usize) -> String {
-    format!("svc-{s:04}")
-}
-
 /// Loads `instances` instances spread over `services` services (16
 /// clients, one lease per service), prints `loaded`, waits `pause` (time to
 /// attach a profiler), then takes `snapshots` full snapshots one after the
@@ -82,31 +79,8 @@ pub async fn snapshot_loop(
     pause: Duration,
 ) -> Result<()> {
     let services = services.max(1);
-    let per_service = instances.div_ceil(services);
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..16.min(services) {
-        let mut b = Backend::connect(system, url).await?;
-        let next = next.clone();
-        tasks.spawn(async move {
-            loop {
-                let s = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if s >= services {
-                    // Kept: r-nacos's instances live as long as it.
-                    return Ok::<Backend, anyhow::Error>(b);
-                }
-                let lease = b.grant(LEASE_TTL).await?;
-                for i in 0..per_service.min(instances.saturating_sub(s * per_service)) {
-                    b.register(&lease, &service_name(s), &format!("inst-{i:03}"))
-                        .await?;
-                }
-            }
-        });
-    }
-    let mut held = Vec::new();
-    while let Some(r) = tasks.join_next().await {
-        held.push(r.context("a loader panicked")??);
-    }
+    // Kept: r-nacos's instances live as long as the loaders' connections.
+    let held = scale::load_services(system, url, 16, services, instances).await?;
     println!("loaded {instances} instances");
     tokio::time::sleep(pause).await;
     let all: Vec<String> = (0..services).map(service_name).collect();

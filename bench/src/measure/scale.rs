@@ -27,6 +27,7 @@ use anyhow::{Context, Result, bail};
 use prost::Message;
 
 use super::{Ctx, closed_loop, of};
+use crate::Config;
 use crate::backend::{self, Backend, System};
 use crate::procs::{EtcdProc, NO_LIMITS, RegistryProc, RnacosProc, rss_bytes};
 use crate::report::{Better, Figure};
@@ -121,7 +122,8 @@ async fn writer_blocking(url: &str) -> Result<(f64, f64)> {
     Ok((max(&quiet), max(&busy)))
 }
 
-fn service_name(s: usize) -> String {
+/// The name of service number `s` of a load.
+pub fn service_name(s: usize) -> String {
     format!("svc-{s:04}")
 }
 
@@ -134,11 +136,26 @@ async fn load(
     services: usize,
     total: usize,
 ) -> Result<(f64, Vec<Backend>)> {
+    let start = Instant::now();
+    let held = load_services(system, url, LOADERS, services, total).await?;
+    Ok((total as f64 / start.elapsed().as_secs_f64(), held))
+}
+
+/// Registers `total` instances in `services` services ([`service_name`],
+/// instances `inst-NNN`) from `clients` connections, and returns those
+/// connections (r-nacos's instances live only as long as them). Also the
+/// load of the profiling helper's snapshot loop.
+pub async fn load_services(
+    system: System,
+    url: &str,
+    clients: usize,
+    services: usize,
+    total: usize,
+) -> Result<Vec<Backend>> {
     let per_service = total.div_ceil(services);
     // One lease per service; loaders take services round robin.
-    let start = Instant::now();
     let mut loaders = Vec::new();
-    for _ in 0..LOADERS.min(services) {
+    for _ in 0..clients.min(services) {
         loaders.push(Backend::connect(system, url).await?);
     }
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -168,12 +185,12 @@ async fn load(
     while let Some(r) = tasks.join_next().await {
         held.push(r.context("a loader panicked")??);
     }
-    Ok((total as f64 / start.elapsed().as_secs_f64(), held))
+    Ok(held)
 }
 
-async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale> {
-    let services = ctx.cfg.scale_services;
-    let total = ctx.cfg.scale_instances;
+async fn measure(system: System, url: &str, pid: u32, cfg: &Config) -> Result<Scale> {
+    let services = cfg.scale_services;
+    let total = cfg.scale_instances;
     // Settle: one connection open and used, so its buffers are in the
     // baseline rather than counted against the instances.
     let mut probe = Backend::connect(system, url).await?;
@@ -206,7 +223,7 @@ async fn measure(system: System, url: &str, pid: u32, ctx: &Ctx) -> Result<Scale
 
     // Resolve latency of one service, one client, at this size.
     let one = vec![Backend::connect(system, url).await?];
-    let mut lat = closed_loop(one, ctx.cfg.duration, move |mut b, n| async move {
+    let mut lat = closed_loop(one, cfg.duration, move |mut b, n| async move {
         let name = service_name(n as usize % services);
         let r = b.resolve(&name).await.map(|_| ());
         (b, r)
@@ -260,6 +277,22 @@ async fn blocking(ctx: &Ctx) -> Result<((f64, f64), f64)> {
     Ok((writer, lock_s * 1000.0))
 }
 
+/// `measure` of a fresh process from `start` in place of the shared one in
+/// `shared`, which is stopped meanwhile (two would share the CPU) and
+/// started again, by `start`, once the fresh one is gone.
+async fn in_place_of<P>(
+    shared: &mut Option<P>,
+    start: impl AsyncFn() -> Result<P>,
+    measure: impl AsyncFnOnce(&P) -> Result<Scale>,
+) -> Result<Scale> {
+    *shared = None;
+    let fresh = start().await?;
+    let r = measure(&fresh).await?;
+    drop(fresh);
+    *shared = Some(start().await?);
+    Ok(r)
+}
+
 /// Runs the scale measure on fresh processes of both systems.
 pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let mut results = Vec::new();
@@ -270,7 +303,7 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             ctx.cfg.scale_services
         );
         let fresh = RegistryProc::start()?;
-        let mut r = measure(System::Ours, &fresh.url, fresh.process.pid(), ctx).await?;
+        let mut r = measure(System::Ours, &fresh.url, fresh.process.pid(), &ctx.cfg).await?;
         drop(fresh);
         tracing::info!("scale: ours, new watchers against a writer");
         let (writer, lock_ms) = blocking(ctx).await?;
@@ -278,24 +311,28 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         r.lock_ms = Some(lock_ms);
         results.push((System::Ours, r));
     }
+    let cfg = &ctx.cfg;
     if let Some(bin) = &ctx.etcd_bin {
         tracing::info!("scale: etcd");
-        // Stop the shared etcd while the fresh one runs: two would share the CPU.
-        ctx.etcd = None;
-        let fresh = EtcdProc::start(bin, &ctx.etcd_data).await?;
-        let r = measure(System::Etcd, &fresh.url, fresh.process.pid(), ctx).await?;
+        let data = &ctx.etcd_data;
+        let r = in_place_of(
+            &mut ctx.etcd,
+            async || EtcdProc::start(bin, data).await,
+            async |p: &EtcdProc| measure(System::Etcd, &p.url, p.process.pid(), cfg).await,
+        )
+        .await?;
         results.push((System::Etcd, r));
-        drop(fresh);
-        ctx.etcd = Some(EtcdProc::start(bin, &ctx.etcd_data).await?);
     }
     if let Some(bin) = &ctx.rnacos_bin {
         tracing::info!("scale: r-nacos");
-        ctx.rnacos = None;
-        let fresh = RnacosProc::start(bin, &ctx.rnacos_data).await?;
-        let r = measure(System::Rnacos, &fresh.url, fresh.process.pid(), ctx).await?;
+        let data = &ctx.rnacos_data;
+        let r = in_place_of(
+            &mut ctx.rnacos,
+            async || RnacosProc::start(bin, data).await,
+            async |p: &RnacosProc| measure(System::Rnacos, &p.url, p.process.pid(), cfg).await,
+        )
+        .await?;
         results.push((System::Rnacos, r));
-        drop(fresh);
-        ctx.rnacos = Some(RnacosProc::start(bin, &ctx.rnacos_data).await?);
     }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
