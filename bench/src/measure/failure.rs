@@ -282,49 +282,49 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let etcd_s = summary_of(&mut etcd);
     let store_s = summary_of(&mut store);
     let rnacos_s = summary_of(&mut rnacos);
-    let median = Figure::new(
-        "failure",
-        "kill -9 to REMOVED, median",
-        "ms",
-        Better::Lower,
-        ours_s.map(|s| s.p50_ms),
-    )
-    .vs("etcd", etcd_s.map(|s| s.p50_ms));
-    let median = ctx.etcd_store_column(median, store_s.map(|s| s.p50_ms));
+    let summary = |system| match system {
+        System::Ours => ours_s,
+        System::Etcd => etcd_s,
+        System::EtcdStore => store_s,
+        System::Rnacos => rnacos_s,
+    };
     figures.push(
-        ctx.rnacos_column(median, rnacos_s.map(|s| s.p50_ms))
-            .note(if ctx.etcd.is_some() {
-                format!(
-                    "{repeats} runs, killed {} ms after ADDED; etcd holder lease TTL {} s \
+        ctx.figure(
+            "failure",
+            "kill -9 to REMOVED, median",
+            "ms",
+            Better::Lower,
+            |system| summary(system).map(|s| s.p50_ms),
+        )
+        .note(if ctx.etcd.is_some() {
+            format!(
+                "{repeats} runs, killed {} ms after ADDED; etcd holder lease TTL {} s \
                  (keepalive every TTL/3)",
-                    SETTLE.as_millis(),
-                    etcd_ttl.as_secs()
-                )
-            } else {
-                format!(
-                    "{repeats} runs, killed {} ms after ADDED",
-                    SETTLE.as_millis()
-                )
-            })
-            .note(if ctx.rnacos.is_some() {
-                "r-nacos holder killed as soon as its instance was seen"
-            } else {
-                ""
-            }),
+                SETTLE.as_millis(),
+                etcd_ttl.as_secs()
+            )
+        } else {
+            format!(
+                "{repeats} runs, killed {} ms after ADDED",
+                SETTLE.as_millis()
+            )
+        })
+        .note(if ctx.rnacos.is_some() {
+            "r-nacos holder killed as soon as its instance was seen"
+        } else {
+            ""
+        }),
     );
-    let max = Figure::new(
-        "failure",
-        "kill -9 to REMOVED, max",
-        "ms",
-        Better::Lower,
-        ours_s.map(|s| s.max_ms),
-    )
-    .vs("etcd", etcd_s.map(|s| s.max_ms));
-    let max = ctx.etcd_store_column(max, store_s.map(|s| s.max_ms));
     figures.push(
-        ctx.rnacos_column(max, rnacos_s.map(|s| s.max_ms))
-            .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
-            .note(each),
+        ctx.figure(
+            "failure",
+            "kill -9 to REMOVED, max",
+            "ms",
+            Better::Lower,
+            |system| summary(system).map(|s| s.max_ms),
+        )
+        .target("< 100 ms", ours_s.map(|s| s.max_ms < 100.0))
+        .note(each),
     );
 
     // lease expiry; Nacos 2.x instances have no TTL to expire.

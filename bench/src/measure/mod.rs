@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use crate::Config;
 use crate::backend::System;
 use crate::procs::{EtcdProc, RegistryProc, RnacosProc};
-use crate::report::Figure;
+use crate::report::{Better, Figure};
 use crate::stats::Load;
 
 /// The systems under test, shared by the measures (the scale measure starts
@@ -134,6 +134,24 @@ impl Ctx {
         } else {
             f
         }
+    }
+
+    /// Figure `name` of `group` with a column for each system taking part:
+    /// `value` of ours, of etcd (the reference), then of etcd-store and
+    /// r-nacos as [`Ctx::etcd_store_column`] and [`Ctx::rnacos_column`] add
+    /// them.
+    pub fn figure(
+        &self,
+        group: &'static str,
+        name: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        value: impl Fn(System) -> Option<f64>,
+    ) -> Figure {
+        let f = Figure::new(group, name, unit, better, value(System::Ours))
+            .vs("etcd", value(System::Etcd));
+        let f = self.etcd_store_column(f, value(System::EtcdStore));
+        self.rnacos_column(f, value(System::Rnacos))
     }
 
     /// `f` with r-nacos's column saying it has no equivalent, and why, when

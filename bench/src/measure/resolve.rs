@@ -135,24 +135,15 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     }
     let ours = of(&results, System::Ours);
     let etcd = of(&results, System::Etcd);
-    let store = of(&results, System::EtcdStore);
-    let rnacos = of(&results, System::Rnacos);
     let n = ctx.cfg.resolve_instances;
     let c = ctx.cfg.resolve_clients;
     let mut figures = vec![
-        ctx.rnacos_column(
-            ctx.etcd_store_column(
-                Figure::new(
-                    "resolve",
-                    format!("server, {n} instances, {c} clients"),
-                    "ops/s",
-                    Better::Higher,
-                    ours.map(|s| s.per_sec),
-                )
-                .vs("etcd", etcd.map(|s| s.per_sec)),
-                store.map(|s| s.per_sec),
-            ),
-            rnacos.map(|s| s.per_sec),
+        ctx.figure(
+            "resolve",
+            format!("server, {n} instances, {c} clients"),
+            "ops/s",
+            Better::Higher,
+            |system| of(&results, system).map(|s| s.per_sec),
         )
         .target(
             ">= 2x etcd",
@@ -164,16 +155,13 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
         ("p50", (|s: Summary| s.p50_ms) as fn(Summary) -> f64),
         ("p99", |s: Summary| s.p99_ms),
     ] {
-        let f = Figure::new(
+        figures.push(ctx.figure(
             "resolve",
             format!("server latency {label}, 1 client"),
             "ms",
             Better::Lower,
-            ours.and_then(|s| s.latency).map(pick),
-        )
-        .vs("etcd", etcd.and_then(|s| s.latency).map(pick));
-        let f = ctx.etcd_store_column(f, store.and_then(|s| s.latency).map(pick));
-        figures.push(ctx.rnacos_column(f, rnacos.and_then(|s| s.latency).map(pick)));
+            |system| of(&results, system).and_then(|s| s.latency).map(pick),
+        ));
     }
 
     tracing::info!("resolve: local directory");
