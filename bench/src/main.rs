@@ -197,15 +197,8 @@ enum Helper {
     /// kill -9 measure: what a node host does, for etcd).
     #[command(hide = true)]
     HoldEtcdLease {
-        /// etcd client URL.
-        #[arg(long)]
-        url: String,
-        /// Service to register under.
-        #[arg(long)]
-        service: String,
-        /// Instance id to register.
-        #[arg(long)]
-        id: String,
+        #[command(flatten)]
+        holder: Holder,
         /// Lease TTL in seconds.
         #[arg(long)]
         ttl_s: u64,
@@ -214,27 +207,16 @@ enum Helper {
     /// it until killed (the r-nacos side of the kill -9 measure).
     #[command(hide = true)]
     HoldRnacosInstance {
-        /// r-nacos gRPC URL.
-        #[arg(long)]
-        url: String,
-        /// Service to register under.
-        #[arg(long)]
-        service: String,
-        /// Instance id to register.
-        #[arg(long)]
-        id: String,
+        #[command(flatten)]
+        holder: Holder,
     },
     /// Registers instances of one service and resolves it back to back on
     /// one connection (the resolve latency measure), for a profiler
     /// attached to the server.
     #[command(hide = true)]
     ResolveLoop {
-        /// `ours`, `etcd` or `r-nacos`.
-        #[arg(long)]
-        system: String,
-        /// The server's gRPC URL.
-        #[arg(long)]
-        url: String,
+        #[command(flatten)]
+        server: Server,
         /// Instances of the service.
         #[arg(long, default_value_t = 10)]
         instances: usize,
@@ -246,12 +228,8 @@ enum Helper {
     /// scale measure's), for a profiler attached to the server.
     #[command(hide = true)]
     SnapshotLoop {
-        /// `ours`, `etcd` or `r-nacos`.
-        #[arg(long)]
-        system: String,
-        /// The server's gRPC URL.
-        #[arg(long)]
-        url: String,
+        #[command(flatten)]
+        server: Server,
         /// Instances to load.
         #[arg(long, default_value_t = 100_000)]
         instances: usize,
@@ -265,6 +243,31 @@ enum Helper {
         #[arg(long, default_value_t = 3000)]
         pause_ms: u64,
     },
+}
+
+/// What a kill -9 holder helper holds, and where.
+#[derive(Debug, clap::Args)]
+struct Holder {
+    /// The server's URL: etcd's client URL, r-nacos's gRPC URL.
+    #[arg(long)]
+    url: String,
+    /// Service to register under.
+    #[arg(long)]
+    service: String,
+    /// Instance id to register.
+    #[arg(long)]
+    id: String,
+}
+
+/// The server a profiling helper drives.
+#[derive(Debug, clap::Args)]
+struct Server {
+    /// `ours`, `etcd` or `r-nacos`.
+    #[arg(long)]
+    system: String,
+    /// The server's gRPC URL.
+    #[arg(long)]
+    url: String,
 }
 
 /// Counts and durations of one run, from the flags.
@@ -373,20 +376,20 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Runtime::new()?;
     if let Some(Helper::HoldEtcdLease {
-        url,
-        service,
-        id,
+        holder: Holder { url, service, id },
         ttl_s,
     }) = &args.helper
     {
         return rt.block_on(measure::failure::hold_etcd_lease(url, service, id, *ttl_s));
     }
-    if let Some(Helper::HoldRnacosInstance { url, service, id }) = &args.helper {
+    if let Some(Helper::HoldRnacosInstance {
+        holder: Holder { url, service, id },
+    }) = &args.helper
+    {
         return rt.block_on(measure::failure::hold_rnacos_instance(url, service, id));
     }
     if let Some(Helper::ResolveLoop {
-        system,
-        url,
+        server: Server { system, url },
         instances,
         calls,
     }) = &args.helper
@@ -395,8 +398,7 @@ fn main() -> Result<()> {
         return rt.block_on(profile::resolve_loop(system, url, *instances, *calls));
     }
     if let Some(Helper::SnapshotLoop {
-        system,
-        url,
+        server: Server { system, url },
         instances,
         services,
         snapshots,
