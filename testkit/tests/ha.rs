@@ -149,7 +149,7 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     watch.wait_for_line("+ calculator 127.0.0.1:", READY_TIMEOUT);
     let mut calls_cmd = client(&list);
     calls_cmd.args(CALL_LOOP).env("RUST_LOG", "warn");
-    let mut calls = Process::spawn("calls", calls_cmd);
+    let calls = Process::spawn("calls", calls_cmd);
     calls.wait_for_line("\"value\"", READY_TIMEOUT);
 
     let mut b = Registry::start_on(&addrs[1], MEMORY);
@@ -205,21 +205,10 @@ fn memory_store_failover_moves_the_node_and_the_watch_and_loses_no_call() {
     // Past the grace period (5 s) of the instances the dead replica knew:
     // nothing was ever removed at the watcher.
     std::thread::sleep(Duration::from_secs(6));
-    let removed: Vec<String> = watch
-        .lines()
-        .into_iter()
-        .filter(|l| l.starts_with("- "))
-        .collect();
+    let removed = removals(&watch);
     assert!(removed.is_empty(), "the watcher saw removals: {removed:?}");
 
-    assert!(calls.is_running(), "{:?}", calls.lines());
-    calls.signal(2);
-    calls.wait_exit(Duration::from_secs(30));
-    let summary = calls.wait_for_line(" calls to calculator (", Duration::from_secs(1));
-    assert!(
-        summary.ends_with(", 0 failed"),
-        "some calls failed: {summary}"
-    );
+    finish_calls(calls);
 
     // Every replica down: the error names each address.
     b.process.kill9();
@@ -734,16 +723,26 @@ impl EtcdHa {
     }
 }
 
+type ReplicaClient =
+    registry_proto::registry::v1::registry_client::RegistryClient<tonic::transport::Channel>;
+
+/// `call` with a client of replica `addr`, in a runtime of its own (the
+/// tests are synchronous).
+fn on_replica<T>(addr: &str, call: impl AsyncFnOnce(ReplicaClient) -> T) -> T {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let client = ReplicaClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        call(client).await
+    })
+}
+
 /// The calculator's instances as replica `addr` resolves them: instance id
 /// to (lease id, revision).
 fn resolved(addr: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
     use registry_proto::registry::v1::ResolveRequest;
-    use registry_proto::registry::v1::registry_client::RegistryClient;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let mut client = RegistryClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    on_replica(addr, async |mut client| {
         let reply = client
             .resolve(ResolveRequest {
                 service: "calculator".into(),
@@ -763,12 +762,7 @@ fn resolved(addr: &str) -> std::collections::BTreeMap<String, (u64, u64)> {
 /// refusal.
 fn grant_lease(addr: &str) -> Result<u64, tonic::Status> {
     use registry_proto::registry::v1::GrantLeaseRequest;
-    use registry_proto::registry::v1::registry_client::RegistryClient;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let mut client = RegistryClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+    on_replica(addr, async |mut client| {
         let reply = client
             .grant_lease(GrantLeaseRequest::default())
             .await?
