@@ -463,7 +463,8 @@ fn answer(zones: &Zones, snapshot: &Snapshot, name: &Name, kind: RecordType) -> 
     let Some(found) = found else {
         return negative(ResponseCode::NXDomain);
     };
-    let mut backends: Vec<_> = found.instances().filter(|b| b.weight > 0).collect();
+    let mut backends = snapshot.backends(found);
+    backends.retain(|b| b.weight > 0);
     backends.shuffle(&mut rand::rng());
     match kind {
         RecordType::A | RecordType::AAAA => {
@@ -629,29 +630,8 @@ impl RequestHandler for Handler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Event;
-    use registry_proto::registry::v1 as pb;
-
     fn snapshot(instances: &[(&str, &str, &str, u32)]) -> Snapshot {
-        let events: Vec<Event> = instances
-            .iter()
-            .map(|(service, id, host, weight)| pb::Event {
-                kind: pb::event::Kind::Added.into(),
-                revision: 1,
-                instance: Some(pb::Instance {
-                    service: service.to_string(),
-                    instance_id: id.to_string(),
-                    host: host.to_string(),
-                    port: 7000,
-                    weight: Some(*weight),
-                    ..Default::default()
-                }),
-                reason: 0,
-            })
-            .collect();
-        let mut s = Snapshot::default();
-        s.apply(1, &events);
-        s
+        Snapshot::empty().with_puts(instances)
     }
 
     fn zones() -> Zones {

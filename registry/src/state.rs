@@ -746,6 +746,14 @@ impl State {
             .ok_or_else(|| Error::NoDescriptors(service.to_string()))
     }
 
+    /// The instances of `service` as they are now (`None` if it has none),
+    /// taken with one reference count: read them after the store's lock is
+    /// released. Hold it briefly: the service's next change copies its map
+    /// while it lives (copy on write, as for [`State::snapshot_copy`]).
+    pub fn instances_of(&self, service: &str) -> Option<ServiceInstances> {
+        self.services.get(service).cloned().map(ServiceInstances)
+    }
+
     /// The current state as ADDED events (each with the revision its
     /// instance was last changed at), limited to `services` unless empty.
     pub fn snapshot(&self, services: &BTreeSet<String>) -> Vec<Event> {
@@ -778,6 +786,58 @@ impl State {
             services: selected,
             len,
         }
+    }
+}
+
+/// One service's instances, taken by [`State::instances_of`].
+#[derive(Debug, Clone)]
+pub struct ServiceInstances(SharedInstances);
+
+impl ServiceInstances {
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none (never, as taken from the state).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Each instance's id, host, port and weight, in id order: what
+    /// endpoint lists (xDS, DNS) need, without building a `pb::Instance`.
+    pub fn endpoints(&self) -> impl Iterator<Item = Endpoint<'_>> {
+        self.0.iter().map(|(id, stored)| Endpoint {
+            instance_id: id,
+            host: &stored.host,
+            port: stored.port,
+            weight: stored.weight,
+        })
+    }
+}
+
+/// One instance as an endpoint list needs it (see
+/// [`ServiceInstances::endpoints`]).
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    /// Its id.
+    pub instance_id: &'a str,
+    /// Its host, written as registered (`Display`).
+    pub host: &'a dyn std::fmt::Display,
+    /// Port to dial.
+    pub port: u32,
+    /// Weight for balancing.
+    pub weight: u32,
+}
+
+impl std::fmt::Debug for Endpoint<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("instance_id", &self.instance_id)
+            .field("host", &format_args!("{}", self.host))
+            .field("port", &self.port)
+            .field("weight", &self.weight)
+            .finish()
     }
 }
 

@@ -321,6 +321,12 @@ impl Store {
         self.lock().descriptors(service)
     }
 
+    /// The instances of `service` as they are now (see
+    /// [`State::instances_of`]): the lock is held for one reference count.
+    pub fn instances_of(&self, service: &str) -> Option<crate::state::ServiceInstances> {
+        self.lock().instances_of(service)
+    }
+
     /// Runs `f` on the state under the lock: no change is made or
     /// published meanwhile, so a watcher can copy the state and take its
     /// place in the stream of changes with nothing in between. Keep `f`

@@ -164,7 +164,7 @@ impl AdsStream {
                 .filter_map(|name| match (snapshot.services.get(*name), kind) {
                     (Some(s), LISTENER) => Some(s.listener.clone()),
                     (Some(s), CLUSTER) => Some(s.cluster.clone()),
-                    (Some(s), _) => Some(s.assignment().clone()),
+                    (Some(s), _) => Some(snapshot.assignment(s).clone()),
                     (None, ENDPOINTS) => Some(pack_any(ClusterLoadAssignment {
                         cluster_name: name.to_string(),
                         ..Default::default()
@@ -225,34 +225,19 @@ impl AdsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Event;
-    use registry_proto::registry::v1 as pb;
 
-    fn snapshot(instances: &[(&str, &str, u32)], revision: u64) -> Snapshot {
-        then(Snapshot::default(), instances, revision)
+    /// `instances` (service, id, weight) registered, one revision each.
+    fn snapshot(instances: &[(&str, &str, u32)]) -> Snapshot {
+        then(Snapshot::empty(), instances)
     }
 
-    /// `base` with `instances` added at `revision`, as the cache does it.
-    fn then(base: Snapshot, instances: &[(&str, &str, u32)], revision: u64) -> Snapshot {
-        let mut s = base;
-        let events: Vec<Event> = instances
+    /// `base` with `instances` added, as the cache does it.
+    fn then(base: Snapshot, instances: &[(&str, &str, u32)]) -> Snapshot {
+        let puts: Vec<_> = instances
             .iter()
-            .map(|(service, id, weight)| pb::Event {
-                kind: pb::event::Kind::Added.into(),
-                revision,
-                instance: Some(pb::Instance {
-                    service: service.to_string(),
-                    instance_id: id.to_string(),
-                    host: "127.0.0.1".into(),
-                    port: 9,
-                    weight: Some(*weight),
-                    ..Default::default()
-                }),
-                reason: 0,
-            })
+            .map(|&(service, id, weight)| (service, id, "127.0.0.1", weight))
             .collect();
-        s.apply(revision, &events);
-        s
+        base.with_puts(&puts)
     }
 
     fn ask(kind: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
@@ -267,7 +252,7 @@ mod tests {
     #[test]
     fn subscribe_ack_change_and_nack_follow_the_protocol() {
         let mut stream = AdsStream::default();
-        let s1 = snapshot(&[("calc", "a", 1)], 1);
+        let s1 = snapshot(&[("calc", "a", 1)]);
         stream.request(ask(LISTENER, &["calc"], "")).unwrap();
         let r = stream.responses(&s1);
         assert_eq!(r.len(), 1);
@@ -285,7 +270,7 @@ mod tests {
         let r = stream.responses(&s1);
         assert_eq!((r.len(), r[0].type_url.as_str()), (1, ENDPOINTS));
         let eds_nonce = r[0].nonce.clone();
-        let s2 = then(s1.clone(), &[("calc", "b", 1)], 2);
+        let s2 = then(s1.clone(), &[("calc", "b", 1)]);
         let r = stream.responses(&s2);
         assert_eq!((r.len(), r[0].type_url.as_str()), (1, ENDPOINTS));
         assert_ne!(r[0].nonce, eds_nonce);
@@ -304,7 +289,7 @@ mod tests {
     #[test]
     fn a_missing_service_is_reported_at_once() {
         let mut stream = AdsStream::default();
-        let empty = snapshot(&[], 0);
+        let empty = snapshot(&[]);
         stream.request(ask(LISTENER, &["nope"], "")).unwrap();
         stream.request(ask(ENDPOINTS, &["nope"], "")).unwrap();
         let r = stream.responses(&empty);
@@ -318,7 +303,7 @@ mod tests {
         );
         assert_eq!(r[1].resources.len(), 1, "an empty assignment");
         // It appears: both are pushed.
-        let r = stream.responses(&then(empty, &[("nope", "a", 1)], 3));
+        let r = stream.responses(&then(empty, &[("nope", "a", 1)]));
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].resources.len(), 1);
         assert!(r[0].resource_errors.is_empty());
@@ -328,7 +313,7 @@ mod tests {
     fn wildcard_and_limits() {
         let mut stream = AdsStream::default();
         stream.request(ask(CLUSTER, &[], "")).unwrap();
-        let r = stream.responses(&snapshot(&[("a", "1", 1), ("b", "1", 1)], 1));
+        let r = stream.responses(&snapshot(&[("a", "1", 1), ("b", "1", 1)]));
         assert_eq!(r[0].resources.len(), 2);
         let names: Vec<String> = (0..=MAX_NAMES_PER_TYPE).map(|i| format!("s{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
