@@ -591,6 +591,13 @@ impl RequestHandler for Handler {
             _ => None,
         };
         let result = match (request.metadata.op_code, query) {
+            (OpCode::Query, _) if !self.snapshots.borrow().ready => {
+                // The registry's state has not arrived yet (the first
+                // moments after start): SERVFAIL makes a resolver retry,
+                // where NXDOMAIN would be cached as "no such service".
+                let response = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                response_handle.send_response(response).await
+            }
             (OpCode::Query, Some(query)) if query.query_class() == DNSClass::IN => {
                 let snapshot = self.snapshots.borrow().clone();
                 let a = answer(

@@ -210,18 +210,13 @@ pub async fn serve(
         });
     }
     let peers = PeerLimits::new(config.peers);
-    let (snapshots, _xds) = crate::xds::cache::follow(watchers.clone(), stop.clone());
+    let follower = crate::xds::cache::Follower::new(watchers.clone(), stop.clone());
     let _dns = match config.dns {
-        Some(dns) => Some(crate::dns::start(dns, snapshots.clone(), stop.clone()).await?),
+        Some(dns) => Some(crate::dns::start(dns, follower.subscribe(), stop.clone()).await?),
         None => None,
     };
-    let xds = XdsService::new(
-        snapshots.clone(),
-        watchers.clone(),
-        peers.clone(),
-        stop.clone(),
-    )
-    .into_server();
+    let xds =
+        XdsService::new(follower, watchers.clone(), peers.clone(), stop.clone()).into_server();
     let mut service = RegistryService::new(watchers, stop.clone(), peers);
     if let Some(writes) = writes {
         service = service.with_writes(writes);

@@ -11,7 +11,9 @@
 //! - [`resources`]: the Listener, Cluster and ClusterLoadAssignment of one
 //!   service (weights travel as locality weights).
 //! - [`cache`]: one follower of the registry's watch for all streams (and
-//!   for [`crate::dns`]); each change is encoded once.
+//!   for [`crate::dns`]), running only while one of them is open; the
+//!   instances are read from the store, each resource encoded once per
+//!   version read.
 //! - [`stream`]: the protocol of one stream: subscriptions, versions,
 //!   nonces, ACK and NACK.
 //! - this file: the gRPC service and its limits.
@@ -56,7 +58,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::limits::{PeerLimits, WatchGuard};
 use crate::watch::Watchers;
 use crate::watch::hub::Charge;
-use crate::xds::cache::Snapshot;
+use crate::xds::cache::{Follower, Snapshot};
 use crate::xds::stream::AdsStream;
 pub use crate::xds::stream::{CONTROL_PLANE_ID, MAX_NAMES_PER_TYPE};
 
@@ -68,8 +70,8 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// The ADS service.
 #[derive(Debug, Clone)]
 pub struct XdsService {
-    /// The newest state, from [`cache::follow`].
-    snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// The newest state, followed while some stream is open.
+    follower: Follower,
     /// Counts ADS streams per connection, with Watch streams.
     peers: PeerLimits,
     /// Whose memory budget ADS streams are charged to, as Watch streams.
@@ -79,16 +81,16 @@ pub struct XdsService {
 }
 
 impl XdsService {
-    /// Serves the snapshots of `snapshots`, counting streams in `peers`
+    /// Serves the snapshots of `follower`, counting streams in `peers`
     /// and charging them to the watch budget of `watchers`.
     pub fn new(
-        snapshots: watch::Receiver<Arc<Snapshot>>,
+        follower: Follower,
         watchers: Watchers,
         peers: PeerLimits,
         shutdown: CancellationToken,
     ) -> XdsService {
         XdsService {
-            snapshots,
+            follower,
             peers,
             watchers,
             shutdown,
@@ -171,7 +173,11 @@ impl Ads {
                 return Some(Err(status));
             }
             let snapshot = self.snapshots.borrow_and_update().clone();
-            self.pending.extend(self.ads.responses(&snapshot));
+            // Before the follower's first snapshot nothing is known yet
+            // (not even that a service is missing): answer once it is in.
+            if snapshot.ready {
+                self.pending.extend(self.ads.responses(&snapshot));
+            }
         }
     }
 }
@@ -192,7 +198,7 @@ impl AggregatedDiscoveryService for XdsService {
         let ads = Ads {
             ads: AdsStream::default(),
             requests: request.into_inner(),
-            snapshots: self.snapshots.clone(),
+            snapshots: self.follower.subscribe(),
             shutdown: self.shutdown.clone(),
             pending: VecDeque::new(),
             peer,
