@@ -794,16 +794,6 @@ impl State {
 pub struct ServiceInstances(SharedInstances);
 
 impl ServiceInstances {
-    /// How many there are.
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    /// Whether there are none (never, as taken from the state).
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
     /// Each instance's id, host, port and weight, in id order: what
     /// endpoint lists (xDS, DNS) need, without building a `pb::Instance`.
     pub fn endpoints(&self) -> impl Iterator<Item = Endpoint<'_>> {

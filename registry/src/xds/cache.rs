@@ -330,40 +330,42 @@ impl Snapshot {
 
     /// `self` after `(service, instance id, host, weight)` are each put (added
     /// or updated, port 7000) in the store, one revision each.
-    pub(crate) fn with_puts(mut self, instances: &[(&str, &str, &str, u32)]) -> Snapshot {
-        for (service, id, host, weight) in instances {
-            let instance = pb::Instance {
-                service: service.to_string(),
-                instance_id: id.to_string(),
-                host: host.to_string(),
-                port: 7000,
-                weight: Some(*weight),
-                ..Default::default()
-            };
-            let mut events = Vec::new();
-            self.store.apply(|state| {
-                let revision = state.revision() + 1;
-                events.extend(state.apply_put(instance, None, revision));
-                events.clone()
-            });
-            for event in &events {
-                self.apply(event.revision, std::slice::from_ref(event));
-            }
-        }
-        self
+    pub(crate) fn with_puts(self, instances: &[(&str, &str, &str, u32)]) -> Snapshot {
+        instances
+            .iter()
+            .fold(self, |s, (service, id, host, weight)| {
+                let instance = pb::Instance {
+                    service: service.to_string(),
+                    instance_id: id.to_string(),
+                    host: host.to_string(),
+                    port: 7000,
+                    weight: Some(*weight),
+                    ..Default::default()
+                };
+                s.changed_by(|state, revision| state.apply_put(instance, None, revision))
+            })
     }
 
     /// `self` after the instance `id` of `service` is removed from the store.
-    pub(crate) fn with_removal(mut self, service: &str, id: &str) -> Snapshot {
-        let mut events = Vec::new();
+    pub(crate) fn with_removal(self, service: &str, id: &str) -> Snapshot {
+        let reason = pb::RemovalReason::Deregistered;
+        self.changed_by(|state, revision| state.apply_delete(service, id, reason, revision))
+    }
+
+    /// `self` after `change` is made to the store at its next revision,
+    /// its event (if any) applied here as the follower would.
+    fn changed_by(
+        mut self,
+        change: impl FnOnce(&mut crate::state::State, u64) -> Option<Event>,
+    ) -> Snapshot {
+        let mut event = None;
         self.store.apply(|state| {
             let revision = state.revision() + 1;
-            let reason = pb::RemovalReason::Deregistered;
-            events.extend(state.apply_delete(service, id, reason, revision));
-            events.clone()
+            event = change(state, revision);
+            event.iter().cloned().collect()
         });
-        for event in &events {
-            self.apply(event.revision, std::slice::from_ref(event));
+        if let Some(event) = event {
+            self.apply(event.revision, std::slice::from_ref(&event));
         }
         self
     }
