@@ -143,6 +143,12 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     watchers: Vec<usize>,
 
+    /// Changes timed at each watch propagation level (one at a time, the
+    /// next once every watcher got the last). Default: 50, or 5 with
+    /// --quick; more gives a profiler a longer steady stretch.
+    #[arg(long, value_name = "N")]
+    watch_changes: Option<usize>,
+
     /// Instances in the scale measure. Default: 100000, or 2000 with --quick.
     #[arg(long)]
     scale_instances: Option<usize>,
@@ -313,7 +319,7 @@ impl Config {
             } else {
                 a.watchers.clone()
             },
-            watch_changes: if q { 5 } else { 50 },
+            watch_changes: a.watch_changes.unwrap_or(if q { 5 } else { 50 }).max(1),
             resolve_instances: 10,
             resolve_clients: 16,
             repeats: a.repeats.unwrap_or(if q { 1 } else { 5 }).max(1),
