@@ -79,9 +79,7 @@ impl RegistryService {
         let request = request.into_inner();
         let resume = validate::watch_resume(&request)?;
         let services = validate::watch(request)?;
-        let stream = self
-            .watchers
-            .open_resumed(services, resume, self.shutdown.clone())?;
+        let stream = self.watchers.open_resumed(services, resume)?;
         let stream = until_lost(stream, self.store.lost())?;
         // The guard lives as long as the stream: dropping the stream (the
         // client went away) uncounts it.

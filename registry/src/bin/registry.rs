@@ -12,8 +12,13 @@ use support::{Signal, Signals};
 #[global_allocator]
 static ALLOCATOR: registry::allocator::Allocator = registry::allocator::Allocator;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    registry::server::runtime()
+        .context("cannot start the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     support::logging::init();
     let args = Args::parse();
     let config = args.config()?;

@@ -90,7 +90,7 @@ impl Fleet {
                 // A stream that ends (it could not keep up) or cannot open
                 // (the watch memory budget is spent) is opened again: its
                 // first message is a fresh snapshot.
-                match watchers.open(BTreeSet::new(), shutdown.clone()) {
+                match watchers.open(BTreeSet::new()) {
                     Ok(stream) => {
                         let mut stream = std::pin::pin!(stream);
                         while let Some(Ok(message)) = stream.next().await {

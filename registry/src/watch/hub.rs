@@ -31,7 +31,7 @@
 //! refused with RESOURCE_EXHAUSTED, naming the flag.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use bytes::{Bytes, BytesMut};
@@ -149,8 +149,13 @@ pub struct Hub {
     /// The log and the jobs. A std mutex: every section is short and never
     /// awaits. Taken after the store's lock when both are held.
     log: Mutex<Log>,
-    /// Woken on every append.
+    /// Woken on every append, and at [`Hub::close`].
     appended: Notify,
+    /// Set by [`Hub::close`]: every stream ends. An atomic, not a token
+    /// each watcher polls: a token's check takes a lock that a thousand
+    /// watchers woken together contend for (it was a tenth of the
+    /// registry's samples in `perf` at 1000 watchers).
+    closed: AtomicBool,
     /// The budgets.
     limits: WatchLimits,
     /// Written in every message.
@@ -236,6 +241,7 @@ impl Hub {
         Hub {
             log: Mutex::new(Log::default()),
             appended: Notify::new(),
+            closed: AtomicBool::new(false),
             memory: Arc::new(Memory {
                 used: AtomicUsize::new(0),
                 max: limits.memory_bytes,
@@ -269,10 +275,22 @@ impl Hub {
         self.memory.charge(STREAM_CHARGE, "one more Watch stream")
     }
 
-    /// Resolves on the next append. Create it before [`Hub::read`], and
-    /// `enable` it, so an append in between is not missed.
+    /// Resolves on the next append or at [`Hub::close`]. Create it
+    /// before checking [`Hub::is_closed`] and calling [`Hub::read`], so
+    /// neither is missed in between.
     pub(crate) fn appended(&self) -> tokio::sync::futures::Notified<'_> {
         self.appended.notified()
+    }
+
+    /// Ends every stream, at its next poll (those waiting are woken).
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.appended.notify_waiters();
+    }
+
+    /// Whether [`Hub::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// What is at log position `at`; a watcher that takes a batch moves

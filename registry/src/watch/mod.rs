@@ -41,7 +41,6 @@ pub mod encode;
 pub mod hub;
 
 use std::collections::BTreeSet;
-use std::pin::pin;
 use std::sync::Arc;
 
 use futures::Stream;
@@ -111,14 +110,28 @@ impl Watchers {
 
     /// The response stream of one Watch call: a reset with the current
     /// state of `services` (all when empty), then every change to them.
-    /// It ends when `shutdown` is cancelled. Refused with RESOURCE_EXHAUSTED
+    /// It ends at [`Watchers::close`]. Refused with RESOURCE_EXHAUSTED
     /// when the watch memory budget is used up.
     pub fn open(
         &self,
         services: BTreeSet<String>,
-        shutdown: CancellationToken,
     ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
-        self.open_resumed(services, None, shutdown)
+        self.open_resumed(services, None)
+    }
+
+    /// Ends every stream opened, and any opened after (at shutdown).
+    pub fn close(&self) {
+        self.hub.close();
+    }
+
+    /// Calls [`Watchers::close`] once `shutdown` is cancelled (one task;
+    /// the streams themselves only read a flag).
+    pub fn close_on(&self, shutdown: CancellationToken) {
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            hub.close();
+        });
     }
 
     /// As [`Watchers::open`], but when `resume` can be honoured (see
@@ -128,14 +141,12 @@ impl Watchers {
         &self,
         services: BTreeSet<String>,
         resume: Option<Resume>,
-        shutdown: CancellationToken,
     ) -> Result<impl Stream<Item = Result<Encoded, Status>> + Send + 'static, Status> {
         let charge = self.hub.charge_stream()?;
         let mut watcher = Watcher {
             hub: self.hub.clone(),
             store: self.store.clone(),
             services: Arc::new(services),
-            shutdown,
             cursor: 0,
             registered: None,
             phase: Phase::Follow { pending: None },
@@ -173,7 +184,6 @@ struct Watcher {
     hub: Arc<Hub>,
     store: Store,
     services: Services,
-    shutdown: CancellationToken,
     /// Its position in the log: the next batch it takes.
     cursor: u64,
     /// The position the hub counts it at (until it leaves).
@@ -284,13 +294,12 @@ impl Watcher {
             return Some(Ok(accepted));
         }
         loop {
-            if self.shutdown.is_cancelled() {
+            if self.hub.is_closed() {
                 return None;
             }
-            let hub = self.hub.clone();
             match &mut self.phase {
                 Phase::Snapshot { job, part } => {
-                    let produced = if hub.is_behind(self.cursor) {
+                    let produced = if self.hub.is_behind(self.cursor) {
                         None
                     } else {
                         job.part(*part)
@@ -322,8 +331,13 @@ impl Watcher {
                         self.skip_through = 0;
                         continue;
                     }
-                    let mut appended = pin!(hub.appended());
-                    appended.as_mut().enable();
+                    // Borrowed, not cloned: a thousand watchers woken
+                    // together would contend for its reference count.
+                    let hub = &*self.hub;
+                    let appended = hub.appended();
+                    if hub.is_closed() {
+                        return None;
+                    }
                     match hub.read(self.cursor) {
                         Read::Batch(batch) => {
                             // `read` moved it on in the hub's count.
@@ -332,16 +346,12 @@ impl Watcher {
                             *pending = Some((batch, 0));
                         }
                         Read::Behind => {
+                            drop(appended);
                             if let Err(status) = self.fell_behind() {
                                 return Some(Err(status));
                             }
                         }
-                        Read::Nothing => {
-                            tokio::select! {
-                                () = appended => {}
-                                () = self.shutdown.cancelled() => return None,
-                            }
-                        }
+                        Read::Nothing => appended.await,
                     }
                 }
             }

@@ -114,8 +114,7 @@ async fn a_watcher_that_stops_reading_falls_behind_then_catches_up_with_an_exact
     for id in 0..200 {
         register(&store, &lease, id, 1, 100);
     }
-    let stopped = CancellationToken::new();
-    let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
+    let mut stream = Box::pin(w.open(BTreeSet::new()).unwrap());
     let mut replica = Replica::default();
     follow(&mut stream, &mut replica, store.read(State::revision)).await;
     assert_eq!(replica.instances, truth(&store, &["even", "odd"]));
@@ -151,8 +150,7 @@ async fn falling_behind_again_during_the_fresh_snapshot_ends_the_stream() {
     for id in 0..300 {
         register(&store, &lease, id, 1, 1000);
     }
-    let stopped = CancellationToken::new();
-    let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
+    let mut stream = Box::pin(w.open(BTreeSet::new()).unwrap());
     let churn = |round: u32| {
         for id in 0..100 {
             register(&store, &lease, id, 2 + round, 1000);
@@ -183,10 +181,9 @@ async fn watchers_of_the_same_services_at_the_same_revision_share_one_snapshot()
     for id in 0..2000 {
         register(&store, &lease, id, 1, 200);
     }
-    let stopped = CancellationToken::new();
-    let mut a = Box::pin(w.open(BTreeSet::new(), stopped.clone()).unwrap());
+    let mut a = Box::pin(w.open(BTreeSet::new()).unwrap());
     let used_by_one = w.hub().memory_used();
-    let mut b = Box::pin(w.open(BTreeSet::new(), stopped.clone()).unwrap());
+    let mut b = Box::pin(w.open(BTreeSet::new()).unwrap());
     assert_eq!(
         w.hub().memory_used(),
         used_by_one + STREAM_CHARGE,
@@ -197,7 +194,7 @@ async fn watchers_of_the_same_services_at_the_same_revision_share_one_snapshot()
     assert_eq!(first_a.0.as_ptr(), first_b.0.as_ptr(), "the same bytes");
     // A filtered watcher has a job of its own.
     let only: BTreeSet<String> = ["odd".to_string()].into();
-    let mut c = Box::pin(w.open(only, stopped).unwrap());
+    let mut c = Box::pin(w.open(only).unwrap());
     assert!(w.hub().memory_used() > used_by_one + 2 * STREAM_CHARGE);
     let mut replica = Replica::default();
     follow(&mut c, &mut replica, store.read(State::revision)).await;
@@ -218,20 +215,16 @@ async fn the_memory_budget_refuses_a_watch_beyond_it() {
             resume_bytes: 0,
         },
     );
-    let stopped = CancellationToken::new();
     // Each watcher costs its stream and its job's parts: one fits, two not.
-    let a = w.open(BTreeSet::new(), stopped.clone()).unwrap();
-    let status = w
-        .open(["x".to_string()].into(), stopped.clone())
-        .err()
-        .unwrap();
+    let a = w.open(BTreeSet::new()).unwrap();
+    let status = w.open(["x".to_string()].into()).err().unwrap();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(
         status.message().contains("--watch-memory-bytes"),
         "{status:?}"
     );
     drop(a);
-    assert!(w.open(BTreeSet::new(), stopped).is_ok(), "room again");
+    assert!(w.open(BTreeSet::new()).is_ok(), "room again");
 }
 
 #[tokio::test]
@@ -239,9 +232,8 @@ async fn a_filtered_watcher_gets_only_its_services_and_the_revision() {
     let w = watchers(DEFAULT_BUFFER_BYTES);
     let store = w.store().clone();
     let lease = store.grant_lease(0).unwrap();
-    let stopped = CancellationToken::new();
     let only: BTreeSet<String> = ["odd".to_string()].into();
-    let mut stream = Box::pin(w.open(only, stopped).unwrap());
+    let mut stream = Box::pin(w.open(only).unwrap());
     let first = stream.next().await.unwrap().unwrap().decode().unwrap();
     assert!(first.reset && first.events.is_empty() && !first.more);
     assert_eq!(first.registry_id, store.registry_id());
@@ -258,8 +250,7 @@ async fn a_filtered_watcher_gets_only_its_services_and_the_revision() {
 #[tokio::test]
 async fn the_stream_ends_on_shutdown() {
     let w = watchers(DEFAULT_BUFFER_BYTES);
-    let stop = CancellationToken::new();
-    let mut stream = Box::pin(w.open(BTreeSet::new(), stop.clone()).unwrap());
+    let mut stream = Box::pin(w.open(BTreeSet::new()).unwrap());
     assert!(
         stream
             .next()
@@ -270,7 +261,7 @@ async fn the_stream_ends_on_shutdown() {
             .unwrap()
             .reset
     );
-    stop.cancel();
+    w.close();
     assert!(stream.next().await.is_none());
 }
 
@@ -283,8 +274,7 @@ async fn the_log_keeps_only_what_some_watcher_has_yet_to_take() {
         register(&store, &lease, id, 1, 100);
     }
     assert_eq!(w.hub().log_bytes(), 0, "nobody watches: nothing is kept");
-    let stopped = CancellationToken::new();
-    let mut stream = Box::pin(w.open(BTreeSet::new(), stopped).unwrap());
+    let mut stream = Box::pin(w.open(BTreeSet::new()).unwrap());
     let mut replica = Replica::default();
     follow(&mut stream, &mut replica, 100).await;
     for id in 0..10 {

@@ -239,7 +239,7 @@ impl Follower {
     async fn follow(self, tx: watch::Sender<Arc<Snapshot>>) {
         let store = self.watchers.store().clone();
         loop {
-            let stream = match self.watchers.open(BTreeSet::new(), self.shutdown.clone()) {
+            let stream = match self.watchers.open(BTreeSet::new()) {
                 Ok(stream) => stream,
                 Err(status) => {
                     tracing::warn!(%status, "xDS cannot watch the registry; retrying in 1 s");
