@@ -90,7 +90,7 @@ pub async fn snapshot_loop(
         let got = match &mut b {
             Backend::Etcd { kv, .. } => backend::range(kv, None).await?.len(),
             Backend::Rnacos(c) => c.subscribe_each(&all, 64).await?,
-            Backend::Ours(_) => b.snapshot_size().await?,
+            Backend::Ours(..) => b.snapshot_size().await?,
         };
         let took = t0.elapsed();
         if got != instances {

@@ -86,7 +86,7 @@ impl KeepAlive {
     /// headers only with its first response) and takes its response.
     async fn open(backend: &mut Backend, lease: &Lease) -> Result<KeepAlive> {
         let mut opened = match backend {
-            Backend::Ours(c) => {
+            Backend::Ours(c, _) => {
                 let request = KeepAliveRequest {
                     lease_id: lease.id as u64,
                     lease_secret: lease.secret.clone(),
@@ -261,7 +261,7 @@ pub async fn measure(system: System, url: &str, size: Size) -> Result<Heartbeats
         load.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 match &mut c {
-                    Backend::Ours(_) => {
+                    Backend::Ours(..) => {
                         let mut stream = c.watch(None).await?;
                         while let Some(batch) = stream.next().await {
                             if batch?.ready {

@@ -105,7 +105,7 @@ async fn writer_blocking(url: &str) -> Result<(f64, f64)> {
     .await?;
     let url_owned = url.to_string();
     let busy = writer_latencies(url, "bench-writer-busy", async move {
-        let Backend::Ours(mut client) = Backend::connect(System::Ours, &url_owned).await? else {
+        let Backend::Ours(mut client, _) = Backend::connect(System::Ours, &url_owned).await? else {
             bail!("not our registry");
         };
         for _ in 0..NEW_WATCHERS {
