@@ -38,7 +38,7 @@
 //!   registry leases backed by etcd leases and adopted by another replica
 //!   when theirs dies.
 //! - [`watch`]: the fan-out to watchers: `encode.rs` (messages written to
-//!   bytes once, the codec that sends them as they are), `hub.rs` (the shared
+//!   bytes once, with their gRPC prefix, sent as they are), `hub.rs` (the shared
 //!   log of changes, snapshot jobs, the memory budget), `mod.rs` (one
 //!   watcher's stream: snapshot, changes, falling behind).
 //! - [`validate`]: every request field checked, and every fixed limit
@@ -47,8 +47,8 @@
 //!   and per service, Watch streams per connection, registrations per
 //!   second per peer (an IPv4 address or an IPv6 /64).
 //! - [`error`]: every failure, and its gRPC status code.
-//! - [`service`]: the gRPC service: validate, apply, answer; Watch served
-//!   with the watch codec ([`service::WithWatch`]).
+//! - [`service`]: the gRPC service: validate, apply, answer; Watch's response
+//!   body written from the encoded messages ([`service::WithWatch`]).
 //! - [`server`]: serving it with health and reflection, and shutting down.
 //! - [`tokens`]: access tokens from flags or a `--token-file`.
 //! - [`metrics`]: the Prometheus metrics, one set per process.

@@ -18,7 +18,7 @@ use crate::limits::PeerLimits;
 use crate::store::Writes;
 use crate::validate;
 use crate::watch::Watchers;
-use crate::watch::encode::{Encoded, WatchCodec};
+use crate::watch::encode::Encoded;
 
 /// Numbers KeepAlive streams, so a lease knows which stream it is attached
 /// to.
@@ -277,10 +277,14 @@ impl Registry for RegistryService {
 /// The path of the Watch method.
 const WATCH_PATH: &str = "/registry.v1.Registry/Watch";
 
-/// The Registry service with its Watch method served by [`WatchCodec`]:
-/// messages encoded once go to every watcher as they are, which the
-/// generated server (which encodes a `pb::WatchResponse` per watcher)
-/// cannot do. Every other method goes to the generated server.
+/// The Registry service with its Watch method served here: the messages,
+/// encoded once with their gRPC prefix ([`Encoded`]), go to every watcher
+/// as the very bytes the transport sends, which the generated server
+/// (which encodes a `pb::WatchResponse` per watcher) cannot do, nor tonic's
+/// own streaming path (which copies each message into a buffer of the
+/// stream's: at 10 000 watchers that copy and its body layers were about a
+/// tenth of the registry's samples in `perf`). Every other method goes to
+/// the generated server.
 #[derive(Debug, Clone)]
 pub struct WithWatch<S> {
     /// The generated server.
@@ -304,25 +308,6 @@ impl<S> WithWatch<S> {
 
 impl<S> tonic::server::NamedService for WithWatch<S> {
     const NAME: &'static str = "registry.v1.Registry";
-}
-
-/// The Watch method as tonic's server calls it.
-struct WatchMethod(RegistryService);
-
-impl tonic::server::ServerStreamingService<pb::WatchRequest> for WatchMethod {
-    type Response = Encoded;
-    type ResponseStream = BoxStream<Encoded>;
-    type Future = Pin<
-        Box<dyn std::future::Future<Output = Result<Response<BoxStream<Encoded>>, Status>> + Send>,
-    >;
-
-    fn call(&mut self, request: Request<pb::WatchRequest>) -> Self::Future {
-        let service = self.0.clone();
-        Box::pin(async move {
-            service.reach_resumed(&request).await;
-            service.open_watch(request).map(Response::new)
-        })
-    }
 }
 
 type HttpRequest = http::Request<tonic::body::Body>;
@@ -354,13 +339,146 @@ where
         if request.uri().path() != WATCH_PATH {
             return Box::pin(self.inner.call(request));
         }
-        let method = WatchMethod(self.service.clone());
+        let service = self.service.clone();
         let max_request = self.max_request;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(WatchCodec)
-                .apply_max_message_size_config(Some(max_request), None);
-            Ok(grpc.server_streaming(method, request).await)
+            let opened = async {
+                let request = watch_body::read_request(request, max_request).await?;
+                service.reach_resumed(&request).await;
+                service.open_watch(request)
+            };
+            Ok(match opened.await {
+                Ok(stream) => watch_body::response(stream),
+                // Headers only, as tonic answers a call refused at once.
+                Err(status) => status.into_http(),
+            })
         })
+    }
+}
+
+/// The Watch call on the wire: its request read, its response body made
+/// of the [`Encoded`] messages as they are.
+mod watch_body {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use bytes::{Buf, Bytes};
+    use http_body::{Body, Frame};
+    use http_body_util::BodyExt;
+    use prost::Message;
+    use registry_proto::registry::v1 as pb;
+    use tonic::metadata::MetadataMap;
+    use tonic::{Request, Status};
+
+    use super::{BoxStream, Encoded};
+    use crate::watch::encode::PREFIX;
+
+    /// The one `WatchRequest` of a call, at most `max` bytes, with the
+    /// call's metadata and extensions (the peer's address).
+    pub(super) async fn read_request(
+        request: super::HttpRequest,
+        max: usize,
+    ) -> Result<Request<pb::WatchRequest>, Status> {
+        let (parts, body) = request.into_parts();
+        let too_large = || {
+            Status::resource_exhausted(format!(
+                "the WatchRequest is larger than the {max} bytes a request may have"
+            ))
+        };
+        let body = http_body_util::Limited::new(body, max.saturating_add(PREFIX))
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<http_body_util::LengthLimitError>() {
+                Ok(_) => too_large(),
+                Err(e) => Status::cancelled(format!("the WatchRequest did not arrive: {e}")),
+            })?
+            .to_bytes();
+        let message = framed_message(body)?;
+        let message = pb::WatchRequest::decode(message)
+            .map_err(|e| Status::invalid_argument(format!("WatchRequest does not decode: {e}")))?;
+        Ok(Request::from_parts(
+            MetadataMap::from_headers(parts.headers),
+            parts.extensions,
+            message,
+        ))
+    }
+
+    /// The single message of a unary request body (gRPC framing).
+    fn framed_message(mut body: Bytes) -> Result<Bytes, Status> {
+        if body.len() < PREFIX {
+            return Err(Status::invalid_argument(
+                "the Watch call carries no WatchRequest",
+            ));
+        }
+        let compressed = body.get_u8();
+        let len = body.get_u32() as usize;
+        if compressed != 0 {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported: send the WatchRequest uncompressed",
+            ));
+        }
+        if body.len() != len {
+            return Err(Status::invalid_argument(format!(
+                "the Watch call must carry exactly one WatchRequest ({len} bytes announced, {} sent)",
+                body.len()
+            )));
+        }
+        Ok(body)
+    }
+
+    /// The response: gRPC headers, then every message as it is, then the
+    /// status in the trailers (OK at the end of the stream).
+    pub(super) fn response(stream: BoxStream<Encoded>) -> super::HttpResponse {
+        let body = WatchBody {
+            stream,
+            done: false,
+        };
+        let mut response = http::Response::new(tonic::body::Body::new(body));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
+    }
+
+    struct WatchBody {
+        stream: BoxStream<Encoded>,
+        done: bool,
+    }
+
+    impl WatchBody {
+        fn trailers(&mut self, status: &Status) -> Option<Result<Frame<Bytes>, Status>> {
+            self.done = true;
+            let mut trailers = http::HeaderMap::new();
+            Some(
+                status
+                    .add_header(&mut trailers)
+                    .map(|()| Frame::trailers(trailers)),
+            )
+        }
+    }
+
+    impl Body for WatchBody {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            Poll::Ready(match ready!(self.stream.as_mut().poll_next(cx)) {
+                Some(Ok(Encoded(bytes))) => Some(Ok(Frame::data(bytes))),
+                Some(Err(status)) => self.trailers(&status),
+                None => self.trailers(&Status::ok("")),
+            })
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.done
+        }
     }
 }
 

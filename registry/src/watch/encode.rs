@@ -1,5 +1,5 @@
-//! `WatchResponse` messages written straight to bytes, and the codec that
-//! sends such bytes as they are.
+//! `WatchResponse` messages written straight to bytes, each with its gRPC
+//! prefix, so the transport sends them as they are.
 //!
 //! A change is encoded once, when it is published, and every watcher sends
 //! the same [`Bytes`]; a snapshot part likewise, once per snapshot job. So
@@ -16,7 +16,6 @@ use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
 use registry_proto::registry::v1 as pb;
 use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 use crate::state::Event;
 
@@ -40,21 +39,36 @@ pub(crate) const EVENTS: u32 = 3;
 const REGISTRY_ID: u32 = 4;
 const MORE: u32 = 5;
 
-/// One `WatchResponse`, already encoded.
+/// Length of the gRPC prefix of a message on the wire: a compression flag
+/// and the length (4 bytes, big-endian).
+pub(crate) const PREFIX: usize = 5;
+
+/// One `WatchResponse`, already encoded, with its gRPC prefix: the bytes
+/// the transport sends as they are (see [`crate::service::WithWatch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded(pub Bytes);
 
 impl Encoded {
     /// The message it holds (for callers that want the struct).
     pub fn decode(&self) -> Result<pb::WatchResponse, Status> {
-        pb::WatchResponse::decode(self.0.clone())
+        let message = self.0.get(PREFIX..).unwrap_or_default();
+        pb::WatchResponse::decode(message)
             .map_err(|e| Status::internal(format!("a watch message does not decode: {e}")))
     }
 }
 
-/// Ends a message whose events were written into `buf`: appends its scalar
-/// fields (omitting those at their default, as prost does) and splits it
-/// off as [`Bytes`].
+/// A buffer for one message: room for `capacity` bytes, its gRPC prefix
+/// reserved (written by [`finish`]).
+pub(crate) fn message_buf(capacity: usize) -> BytesMut {
+    let mut buf = BytesMut::with_capacity(PREFIX + capacity);
+    buf.put_bytes(0, PREFIX);
+    buf
+}
+
+/// Ends a message whose events were written into `buf` (made by
+/// [`message_buf`]): appends its scalar fields (omitting those at their
+/// default, as prost does), writes its gRPC prefix, and splits it off as
+/// [`Bytes`]. `buf` is left empty.
 pub(crate) fn finish(
     buf: &mut BytesMut,
     reset: bool,
@@ -62,6 +76,7 @@ pub(crate) fn finish(
     registry_id: &str,
     more: bool,
 ) -> Bytes {
+    debug_assert!(buf.len() >= PREFIX, "a message buffer has its prefix");
     if reset {
         encode_key(RESET, WireType::Varint, buf);
         encode_varint(1, buf);
@@ -78,6 +93,12 @@ pub(crate) fn finish(
     if more {
         encode_key(MORE, WireType::Varint, buf);
         encode_varint(1, buf);
+    }
+    // Messages are at most a few MESSAGE_BYTES: the length always fits.
+    let len = u32::try_from(buf.len().saturating_sub(PREFIX)).unwrap_or(u32::MAX);
+    if let Some(prefix) = buf.get_mut(..PREFIX) {
+        prefix[0] = 0; // not compressed
+        prefix[1..].copy_from_slice(&len.to_be_bytes());
     }
     buf.split().freeze()
 }
@@ -116,11 +137,12 @@ impl Batch {
     pub(crate) fn encode(revision: u64, events: &[Event], registry_id: &RegistryId) -> Batch {
         let mut messages = Vec::new();
         let mut entries = Vec::with_capacity(events.len());
-        let mut buf = BytesMut::new();
+        let mut buf = message_buf(0);
         // (service, revision, range in `buf`) of the current message.
         let mut open: Vec<(String, u64, std::ops::Range<usize>)> = Vec::new();
         let mut close = |buf: &mut BytesMut, open: &mut Vec<_>, revision: u64| {
             let message = finish(buf, false, revision, registry_id, false);
+            buf.put_bytes(0, PREFIX);
             for (service, revision, range) in open.drain(..) {
                 entries.push(Entry {
                     service,
@@ -195,14 +217,14 @@ impl Batch {
         }
         let wanted = |e: &Entry| services.contains(&e.service);
         let mut at = from + self.entries.get(from..)?.iter().position(wanted)?;
-        let mut buf = BytesMut::new();
+        let mut buf = message_buf(0);
         let mut revision = 0;
         while let Some(entry) = self.entries.get(at) {
             if !wanted(entry) {
                 at += 1;
                 continue;
             }
-            if !buf.is_empty() && buf.len() + entry.bytes.len() > MESSAGE_BYTES {
+            if buf.len() > PREFIX && buf.len() + entry.bytes.len() > MESSAGE_BYTES {
                 break;
             }
             buf.put_slice(&entry.bytes);
@@ -222,62 +244,6 @@ impl Batch {
 
 /// The registry's id, written in every message: one copy per hub.
 pub(crate) type RegistryId = Arc<str>;
-
-/// The codec of the Watch method: requests decoded by prost, responses
-/// written as the bytes they already are.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct WatchCodec;
-
-impl Codec for WatchCodec {
-    type Encode = Encoded;
-    type Decode = pb::WatchRequest;
-    type Encoder = EncodedWriter;
-    type Decoder = RequestReader;
-
-    fn encoder(&mut self) -> EncodedWriter {
-        EncodedWriter
-    }
-
-    fn decoder(&mut self) -> RequestReader {
-        RequestReader
-    }
-}
-
-/// Writes an [`Encoded`] message as it is.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct EncodedWriter;
-
-impl Encoder for EncodedWriter {
-    type Item = Encoded;
-    type Error = Status;
-
-    fn encode(&mut self, item: Encoded, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item.0);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // Each message goes out on its own once the buffer holds one:
-        // tonic's default would gather 32 KiB per stream before handing
-        // them over, a copy for every watcher of what is already shared.
-        BufferSettings::new(8 * 1024, 1)
-    }
-}
-
-/// Decodes a `WatchRequest`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RequestReader;
-
-impl Decoder for RequestReader {
-    type Item = pb::WatchRequest;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<pb::WatchRequest>, Status> {
-        pb::WatchRequest::decode(src)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("WatchRequest does not decode: {e}")))
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -370,9 +336,12 @@ mod tests {
 
     #[test]
     fn finish_writes_what_prost_reads() {
-        let mut buf = BytesMut::new();
+        let mut buf = message_buf(0);
         let m = finish(&mut buf, true, 7, "reg", true);
-        let decoded = pb::WatchResponse::decode(m).unwrap();
+        assert_eq!(m[0], 0, "not compressed");
+        let len = u32::from_be_bytes([m[1], m[2], m[3], m[4]]) as usize;
+        assert_eq!(len, m.len() - PREFIX, "the prefix holds the length");
+        let decoded = pb::WatchResponse::decode(&m[PREFIX..]).unwrap();
         assert_eq!(
             decoded,
             pb::WatchResponse {

@@ -34,13 +34,13 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tonic::Status;
 
 use crate::state::{Event, Position, SnapshotCopy, State};
 use crate::store::Publish;
-use crate::watch::encode::{Batch, EVENTS, MESSAGE_BYTES, RegistryId, finish};
+use crate::watch::encode::{Batch, EVENTS, MESSAGE_BYTES, RegistryId, finish, message_buf};
 
 /// Default of `--watch-buffer-bytes`: how far (in encoded bytes of
 /// changes) a watcher may lag before it is reset. A few seconds of heavy
@@ -490,7 +490,7 @@ impl Job {
         }
         let from = inner.starts.get(n)?;
         let copy = inner.copy.as_ref()?;
-        let mut buf = BytesMut::with_capacity(MESSAGE_BYTES + 2048);
+        let mut buf = message_buf(MESSAGE_BYTES + 2048);
         let next = copy.encode_events(from, MESSAGE_BYTES, EVENTS, &mut buf);
         let is_last = next.is_none();
         let bytes = finish(&mut buf, n == 0, self.revision, &self.registry_id, !is_last);

@@ -2,7 +2,8 @@
 //! memory bounded per watcher and in total, whatever the clients do.
 //!
 //! - [`encode`]: messages written straight to bytes, once for every
-//!   watcher, and the codec that sends them as they are.
+//!   watcher, each with its gRPC prefix, so the transport sends them as
+//!   they are.
 //! - [`hub`]: the log of encoded changes every watcher reads from, the
 //!   shared snapshot jobs, the memory budget.
 //! - this file: one watcher's stream, and the [`Watchers`] handle.
@@ -242,7 +243,7 @@ impl Watcher {
         self.registered = Some(cursor);
         self.cursor = cursor;
         self.skip_through = revision;
-        let mut buf = bytes::BytesMut::new();
+        let mut buf = encode::message_buf(0);
         self.accepted = Some(Encoded(encode::finish(
             &mut buf,
             false,
