@@ -67,8 +67,8 @@ fn too_large_is_resource_exhausted(
 /// writes that one frame to the socket: one `writev` per watcher (`perf
 /// stat` counted ~1 450 per change at 1000 watchers on 50 connections).
 /// Without it the connection's task runs after the streams woken before it
-/// and writes all their frames at once; in `bench --only watch` that took a
-/// change's p50 at 1000 watchers from 3.5 to 2.4 ms (BENCHMARKS.md).
+/// and writes all their frames at once; in `bench --only watch` that alone
+/// took a change's p50 at 1000 watchers from 3.2 to 2.7 ms (BENCHMARKS.md).
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
