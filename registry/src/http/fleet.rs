@@ -78,7 +78,9 @@ pub fn now_ms() -> u64 {
 }
 
 impl Fleet {
-    /// Starts following the registry's watch until `shutdown` is cancelled.
+    /// Starts following the registry's watch until `shutdown` is cancelled
+    /// (the stream itself ends at [`Watchers::close`], which `serve` calls
+    /// on the same shutdown).
     pub fn spawn(watchers: Watchers, shutdown: CancellationToken) -> Fleet {
         let fleet = Fleet {
             view: Arc::default(),

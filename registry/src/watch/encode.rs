@@ -51,7 +51,10 @@ pub struct Encoded(pub Bytes);
 impl Encoded {
     /// The message it holds (for callers that want the struct).
     pub fn decode(&self) -> Result<pb::WatchResponse, Status> {
-        let message = self.0.get(PREFIX..).unwrap_or_default();
+        let message = self
+            .0
+            .get(PREFIX..)
+            .ok_or_else(|| Status::internal("a watch message is shorter than its gRPC prefix"))?;
         pb::WatchResponse::decode(message)
             .map_err(|e| Status::internal(format!("a watch message does not decode: {e}")))
     }
