@@ -447,12 +447,7 @@ impl State {
 
     /// Changes weight and/or metadata of an instance in place.
     pub fn update(&mut self, request: validate::Update) -> Result<(pb::Instance, Vec<Event>)> {
-        let (key, old) = self.owned_instance(
-            request.lease_id,
-            &request.lease_secret,
-            &request.service,
-            &request.instance_id,
-        )?;
+        let (key, old) = self.owned_instance(&request.owned)?;
         let mut new = old.clone();
         // `new` is one more user of the descriptors until `replace` settles.
         self.retain(&new.descriptors);
@@ -468,12 +463,7 @@ impl State {
 
     /// Removes one instance of its own lease.
     pub fn deregister(&mut self, request: validate::Deregister) -> Result<Vec<Event>> {
-        let (key, _) = self.owned_instance(
-            request.lease_id,
-            &request.lease_secret,
-            &request.service,
-            &request.instance_id,
-        )?;
+        let (key, _) = self.owned_instance(&request)?;
         if let Some(lease) = self.leases.get_mut(request.lease_id) {
             lease.instances.remove(&key);
         }
@@ -483,16 +473,15 @@ impl State {
             .collect())
     }
 
-    /// The instance `instance_id` of `service`, with its key, if it belongs
-    /// to lease `id` and `secret` is right.
-    fn owned_instance(
-        &mut self,
-        id: u64,
-        secret: &str,
-        service: &str,
-        instance_id: &str,
-    ) -> Result<(InstanceKey, Stored)> {
-        self.owned_lease(id, secret)?;
+    /// The instance `owned` names, with its key, if it belongs to the lease
+    /// it names and the secret is right.
+    fn owned_instance(&mut self, owned: &validate::Owned) -> Result<(InstanceKey, Stored)> {
+        let (id, service, instance_id) = (
+            owned.lease_id,
+            owned.service.as_str(),
+            owned.instance_id.as_str(),
+        );
+        self.owned_lease(id, &owned.lease_secret)?;
         let found = self.services.get_key_value(service).and_then(|(name, s)| {
             s.get_key_value(instance_id)
                 .map(|(iid, stored)| ((name.clone(), iid.clone()), stored))
@@ -1260,10 +1249,7 @@ mod tests {
         // the store's lock is released): the events still show the state
         // the copy was taken from.
         s.update(validate::Update {
-            lease_id: g.lease_id,
-            lease_secret: g.lease_secret.clone(),
-            service: "b".into(),
-            instance_id: "1".into(),
+            owned: deregister(&g, "b", "1"),
             weight: Some(7),
             metadata: Some([("zone".to_string(), "moved".to_string())].into()),
         })
@@ -1483,10 +1469,7 @@ mod tests {
             .unwrap();
         let (_, in_flight) = s.descriptors("calc").unwrap();
         s.update(validate::Update {
-            lease_id: g.lease_id,
-            lease_secret: g.lease_secret.clone(),
-            service: "calc".into(),
-            instance_id: "1".into(),
+            owned: deregister(&g, "calc", "1"),
             weight: Some(1),
             metadata: None,
         })
@@ -1753,10 +1736,12 @@ mod tests {
                     let k = key(service, id);
                     let expected = model.refusal(l, &k, true);
                     let result = state.update(validate::Update {
-                        lease_id: g.lease_id,
-                        lease_secret: g.lease_secret.clone(),
-                        service: k.0.clone(),
-                        instance_id: k.1.clone(),
+                        owned: validate::Owned {
+                            lease_id: g.lease_id,
+                            lease_secret: g.lease_secret.clone(),
+                            service: k.0.clone(),
+                            instance_id: k.1.clone(),
+                        },
                         weight: Some(weight),
                         metadata: None,
                     });

@@ -72,35 +72,33 @@ pub struct Register {
     pub descriptors: Option<Vec<u8>>,
 }
 
-/// An Update request that passed validation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Update {
+/// An instance named by its service and id, with the lease that must own it:
+/// what an Update or a Deregister acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
     /// The lease that must own the instance.
     pub lease_id: u64,
     /// Proof of owning that lease.
     pub lease_secret: String,
     /// Service of the instance.
     pub service: String,
-    /// The instance to change.
+    /// The instance.
     pub instance_id: String,
+}
+
+/// An Update request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The instance to change.
+    pub owned: Owned,
     /// New weight (0 drains), if any.
     pub weight: Option<u32>,
     /// New metadata, if it is to be replaced.
     pub metadata: Option<HashMap<String, String>>,
 }
 
-/// A Deregister request that passed validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Deregister {
-    /// The lease that must own the instance.
-    pub lease_id: u64,
-    /// Proof of owning that lease.
-    pub lease_secret: String,
-    /// Service of the instance.
-    pub service: String,
-    /// The instance to remove.
-    pub instance_id: String,
-}
+/// A Deregister request that passed validation: the instance to remove.
+pub type Deregister = Owned;
 
 /// `lease_id` and `lease_secret` are both required.
 pub fn lease(lease_id: u64, lease_secret: &str) -> Result<()> {
@@ -367,9 +365,12 @@ fn default_instance_id(host: &str, port: u32) -> String {
 
 /// Checks an Update request.
 pub fn update(request: pb::UpdateRequest) -> Result<Update> {
-    lease(request.lease_id, &request.lease_secret)?;
-    service_name("service", &request.service)?;
-    required_instance_id(&request.instance_id)?;
+    let owned = owned(
+        request.lease_id,
+        request.lease_secret,
+        request.service,
+        request.instance_id,
+    )?;
     let weight = request
         .weight
         .map(|w| weight("weight", Some(w)))
@@ -386,12 +387,28 @@ pub fn update(request: pb::UpdateRequest) -> Result<Update> {
         None
     };
     Ok(Update {
-        lease_id: request.lease_id,
-        lease_secret: request.lease_secret,
-        service: request.service,
-        instance_id: request.instance_id,
+        owned,
         weight,
         metadata,
+    })
+}
+
+/// Checks what an Update or a Deregister names, in the order their fields
+/// are declared.
+fn owned(
+    lease_id: u64,
+    lease_secret: String,
+    service: String,
+    instance_id: String,
+) -> Result<Owned> {
+    lease(lease_id, &lease_secret)?;
+    service_name("service", &service)?;
+    required_instance_id(&instance_id)?;
+    Ok(Owned {
+        lease_id,
+        lease_secret,
+        service,
+        instance_id,
     })
 }
 
@@ -404,15 +421,12 @@ fn required_instance_id(id: &str) -> Result<()> {
 
 /// Checks a Deregister request.
 pub fn deregister(request: pb::DeregisterRequest) -> Result<Deregister> {
-    lease(request.lease_id, &request.lease_secret)?;
-    service_name("service", &request.service)?;
-    required_instance_id(&request.instance_id)?;
-    Ok(Deregister {
-        lease_id: request.lease_id,
-        lease_secret: request.lease_secret,
-        service: request.service,
-        instance_id: request.instance_id,
-    })
+    owned(
+        request.lease_id,
+        request.lease_secret,
+        request.service,
+        request.instance_id,
+    )
 }
 
 /// Checks a Watch request: the services to follow (empty: all).

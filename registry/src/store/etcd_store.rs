@@ -776,16 +776,11 @@ impl Inner {
     /// The key of instance `instance_id` of `service`, once etcd is
     /// reachable and `secret` opens lease `lease_id` (whether the lease
     /// owns the instance is the caller's to check, on its view).
-    async fn owned_key(
-        &self,
-        lease_id: u64,
-        secret: &str,
-        service: &str,
-        instance_id: &str,
-    ) -> Result<Vec<u8>> {
+    async fn owned_key(&self, owned: &validate::Owned) -> Result<Vec<u8>> {
         self.check_reachable()?;
-        self.owned_lease(lease_id, secret).await?;
-        Ok(self.url.instance_key(service, instance_id))
+        self.owned_lease(owned.lease_id, &owned.lease_secret)
+            .await?;
+        Ok(self.url.instance_key(&owned.service, &owned.instance_id))
     }
 
     /// Lease `id`'s record naming this replica was written at `at`.
@@ -1048,10 +1043,9 @@ impl Inner {
     fn owned_instance(
         &self,
         key: &[u8],
-        lease_id: u64,
-        service: &str,
-        instance_id: &str,
+        owned: &validate::Owned,
     ) -> Result<(i64, String, pb::Instance)> {
+        let (lease_id, service, instance_id) = (owned.lease_id, &owned.service, &owned.instance_id);
         let view = self.view();
         let not_found = || Error::InstanceNotFound {
             service: service.to_string(),
@@ -1416,13 +1410,9 @@ impl Writes for EtcdStore {
     async fn register(&self, request: validate::Register) -> Result<(pb::Instance, u64)> {
         let inner = &self.inner;
         inner.check_reachable()?;
-        let validate::Register {
-            lease_id,
-            lease_secret,
-            mut instance,
-            descriptors,
-        } = request;
-        inner.owned_lease(lease_id, &lease_secret).await?;
+        let lease_id = request.lease_id;
+        inner.owned_lease(lease_id, &request.lease_secret).await?;
+        let (mut instance, descriptors) = (request.instance, request.descriptors);
         instance.lease_id = lease_id;
         instance.revision = 0;
         let key = inner
@@ -1455,21 +1445,10 @@ impl Writes for EtcdStore {
 
     async fn update(&self, request: validate::Update) -> Result<(pb::Instance, u64)> {
         let inner = &self.inner;
-        let key = inner
-            .owned_key(
-                request.lease_id,
-                &request.lease_secret,
-                &request.service,
-                &request.instance_id,
-            )
-            .await?;
+        let owned = &request.owned;
+        let key = inner.owned_key(owned).await?;
         for _ in 0..RETRIES {
-            let (seen, hash, mut instance) = inner.owned_instance(
-                &key,
-                request.lease_id,
-                &request.service,
-                &request.instance_id,
-            )?;
+            let (seen, hash, mut instance) = inner.owned_instance(&key, owned)?;
             if let Some(weight) = request.weight {
                 instance.weight = Some(weight);
             }
@@ -1483,13 +1462,13 @@ impl Writes for EtcdStore {
                 index: 0,
             };
             let (done, _) = inner
-                .put_instance(&key, seen, request.lease_id, record)
+                .put_instance(&key, seen, owned.lease_id, record)
                 .await?;
             if done {
-                return inner.stored(&request.service, &request.instance_id);
+                return inner.stored(&owned.service, &owned.instance_id);
             }
-            if !inner.view().leases.contains_key(&request.lease_id) {
-                return Err(Error::LeaseNotFound(request.lease_id));
+            if !inner.view().leases.contains_key(&owned.lease_id) {
+                return Err(Error::LeaseNotFound(owned.lease_id));
             }
         }
         Err(Error::Unavailable(format!(
@@ -1509,21 +1488,9 @@ impl Writes for EtcdStore {
 
     async fn deregister(&self, request: validate::Deregister) -> Result<u64> {
         let inner = &self.inner;
-        let key = inner
-            .owned_key(
-                request.lease_id,
-                &request.lease_secret,
-                &request.service,
-                &request.instance_id,
-            )
-            .await?;
+        let key = inner.owned_key(&request).await?;
         for _ in 0..RETRIES {
-            let (seen, _, _) = inner.owned_instance(
-                &key,
-                request.lease_id,
-                &request.service,
-                &request.instance_id,
-            )?;
+            let (seen, _, _) = inner.owned_instance(&key, &request)?;
             let response = inner
                 .txn(etcd::TxnRequest {
                     compare: vec![
