@@ -38,22 +38,12 @@ pub struct Args {
     /// Token that calls changing state (leases, register, update,
     /// deregister) must carry as `authorization: Bearer <token>`. Default:
     /// none, anyone may write.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "REGISTRY_WRITE_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "REGISTRY_WRITE_TOKEN", hide_env_values = true)]
     pub write_token: Option<String>,
     /// Token that reading calls (list, resolve, descriptors, watch) must
     /// carry; the write token is accepted too. Default: none, anyone may
     /// read. Health and reflection stay open.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "REGISTRY_READ_TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "REGISTRY_READ_TOKEN", hide_env_values = true)]
     pub read_token: Option<String>,
     /// TOML file with the tokens (`write = "..."`, `read = "..."`, both
     /// optional), kept out of `ps` and shell history. --write-token and
