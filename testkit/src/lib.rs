@@ -15,6 +15,7 @@
 //! - [`certs`]: a CA and certificates made at run time for TLS tests.
 //! - [`http`]: a minimal HTTP client (`/metrics`, Prometheus' API, event
 //!   streams).
+//! - [`xds`]: xDS requests as gRPC's own clients send them.
 //! - [`netns`]: a LAN of network namespaces (one per host) for multi-host
 //!   tests, a second LAN plugged into some of its hosts, and an etcd
 //!   cluster with one member per host.
@@ -37,6 +38,7 @@ pub mod etcd;
 pub mod http;
 mod launch;
 pub mod netns;
+pub mod xds;
 
 pub use launch::{
     BINARY_ENV, NodeHost, NodeHostBuilder, Registry, RegistryBuilder, TempDir, command,

@@ -15,6 +15,7 @@ use common::{Node, node_with};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use serde_json::Value;
+use testkit::xds::ask;
 use testkit::{Process, Registry, TempDir, workspace_root};
 use tokio_stream::StreamExt;
 
@@ -247,15 +248,6 @@ async fn ads(registry: &Registry) -> AggregatedDiscoveryServiceClient<tonic::tra
     AggregatedDiscoveryServiceClient::connect(registry.url())
         .await
         .unwrap()
-}
-
-fn ask(kind: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
-    DiscoveryRequest {
-        type_url: kind.into(),
-        resource_names: names.iter().map(|n| n.to_string()).collect(),
-        response_nonce: nonce.into(),
-        ..Default::default()
-    }
 }
 
 /// Opens an ADS stream that sends `first`, and returns a sender for more.

@@ -225,6 +225,7 @@ impl AdsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use testkit::xds::ask;
 
     /// `instances` (service, id, weight) registered, one revision each.
     fn snapshot(instances: &[(&str, &str, u32)]) -> Snapshot {
@@ -238,15 +239,6 @@ mod tests {
             .map(|&(service, id, weight)| (service, id, "127.0.0.1", weight))
             .collect();
         base.with_puts(&puts)
-    }
-
-    fn ask(kind: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
-        DiscoveryRequest {
-            type_url: kind.into(),
-            resource_names: names.iter().map(|n| n.to_string()).collect(),
-            response_nonce: nonce.into(),
-            ..Default::default()
-        }
     }
 
     #[test]
