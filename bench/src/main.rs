@@ -230,6 +230,25 @@ enum Helper {
         #[arg(long, default_value_t = 20_000)]
         calls: u64,
     },
+    /// Starts a registry and a node host, then calls calculator/Add from
+    /// one side of the generic measure only (typed or generic), and prints
+    /// calls/s and each process's CPU time per call: for a profiler
+    /// attached to this process, and to split the generic measure's gap.
+    #[command(hide = true)]
+    CallLoop {
+        /// Which client: `typed` or `generic`.
+        #[arg(long, value_enum)]
+        side: measure::generic::Side,
+        /// Concurrent callers.
+        #[arg(long, default_value_t = 16)]
+        callers: usize,
+        /// How long to call, in milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        duration_ms: u64,
+        /// Pause before calling, in milliseconds (to attach a profiler).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+    },
     /// Loads instances, then takes full snapshots one after another (the
     /// scale measure's), for a profiler attached to the server.
     #[command(hide = true)]
@@ -415,6 +434,21 @@ fn main() -> Result<()> {
         let pause = Duration::from_millis(*pause_ms);
         return rt.block_on(profile::snapshot_loop(
             system, url, *instances, *services, *snapshots, pause,
+        ));
+    }
+    if let Some(Helper::CallLoop {
+        side,
+        callers,
+        duration_ms,
+        pause_ms,
+    }) = &args.helper
+    {
+        procs::ensure_binaries(true)?;
+        return rt.block_on(measure::generic::call_loop(
+            *side,
+            *callers,
+            Duration::from_millis(*duration_ms),
+            Duration::from_millis(*pause_ms),
         ));
     }
     rt.block_on(run(args))

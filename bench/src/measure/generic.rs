@@ -100,6 +100,82 @@ async fn throughput(
     (t_total, g_total)
 }
 
+/// Which path a [`call_loop`] drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    /// The typed tonic client.
+    Typed,
+    /// The client library's reflective path.
+    Generic,
+}
+
+/// CPU time (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (Linux).
+fn cpu_time(pid: &str) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are the 12th and 13th of them.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no field {i}"))?
+            .parse()?)
+    };
+    // The kernel's USER_HZ, 100 on every Linux this runs on.
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// One side only, `callers` concurrent callers for `duration` against a
+/// node host of its own, after `pause` (time to attach a profiler): prints
+/// the calls per second and the CPU time per call of this process, the
+/// node host and the registry, so the two sides' costs can be told apart
+/// where the measure sees only their throughput.
+pub async fn call_loop(
+    side: Side,
+    callers: usize,
+    duration: Duration,
+    pause: Duration,
+) -> Result<()> {
+    let registry = crate::procs::RegistryProc::start()?;
+    let node = NodeHostProc::start(&registry.addr)?;
+    let caller = ours_client::caller(&registry.addr, &node.addr).await?;
+    let typed = CalculatorClient::connect(format!("http://{}", node.addr)).await?;
+    ours_client::add(&caller, 1.0, 2.0).await?;
+    typed_add(typed.clone(), 1).await.1?;
+    println!("pid {} ready", std::process::id());
+    tokio::time::sleep(pause).await;
+    let pids = [
+        ("bench", "self".to_string()),
+        ("node-host", node.process.pid().to_string()),
+        ("registry", registry.process.pid().to_string()),
+    ];
+    let before: Vec<Duration> = pids
+        .iter()
+        .map(|(_, p)| cpu_time(p))
+        .collect::<Result<_>>()?;
+    let load = match side {
+        Side::Typed => closed_loop(vec![typed; callers], duration, typed_add).await,
+        Side::Generic => closed_loop(vec![caller; callers], duration, generic_add).await,
+    };
+    let calls = load.ops.max(1) as f64;
+    println!(
+        "{side:?}: {} calls, {} errors, {:.0} calls/s",
+        load.ops,
+        load.errors,
+        load.per_sec()
+    );
+    for ((name, pid), before) in pids.iter().zip(before) {
+        let used = cpu_time(pid)? - before;
+        println!(
+            "  {name}: {:.2} µs CPU per call",
+            used.as_secs_f64() * 1e6 / calls
+        );
+    }
+    Ok(())
+}
+
 /// Runs both paths against one node host.
 pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let node = NodeHostProc::start(&ctx.ours.addr)?;
