@@ -17,20 +17,21 @@
 //! that ends the stream instead of being retried (its replies may already
 //! have been seen).
 
-use crate::codec::{DynamicCodec, method_path};
-use crate::directory::{Directory, address};
-use crate::lb::{Endpoint, InFlightGuard, Policy, PolicyKind};
+use crate::codec::DynamicCodec;
+use crate::directory::{Directory, Instances, address};
+use crate::lb::{Endpoint, InFlightGuard, KeyMap, Policy, PolicyKind};
 use crate::names::streaming_kind;
 use crate::resolve::Target;
 use crate::status::status_text;
 use futures::stream::iter;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use registry_proto::registry::v1::Instance;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use thiserror::Error;
 use tonic::codec::Streaming;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -134,13 +135,31 @@ enum Requests {
     Many(Vec<DynamicMessage>),
 }
 
+/// The instance that served a call: it reads as an [`Instance`], and holds
+/// the directory's shared list rather than a copy made at every call.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// The service's instances when the call was made.
+    list: Instances,
+    /// Which one.
+    index: usize,
+}
+
+impl std::ops::Deref for Served {
+    type Target = Instance;
+
+    fn deref(&self) -> &Instance {
+        &self.list[self.index]
+    }
+}
+
 /// A successful call.
 #[derive(Debug)]
 pub struct Called {
     /// The reply.
     pub reply: Reply,
     /// The instance that served it.
-    pub instance: Instance,
+    pub instance: Served,
     /// Attempts made (2 after a retry).
     pub attempts: u32,
     /// Counts the call as in flight (for least-loaded) until dropped: keep it
@@ -156,9 +175,11 @@ pub struct Caller {
     /// Options.
     options: CallOptions,
     /// One policy per service, so stateful policies keep per-service rotations.
-    policies: Mutex<HashMap<String, Arc<dyn Policy>>>,
+    policies: Mutex<KeyMap<Arc<dyn Policy>>>,
     /// One channel per `host:port`, reused across calls and services.
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<KeyMap<Channel>>,
+    /// The `grpc-timeout` header every call sends, made once.
+    grpc_timeout: Option<MetadataValue<Ascii>>,
 }
 
 /// The error of a call whose service has `count` instances, all drained.
@@ -179,11 +200,13 @@ fn drained(service: &str, count: usize) -> CallError {
 impl Caller {
     /// A caller over `directory`.
     pub fn new(directory: Directory, options: CallOptions) -> Caller {
+        let grpc_timeout = grpc_timeout(options.timeout);
         Caller {
             directory,
             options,
-            policies: Mutex::new(HashMap::new()),
-            channels: Mutex::new(HashMap::new()),
+            policies: Mutex::default(),
+            channels: Mutex::default(),
+            grpc_timeout,
         }
     }
 
@@ -232,17 +255,18 @@ impl Caller {
         let mut request = Some(request);
         for attempt in 1..=attempts {
             let all = self.directory.instances(&target.service);
-            let (keys, instances): (Vec<String>, Vec<&Instance>) = all
+            let (keys, indices): (Vec<String>, Vec<usize>) = all
                 .iter()
-                .map(|i| (address(i), i))
+                .enumerate()
+                .map(|(n, i)| (address(i), n))
                 .filter(|(key, _)| !tried.contains(key))
                 .unzip();
             let endpoints: Vec<Endpoint<'_>> = keys
                 .iter()
-                .zip(&instances)
-                .map(|(key, i)| Endpoint {
+                .zip(&indices)
+                .map(|(key, &n)| Endpoint {
                     key,
-                    weight: i.effective_weight(),
+                    weight: all[n].effective_weight(),
                 })
                 .collect();
             let Some(pick) = policy.pick(&endpoints) else {
@@ -251,7 +275,10 @@ impl Caller {
                 }
                 break;
             };
-            let instance = Instance::clone(instances[pick.index]);
+            let instance = Served {
+                list: all.clone(),
+                index: indices[pick.index],
+            };
             let addr = keys[pick.index].clone();
             // The last attempt gives the request away; earlier ones keep it
             // for the retry.
@@ -299,11 +326,11 @@ impl Caller {
         request: Requests,
     ) -> Result<Reply, Status> {
         let channel = self.channel(addr)?;
-        let path = method_path(&target.method)?;
+        let path = target.path()?;
         let codec = DynamicCodec::new(target.method.output());
         let mut grpc = tonic::client::Grpc::new(channel);
         let streaming = target.method.is_server_streaming();
-        let timeout = self.options.timeout;
+        let timeout = self.grpc_timeout.clone();
         let call = async move {
             grpc.ready()
                 .await
@@ -349,7 +376,7 @@ impl Caller {
             .clone()
     }
 
-    fn lock_channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+    fn lock_channels(&self) -> std::sync::MutexGuard<'_, KeyMap<Channel>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -396,11 +423,23 @@ const CHANNELS_BEFORE_PRUNING: usize = 64;
 /// hours): tonic panics on a longer one, and `--timeout-ms` accepts any u64.
 const MAX_HEADER_TIMEOUT: Duration = Duration::from_secs(99_999_999 * 3600);
 
-/// A request carrying `timeout` as its `grpc-timeout`.
-fn timed<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+/// A request carrying `timeout` as its `grpc-timeout` header.
+fn timed<T>(message: T, timeout: Option<MetadataValue<Ascii>>) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
-    request.set_timeout(header_timeout(timeout));
+    if let Some(value) = timeout {
+        request.metadata_mut().insert(GRPC_TIMEOUT, value);
+    }
     request
+}
+
+const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// The `grpc-timeout` header for `timeout`, as tonic writes it: made once
+/// per caller, since tonic would format it again at every call.
+fn grpc_timeout(timeout: Duration) -> Option<MetadataValue<Ascii>> {
+    let mut request = tonic::Request::new(());
+    request.set_timeout(header_timeout(timeout));
+    request.metadata().get(GRPC_TIMEOUT).cloned()
 }
 
 /// `timeout` as sent to the server, capped to what the header can carry (the
@@ -510,5 +549,8 @@ mod tests {
         }
         let ten = Duration::from_secs(10);
         assert_eq!(header_timeout(ten), ten);
+        // The header made once per caller is the one tonic would write.
+        let header = grpc_timeout(ten).expect("a grpc-timeout header");
+        assert_eq!(header.to_str().ok(), Some("10000000u"));
     }
 }

@@ -4,6 +4,7 @@
 //! the gRPC service (`calculator.v1.Calculator`). METHOD is case-sensitive, as
 //! gRPC paths are; a near miss gets a "did you mean" and the list of methods.
 
+use crate::codec::method_path;
 use crate::descriptors::{DescriptorError, Descriptors};
 use crate::directory::Snapshot;
 use prost_reflect::{MethodDescriptor, ServiceDescriptor};
@@ -16,6 +17,29 @@ pub struct Target {
     pub service: String,
     /// The method, with its input and output descriptors.
     pub method: MethodDescriptor,
+    /// The method's HTTP/2 path, made once rather than at every call
+    /// (`None` if it is not a valid path: each call then says why).
+    path: Option<http::uri::PathAndQuery>,
+}
+
+impl Target {
+    /// The method `method` of the registered service `service`.
+    pub fn new(service: String, method: MethodDescriptor) -> Target {
+        let path = method_path(&method).ok();
+        Target {
+            service,
+            method,
+            path,
+        }
+    }
+
+    /// The method's HTTP/2 path: `/package.Service/Method`.
+    pub fn path(&self) -> Result<http::uri::PathAndQuery, tonic::Status> {
+        match &self.path {
+            Some(path) => Ok(path.clone()),
+            None => method_path(&self.method),
+        }
+    }
 }
 
 /// Why `SERVICE/METHOD` could not be resolved.
@@ -61,7 +85,7 @@ pub async fn resolve(descriptors: &Descriptors, target: &str) -> Result<Target, 
         .get_fitting(&service, |d| d.methods().any(|m| m.name() == method))
         .await?;
     let method = find_method(&descriptor, method)?;
-    Ok(Target { service, method })
+    Ok(Target::new(service, method))
 }
 
 /// Splits `SERVICE/METHOD`.

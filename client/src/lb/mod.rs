@@ -36,6 +36,7 @@ mod weighted_random;
 mod weighted_round_robin;
 
 pub use least_loaded::LeastLoaded;
+pub(crate) use policy::KeyMap;
 pub use policy::{Endpoint, InFlightGuard, Pick, Policy};
 pub use random::Random;
 pub use weighted_random::WeightedRandom;

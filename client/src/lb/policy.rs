@@ -4,6 +4,12 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+/// A map keyed by an endpoint key or a service name, looked up at every
+/// call. Seeded per process (`RandomState`), so its keys, which come from
+/// the registry, cannot be chosen to collide; and there are at most as many
+/// as a service has instances.
+pub(crate) type KeyMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
+
 /// One candidate for a pick: an instance, identified by a stable key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint<'a> {

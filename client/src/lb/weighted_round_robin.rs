@@ -6,8 +6,7 @@
 //! picked exactly `weight` times, and the picks interleave: weights 5,1,1 give
 //! `a a b a c a a`, not `a a a a a b c`.
 
-use super::policy::{Endpoint, Pick, Policy, live};
-use std::collections::HashMap;
+use super::policy::{Endpoint, KeyMap, Pick, Policy, live};
 use std::sync::Mutex;
 
 /// Stateful smooth weighted round robin. Scores are kept per endpoint key, so
@@ -18,7 +17,7 @@ use std::sync::Mutex;
 pub struct WeightedRoundRobin {
     /// Score per endpoint key. A std mutex: held only for the few
     /// arithmetic steps of one pick, never across an await.
-    scores: Mutex<HashMap<String, i64>>,
+    scores: Mutex<KeyMap<i64>>,
 }
 
 impl Policy for WeightedRoundRobin {
