@@ -11,7 +11,7 @@
 //! Throughput: 16 concurrent callers, in alternating rounds (typed, generic,
 //! generic, typed, ...) whose counts are summed per side.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use registry_proto::calculator::v1::{BinaryRequest, calculator_client::CalculatorClient};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
@@ -112,15 +112,21 @@ pub enum Side {
 /// CPU time (user + system) a process has used so far, from
 /// `/proc/<pid>/stat` (Linux).
 fn cpu_time(pid: &str) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path)?;
+    stat_cpu_time(&stat).with_context(|| format!("reading {path}"))
+}
+
+/// The CPU time in a `/proc/PID/stat` line.
+fn stat_cpu_time(stat: &str) -> Result<Duration> {
     // Fields after the command name, which is in parentheses and may hold
-    // spaces: utime and stime are the 12th and 13th of them.
+    // spaces and parentheses: utime and stime are the 12th and 13th of them.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| -> Result<u64> {
         Ok(fields
             .get(i)
-            .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no field {i}"))?
+            .ok_or_else(|| anyhow::anyhow!("no field {}", i + 3))?
             .parse()?)
     };
     // The kernel's USER_HZ, 100 on every Linux this runs on.
@@ -231,4 +237,31 @@ pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
             g.zip(t).map(|(g, t)| g.p99_ms <= 1.2 * t.p99_ms),
         ),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_user_plus_system_ticks() {
+        // A command name with a space and a parenthesis; utime 250 and
+        // stime 50 ticks.
+        let line = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 1 0";
+        assert_eq!(stat_cpu_time(line).unwrap(), Duration::from_millis(3000));
+        assert!(stat_cpu_time("42 (short) S 1").is_err());
+    }
+
+    #[test]
+    fn cpu_time_of_this_process_grows_while_it_computes() {
+        let before = cpu_time("self").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut x = 0u64;
+        while cpu_time("self").unwrap() <= before {
+            assert!(Instant::now() < deadline, "no CPU time counted in 20 s");
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+    }
 }
