@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A map keyed by an endpoint key or a service name, looked up at every
-/// call. Seeded per process (`RandomState`), so its keys, which come from
-/// the registry, cannot be chosen to collide; and there are at most as many
-/// as a service has instances.
+/// call. foldhash, seeded at random per process: without SipHash's
+/// guarantee against crafted collisions, but its keys are registered
+/// addresses and service names, at most as many as a service has
+/// instances (or as a client calls services), so a crafted set could at
+/// worst slow the picks of one service.
 pub(crate) type KeyMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
 
 /// One candidate for a pick: an instance, identified by a stable key.
