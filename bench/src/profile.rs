@@ -3,7 +3,8 @@
 //! attached to that server sees only that workload: the resolve latency
 //! measure's loop (one client, back to back) and the scale measure's full
 //! snapshot. They talk to a server started by hand; BENCHMARKS.md shows the
-//! commands.
+//! commands. The generic measure's one-sided loop (`bench call-loop`)
+//! lives beside that measure, in `measure::generic`.
 
 use std::time::{Duration, Instant};
 
