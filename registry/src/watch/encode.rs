@@ -43,6 +43,17 @@ const MORE: u32 = 5;
 /// and the length (4 bytes, big-endian).
 pub(crate) const PREFIX: usize = 5;
 
+/// The most a message's own fields take after its events, the registry
+/// id's bytes aside: reset and more (key and value, 2 each), the revision
+/// (key and up to 10), the registry id's key and length (up to 11).
+const TRAILER_BYTES: usize = 2 + 2 + 11 + 11;
+
+/// What an event of `len` bytes takes inside a message: its key, its
+/// length and itself.
+fn framed_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
 /// One `WatchResponse`, already encoded, with its gRPC prefix: the bytes
 /// the transport sends as they are (see [`crate::service::WithWatch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,14 +149,21 @@ impl Batch {
     /// Encodes `events` (of the mutation that left the registry at
     /// `revision`).
     pub(crate) fn encode(revision: u64, events: &[Event], registry_id: &RegistryId) -> Batch {
-        let mut messages = Vec::new();
+        // Each event's length, computed once: it decides where a message
+        // ends, prefixes the event, and sizes the buffer, which is then
+        // written without growing (a registration's batch used to grow it
+        // several times, and `message::encode` measured each event again).
+        let lens: Vec<usize> = events.iter().map(Message::encoded_len).collect();
+        let framed: usize = lens.iter().map(|&len| framed_len(len)).sum();
+        let messages_at_least = framed / MESSAGE_BYTES + 1;
+        let per_message = PREFIX + TRAILER_BYTES + registry_id.len();
+        let mut buf = message_buf(framed + messages_at_least * per_message);
+        let mut messages = Vec::with_capacity(messages_at_least);
         let mut entries = Vec::with_capacity(events.len());
-        let mut buf = message_buf(0);
         // (service, revision, range in `buf`) of the current message.
         let mut open: Vec<(String, u64, std::ops::Range<usize>)> = Vec::new();
         let mut close = |buf: &mut BytesMut, open: &mut Vec<_>, revision: u64| {
             let message = finish(buf, false, revision, registry_id, false);
-            buf.put_bytes(0, PREFIX);
             for (service, revision, range) in open.drain(..) {
                 entries.push(Entry {
                     service,
@@ -155,14 +173,19 @@ impl Batch {
             }
             messages.push(message);
         };
-        for event in events {
-            let len = event.encoded_len();
+        for (event, &len) in events.iter().zip(&lens) {
             if !open.is_empty() && buf.len() + len > MESSAGE_BYTES {
                 let last = open.last().map_or(revision, |(_, r, _)| *r);
                 close(&mut buf, &mut open, last);
+                // The next message starts in what is left of the buffer.
+                buf.put_bytes(0, PREFIX);
             }
             let start = buf.len();
-            prost::encoding::message::encode(EVENTS, event, &mut buf);
+            // What `prost::encoding::message::encode` writes, with the
+            // length already known.
+            encode_key(EVENTS, WireType::LengthDelimited, &mut buf);
+            encode_varint(len as u64, &mut buf);
+            event.encode_raw(&mut buf);
             let service = event
                 .instance
                 .as_ref()
