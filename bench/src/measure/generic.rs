@@ -100,6 +100,16 @@ async fn throughput(
     (t_total, g_total)
 }
 
+/// Both clients of `node` (registered with the registry at `registry`),
+/// their connections and the descriptor cache warmed by one call each.
+async fn clients(registry: &str, node: &NodeHostProc) -> Result<(Typed, ours_client::Caller)> {
+    let caller = ours_client::caller(registry, &node.addr).await?;
+    let typed = CalculatorClient::connect(format!("http://{}", node.addr)).await?;
+    ours_client::add(&caller, 1.0, 2.0).await?;
+    typed_add(typed.clone(), 1).await.1?;
+    Ok((typed, caller))
+}
+
 /// Which path a [`call_loop`] drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Side {
@@ -146,10 +156,7 @@ pub async fn call_loop(
 ) -> Result<()> {
     let registry = crate::procs::RegistryProc::start()?;
     let node = NodeHostProc::start(&registry.addr)?;
-    let caller = ours_client::caller(&registry.addr, &node.addr).await?;
-    let typed = CalculatorClient::connect(format!("http://{}", node.addr)).await?;
-    ours_client::add(&caller, 1.0, 2.0).await?;
-    typed_add(typed.clone(), 1).await.1?;
+    let (typed, caller) = clients(&registry.addr, &node).await?;
     println!("pid {} ready", std::process::id());
     tokio::time::sleep(pause).await;
     let pids = [
@@ -185,13 +192,7 @@ pub async fn call_loop(
 /// Runs both paths against one node host.
 pub async fn run(ctx: &mut Ctx) -> Result<Vec<Figure>> {
     let node = NodeHostProc::start(&ctx.ours.addr)?;
-    let url = format!("http://{}", node.addr);
-    let caller = ours_client::caller(&ctx.ours.addr, &node.addr).await?;
-    let typed = CalculatorClient::connect(url).await?;
-
-    // Warm both connections (and the descriptor cache) before timing.
-    ours_client::add(&caller, 1.0, 2.0).await?;
-    typed_add(typed.clone(), 1).await.1?;
+    let (typed, caller) = clients(&ctx.ours.addr, &node).await?;
     tracing::info!("generic: one caller, typed and generic calls alternating");
     let (mut typed_one, mut generic_one) =
         latency(typed.clone(), caller.clone(), ctx.cfg.duration).await;
