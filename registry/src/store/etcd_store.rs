@@ -1322,19 +1322,14 @@ impl Writes for EtcdStore {
         })
     }
 
-    async fn keep_alive(
-        &self,
-        lease_id: u64,
-        secret: &str,
-        stream: Option<u64>,
-    ) -> Result<Duration> {
+    async fn keep_alive(&self, id: u64, secret: &str, stream: Option<u64>) -> Result<Duration> {
         let inner = &self.inner;
         inner.check_reachable()?;
         {
             let mut held = inner.held();
-            if let Some(lease) = held.leases.get_mut(&lease_id) {
+            if let Some(lease) = held.leases.get_mut(&id) {
                 if !secret_matches(&lease.secret_sha256, secret) {
-                    return Err(Error::WrongSecret(lease_id));
+                    return Err(Error::WrongSecret(id));
                 }
                 lease.deadline = Instant::now() + lease.ttl;
                 if stream.is_some() {
@@ -1344,35 +1339,35 @@ impl Writes for EtcdStore {
             }
         }
         // Held by another replica (or by one that died): adopt it.
-        let mut record = inner.owned_lease(lease_id, secret).await?;
+        let mut record = inner.owned_lease(id, secret).await?;
         let ttl = Duration::from_millis(record.ttl_ms);
-        inner.held().leases.insert(
-            lease_id,
-            Held::new(ttl, stream, record.secret_sha256.clone()),
-        );
+        inner
+            .held()
+            .leases
+            .insert(id, Held::new(ttl, stream, record.secret_sha256.clone()));
         inner.wake_keeper.notify_one();
         inner.wake_expiry.notify_one();
         record.holder = inner.replica.clone();
-        let key = inner.url.lease_key(lease_id);
+        let key = inner.url.lease_key(id);
         let adopted = inner
             .txn(etcd::TxnRequest {
                 compare: vec![exists(key.clone())],
-                success: vec![put(key, record.encode_to_vec(), lease_id)],
+                success: vec![put(key, record.encode_to_vec(), id)],
                 failure: Vec::new(),
             })
             .await;
         match adopted {
             Ok(response) if response.succeeded => {
-                inner.hold_since(lease_id, response.header.map_or(0, |h| h.revision));
-                tracing::info!(lease = lease_id, "lease adopted from another replica");
+                inner.hold_since(id, response.header.map_or(0, |h| h.revision));
+                tracing::info!(lease = id, "lease adopted from another replica");
                 Ok(ttl)
             }
             Ok(_) => {
-                inner.held().leases.remove(&lease_id);
-                Err(Error::LeaseNotFound(lease_id))
+                inner.held().leases.remove(&id);
+                Err(Error::LeaseNotFound(id))
             }
             Err(e) => {
-                inner.held().leases.remove(&lease_id);
+                inner.held().leases.remove(&id);
                 Err(e)
             }
         }

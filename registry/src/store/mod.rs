@@ -57,12 +57,7 @@ pub trait Writes: Send + Sync + std::fmt::Debug {
     async fn grant_lease(&self, ttl_ms: u64) -> Result<Granted>;
     /// A heartbeat, attaching the lease to KeepAlive stream `stream` if
     /// set; returns the lease's TTL.
-    async fn keep_alive(
-        &self,
-        lease_id: u64,
-        secret: &str,
-        stream: Option<u64>,
-    ) -> Result<Duration>;
+    async fn keep_alive(&self, lease: u64, secret: &str, stream: Option<u64>) -> Result<Duration>;
     /// KeepAlive stream `stream` ended: revokes its lease if still
     /// attached. How many instances went, or `None` if the lease was gone
     /// or had moved to another stream.
@@ -98,13 +93,8 @@ impl Writes for Store {
         Store::grant_lease(self, ttl_ms)
     }
 
-    async fn keep_alive(
-        &self,
-        lease_id: u64,
-        secret: &str,
-        stream: Option<u64>,
-    ) -> Result<Duration> {
-        Store::keep_alive(self, lease_id, secret, stream)
+    async fn keep_alive(&self, lease: u64, secret: &str, stream: Option<u64>) -> Result<Duration> {
+        Store::keep_alive(self, lease, secret, stream)
     }
 
     async fn stream_closed(&self, lease_id: u64, stream: u64) -> Option<usize> {
