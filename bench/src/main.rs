@@ -23,6 +23,16 @@
 //!   protox: no protoc needed); `nacospb`: the Nacos protocol, compiled from
 //!   `proto/nacos/nacos_grpc_service.proto` by `build.rs`, the same way.
 
+/// jemalloc, not glibc's malloc, for the load the bench generates: after
+/// the watch measure's 10 000 watchers, glibc's malloc took about 16 % of
+/// the bench's time during the scale load (`_int_malloc`,
+/// `malloc_consolidate`; 7 % when the scale measure ran alone) and the
+/// load it could put on the registry fell by a third. It also changes the
+/// generic measure: the typed client gains about a third, the generic path
+/// less (BENCHMARKS.md, "The bench's allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 mod backend;
 mod measure;
 mod nacos;
